@@ -1,0 +1,45 @@
+# The contract with new users: `make demo` and `make test` set everything up from nothing.
+# Both are idempotent: stamp files in .venv make a second run skip the setup it already did.
+
+PYTHON      ?= $(shell command -v python3.11 || command -v python3)
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+TORCH_SPEC  ?= torch==2.14.1 torchvision==0.29.1
+CUDA_HOME   ?= /usr/local/cuda
+# Build the CUDA backend of srdiff._C whenever nvcc is there, GPU or not (CI compiles it too).
+FORCE_CUDA  ?= $(if $(wildcard $(CUDA_HOME)/bin/nvcc),1,0)
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+MAX_JOBS    ?= 2
+PYTEST_ARGS ?=
+export CUDA_HOME FORCE_CUDA TORCH_CUDA_ARCH_LIST MAX_JOBS
+
+EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py srdiff/_sources.py
+
+.PHONY: all install demo test bench bench-report ablation clean
+
+all: test
+
+$(VENV)/.stamp-deps: requirements-dev.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q -r requirements-dev.txt
+	@touch $@
+
+$(VENV)/.stamp-build: $(VENV)/.stamp-deps $(EXT_SOURCES) pyproject.toml
+	$(PIP) install --no-build-isolation --no-deps -e .
+	@touch $@
+
+install: $(VENV)/.stamp-build
+
+# The main job on built-in data (scikit-learn's digits), CPU-sized. Outputs under runs/demo/.
+demo: install
+	$(PY) -m srdiff info
+
+# Every test. Triton kernels run in its CPU interpreter when no GPU is visible (tests/conftest.py).
+test: install
+	SRDIFF_REQUIRE_EXT=1 SRDIFF_REQUIRE_CUDA_BUILD=$(FORCE_CUDA) $(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf build *.egg-info srdiff/_C*.so .pytest_cache

@@ -1,0 +1,29 @@
+// srdiff._C: the operator schemas, defined once. Backends register in csrc/cpu and csrc/cuda.
+// No pybind: importing the module only loads this library, which registers the operators.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace srdiff {
+
+// What this binary was built from, so srdiff can warn when the sources or torch moved on.
+std::string build_info() {
+  return std::string("sources=") + SRDIFF_SOURCES_DIGEST + ";torch=" + SRDIFF_TORCH_VERSION +
+         ";cuda=" + (SRDIFF_WITH_CUDA ? "1" : "0");
+}
+
+TORCH_LIBRARY(srdiff, m) {
+  // activations, gradients: (B, C, h, w) -> (B, h, w) or (B, H, W) with size=(H, W); float32 out.
+  m.def("gradcam_reduce(Tensor activations, Tensor gradients, int[]? size=None, bool normalize=True) -> Tensor");
+  m.def("_build_info() -> str", &build_info);
+}
+
+}  // namespace srdiff

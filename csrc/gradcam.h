@@ -1,0 +1,34 @@
+// Shared pieces of the Grad-CAM reduction: argument checks (used by every backend, so a direct
+// torch.ops.srdiff.gradcam_reduce call gets the same ValueError/TypeError as the Python wrapper)
+// and the per-image normalisation epsilon.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/OptionalArrayRef.h>
+
+namespace srdiff {
+
+// pytorch-grad-cam's scale_cam_image: (cam - min) / (1e-7 + max - min). A constant map becomes 0.
+constexpr float kNormalizeEps = 1e-7f;
+
+inline void check_gradcam_args(const at::Tensor& activations, const at::Tensor& gradients,
+                               at::OptionalIntArrayRef size) {
+  TORCH_CHECK_VALUE(activations.dim() == 4, "gradcam_reduce: activations must be (B, C, h, w), got shape ",
+                    activations.sizes());
+  TORCH_CHECK_VALUE(gradients.sizes() == activations.sizes(), "gradcam_reduce: gradients shape ",
+                    gradients.sizes(), " must equal activations shape ", activations.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(activations.scalar_type()),
+                   "gradcam_reduce: activations must be floating point, got ", activations.scalar_type());
+  TORCH_CHECK_TYPE(gradients.scalar_type() == activations.scalar_type(), "gradcam_reduce: gradients dtype ",
+                   gradients.scalar_type(), " must equal activations dtype ", activations.scalar_type());
+  TORCH_CHECK_VALUE(gradients.device() == activations.device(), "gradcam_reduce: gradients on ",
+                    gradients.device(), " but activations on ", activations.device());
+  TORCH_CHECK_VALUE(activations.numel() > 0, "gradcam_reduce: activations must be non-empty, got shape ",
+                    activations.sizes());
+  if (size.has_value()) {
+    TORCH_CHECK_VALUE(size->size() == 2 && (*size)[0] > 0 && (*size)[1] > 0,
+                      "gradcam_reduce: size must be two positive ints (H, W), got ", *size);
+  }
+}
+
+}  // namespace srdiff

@@ -1,0 +1,70 @@
+"""Argument checks shared by the public functions: each failure names the argument and its value."""
+
+import os
+from collections.abc import Iterable
+
+import torch
+
+BACKENDS = ("triton", "reference")
+
+
+def check_choice(name: str, value, choices: Iterable) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_tensor(name: str, t, *, ndim: int | Iterable[int] | None = None, floating: bool = False) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dims, got shape {tuple(t.shape)}")
+    if floating and not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Raise if ``t`` holds NaN/inf. Costs one device sync; skipped while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return
+    if not bool(torch.isfinite(t).all()):
+        bad = (~torch.isfinite(t)).sum().item()
+        raise ValueError(f"{name} must be finite, found {bad} non-finite value(s) of {t.numel()}")
+
+
+def check_nonnegative(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not value >= 0:  # also rejects NaN
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str | None, device: torch.device, choices: tuple[str, ...] = BACKENDS) -> str:
+    """The path a call takes: ``backend`` if forced, else the first choice on CUDA, the last on CPU.
+
+    Forcing ``"triton"`` on CPU tensors works only under the Triton interpreter (TRITON_INTERPRET=1,
+    set before triton is first imported).
+    """
+    if backend is None:
+        return choices[0] if device.type == "cuda" else choices[-1]
+    check_choice("backend", backend, choices)
+    if backend == "triton" and device.type != "cuda" and not triton_interpreting():
+        raise ValueError(
+            f"backend='triton' on {device.type} tensors needs the Triton interpreter: "
+            "set TRITON_INTERPRET=1 before triton is imported"
+        )
+    return backend

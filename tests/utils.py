@@ -1,0 +1,122 @@
+"""Shared test helpers: the one tolerance table, comparisons that explain their failures, and
+parametrization helpers (devices, odd and strided shapes).
+
+Tolerances: what to expect when a kernel's output in ``dtype`` is compared with the float32
+reference computed from the same (already rounded) inputs.
+  * rtol: the output is rounded to ``dtype`` once (half an ulp: u = 2^-24, 2^-11, 2^-8 for
+    fp32/fp16/bf16) and the kernel rounds a few intermediates (e.g. attention probabilities cast to
+    the input dtype before the P.V product), so forward rtol = 4u rounded up (fp32: a few ulps of
+    summation-order difference). Backward passes chain two or three such roundings through
+    dS = P * (dP - delta), so their entries are ~4x the forward ones.
+  * atol covers values near zero, where relative error means nothing: a sum of n rounded terms
+    carries a random-walk error ~ sqrt(n) u |term|, so atol is a per-term figure scaled by
+    sqrt(reduce_dim) (the length of the longest reduction behind one output element: D for the
+    attention forward, N for its backward, C*h*w for Grad-CAM).
+These numbers are never changed per test. A kernel that cannot meet them has a bug or an
+unstated precision trade-off; fix the kernel or document the trade-off here, for every test.
+"""
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float  # per unit of reduction; multiplied by sqrt(reduce_dim)
+    rtol: float
+
+
+TOLERANCES: dict[str, dict[torch.dtype, Tolerance]] = {
+    "fwd": {
+        torch.float32: Tolerance(atol=1e-6, rtol=1e-5),
+        torch.float16: Tolerance(atol=5e-4, rtol=2e-3),
+        torch.bfloat16: Tolerance(atol=4e-3, rtol=1.6e-2),
+    },
+    "bwd": {
+        torch.float32: Tolerance(atol=4e-6, rtol=4e-5),
+        torch.float16: Tolerance(atol=2e-3, rtol=8e-3),
+        torch.bfloat16: Tolerance(atol=1.6e-2, rtol=6.4e-2),
+    },
+}
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def tolerance(dtype: torch.dtype, *, pass_: str = "fwd", reduce_dim: int = 1) -> tuple[float, float]:
+    """(atol, rtol) for outputs computed from ``dtype`` inputs, after a reduction of ``reduce_dim``."""
+    tol = TOLERANCES[pass_][dtype]
+    return tol.atol * math.sqrt(max(reduce_dim, 1)), tol.rtol
+
+
+def _describe_mismatch(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float) -> str:
+    diff = (actual - expected).abs()
+    allowed = atol + rtol * expected.abs()
+    bad = ~(diff <= allowed)  # NaN counts as bad
+    rel = diff / expected.abs().clamp_min(1e-12)
+    idx = bad.nonzero()[:5].tolist()
+    firsts = ", ".join(f"{tuple(i)}: {actual[tuple(i)].item():.6g} vs {expected[tuple(i)].item():.6g}" for i in idx)
+    return (
+        f"{int(bad.sum())} of {bad.numel()} elements differ beyond atol={atol:.3g} + rtol={rtol:.3g}*|expected|; "
+        f"max abs err {diff.nan_to_num(float('inf')).max().item():.3g}, max rel err "
+        f"{rel.nan_to_num(float('inf')).max().item():.3g}; first: {firsts}"
+    )
+
+
+def assert_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    *,
+    dtype: torch.dtype,
+    pass_: str = "fwd",
+    reduce_dim: int = 1,
+    name: str = "output",
+) -> None:
+    """Compare in float32 on the CPU with the shared table; NaN anywhere fails."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    atol, rtol = tolerance(dtype, pass_=pass_, reduce_dim=reduce_dim)
+    a, e = actual.detach().float().cpu(), expected.detach().float().cpu()
+    if not bool(torch.isfinite(a).all()) or not bool(((a - e).abs() <= atol + rtol * e.abs()).all()):
+        pytest.fail(f"{name} ({dtype}, {pass_}): {_describe_mismatch(a, e, atol, rtol)}", pytrace=False)
+
+
+def assert_no_worse_than_reference(
+    actual: torch.Tensor,
+    ref_same_dtype: torch.Tensor,
+    ref_fp32: torch.Tensor,
+    *,
+    dtype: torch.dtype,
+    pass_: str = "fwd",
+    factor: float = 2.0,
+    name: str = "output",
+) -> None:
+    """flash-attention's rule: max|kernel - ref32| <= factor * max|ref_in_dtype - ref32| (+ a floor of
+    the table's per-term atol, for the case where the same-dtype reference happens to be exact)."""
+    ref32 = ref_fp32.detach().float().cpu()
+    err = (actual.detach().float().cpu() - ref32).abs().max().item()
+    base = (ref_same_dtype.detach().float().cpu() - ref32).abs().max().item()
+    floor = TOLERANCES[pass_][dtype].atol
+    assert err <= factor * base + floor, (
+        f"{name} ({dtype}, {pass_}): kernel error {err:.3g} > {factor} x same-dtype PyTorch error {base:.3g} + {floor:.3g}"
+    )
+
+
+def cpu_and_cuda():
+    """Device parametrization: CUDA cases carry ``needs_cuda`` and skip without a GPU."""
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)]
+
+
+def strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values as ``t`` in a non-contiguous layout (every other element of a wider buffer)."""
+    wide = torch.empty((*t.shape[:-1], 2 * t.shape[-1]), dtype=t.dtype, device=t.device)
+    view = wide[..., ::2]
+    with torch.no_grad():
+        view.copy_(t)
+    return view.requires_grad_(t.requires_grad)
+
+
+def channels_last_like(t: torch.Tensor) -> torch.Tensor:
+    """The same values as a 4-d ``t`` with channels-last strides (what NHWC convolutions hand back)."""
+    return t.contiguous(memory_format=torch.channels_last)

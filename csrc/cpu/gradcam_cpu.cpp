@@ -14,30 +14,65 @@
 namespace srdiff {
 namespace {
 
+constexpr int kLanes = 16;  // independent accumulators: lets the compiler vectorise the reductions
+
+template <typename scalar_t>
+float channel_mean(const scalar_t* g, int64_t n) {
+  float lanes[kLanes] = {};
+  int64_t p = 0;
+  for (; p + kLanes <= n; p += kLanes)
+    for (int k = 0; k < kLanes; ++k) lanes[k] += static_cast<float>(g[p + k]);
+  float sum = 0.f;
+  for (int k = 0; k < kLanes; ++k) sum += lanes[k];
+  for (; p < n; ++p) sum += static_cast<float>(g[p]);
+  return sum / static_cast<float>(n);
+}
+
 // cam = ReLU(sum_c alpha_c * A_c) with alpha_c = mean(G_c): channel by channel, so each channel's
 // G and A are read once, back to back, while the (h*w) accumulator stays in cache.
 template <typename scalar_t>
 void combine_image(const scalar_t* A, const scalar_t* G, int64_t C, int64_t hw, float* cam) {
   std::fill(cam, cam + hw, 0.f);
   for (int64_t c = 0; c < C; ++c) {
-    const scalar_t* g = G + c * hw;
+    const float alpha = channel_mean(G + c * hw, hw);
     const scalar_t* a = A + c * hw;
-    double gsum = 0.0;
-    for (int64_t p = 0; p < hw; ++p) gsum += static_cast<float>(g[p]);
-    const float alpha = static_cast<float>(gsum / static_cast<double>(hw));
     for (int64_t p = 0; p < hw; ++p) cam[p] += alpha * static_cast<float>(a[p]);
   }
-  for (int64_t p = 0; p < hw; ++p) cam[p] = std::max(cam[p], 0.f);
+  for (int64_t p = 0; p < hw; ++p) cam[p] = cam[p] > 0.f ? cam[p] : 0.f;
+}
+
+// Running min and max in kLanes independent lanes (vectorisable), folded at the end.
+struct MinMax {
+  float lo[kLanes], hi[kLanes];
+  MinMax() {
+    std::fill(lo, lo + kLanes, std::numeric_limits<float>::infinity());
+    std::fill(hi, hi + kLanes, -std::numeric_limits<float>::infinity());
+  }
+  void add(const float* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes)
+      for (int k = 0; k < kLanes; ++k) {
+        lo[k] = x[i + k] < lo[k] ? x[i + k] : lo[k];
+        hi[k] = x[i + k] > hi[k] ? x[i + k] : hi[k];
+      }
+    for (; i < n; ++i) {
+      lo[0] = std::min(lo[0], x[i]);
+      hi[0] = std::max(hi[0], x[i]);
+    }
+  }
+  float min() const { return *std::min_element(lo, lo + kLanes); }
+  float max() const { return *std::max_element(hi, hi + kLanes); }
+};
+
+void scale_to_unit(float* x, int64_t n, const MinMax& mm) {
+  const float lo = mm.min(), range = kNormalizeEps + (mm.max() - lo);
+  for (int64_t i = 0; i < n; ++i) x[i] = (x[i] - lo) / range;
 }
 
 void minmax_normalize(float* x, int64_t n) {
-  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
-  for (int64_t i = 0; i < n; ++i) {
-    lo = std::min(lo, x[i]);
-    hi = std::max(hi, x[i]);
-  }
-  const float range = kNormalizeEps + (hi - lo);
-  for (int64_t i = 0; i < n; ++i) x[i] = (x[i] - lo) / range;
+  MinMax mm;
+  mm.add(x, n);
+  scale_to_unit(x, n, mm);
 }
 
 // Source index pair and weight of the upper one, half-pixel centres (F.interpolate bilinear,
@@ -58,19 +93,24 @@ std::vector<Tap> bilinear_taps(int64_t in, int64_t out) {
   return taps;
 }
 
+// Separable: every source row is interpolated along x into rows (h, W), then output rows blend two
+// of those (a contiguous, vectorisable loop). Same operation order as ATen's upsample_bilinear2d.
+// Tracks the output's min and max on the way, for the second normalisation.
 void resize_image(const float* src, int64_t h, int64_t w, float* dst, const std::vector<Tap>& ty,
-                  const std::vector<Tap>& tx) {
+                  const std::vector<Tap>& tx, float* rows, MinMax& mm) {
   const int64_t W = static_cast<int64_t>(tx.size());
+  for (int64_t r = 0; r < h; ++r) {
+    const float* s = src + r * w;
+    float* row = rows + r * W;
+    for (int64_t x = 0; x < W; ++x) row[x] = (1.f - tx[x].w1) * s[tx[x].i0] + tx[x].w1 * s[tx[x].i1];
+  }
   for (size_t y = 0; y < ty.size(); ++y) {
-    const float* r0 = src + ty[y].i0 * w;
-    const float* r1 = src + ty[y].i1 * w;
+    const float* r0 = rows + ty[y].i0 * W;
+    const float* r1 = rows + ty[y].i1 * W;
     const float wy1 = ty[y].w1, wy0 = 1.f - wy1;
     float* out = dst + static_cast<int64_t>(y) * W;
-    for (int64_t x = 0; x < W; ++x) {
-      const Tap t = tx[x];
-      const float wx0 = 1.f - t.w1;
-      out[x] = wy0 * (wx0 * r0[t.i0] + t.w1 * r0[t.i1]) + wy1 * (wx0 * r1[t.i0] + t.w1 * r1[t.i1]);
-    }
+    for (int64_t x = 0; x < W; ++x) out[x] = wy0 * r0[x] + wy1 * r1[x];
+    mm.add(out, W);
   }
 }
 
@@ -95,7 +135,7 @@ at::Tensor gradcam_reduce_cpu(const at::Tensor& activations, const at::Tensor& g
     const scalar_t* a_ptr = A.const_data_ptr<scalar_t>();
     const scalar_t* g_ptr = G.const_data_ptr<scalar_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> cam(hw);
+      std::vector<float> cam(hw), rows(size.has_value() ? h * W : 0);
       for (int64_t b = begin; b < end; ++b) {
         float* dst = out_ptr + b * H * W;
         // Without a resize the map is built in place in the output.
@@ -103,9 +143,10 @@ at::Tensor gradcam_reduce_cpu(const at::Tensor& activations, const at::Tensor& g
         combine_image(a_ptr + b * C * hw, g_ptr + b * C * hw, C, hw, map);
         if (normalize) minmax_normalize(map, hw);
         if (size.has_value()) {
-          resize_image(map, h, w, dst, ty, tx);
+          MinMax mm;
+          resize_image(map, h, w, dst, ty, tx, rows.data(), mm);
           // pytorch-grad-cam rescales the resized map once more; so do we.
-          if (normalize) minmax_normalize(dst, H * W);
+          if (normalize) scale_to_unit(dst, H * W, mm);
         }
       }
     });

@@ -1,0 +1,1 @@
+"""srdiff benchmarks: pytest-benchmark suites (bench_*.py), the runner and the report."""

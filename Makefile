@@ -16,13 +16,12 @@ export CUDA_HOME FORCE_CUDA TORCH_CUDA_ARCH_LIST MAX_JOBS
 
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py srdiff/_sources.py
 
-.PHONY: all install demo test bench bench-report ablation clean
+.PHONY: all install demo test bench bench-report clean
 
 all: test
 
 $(VENV)/.stamp-deps: requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q -r requirements-dev.txt
 	@touch $@
@@ -43,3 +42,11 @@ test: install
 
 clean:
 	rm -rf build *.egg-info srdiff/_C*.so .pytest_cache
+
+# Every benchmark on the machine at hand -> benchmarks/results/<machine>/, then the README section.
+bench: install
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
+	$(PY) -m benchmarks.report
+
+bench-report: install
+	$(PY) -m benchmarks.report

@@ -1,0 +1,210 @@
+"""Turn the stored benchmark JSON into the README's performance section and PNG plots.
+
+    python -m benchmarks.report [--readme README.md] [--figures docs/figures]
+
+For each machine under benchmarks/results/ and each op, the newest run that measured that op is
+used (full runs before ``--quick`` ones). Every number in the tables comes from those files; the
+section is rewritten between the README's ``<!-- BENCH:BEGIN -->`` / ``<!-- BENCH:END -->`` markers.
+Ratios are peer time / srdiff time (> 1: srdiff is faster). "% of peak" compares GB/s with the copy
+bandwidth and TFLOP/s with the matmul rate measured in the same run (bench_ceilings.py).
+"""
+
+import argparse
+import glob
+import json
+import os
+from collections import defaultdict
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+BEGIN, END = "<!-- BENCH:BEGIN -->", "<!-- BENCH:END -->"
+OURS = "srdiff"
+
+
+def load_runs(results_dir: str) -> list[dict]:
+    runs = []
+    for path in sorted(glob.glob(os.path.join(results_dir, "*", "*.json"))):
+        with open(path) as f:
+            run = json.load(f)
+        run["_path"] = os.path.relpath(path, ROOT)
+        runs.append(run)
+    return runs
+
+
+def _ops(run: dict) -> set[str]:
+    return {b["extra_info"]["op"] for b in run.get("benchmarks", []) if "op" in b.get("extra_info", {})} | {
+        u["op"] for u in run.get("unavailable", [])
+    }
+
+
+def latest_by_machine_and_op(runs: list[dict]) -> dict[str, dict[str, dict]]:
+    """machine label -> op -> the run to report (newest full run, else newest quick run)."""
+    chosen: dict[str, dict[str, dict]] = defaultdict(dict)
+    for run in sorted(runs, key=lambda r: (not r["machine_info"].get("quick", False), r["datetime"])):
+        for op in _ops(run):
+            chosen[run["machine_info"]["label"]][op] = run
+    return chosen
+
+
+def _shape_label(shape: dict | None) -> str:
+    if not shape:
+        return ""
+    return " ".join(f"{k}={'x'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in shape.items())
+
+
+def _case_key(info: dict) -> tuple:
+    return (_shape_label(info.get("shape")), info.get("dtype") or "", info.get("mode") or "")
+
+
+def _ceilings(run: dict) -> dict:
+    """copy GB/s and matmul TFLOP/s per dtype measured in this run, if it ran bench_ceilings."""
+    out = {}
+    for b in run.get("benchmarks", []):
+        info = b["extra_info"]
+        if info.get("op") != "ceilings":
+            continue
+        if "gbps" in info:
+            out["gbps"] = info["gbps"]
+        if "tflops" in info:
+            out[("tflops", info["dtype"])] = info["tflops"]
+    return out
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:,.0f}"
+
+
+def op_table(run: dict, op: str, ceilings: dict) -> tuple[list[str], list[str]]:
+    """Markdown lines for one op on one machine, plus footnotes for unavailable providers."""
+    cases: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    providers: list[str] = []
+    for b in run.get("benchmarks", []):
+        info = b["extra_info"]
+        if info.get("op") != op:
+            continue
+        cases[_case_key(info)][info["provider"]] = info
+        if info["provider"] not in providers:
+            providers.append(info["provider"])
+    notes: dict[tuple, dict[str, str]] = defaultdict(dict)
+    for u in run.get("unavailable", []):
+        if u["op"] == op:
+            notes[_case_key(u)][u["provider"]] = u["reason"]
+            if u["provider"] not in providers:
+                providers.append(u["provider"])
+    providers.sort(key=lambda p: (p != OURS, p))
+    peers = [p for p in providers if p != OURS]
+
+    header = ["shape", "dtype", "mode"] + [f"{p} (ms)" for p in providers] + [f"{p} / {OURS}" for p in peers]
+    header += ["srdiff throughput", "% of peak", "srdiff peak MB"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    footnotes: list[str] = []
+    for key in sorted(set(cases) | set(notes)):
+        row_cases, row_notes = cases.get(key, {}), notes.get(key, {})
+        cells = list(key)
+        for p in providers:
+            if p in row_cases:
+                cells.append(_fmt(row_cases[p]["median_ms"]))
+            elif p in row_notes:
+                if row_notes[p] not in footnotes:
+                    footnotes.append(row_notes[p])
+                cells.append(f"n/a [{footnotes.index(row_notes[p]) + 1}]")
+            else:
+                cells.append("–")
+        ours = row_cases.get(OURS)
+        for p in peers:
+            peer = row_cases.get(p)
+            cells.append(f"{peer['median_ms'] / ours['median_ms']:.2f}x" if ours and peer else "–")
+        throughput, peak = "–", "–"
+        if ours and "tflops" in ours:
+            throughput = f"{ours['tflops']:.3g} TFLOP/s"
+            ceiling = ceilings.get(("tflops", ours["dtype"]))
+            peak = f"{100 * ours['tflops'] / ceiling:.0f}%" if ceiling else "–"
+        elif ours and "gbps" in ours:
+            throughput = f"{ours['gbps']:.3g} GB/s"
+            peak = f"{100 * ours['gbps'] / ceilings['gbps']:.0f}%" if "gbps" in ceilings else "–"
+        cells += [throughput, peak, _fmt(ours.get("peak_memory_mb")) if ours else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines, [f"[{i + 1}] {n}" for i, n in enumerate(footnotes)]
+
+
+def plot_op(run: dict, op: str, path: str) -> bool:
+    """Bars of throughput (TFLOP/s, GB/s, or calls/s) per case and provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [b["extra_info"] for b in run.get("benchmarks", []) if b["extra_info"].get("op") == op]
+    if not rows:
+        return False
+    metric = "tflops" if all("tflops" in r for r in rows) else "gbps" if all("gbps" in r for r in rows) else None
+    label = {"tflops": "TFLOP/s", "gbps": "GB/s", None: "calls per second"}[metric]
+    cases = sorted({_case_key(r) for r in rows})
+    providers = sorted({r["provider"] for r in rows}, key=lambda p: (p != OURS, p))
+    width = 0.8 / len(providers)
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(cases) + 2), 4))
+    for i, p in enumerate(providers):
+        values = []
+        for c in cases:
+            r = next((r for r in rows if _case_key(r) == c and r["provider"] == p), None)
+            values.append(0 if r is None else (r[metric] if metric else 1e3 / r["median_ms"]))
+        ax.bar([x + i * width for x in range(len(cases))], values, width, label=p)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(cases))])
+    ax.set_xticklabels(["\n".join(filter(None, c)) for c in cases], fontsize=7)
+    ax.set_ylabel(label)
+    info = run["machine_info"]
+    ax.set_title(f"{op} on {info['device']} ({run['datetime'][:10]})", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def render(chosen: dict[str, dict[str, dict]], figures_dir: str) -> str:
+    out = [BEGIN, "", "_Generated by `python -m benchmarks.report` from `benchmarks/results/`; do not edit by hand._", ""]
+    for machine in sorted(chosen, key=lambda m: (m.startswith("cpu"), m)):
+        by_op = chosen[machine]
+        for op in sorted(o for o in by_op if o != "ceilings"):
+            run = by_op[op]
+            info = run["machine_info"]
+            ceilings = _ceilings(by_op.get("ceilings", run))
+            versions = ", ".join(f"{k} {info[k]}" for k in ("torch", "triton", "cuda", "driver") if info.get(k))
+            quick = " (quick run)" if info.get("quick") else ""
+            out += [f"#### {op} on {info['device']}{quick}", "",
+                    f"{run['datetime'][:16].replace('T', ' ')} UTC, commit {run['commit_info'].get('id', '?')[:8]}, "
+                    f"{versions}; data: `{run['_path']}`", ""]
+            lines, notes = op_table(run, op, ceilings)
+            out += lines + [""]
+            if notes:
+                out += [n + "  " for n in notes] + [""]
+            fig = os.path.join(figures_dir, f"bench_{machine}_{op}.png")
+            if plot_op(run, op, fig):
+                out += [f"![{op} on {machine}]({os.path.relpath(fig, ROOT)})", ""]
+    return "\n".join(out + [END])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default=os.path.join(HERE, "results"))
+    parser.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    parser.add_argument("--figures", default=os.path.join(ROOT, "docs", "figures"))
+    args = parser.parse_args(argv)
+    section = render(latest_by_machine_and_op(load_runs(args.results)), args.figures)
+    with open(args.readme) as f:
+        readme = f.read()
+    if BEGIN not in readme or END not in readme:
+        raise SystemExit(f"{args.readme} has no {BEGIN} ... {END} markers")
+    head, rest = readme.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    with open(args.readme, "w") as f:
+        f.write(head + section + tail)
+    print(f"wrote the performance section of {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,517 @@
+"""The self-refining trainer: a base phase of plain DDPM training, then a refinement phase in which a flaw
+highlighter's mFAM, refreshed every ``cycle`` steps from fresh EMA samples, amplifies the forward noise
+(``lam_f``) and/or modulates attention K/V (``lam_r``).
+
+Every random draw of a step is keyed by (seed, step, global micro-batch index), never by a stateful
+stream, so a resumed run repeats an uninterrupted one exactly on CPU, and a DDP run with N ranks matches
+one process accumulating N micro-batches (same global batch).
+"""
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import srdiff
+from srdiff import viz
+from srdiff.trainer import checkpoint, distributed
+from srdiff.trainer.config import TrainConfig
+from srdiff.trainer.dataset import load_dataset
+from srdiff.trainer.metrics import evaluate_generator
+from srdiff.trainer.model import EMA, build_unet
+from srdiff.trainer.sampling import export_pipeline, make_scheduler, sample
+
+# Config fields a resumed run may change: they do not alter the trajectory.
+RESUMABLE_CHANGES = ("out_dir", "progress", "log_every", "checkpoint_every", "eval_samples", "sample_steps",
+                     "sampler", "feature_epochs", "inception_weights", "cache_dir", "device")
+# Fields a run started from another run's base checkpoint (``init_from``) may change: what only the
+# refinement phase reads.
+REFINE_FIELDS = ("mode", "cycle", "lam_f", "lam_r", "amplify", "amplified_target", "fam_projection", "mfam_samples",
+                 "mfam_sampler_steps", "highlighter", "highlighter_backbone", "highlighter_epochs",
+                 "highlighter_samples", "highlighter_finetune_steps")
+
+# Stream tags for _key(): each kind of random draw gets its own stream.
+_DATA, _TIMESTEPS, _NOISE, _MFAM, _HL_FIT, _HL_SAMPLES, _FINAL = range(7)
+
+
+def _key(*parts: int) -> int:
+    """A seed in [0, 2**31) from integers (splitmix-style mixing): one per (stream, seed, step, ...)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (h ^ (h >> 31)) & 0x7FFFFFFF
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; training stopped without writing a checkpoint."""
+
+
+class SelfRefiningTrainer:
+    """Dual-phase self-refining diffusion training of a diffusers ``UNet2DModel``.
+
+    Base phase (``config.base_steps`` steps): plain DDPM epsilon-prediction. At the switch the EMA
+    model's samples train a :class:`srdiff.FlawHighlighter` (real vs generated) unless one is given.
+    Refinement phase: every ``config.cycle`` steps, ``config.mfam_samples`` DDIM samples of the EMA model
+    (drawn on all ranks) give one mFAM (H, W) for the whole dataset until the next refresh, optionally
+    after fine-tuning the highlighter on them; the loss uses :func:`srdiff.amplified_noise_loss` with
+    ``lam_f`` (forward modes) and the UNet's attention runs :class:`srdiff.FAMAttnProcessor` with
+    ``lam_r`` inside :func:`srdiff.fam_context` (reverse modes).
+
+    Writes under ``config.out_dir`` (rank 0 only): ``checkpoints/last.pt`` (every ``checkpoint_every``
+    steps, at the phase switch and at the end; ``checkpoints/base.pt`` at the switch),
+    ``metrics.jsonl`` (one record per step, plus refresh and checkpoint events), ``figures/loss.png``,
+    ``figures/cycle_NNN_{samples,fam,mfam}.png``, ``highlighter.pt``, and at the end ``samples.png``,
+    ``pipeline/`` (diffusers ``DDPMPipeline``) and ``eval.json`` when ``eval_samples > 0``.
+
+    Example::
+
+        cfg = srdiff.TrainConfig(steps=1000, ratio="1:1", cycle=100, out_dir="runs/digits")
+        trainer = srdiff.SelfRefiningTrainer(cfg)
+        summary = trainer.train()          # or train(resume=True) after an interruption
+    """
+
+    def __init__(self, config: TrainConfig):
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        self.config = config
+        self.device = self._resolve_device(config.device)
+        self.dist = distributed.init(self.device.type)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self._check_divisibility()
+        if config.precision == "bf16" and self.device.type != "cuda":
+            raise ValueError("precision 'bf16' needs a CUDA device (bf16 autocast is GPU only), got device "
+                             f"{str(self.device)!r}")
+        use_bf16 = self.device.type == "cuda" and config.precision in ("auto", "bf16")
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.out_dir = Path(config.out_dir)
+
+        self.data = load_dataset(config, self.device)
+        self.train_images, self.holdout_images = self.data.train_images, self.data.holdout_images
+        self.train_labels, self.holdout_labels = self.data.train_labels, self.data.holdout_labels
+        self.train_data, self.vae = self.data.train_data, self.data.vae
+        torch.manual_seed(config.seed)
+        self.unet = build_unet(config, self.train_data.shape[1], self.train_data.shape[-1]).to(self.device)
+        self.fam_layers: list[str] = []
+        self.projection = srdiff.FAMProjection().to(self.device) if config.fam_projection else None
+        if config.refine_reverse:
+            self.fam_layers = srdiff.set_fam_attn_processor(self.unet, lam=config.lam_r, projection=self.projection)
+        self.ema = EMA(self.unet, config.ema_decay)
+        self.model = self.unet
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.unet, device_ids=ids)
+        if config.compile:
+            self.model = torch.compile(self.model)
+        self.optimizer = torch.optim.AdamW(self.parameters(), lr=config.lr, betas=tuple(config.adam_betas),
+                                           weight_decay=config.weight_decay, foreach=True)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.alphas_cumprod = make_scheduler(config).alphas_cumprod.to(self.device)
+        self.highlighter: nn.Module | None = None
+        self.mfam: torch.Tensor | None = None
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+
+    def parameters(self) -> list[nn.Parameter]:
+        """What the optimiser trains: the UNet's parameters and the learned mFAM projection's, if any
+        (the FAM processors do not register it in the UNet)."""
+        extra = list(self.projection.parameters()) if self.projection is not None else []
+        return [*self.unet.parameters(), *extra]
+
+    # ------------------------------------------------------------------ setup
+    @staticmethod
+    def _resolve_device(name: str) -> torch.device:
+        if name == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available")
+        return device
+
+    def _check_divisibility(self) -> None:
+        c, w = self.config, self.dist.world_size
+        if c.batch_size % (w * c.grad_accum):
+            raise ValueError(f"batch_size {c.batch_size} must be a multiple of world_size x grad_accum = "
+                             f"{w} x {c.grad_accum}")
+        if c.mfam_samples % w or c.highlighter_samples % w:
+            raise ValueError(f"mfam_samples ({c.mfam_samples}) and highlighter_samples ({c.highlighter_samples}) "
+                             f"must be multiples of world_size {w}")
+
+    def _lr_factor(self, step: int) -> float:
+        c = self.config
+        warm = min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps else 1.0
+        if c.lr_schedule == "cosine" and step >= c.warmup_steps:
+            progress = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return warm
+
+    # ------------------------------------------------------------------ keyed randomness
+    def phase(self, step: int) -> str:
+        return "base" if step < self.config.base_steps else "refine"
+
+    def _global_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices, timesteps) of the global batch of optimiser step ``step`` (0-based)."""
+        c, n = self.config, len(self.train_data)
+        positions = torch.arange(step * c.batch_size, (step + 1) * c.batch_size)
+        epochs, offsets = positions // n, positions % n
+        indices = torch.empty_like(positions)
+        for epoch in epochs.unique().tolist():
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(_key(_DATA, c.seed, epoch)))
+            sel = epochs == epoch
+            indices[sel] = perm[offsets[sel]]
+        gen = torch.Generator().manual_seed(_key(_TIMESTEPS, c.seed, step))
+        timesteps = torch.randint(0, c.num_train_timesteps, (c.batch_size,), generator=gen)
+        return indices, timesteps
+
+    # ------------------------------------------------------------------ one optimiser step
+    def _micro_loss(self, step: int, micro: int, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        refine = self.phase(step) == "refine" and self.mfam is not None
+        fam, lam = (self.mfam, c.lam_f) if refine and c.refine_forward else (None, 0.0)
+        seed = _key(_NOISE, c.seed, step, micro)
+        options = dict(amplify=c.amplify, amplified_target=c.amplified_target, prediction_type=c.prediction_type)
+        x_t, _ = srdiff.amplified_add_noise(x0, t, self.alphas_cumprod, fam=fam, lam=lam, seed=seed,
+                                            return_target=False, **options)
+        context = srdiff.fam_context(self.mfam if refine else None) if c.refine_reverse else contextlib.nullcontext()
+        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                    else contextlib.nullcontext())
+        with context, autocast:
+            pred = self.model(x_t, t).sample
+        return srdiff.amplified_noise_loss(pred, x0, t, self.alphas_cumprod, fam, lam, seed=seed, **options)
+
+    def train_step(self) -> dict:
+        """One optimiser step over the global batch; returns its metrics record."""
+        c, step = self.config, self.step
+        indices, timesteps = self._global_batch(step)
+        micro = c.batch_size // (self.dist.world_size * c.grad_accum)
+        self.unet.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for k in range(c.grad_accum):
+            j = self.dist.rank * c.grad_accum + k
+            sl = slice(j * micro, (j + 1) * micro)
+            x0 = self.train_data[indices[sl]].to(self.device)
+            sync = k == c.grad_accum - 1 or not self.dist.enabled
+            with contextlib.nullcontext() if sync else self.model.no_sync():
+                loss = self._micro_loss(step, j, x0, timesteps[sl].to(self.device))
+                (loss / c.grad_accum).backward()
+            loss_sum += loss.detach()
+        if self.projection is not None and self.dist.enabled:
+            # DDP averages the UNet's gradients only; the projection lives outside it.
+            for p in self.projection.parameters():
+                if p.grad is not None:
+                    distributed.all_reduce_sum(p.grad, self.dist).div_(self.dist.world_size)
+        loss_sum = distributed.all_reduce_sum(loss_sum, self.dist)
+        loss_value = loss_sum.item() / (c.grad_accum * self.dist.world_size)
+        if not math.isfinite(loss_value):
+            where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                     else "no checkpoint was written yet")
+            raise NonFiniteLossError(
+                f"loss became {loss_value} at step {step + 1} ({self.phase(step)} phase); training stopped without "
+                f"writing a checkpoint, {where}. Try a lower lr (now {c.lr}) or grad_clip (now {c.grad_clip})."
+            )
+        if c.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters(), c.grad_clip))
+        else:
+            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in self.parameters() if p.grad is not None]))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.ema.update(self.unet)
+        self.step += 1
+        return {"step": self.step, "phase": self.phase(step), "loss": loss_value, "lr": lr, "grad_norm": grad_norm}
+
+    # ------------------------------------------------------------------ mFAM
+    def sample(self, n: int, *, seed: int, steps: int, sampler: str = "ddim", first_index: int = 0,
+               progress: bool = False) -> torch.Tensor:
+        """``n`` EMA images (n, C, H, W) in [0, 1] (decoded in latent mode)."""
+        return sample(self.ema.model, self.config, n, steps=steps, sampler=sampler, seed=seed,
+                      first_index=first_index, vae=self.vae, autocast_dtype=self.autocast_dtype, progress=progress)
+
+    def _sharded_samples(self, n: int, seed: int) -> torch.Tensor:
+        """This rank's share of ``n`` DDIM samples (image i's noise depends on i only, not on the rank)."""
+        share = n // self.dist.world_size
+        return self.sample(share, seed=seed, steps=self.config.mfam_sampler_steps,
+                           first_index=self.dist.rank * share)
+
+    def _real_subset(self, n: int, seed: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randint(0, len(self.train_images), (n,), generator=gen)
+        return self.train_images[idx]
+
+    def _fit_highlighter(self, fake_local: torch.Tensor, seed: int, **fit_kwargs) -> list[dict]:
+        """Fit on rank 0 (real vs all ranks' samples), then copy rank 0's weights everywhere."""
+        fake = distributed.all_gather_cat(fake_local, self.dist)
+        history = []
+        if self.dist.is_main:
+            real = self._real_subset(len(fake), _key(_HL_FIT, seed, 1)).to(self.device)
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                history = self.highlighter.fit(real, fake, seed=seed, progress=False, **fit_kwargs)
+        distributed.broadcast_module(self.highlighter, self.dist)
+        return history
+
+    def _pretrain_highlighter(self) -> dict:
+        from srdiff.highlighter import FlawHighlighter
+
+        c = self.config
+        if c.highlighter is not None:
+            self.highlighter = FlawHighlighter.load(c.highlighter, map_location=self.device)
+            return {"highlighter": "loaded", "path": c.highlighter}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_key(_HL_FIT, c.seed))
+            self.highlighter = FlawHighlighter(backbone=c.highlighter_backbone, in_channels=c.channels,
+                                               image_size=c.image_size).to(self.device)
+        fake = self._sharded_samples(c.highlighter_samples, _key(_HL_SAMPLES, c.seed))
+        history = self._fit_highlighter(fake, _key(_HL_FIT, c.seed, 0), epochs=c.highlighter_epochs)
+        best = max(history, key=lambda h: h["balanced_accuracy"]) if history else {}
+        return {"highlighter": "trained", "epochs": len(history),
+                "val_balanced_accuracy": best.get("balanced_accuracy"), "val_roc_auc": best.get("roc_auc")}
+
+    def refresh_mfam(self) -> dict:
+        """Draw EMA samples on all ranks, optionally fine-tune the highlighter on them, and set the new
+        mFAM (all-reduced mean of the per-image FAMs): the same (H, W) map on every rank."""
+        c = self.config
+        cycle_index = (self.step - c.base_steps) // c.cycle
+        start = time.perf_counter()
+        event = {"event": "refresh", "step": self.step, "cycle": cycle_index}
+        if self.highlighter is None:
+            event.update(self._pretrain_highlighter())
+        samples = self._sharded_samples(c.mfam_samples, _key(_MFAM, c.seed, cycle_index))
+        if c.highlighter_finetune_steps > 0 and (cycle_index > 0 or c.highlighter is not None):
+            history = self._fit_highlighter(samples, _key(_HL_FIT, c.seed, cycle_index + 1),
+                                            steps=c.highlighter_finetune_steps)
+            if history:
+                event["finetune_accuracy"] = history[-1]["accuracy"]
+        fams = self.highlighter.fam(samples)
+        total = distributed.all_reduce_sum(fams.sum(0), self.dist)
+        self.mfam = (total / c.mfam_samples).detach()
+        event.update(seconds=time.perf_counter() - start, mfam_mean=float(self.mfam.mean()),
+                     mfam_max=float(self.mfam.max()))
+        if self.dist.is_main:
+            self._save_cycle_figures(cycle_index, samples, fams)
+        return event
+
+    def _save_cycle_figures(self, cycle_index: int, samples: torch.Tensor, fams: torch.Tensor) -> None:
+        fig = self.out_dir / "figures"
+        viz.save_grid(samples[:64], fig / f"cycle_{cycle_index:03d}_samples.png", upscale=4)
+        k = min(16, len(samples))
+        viz.save_grid(viz.overlay(samples[:k], fams[:k]), fig / f"cycle_{cycle_index:03d}_fam.png", nrow=8, upscale=4)
+        viz.save_png(viz.colormap(self.mfam), fig / f"cycle_{cycle_index:03d}_mfam.png", upscale=8)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        hl = None
+        if self.highlighter is not None:
+            hl = {"config": self.highlighter.config, "state": self.highlighter.state_dict()}
+        return {
+            "config": self.config.to_dict(),
+            "step": self.step,
+            "phase": self.phase(self.step),
+            "model": self.unet.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "mfam": self.mfam.cpu() if self.mfam is not None else None,
+            "projection": self.projection.state_dict() if self.projection is not None else None,
+            "highlighter": hl,
+            "rng": checkpoint.rng_state(),
+            "world_size": self.dist.world_size,
+        }
+
+    def load_state_dict(self, state: dict, *, restore_rng: bool = True) -> None:
+        self.unet.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.step = int(state["step"])
+        self.mfam = state["mfam"].to(self.device) if state["mfam"] is not None else None
+        if self.projection is not None and state["projection"] is not None:
+            self.projection.load_state_dict(state["projection"])
+        self.highlighter = None
+        if state["highlighter"] is not None:
+            from srdiff.highlighter import FlawHighlighter
+
+            self.highlighter = FlawHighlighter.from_config(state["highlighter"]["config"]).to(self.device)
+            self.highlighter.load_state_dict(state["highlighter"]["state"])
+        if restore_rng:
+            checkpoint.set_rng_state(state["rng"])
+
+    def save_checkpoint(self, name: str = "last.pt") -> Path | None:
+        """Rank 0 writes ``checkpoints/<name>`` atomically; other ranks wait for it."""
+        path = self.out_dir / "checkpoints" / name
+        if self.dist.is_main:
+            checkpoint.save_atomic(self.state_dict(), path)
+        distributed.barrier(self.dist)
+        if name == "last.pt":
+            self.last_checkpoint = path
+        return path
+
+    def _check_compatible(self, saved: dict, allowed: tuple[str, ...], what: str) -> None:
+        ours = self.config.to_dict()
+        diff = sorted(k for k in ours if k not in allowed and saved.get(k) != ours[k])
+        if diff:
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {ours[k]!r}" for k in diff)
+            raise ValueError(f"cannot {what}: the config differs in {details}")
+
+    def resume(self, path: str | None = None) -> bool:
+        """Load ``path`` (default ``checkpoints/last.pt``) if it exists; returns whether it did."""
+        path = Path(path) if path else self.out_dir / "checkpoints" / "last.pt"
+        if not path.is_file():
+            return False
+        state = checkpoint.load(path, map_location=self.device)
+        self._check_compatible(state["config"], RESUMABLE_CHANGES, f"resume from {path}")
+        self.load_state_dict(state)
+        self.last_checkpoint = path
+        return True
+
+    def init_from(self, path: str) -> None:
+        """Start from another run's base-phase checkpoint (same data, model and base settings): the
+        ablation trains the base phase once per seed and every mode refines from it."""
+        state = checkpoint.load(path, map_location=self.device)
+        self._check_compatible(state["config"], RESUMABLE_CHANGES + REFINE_FIELDS, f"start from {path}")
+        if state["step"] != self.config.base_steps:
+            raise ValueError(f"{path} is at step {state['step']}, not at the end of the base phase "
+                             f"({self.config.base_steps})")
+        self.load_state_dict({**state, "mfam": None, "highlighter": None, "projection": None})
+
+    def evaluate(self, n: int) -> dict:
+        """FID, KID and k-NN precision/recall of ``n`` EMA samples against the held-out images."""
+        c = self.config
+        return evaluate_generator(
+            c, lambda k: self.sample(k, seed=_key(_FINAL, c.seed, 1), steps=c.sample_steps, sampler=c.sampler),
+            n, self.train_images, self.train_labels, self.holdout_images, self.holdout_labels,
+        )
+
+    # ------------------------------------------------------------------ the run
+    def _log_path(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+    def _trim_log(self) -> None:
+        """Drop records past the resumed step (written after the checkpoint, before the interruption)."""
+        path = self._log_path()
+        if not path.is_file():
+            return
+        keep = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= self.step
+                and not (json.loads(line).get("event") == "refresh" and json.loads(line)["step"] >= self.step)]
+        path.write_text("".join(line + "\n" for line in keep))
+
+    def _write(self, log, record: dict) -> None:
+        if log is not None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+    def train(self, *, resume: bool = False, init_from: str | None = None) -> dict:
+        """Run to ``config.steps`` (continuing from ``checkpoints/last.pt`` with ``resume``); returns a
+        summary of what was written where. Raises :class:`NonFiniteLossError` if the loss blows up."""
+        c = self.config
+        resumed = self.resume() if resume else False
+        if init_from is not None and not resumed:
+            self.init_from(init_from)
+        log = None
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
+            if resumed or init_from:
+                self._trim_log()
+            else:
+                self._log_path().unlink(missing_ok=True)
+            log = self._log_path().open("a")
+        try:
+            self._loop(log)
+        finally:
+            if log is not None:
+                log.close()
+        summary = self._finish()
+        distributed.barrier(self.dist)
+        return summary
+
+    def _loop(self, log) -> None:
+        from tqdm.auto import tqdm
+
+        c = self.config
+        bar = tqdm(total=c.steps, initial=self.step, disable=not (c.progress and self.dist.is_main),
+                   desc="training", dynamic_ncols=True)
+        start = time.perf_counter()
+        with bar:
+            while self.step < c.steps:
+                if self.phase(self.step) == "refine" and c.needs_mfam and (self.step - c.base_steps) % c.cycle == 0:
+                    self._write(log, self.refresh_mfam())
+                record = self.train_step()
+                record["seconds"] = time.perf_counter() - start
+                self._write(log, record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", phase=record["phase"], refresh=False)
+                bar.update(1)
+                switch = self.step == c.base_steps
+                if switch or self.step % c.checkpoint_every == 0 or self.step == c.steps:
+                    path = self.save_checkpoint()
+                    if switch:
+                        self.save_checkpoint("base.pt")
+                    self._write(log, {"event": "checkpoint", "step": self.step, "path": str(path)})
+                    if self.dist.is_main:
+                        self.plot_loss()
+                elif self.dist.is_main and self.step % c.log_every == 0 and log is not None:
+                    log.flush()
+
+    def plot_loss(self) -> Path:
+        """``figures/loss.png``: per-step loss (and its moving average) with the refreshes marked."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        records = [json.loads(line) for line in self._log_path().read_text().splitlines() if line.strip()]
+        steps = [r["step"] for r in records if "loss" in r]
+        losses = [r["loss"] for r in records if "loss" in r]
+        refreshes = [r["step"] for r in records if r.get("event") == "refresh"]
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.plot(steps, losses, lw=0.6, alpha=0.4, label="loss")
+        if len(losses) >= 20:
+            w = max(10, len(losses) // 50)
+            kernel = torch.ones(w) / w
+            smooth = torch.nn.functional.conv1d(torch.tensor(losses)[None, None], kernel[None, None]).flatten()
+            ax.plot(steps[w - 1:], smooth.tolist(), lw=1.5, label=f"mean of {w}")
+        if self.config.base_steps < self.config.steps:
+            ax.axvline(self.config.base_steps, color="k", ls="--", lw=1, label="refinement starts")
+        for i, s in enumerate(refreshes):
+            ax.axvline(s, color="tab:red", lw=0.5, alpha=0.5, label="mFAM refresh" if i == 0 else None)
+        ax.set(xlabel="step", ylabel="loss", yscale="log", title=f"training loss ({self.config.mode})")
+        ax.legend(loc="upper right", fontsize=8)
+        fig.tight_layout()
+        path = self.out_dir / "figures" / "loss.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+    def _finish(self) -> dict:
+        c = self.config
+        summary = {"out_dir": str(self.out_dir), "steps": self.step, "mode": c.mode,
+                   "checkpoint": str(self.out_dir / "checkpoints" / "last.pt"),
+                   "metrics": str(self._log_path()), "loss_plot": str(self.out_dir / "figures" / "loss.png")}
+        if not self.dist.is_main:
+            return summary
+        if self.highlighter is not None:
+            self.highlighter.save(self.out_dir / "highlighter.pt")
+            summary["highlighter"] = str(self.out_dir / "highlighter.pt")
+        if c.needs_mfam:
+            summary["figures"] = str(self.out_dir / "figures")
+        images = self.sample(64, seed=_key(_FINAL, c.seed), steps=c.sample_steps, sampler=c.sampler)
+        viz.save_grid(images, self.out_dir / "samples.png", nrow=8, upscale=4)
+        summary["samples"] = str(self.out_dir / "samples.png")
+        summary["pipeline"] = str(export_pipeline(self.ema.model, c, self.out_dir / "pipeline", vae=self.vae))
+        if c.eval_samples > 0:
+            result = self.evaluate(c.eval_samples)
+            (self.out_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+            summary["eval"] = str(self.out_dir / "eval.json")
+            summary["fid"] = result["fid"]
+        return summary

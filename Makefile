@@ -27,6 +27,7 @@ $(VENV)/.stamp-deps: requirements-dev.txt
 	@touch $@
 
 $(VENV)/.stamp-build: $(VENV)/.stamp-deps $(EXT_SOURCES) pyproject.toml
+	@echo "building srdiff._C: FORCE_CUDA=$(FORCE_CUDA) TORCH_CUDA_ARCH_LIST='$(TORCH_CUDA_ARCH_LIST)' CUDA_HOME=$(CUDA_HOME) MAX_JOBS=$(MAX_JOBS) SRDIFF_SKIP_EXT=$(SRDIFF_SKIP_EXT) DEBUG=$(DEBUG)"
 	$(PIP) install --no-build-isolation --no-deps -e .
 	@touch $@
 

@@ -2,5 +2,6 @@
 "same-precision PyTorch" baselines of the benchmarks. Each upcasts to float32 unless ``upcast=False``."""
 
 from srdiff.reference.gradcam import gradcam_reduce_ref
+from srdiff.reference.noise import amplified_add_noise_ref, amplified_noise_loss_ref
 
-__all__ = ["gradcam_reduce_ref"]
+__all__ = ["amplified_add_noise_ref", "amplified_noise_loss_ref", "gradcam_reduce_ref"]

@@ -1,0 +1,134 @@
+"""Noise amplification and the epsilon-loss in plain PyTorch: the oracle for kernels/noise.py, the
+CPU path of :func:`srdiff.amplified_add_noise` / :func:`srdiff.amplified_noise_loss`, and the eager
+baseline of the benchmarks.
+
+    ε_sr = ε + λ·M (amplify="add")  or  ε·(1 + λ·M) (amplify="scale")
+    x_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε_sr
+    target = ε_n (epsilon) | √ᾱ_t·ε_n − √(1 − ᾱ_t)·x0 (v_prediction) | x0 (sample),
+    ε_n = ε_sr if amplified_target else ε.
+
+Without ``noise``, ε is drawn with a ``torch.Generator`` seeded by ``seed`` (the global RNG when seed
+is None), in float32 on x0's device: a different stream from the Triton kernels' Philox noise.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def _epsilon(
+    x0: torch.Tensor, noise: torch.Tensor | None, seed: int | None, dtype: torch.dtype
+) -> torch.Tensor:
+    if noise is not None:
+        return noise.to(dtype)
+    generator = None if seed is None else torch.Generator(device=x0.device).manual_seed(seed)
+    return torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32).to(dtype)
+
+
+def _coefficients(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, dtype: torch.dtype):
+    """(√ᾱ_t, √(1 − ᾱ_t)) as (B, 1, 1, 1), computed in alphas_cumprod's dtype, then cast to ``dtype``."""
+    abar = alphas_cumprod[timesteps.long()][:, None, None, None]
+    return abar.sqrt().to(dtype), (1 - abar).sqrt().to(dtype)
+
+
+def _as_batch_map(fam: torch.Tensor) -> torch.Tensor:
+    """(H, W), (B | 1, H, W) or (B | 1, 1, H, W) -> a map that broadcasts against (B, C, H, W)."""
+    return fam[:, None] if fam.dim() == 3 else fam
+
+
+def _noised(
+    x0, timesteps, alphas_cumprod, noise, fam, lam, seed, amplify, amplified_target, prediction_type, dtype
+):
+    """(x_t, target) computed in ``dtype``."""
+    x = x0.to(dtype)
+    eps = _epsilon(x0, noise, seed, dtype)
+    sqrt_ab, sqrt_1m_ab = _coefficients(timesteps, alphas_cumprod, dtype)
+    eps_sr = eps
+    if fam is not None and lam != 0:
+        m = lam * _as_batch_map(fam).to(dtype)
+        eps_sr = eps * (1 + m) if amplify == "scale" else eps + m
+    x_t = sqrt_ab * x + sqrt_1m_ab * eps_sr
+    eps_target = eps_sr if amplified_target else eps
+    if prediction_type == "epsilon":
+        target = eps_target
+    elif prediction_type == "v_prediction":
+        target = sqrt_ab * eps_target - sqrt_1m_ab * x
+    else:
+        target = x
+    return x_t, target
+
+
+def amplified_add_noise_ref(
+    x0: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    fam: torch.Tensor | None = None,
+    lam: float = 0.0,
+    *,
+    seed: int | None = None,
+    amplify: str = "add",
+    amplified_target: bool = True,
+    prediction_type: str = "epsilon",
+    return_target: bool = True,
+    upcast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Forward-process noising with flaw-map amplification.
+
+    x0: (B, C, H, W); timesteps: (B,) integer; alphas_cumprod: (T,); noise: None or (B, C, H, W);
+    fam: None or a map broadcasting to (B, 1, H, W): (H, W), (B, H, W) or (B, 1, H, W). Computes in
+    float32 when ``upcast`` (else in x0's dtype) and returns (x_t, target) in x0's dtype, or
+    (x_t, None) without ``return_target``. Differentiable by autograd.
+    """
+    dtype = torch.float32 if upcast else x0.dtype
+    x_t, target = _noised(
+        x0,
+        timesteps,
+        alphas_cumprod,
+        noise,
+        fam,
+        lam,
+        seed,
+        amplify,
+        amplified_target,
+        prediction_type,
+        dtype,
+    )
+    return x_t.to(x0.dtype), target.to(x0.dtype) if return_target else None
+
+
+def amplified_noise_loss_ref(
+    pred: torch.Tensor,
+    x0: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    fam: torch.Tensor | None = None,
+    lam: float = 0.0,
+    *,
+    seed: int | None = None,
+    noise: torch.Tensor | None = None,
+    reduction: str = "mean",
+    amplify: str = "add",
+    amplified_target: bool = True,
+    prediction_type: str = "epsilon",
+    upcast: bool = True,
+) -> torch.Tensor:
+    """MSE of ``pred`` (B, C, H, W) against the target :func:`amplified_add_noise_ref` builds from the
+    same arguments (the same seed regenerates the same ε). Float32 when ``upcast`` (else in pred's
+    dtype): a 0-d tensor for ``reduction`` "mean"/"sum", (B, C, H, W) for "none". Differentiable by
+    autograd.
+    """
+    dtype = torch.float32 if upcast else pred.dtype
+    _, target = _noised(
+        x0,
+        timesteps,
+        alphas_cumprod,
+        noise,
+        fam,
+        lam,
+        seed,
+        amplify,
+        amplified_target,
+        prediction_type,
+        dtype,
+    )
+    return F.mse_loss(pred.to(dtype), target, reduction=reduction)

@@ -1,0 +1,156 @@
+"""The noise the Triton kernels draw (Philox keyed by seed and element index): its statistics, its
+reproducibility, and the loss regenerating exactly the ε the noising used.
+
+Statistical bounds are 5 standard errors (or a KS p-value of 1e-3) at fixed seeds, so the tests are
+deterministic on a given device and would fail by chance with probability < 1e-3 on another.
+"""
+
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+import srdiff
+from srdiff.reference import amplified_add_noise_ref
+from utils import cpu_and_cuda
+
+T = 1000
+SHAPE = (4, 3, 97, 89)  # 103,596 draws, odd planes: the rows of 4 straddle image rows
+ODD = (3, 3, 7, 5)
+
+
+def _schedule(device):
+    return torch.cumprod(1 - torch.linspace(1e-4, 0.02, T), 0).to(device)
+
+
+def _epsilon(shape, seed, device, dtype=torch.float32, backend="triton"):
+    """The drawn ε itself: the plain target of ε-prediction."""
+    x0 = torch.zeros(shape, device=device, dtype=dtype)
+    t = torch.zeros(shape[0], dtype=torch.long, device=device)
+    _, eps = srdiff.amplified_add_noise(
+        x0, t, _schedule(device), seed=seed, amplified_target=False, backend=backend
+    )
+    return eps
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1].item()
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_noise_statistics(device):
+    eps = _epsilon(SHAPE, 1234, device).cpu()
+    flat = eps.flatten().double()
+    n = flat.numel()
+    assert abs(flat.mean().item()) < 5 / math.sqrt(n)
+    assert abs(flat.std().item() - 1) < 5 / math.sqrt(2 * n)
+    assert stats.kstest(flat.numpy(), "norm").pvalue > 1e-3
+    bound = 5 / math.sqrt(n)
+    for lag in (1, 2, 3, 4, 5):  # within and across the rows of 4 that share one Philox call
+        assert abs(_corr(flat[:-lag], flat[lag:])) < bound, f"lag {lag}"
+    assert abs(_corr(flat[:-1] ** 2, flat[1:] ** 2)) < bound, (
+        "squares of neighbours (Box-Muller pairs share a radius)"
+    )
+    assert abs(_corr(eps[:, :, 1:], eps[:, :, :-1])) < bound, "vertical neighbours"
+    assert abs(_corr(eps[:, 1:], eps[:, :-1])) < bound, "neighbouring channels"
+    assert abs(_corr(eps[1:], eps[:-1])) < bound, "neighbouring samples"
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_seeds_are_independent(device):
+    eps = _epsilon(SHAPE, 1234, device)
+    bound = 5 / math.sqrt(eps.numel())
+    for other in (1235, 1234 + 2**32, 2**63 - 1):  # low word, high word, the largest seed
+        assert abs(_corr(eps, _epsilon(SHAPE, other, device))) < bound, f"seed {other}"
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_noise_is_keyed_by_seed_and_element_index(device):
+    eps = _epsilon(ODD, 7, device)
+    assert torch.equal(eps, _epsilon(ODD, 7, device)), "same seed, same noise"
+    assert not torch.equal(eps, _epsilon(ODD, 8, device))
+    assert torch.equal(_epsilon((1,) + ODD[1:], 7, device), eps[:1]), "a sample's noise does not depend on B"
+    # float16, not bfloat16: the Triton 3.8 interpreter truncates float32 -> bfloat16 casts
+    half = _epsilon(ODD, 7, device, torch.float16)
+    assert torch.equal(half, eps.half()), "drawn in float32 whatever x0's dtype"
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize(
+    "lam, amplify, amplified_target",
+    [(0.0, "add", True), (0.3, "add", True), (0.3, "scale", True), (0.3, "add", False)],
+    ids=["plain", "add", "scale", "plain-target"],
+)
+def test_loss_regenerates_the_noising_epsilon(lam, amplify, amplified_target, backend, device):
+    """The trainer's two calls: pred == the noising's target gives exactly zero loss and gradient."""
+    x0 = torch.rand(ODD, device=device)
+    t, ac = torch.tensor([0, 500, T - 1], device=device), _schedule(device)
+    fam, options = (
+        torch.rand(ODD[2:], device=device),
+        dict(amplify=amplify, amplified_target=amplified_target),
+    )
+    _, target = srdiff.amplified_add_noise(x0, t, ac, fam=fam, lam=lam, seed=99, backend=backend, **options)
+    pred = target.clone().requires_grad_()
+    loss = srdiff.amplified_noise_loss(pred, x0, t, ac, fam, lam, seed=99, backend=backend, **options)
+    loss.backward()
+    assert loss.item() == 0.0 and not pred.grad.any()
+    pred = torch.randn(ODD, device=device, requires_grad=True)
+    loss = srdiff.amplified_noise_loss(
+        pred, x0, t, ac, fam, lam, seed=99, reduction="none", backend=backend, **options
+    )
+    assert torch.equal(loss, (pred - target) ** 2)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_loss_regenerates_every_target(prediction_type, device):
+    x0, t, ac = (
+        torch.rand(ODD, device=device),
+        torch.tensor([0, 500, T - 1], device=device),
+        _schedule(device),
+    )
+    fam = torch.rand(ODD[2:], device=device)
+    _, target = srdiff.amplified_add_noise(
+        x0, t, ac, fam=fam, lam=0.3, seed=5, prediction_type=prediction_type, backend="triton"
+    )
+    loss = srdiff.amplified_noise_loss(
+        target, x0, t, ac, fam, 0.3, seed=5, prediction_type=prediction_type, backend="triton"
+    )
+    assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_loss_is_bit_reproducible(device):
+    shape = (5, 3, 33, 31)
+    x0, pred = torch.rand(shape, device=device), torch.randn(shape, device=device, requires_grad=True)
+    t, ac, fam = (
+        torch.randint(0, T, (5,), device=device),
+        _schedule(device),
+        torch.rand(shape[2:], device=device),
+    )
+    losses, grads = [], []
+    for _ in range(2):
+        loss = srdiff.amplified_noise_loss(pred, x0, t, ac, fam, 0.01, seed=3, backend="triton")
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, pred)[0])
+    assert torch.equal(losses[0], losses[1]) and torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_seed_none_follows_the_global_rng(backend):
+    x0, t, ac = torch.rand(ODD), torch.tensor([1, 2, 3]), _schedule("cpu")
+    torch.manual_seed(11)
+    first = srdiff.amplified_add_noise(x0, t, ac, backend=backend)[1]
+    second = srdiff.amplified_add_noise(x0, t, ac, backend=backend)[1]
+    torch.manual_seed(11)
+    assert torch.equal(first, srdiff.amplified_add_noise(x0, t, ac, backend=backend)[1])
+    assert not torch.equal(first, second)
+
+
+def test_reference_draws_from_a_seeded_generator():
+    """The documented reference stream: torch.randn with a torch.Generator seeded by ``seed``."""
+    x0, t, ac = torch.rand(ODD), torch.tensor([1, 2, 3]), _schedule("cpu")
+    _, eps = amplified_add_noise_ref(x0, t, ac, seed=42)
+    assert torch.equal(eps, torch.randn(ODD, generator=torch.Generator().manual_seed(42)))

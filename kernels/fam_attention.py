@@ -1,0 +1,491 @@
+"""FAM-modulated flash attention: softmax(scale * q (s*k)^T) (s*v) with s_j = 1 + lam * fam_j per key.
+
+Kernels (forward; backward preprocess, dK/dV/d(s) pass, dQ pass), then the launchers registered as
+``torch.library.triton_op`` (``srdiff::fam_attention_fwd`` / ``srdiff::fam_attention_bwd``, so that
+``torch.compile(fullgraph=True)`` sees the kernels), then :class:`FAMAttentionFunction`.
+
+The modulation never materialises s*K or s*V. Since q.(s_j k_j) = s_j (q.k_j) and
+sum_j P_ij (s_j v_j) = sum_j (P_ij s_j) v_j, s is applied to the columns of the logit tile (folded
+into the softmax scale) and of the probability tile before P.V: K and V tiles go from memory to the
+tensor cores untouched, and s costs one multiply per score element.
+
+Layout: q (B, H, Nq, D), k/v (B, H, Nk, D) with any strides but a unit stride along D; fam a
+(B|1, H|1, Nk) tensor expanded with zero strides. The head dim is padded to BLOCK_D, a power of two,
+with masks. Logits live in the log2 domain (log2(e) folded into the scale, exp2 throughout); the
+forward saves lse2 = log2(sum_j exp2(z_ij)), the row's logsumexp in base 2, float32 (B, H, Nq).
+
+Backward, with x_ij = scale * s_j * (q_i.k_j), P = softmax_j(x), O_i = sum_j P_ij s_j v_j:
+    dP_ij = s_j (dO_i.v_j)                    delta_i = sum_j P_ij dP_ij = dO_i.O_i
+    dx_ij = P_ij (dP_ij - delta_i)
+    dv_j  = s_j sum_i P_ij dO_i               dk_j = scale s_j sum_i dx_ij q_i
+    dq_i  = scale sum_j (dx_ij s_j) k_j
+    ds_j  = sum_i [dx_ij scale (q_i.k_j) + P_ij (dO_i.v_j)]
+          = k_j . (scale sum_i dx_ij q_i) + v_j . (sum_i P_ij dO_i)
+    d(fam_j) = lam * ds_j, summed over the dims fam was broadcast along (B and/or H).
+The dK/dV pass already holds both sums of ds_j in its accumulators, so d(s) costs two length-D dot
+products per key in its epilogue.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from srdiff.kernels.utils import input_guard, new_empty, triton_interpreting
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+LOG2E = 1.4426950408889634  # 1 / ln(2)
+
+# Shared memory a config may plan for (Hopper has 227 KiB per block; leave room for the compiler).
+_SMEM_BUDGET = 192 * 1024
+
+
+def _configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) -> Configs. The interpreter gets one small config:
+    16 x 16 blocks make the test shapes (N = 17, 20, 33) span several blocks with ragged tails."""
+    if triton_interpreting():
+        gpu = [(16, 16, 4, 1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu]
+
+
+def _prune(streamed: str):
+    """An ``early_config_prune`` that drops configs whose pipelined tiles overflow shared memory or
+    whose fp32 accumulators would spill (BLOCK_D = 256 wants 64-row tiles). ``streamed`` names the
+    block size of the tiles the inner loop streams (K/V in the forward and dQ pass, Q/dO in dK/dV)."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        block_d, elsize = args["BLOCK_D"], args["Q"].element_size()
+        kept = []
+        for c in configs:
+            resident = "BLOCK_N" if streamed == "BLOCK_M" else "BLOCK_M"
+            rows_resident, rows_streamed = c.kwargs[resident], c.kwargs[streamed]
+            smem = elsize * block_d * (2 * rows_resident + 2 * c.num_stages * rows_streamed)
+            if smem <= _SMEM_BUDGET and not (block_d >= 256 and rows_resident > 64):
+                kept.append(c)
+        return kept or configs[-1:]
+
+    return prune
+
+
+_FWD_CONFIGS = _configs([(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (64, 32, 4, 2)])
+_BWD_DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2)])
+_BWD_DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)])
+_PREPROCESS_BLOCK_M = 16 if triton_interpreting() else 128
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """tl.dot with float32 accumulation. DOT_UPCAST is set by the launcher only under the Triton
+    interpreter, whose bf16 tl.dot is wrong: the bf16 tiles (already rounded exactly as on the GPU)
+    are widened to float32, which multiplies them exactly, so the same kernel source is tested."""
+    if DOT_UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return out
+
+
+@triton.jit
+def _load_rows(ptrs, offs_row, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               MASK_ROWS: tl.constexpr):
+    """A (rows, BLOCK_D) tile; masked rows and padded head-dim columns read as 0."""
+    if MASK_ROWS:
+        if HEAD_DIM == BLOCK_D:
+            tile = tl.load(ptrs, mask=offs_row[:, None] < n_rows, other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=(offs_row[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if HEAD_DIM == BLOCK_D:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return tile
+
+
+@triton.jit
+def _load_vec(ptrs, offs, n, MASK: tl.constexpr, other: tl.constexpr):
+    if MASK:
+        vec = tl.load(ptrs, mask=offs < n, other=other)
+    else:
+        vec = tl.load(ptrs)
+    return vec
+
+
+@triton.jit
+def _key_scale(fam_ptrs, offs_n, Nk, lam, HAS_FAM: tl.constexpr, MASK: tl.constexpr):
+    """s_j = 1 + lam * fam_j in float32 (1 for padded keys)."""
+    if HAS_FAM:
+        s = 1.0 + lam * _load_vec(fam_ptrs, offs_n, Nk, MASK, 0.0).to(tl.float32)
+    else:
+        s = tl.full(offs_n.shape, 1.0, tl.float32)
+    return s
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, fam_base, start_n, end_n, Nk, lam, qk_scale,
+               stride_kn, stride_vn, offs_n0, offs_d,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_FAM: tl.constexpr, MASK_N: tl.constexpr,
+               DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax over the key blocks in [start_n, end_n); MASK_N for the ragged last block."""
+    for n in range(start_n, end_n, offs_n0.shape[0]):
+        offs_n = n + offs_n0
+        k = _load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, Nk, offs_d,
+                       HEAD_DIM, BLOCK_D, MASK_N)
+        v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, Nk, offs_d,
+                       HEAD_DIM, BLOCK_D, MASK_N)
+        s = _key_scale(fam_base + offs_n, offs_n, Nk, lam, HAS_FAM, MASK_N)
+        z = _mma(q, tl.trans(k), None, DOT_UPCAST, DOT_PRECISION) * (qk_scale * s)[None, :]
+        if MASK_N:
+            z = tl.where((offs_n < Nk)[None, :], z, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(z - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_FAM:
+            p = p * s[None, :]
+        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_UPCAST, DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["HEAD_DIM", "HAS_FAM", "DOT_UPCAST"],
+                 prune_configs_by={"early_config_prune": _prune("BLOCK_N")})
+@triton.jit(do_not_specialize=["Nq", "Nk"])
+def _fam_attention_fwd_kernel(
+    Q, K, V, FAM, O, LSE2,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_fb, stride_fh, stride_ob, stride_oh, stride_on,
+    H, Nq, Nk, lam, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_FAM: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b, h = pid_bh // H, pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    fam_base = FAM + b * stride_fb + h * stride_fh
+
+    q = _load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                   offs_m, Nq, offs_d, HEAD_DIM, BLOCK_D, True)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    n_full = (Nk // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, fam_base, 0, n_full, Nk, lam, qk_scale,
+                               stride_kn, stride_vn, offs_n0, offs_d,
+                               HEAD_DIM, BLOCK_D, HAS_FAM, False, DOT_UPCAST, DOT_PRECISION)
+    if n_full < Nk:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, fam_base, n_full, Nk, Nk, lam,
+                                   qk_scale, stride_kn, stride_vn, offs_n0, offs_d,
+                                   HEAD_DIM, BLOCK_D, HAS_FAM, True, DOT_UPCAST, DOT_PRECISION)
+
+    o = acc / l_i[:, None]
+    row_ok = offs_m < Nq
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(LSE2 + pid_bh * Nq + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["Nq"])
+def _fam_attention_bwd_preprocess_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
+    H, Nq,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta_i = rowsum(dO_i * O_i) in float32."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b, h = pid_bh // H, pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                   offs_m, Nq, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+                    offs_m, Nq, offs_d, HEAD_DIM, BLOCK_D, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh * Nq + offs_m, delta, mask=offs_m < Nq)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk_acc, dv_acc, k, v, s, q_base, do_base, lse2_base, delta_base, start_m, end_m, Nq,
+                    qk_scale, stride_qn, stride_don, offs_m0, offs_d,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_M: tl.constexpr,
+                    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate sum_i dx_ij q_i and sum_i P_ij dO_i over query blocks, in transposed (key-major)
+    tiles. Padded query rows load q = dO = 0 and lse2 = delta = 0, so they contribute exactly 0."""
+    for m in range(start_m, end_m, offs_m0.shape[0]):
+        offs_m = m + offs_m0
+        q = _load_rows(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], offs_m, Nq, offs_d,
+                       HEAD_DIM, BLOCK_D, MASK_M)
+        do = _load_rows(do_base + offs_m[:, None] * stride_don + offs_d[None, :], offs_m, Nq, offs_d,
+                        HEAD_DIM, BLOCK_D, MASK_M)
+        lse2 = _load_vec(lse2_base + offs_m, offs_m, Nq, MASK_M, 0.0)
+        delta = _load_vec(delta_base + offs_m, offs_m, Nq, MASK_M, 0.0)
+        zT = _mma(k, tl.trans(q), None, DOT_UPCAST, DOT_PRECISION) * (qk_scale * s)[:, None]
+        pT = tl.math.exp2(zT - lse2[None, :])
+        dv_acc = _mma(pT.to(do.dtype), do, dv_acc, DOT_UPCAST, DOT_PRECISION)
+        dpT = _mma(v, tl.trans(do), None, DOT_UPCAST, DOT_PRECISION) * s[:, None]
+        dxT = pT * (dpT - delta[None, :])
+        dk_acc = _mma(dxT.to(q.dtype), q, dk_acc, DOT_UPCAST, DOT_PRECISION)
+    return dk_acc, dv_acc
+
+
+@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=["HEAD_DIM", "HAS_FAM", "FAM_GRAD", "DOT_UPCAST"],
+                 prune_configs_by={"early_config_prune": _prune("BLOCK_M")})
+@triton.jit(do_not_specialize=["Nq", "Nk"])
+def _fam_attention_bwd_dkdv_kernel(
+    Q, K, V, FAM, DO, LSE2, DELTA, DK, DV, DS,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_fb, stride_fh, stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    H, Nq, Nk, lam, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_FAM: tl.constexpr, FAM_GRAD: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b, h = pid_bh // H, pid_bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    k = _load_rows(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                   offs_n, Nk, offs_d, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                   offs_n, Nk, offs_d, HEAD_DIM, BLOCK_D, True)
+    s = _key_scale(FAM + b * stride_fb + h * stride_fh + offs_n, offs_n, Nk, lam, HAS_FAM, True)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    lse2_base = LSE2 + pid_bh * Nq
+    delta_base = DELTA + pid_bh * Nq
+    dk_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    m_full = (Nq // BLOCK_M) * BLOCK_M
+    dk_acc, dv_acc = _bwd_dkdv_inner(dk_acc, dv_acc, k, v, s, q_base, do_base, lse2_base, delta_base,
+                                     0, m_full, Nq, qk_scale, stride_qn, stride_don, offs_m0, offs_d,
+                                     HEAD_DIM, BLOCK_D, False, DOT_UPCAST, DOT_PRECISION)
+    if m_full < Nq:
+        dk_acc, dv_acc = _bwd_dkdv_inner(dk_acc, dv_acc, k, v, s, q_base, do_base, lse2_base, delta_base,
+                                         m_full, Nq, Nq, qk_scale, stride_qn, stride_don, offs_m0, offs_d,
+                                         HEAD_DIM, BLOCK_D, True, DOT_UPCAST, DOT_PRECISION)
+
+    key_ok = offs_n < Nk
+    tile_ok = key_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    if FAM_GRAD:
+        ds = scale * tl.sum(k.to(tl.float32) * dk_acc, 1) + tl.sum(v.to(tl.float32) * dv_acc, 1)
+        tl.store(DS + pid_bh * Nk + offs_n, ds, mask=key_ok)
+    dk = dk_acc * (scale * s)[:, None]
+    dv = dv_acc * s[:, None]
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=tile_ok)
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _bwd_dq_inner(dq_acc, q, do, lse2, delta, k_base, v_base, fam_base, start_n, end_n, Nk, lam, qk_scale,
+                  stride_kn, stride_vn, offs_n0, offs_d,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_FAM: tl.constexpr, MASK_N: tl.constexpr,
+                  DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate sum_j (dx_ij s_j) k_j over key blocks. Padded keys load k = v = 0: their dx may be
+    nonzero but multiplies k = 0."""
+    for n in range(start_n, end_n, offs_n0.shape[0]):
+        offs_n = n + offs_n0
+        k = _load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, Nk, offs_d,
+                       HEAD_DIM, BLOCK_D, MASK_N)
+        v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, Nk, offs_d,
+                       HEAD_DIM, BLOCK_D, MASK_N)
+        s = _key_scale(fam_base + offs_n, offs_n, Nk, lam, HAS_FAM, MASK_N)
+        z = _mma(q, tl.trans(k), None, DOT_UPCAST, DOT_PRECISION) * (qk_scale * s)[None, :]
+        p = tl.math.exp2(z - lse2[:, None])
+        dp = _mma(do, tl.trans(v), None, DOT_UPCAST, DOT_PRECISION)
+        if HAS_FAM:
+            dx_s = p * (dp * s[None, :] - delta[:, None]) * s[None, :]
+        else:
+            dx_s = p * (dp - delta[:, None])
+        dq_acc = _mma(dx_s.to(k.dtype), k, dq_acc, DOT_UPCAST, DOT_PRECISION)
+    return dq_acc
+
+
+@triton.autotune(configs=_BWD_DQ_CONFIGS, key=["HEAD_DIM", "HAS_FAM", "DOT_UPCAST"],
+                 prune_configs_by={"early_config_prune": _prune("BLOCK_N")})
+@triton.jit(do_not_specialize=["Nq", "Nk"])
+def _fam_attention_bwd_dq_kernel(
+    Q, K, V, FAM, DO, LSE2, DELTA, DQ,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_fb, stride_fh, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+    H, Nq, Nk, lam, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_FAM: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b, h = pid_bh // H, pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q = _load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                   offs_m, Nq, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+                    offs_m, Nq, offs_d, HEAD_DIM, BLOCK_D, True)
+    lse2 = _load_vec(LSE2 + pid_bh * Nq + offs_m, offs_m, Nq, True, 0.0)
+    delta = _load_vec(DELTA + pid_bh * Nq + offs_m, offs_m, Nq, True, 0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    fam_base = FAM + b * stride_fb + h * stride_fh
+    dq_acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    n_full = (Nk // BLOCK_N) * BLOCK_N
+    dq_acc = _bwd_dq_inner(dq_acc, q, do, lse2, delta, k_base, v_base, fam_base, 0, n_full, Nk, lam, qk_scale,
+                           stride_kn, stride_vn, offs_n0, offs_d,
+                           HEAD_DIM, BLOCK_D, HAS_FAM, False, DOT_UPCAST, DOT_PRECISION)
+    if n_full < Nk:
+        dq_acc = _bwd_dq_inner(dq_acc, q, do, lse2, delta, k_base, v_base, fam_base, n_full, Nk, Nk, lam,
+                               qk_scale, stride_kn, stride_vn, offs_n0, offs_d,
+                               HEAD_DIM, BLOCK_D, HAS_FAM, True, DOT_UPCAST, DOT_PRECISION)
+    dq = dq_acc * scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM))
+
+
+def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
+    """A (B, H, N, D) output in x's memory layout when x is a (B, N, H, D) buffer seen as (B, H, N, D)
+    (the view diffusers hands over), so that the caller's transpose back is free; else contiguous."""
+    B, H, N, D = x.shape
+    if x.transpose(1, 2).is_contiguous() and not x.is_contiguous():
+        return new_empty((B, N, H, D), dtype=x.dtype, device=x.device).transpose(1, 2)
+    return new_empty((B, H, N, D), dtype=x.dtype, device=x.device)
+
+
+def _kernel_flags(q: torch.Tensor) -> dict:
+    head_dim = q.shape[-1]
+    return {
+        "HEAD_DIM": head_dim,
+        "BLOCK_D": max(triton.next_power_of_2(head_dim), 16),
+        # Only the interpreter needs the upcast (its bf16 tl.dot is broken); GPUs run bf16 MMAs.
+        "DOT_UPCAST": triton_interpreting() and q.dtype == torch.bfloat16,
+        # float32 inputs get exact float32 products, never TF32.
+        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+    }
+
+
+def _fam_strides(fam: torch.Tensor | None, B: int, H: int, Nk: int, like: torch.Tensor):
+    """fam (B|1, H|1, Nk) seen as (B, H, Nk) with zero strides on broadcast dims; a dummy when absent."""
+    if fam is None:
+        return like, 0, 0
+    fam = fam.expand(B, H, Nk)
+    return fam, fam.stride(0), fam.stride(1)
+
+
+@torch.library.triton_op("srdiff::fam_attention_fwd", mutates_args=())
+@input_guard
+def fam_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fam: torch.Tensor | None, lam: float, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward launcher: returns o (B, H, Nq, D) in q's dtype and lse2 (B, H, Nq) float32.
+
+    fam is None or (B|1, H|1, Nk); with lam == 0 the modulation is skipped entirely."""
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    has_fam = fam is not None and lam != 0.0
+    fam_t, stride_fb, stride_fh = _fam_strides(fam if has_fam else None, B, H, Nk, q)
+    o = _empty_like_layout(q)
+    lse2 = new_empty((B, H, Nq), dtype=torch.float32, device=q.device)
+
+    def grid(meta):
+        return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
+
+    torch.library.wrap_triton(_fam_attention_fwd_kernel)[grid](
+        q, k, v, fam_t, o, lse2,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), stride_fb, stride_fh, o.stride(0), o.stride(1), o.stride(2),
+        H, Nq, Nk, float(lam), scale * LOG2E,
+        HAS_FAM=has_fam, **_kernel_flags(q),
+    )
+    return o, lse2
+
+
+@torch.library.triton_op("srdiff::fam_attention_bwd", mutates_args=())
+@input_guard
+def fam_attention_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fam: torch.Tensor | None,
+    o: torch.Tensor, lse2: torch.Tensor, lam: float, scale: float, fam_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward launcher: returns dq, dk, dv (the inputs' shapes and dtypes) and ds = dL/ds
+    (B, H, Nk) float32 per (batch, head), or an empty tensor unless ``fam_grad``."""
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    has_fam = fam is not None and lam != 0.0
+    fam_grad = fam_grad and has_fam
+    fam_t, stride_fb, stride_fh = _fam_strides(fam if has_fam else None, B, H, Nk, q)
+    flags = _kernel_flags(q)
+    dq, dk, dv = _empty_like_layout(q), _empty_like_layout(k), _empty_like_layout(v)
+    delta = new_empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    ds = new_empty((B, H, Nk) if fam_grad else (0,), dtype=torch.float32, device=q.device)
+
+    torch.library.wrap_triton(_fam_attention_bwd_preprocess_kernel)[(triton.cdiv(Nq, _PREPROCESS_BLOCK_M), B * H)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        H, Nq, HEAD_DIM=flags["HEAD_DIM"], BLOCK_D=flags["BLOCK_D"], BLOCK_M=_PREPROCESS_BLOCK_M,
+    )
+
+    def grid_dkdv(meta):
+        return (triton.cdiv(Nk, meta["BLOCK_N"]), B * H)
+
+    torch.library.wrap_triton(_fam_attention_bwd_dkdv_kernel)[grid_dkdv](
+        q, k, v, fam_t, do, lse2, delta, dk, dv, ds if fam_grad else lse2,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), stride_fb, stride_fh, do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        H, Nq, Nk, float(lam), scale, scale * LOG2E,
+        HAS_FAM=has_fam, FAM_GRAD=fam_grad, **flags,
+    )
+
+    def grid_dq(meta):
+        return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
+
+    torch.library.wrap_triton(_fam_attention_bwd_dq_kernel)[grid_dq](
+        q, k, v, fam_t, do, lse2, delta, dq,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), stride_fb, stride_fh, do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        H, Nq, Nk, float(lam), scale, scale * LOG2E,
+        HAS_FAM=has_fam, **flags,
+    )
+    return dq, dk, dv, ds
+
+
+class FAMAttentionFunction(torch.autograd.Function):
+    """Autograd for the fused kernels. Inputs as :func:`fam_attention_fwd`; q, k, v checked by the
+    caller (:func:`srdiff.fam_attention`). d(fam) is lam * ds summed down to fam's (B|1, H|1, Nk)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, fam, lam: float, scale: float | None):
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        o, lse2 = fam_attention_fwd(q, k, v, fam, lam, scale)
+        ctx.save_for_backward(q, k, v, fam, o, lse2)
+        ctx.lam, ctx.scale = lam, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, fam, o, lse2 = ctx.saved_tensors
+        fam_grad = ctx.needs_input_grad[3]
+        dq, dk, dv, ds = fam_attention_bwd(do, q, k, v, fam, o, lse2, ctx.lam, ctx.scale, fam_grad)
+        dfam = None
+        if fam_grad:
+            if ctx.lam == 0.0:
+                dfam = torch.zeros_like(fam)
+            else:
+                dfam = (ctx.lam * ds).sum_to_size(fam.shape).to(fam.dtype)
+        return dq, dk, dv, dfam, None, None

@@ -1,0 +1,343 @@
+"""srdiff.fam_attention: the Triton kernels (under TRITON_INTERPRET=1 on CPU) and the SDPA path against
+the naive oracle, forward and backward including d(fam); SDPA equivalence at lam = 0; bad input.
+
+Tolerances come from tests/utils.py. reduce_dim is the longest reduction behind one element: D for
+the forward output, Nk for dq, Nq for dk and dv, Nq times the number of (batch, head) pairs summed
+for d(fam). ``assert_no_worse_than_reference`` measures both the kernel and the same-dtype PyTorch
+reference against a float64 oracle.
+
+Under the interpreter bf16 ``tl.dot`` is emulated (the kernels widen bf16 tiles to float32 behind a
+launcher flag) and fp32 -> bf16 casts truncate instead of rounding to nearest, so the bf16 cases here
+see up to twice the rounding error a GPU run has; they pass the same table nonetheless.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import srdiff
+from srdiff.reference import fam_attention_ref, fam_attention_sdpa
+from utils import DTYPES, assert_close, assert_no_worse_than_reference, strided
+
+B, H = 2, 3
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+FAM_SHAPES = {
+    "none": None,
+    "N": lambda Nk: (Nk,),
+    "BN": lambda Nk: (B, Nk),
+    "BHN": lambda Nk: (B, H, Nk),
+    "1HN": lambda Nk: (1, H, Nk),
+}
+
+
+def _case(Nq, Nk, D, fam, lam, layout, dtype, marks=()):
+    dt = DTYPE_IDS[dtype]
+    return pytest.param(Nq, Nk, D, fam, lam, layout, dtype, marks=marks,
+                        id=f"Nq{Nq}-Nk{Nk}-D{D}-fam{fam}-lam{lam}-{layout}-{dt}")
+
+
+# A covering set, not the full cross product (the interpreter needs ~1 s per case): every dtype meets
+# both shapes and both head dims; each fam shape, lam and layout appears with several dtypes.
+KERNEL_CASES = [
+    _case(17, 17, 64, "BHN", 0.5, "contiguous", torch.float32),
+    _case(33, 20, 40, "N", 0.025, "bnhd", torch.float32),
+    _case(17, 17, 40, "none", 0.0, "bnhd", torch.float32),
+    _case(33, 20, 64, "1HN", 0.5, "strided", torch.float32),
+    _case(17, 17, 40, "BN", 0.5, "bnhd", torch.float16),
+    _case(33, 20, 64, "BHN", 0.025, "contiguous", torch.float16),
+    _case(17, 17, 64, "N", 0.0, "contiguous", torch.float16),
+    _case(33, 20, 40, "BHN", 0.5, "bnhd", torch.float16),
+    _case(17, 17, 64, "N", 0.5, "bnhd", torch.bfloat16),
+    _case(33, 20, 40, "BN", 0.025, "contiguous", torch.bfloat16),
+    _case(17, 17, 40, "1HN", 0.025, "contiguous", torch.bfloat16),
+    _case(33, 20, 64, "none", 0.0, "bnhd", torch.bfloat16),
+]
+
+
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """(B, H, N, D) values in the requested memory layout."""
+    if layout == "bnhd":  # what diffusers hands over: a (B, N, H, D) buffer viewed as (B, H, N, D)
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "strided":
+        return strided(t)
+    return t
+
+
+def _inputs(Nq, Nk, D, fam_shape, layout, dtype, device="cpu"):
+    q = _layout(torch.randn(B, H, Nq, D, device=device).to(dtype), layout).requires_grad_()
+    k = _layout(torch.randn(B, H, Nk, D, device=device).to(dtype), layout).requires_grad_()
+    v = _layout(torch.randn(B, H, Nk, D, device=device).to(dtype), layout).requires_grad_()
+    shape = FAM_SHAPES[fam_shape]
+    fam = None if shape is None else torch.rand(shape(Nk), device=device).requires_grad_()
+    return q, k, v, fam
+
+
+def _forward_backward(fn, q, k, v, fam, lam, do, dtype):
+    """Output and gradients of ``fn`` run on detached copies of the inputs cast to ``dtype``."""
+    ins = [None if t is None else t.detach().to(dtype).requires_grad_() for t in (q, k, v, fam)]
+    out = fn(*ins, lam)
+    out.backward(do.to(out.dtype))
+    return [out] + [None if t is None else t.grad for t in ins]
+
+
+def _check_against_oracle(q, k, v, fam, lam, dtype, run):
+    """``run(q, k, v, fam, lam)`` against the fp32 oracle (table) and the fp64 one (no worse than the
+    same-dtype reference), forward and every gradient."""
+    Nq, D, Nk = q.shape[2], q.shape[3], k.shape[2]
+    out = run(q, k, v, fam, lam)
+    do = torch.randn_like(out)
+    out.backward(do)
+    got = [out] + [None if t is None else t.grad for t in (q, k, v, fam)]
+    want32 = _forward_backward(fam_attention_ref, q, k, v, fam, lam, do, torch.float32)
+    truth = _forward_backward(lambda *a: fam_attention_ref(*a, upcast=False), q, k, v, fam, lam, do, torch.float64)
+    same = _forward_backward(lambda *a: fam_attention_ref(*a, upcast=False), q, k, v, fam, lam, do, dtype)
+    summed = 1 if fam is None else B * H * Nk // fam.numel()
+    reduce_dims = {"out": D, "dq": Nk, "dk": Nq, "dv": Nq, "dfam": Nq * summed}
+    for name, g, w32, w64, wsame in zip(reduce_dims, got, want32, truth, same):
+        if g is None:
+            assert fam is None and name == "dfam"
+            continue
+        pass_ = "fwd" if name == "out" else "bwd"
+        assert g.dtype == (q.dtype if name != "dfam" else fam.dtype), name
+        assert_close(g, w32, dtype=dtype, pass_=pass_, reduce_dim=reduce_dims[name], name=name)
+        assert_no_worse_than_reference(g, wsame, w64, dtype=dtype, pass_=pass_, name=name)
+
+
+@pytest.mark.parametrize("Nq, Nk, D, fam_shape, lam, layout, dtype", KERNEL_CASES)
+def test_triton_matches_oracle(Nq, Nk, D, fam_shape, lam, layout, dtype):
+    q, k, v, fam = _inputs(Nq, Nk, D, fam_shape, layout, dtype)
+
+    def run(q, k, v, fam, lam):
+        return srdiff.fam_attention(q, k, v, fam, lam, backend="triton")
+
+    _check_against_oracle(q, k, v, fam, lam, dtype, run)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("Nq, Nk, D, fam_shape, lam, layout, dtype", KERNEL_CASES)
+def test_triton_matches_oracle_cuda(Nq, Nk, D, fam_shape, lam, layout, dtype):
+    q, k, v, fam = _inputs(Nq, Nk, D, fam_shape, layout, dtype, device="cuda")
+    _check_against_oracle(q, k, v, fam, lam, dtype, lambda *a: srdiff.fam_attention(*a, backend="triton"))
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("D", [16, 40, 64, 80, 128, 160, 256])
+@pytest.mark.parametrize("Nq, Nk", [(1000, 1000), (257, 77), (4096, 4096)], ids=lambda n: f"N{n}")
+def test_triton_head_dims_cuda(Nq, Nk, D, dtype):
+    q, k, v, fam = _inputs(Nq, Nk, D, "BN", "bnhd", dtype, device="cuda")
+    _check_against_oracle(q, k, v, fam, 0.025, dtype, lambda *a: srdiff.fam_attention(*a, backend="triton"))
+
+
+@pytest.mark.parametrize("D", [16, 80, 160, 256])
+def test_triton_padded_head_dims(D):
+    """Head dims at both ends of the range and the non-powers of two SD-style U-Nets use (padded to
+    the next power of two inside the kernel)."""
+    q, k, v, fam = _inputs(17, 9, D, "BHN", "contiguous", torch.float16)
+    _check_against_oracle(q, k, v, fam, 0.5, torch.float16,
+                          lambda *a: srdiff.fam_attention(*a, backend="triton"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("fam_shape", ["none", "N", "BN", "BHN", "1HN"])
+@pytest.mark.parametrize("layout", ["contiguous", "bnhd"])
+def test_sdpa_path_matches_oracle(fam_shape, layout, dtype):
+    """The CPU path (K and V prescaled once, then SDPA)."""
+    q, k, v, fam = _inputs(33, 20, 40, fam_shape, layout, dtype)
+    _check_against_oracle(q, k, v, fam, 0.5, dtype, lambda *a: srdiff.fam_attention(*a, backend="reference"))
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_unmodulated_is_exactly_sdpa_on_cpu(backend, dtype):
+    q, k, v, fam = _inputs(33, 20, 40, "BN", "bnhd", dtype)
+    want = F.scaled_dot_product_attention(q, k, v)
+    for f, lam in [(None, 0.5), (fam.detach(), 0.0), (fam, 0.0)]:
+        torch.testing.assert_close(srdiff.fam_attention(q, k, v, f, lam, backend=backend), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_triton_unmodulated_matches_sdpa(dtype):
+    """lam = 0 runs the unmodulated kernels; fam still gets its (zero) gradient."""
+    q, k, v, fam = _inputs(33, 20, 64, "BN", "bnhd", dtype)
+    out = srdiff.fam_attention(q, k, v, fam, 0.0, backend="triton", scale=0.3)
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=0.3)
+    assert_close(out, want, dtype=dtype, reduce_dim=64)
+    out.sum().backward()
+    assert torch.equal(fam.grad, torch.zeros_like(fam))
+
+
+def test_output_keeps_the_diffusers_layout():
+    """A (B, N, H, D) buffer in gives a (B, N, H, D) buffer out: the caller's transpose back is free."""
+    q, k, v, fam = _inputs(17, 17, 16, "N", "bnhd", torch.float16)
+    out = srdiff.fam_attention(q, k, v, fam, 0.5, backend="triton")
+    assert out.transpose(1, 2).is_contiguous()
+    out = srdiff.fam_attention(q.contiguous(), k, v, fam, 0.5, backend="triton")
+    assert out.is_contiguous()
+
+
+def test_fam_scales_keys_and_values():
+    """The semantics in one line: modulating with fam equals attending to s*K, s*V."""
+    q, k, v, _ = _inputs(20, 20, 16, "none", "contiguous", torch.float64)
+    fam = torch.rand(B, H, 20, dtype=torch.float64)
+    s = 1 + 0.5 * fam[..., None]
+    want = F.scaled_dot_product_attention(q, k * s, v * s)
+    got = fam_attention_sdpa(q, k, v, fam, 0.5)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fam_attention_ref(q, k, v, fam, 0.5, upcast=False), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_compile_fullgraph_cuda(dtype):
+    q, k, v, fam = _inputs(257, 130, 80, "BN", "bnhd", dtype, device="cuda")
+
+    def step(q, k, v, fam):
+        return srdiff.fam_attention(q, k, v, fam, 0.025)
+
+    compiled = torch.compile(step, fullgraph=True)
+    out = compiled(q, k, v, fam)
+    out.float().square().sum().backward()
+    got = [out, q.grad, k.grad, v.grad, fam.grad]
+    for t in (q, k, v, fam):
+        t.grad = None
+    out = step(q, k, v, fam)
+    out.float().square().sum().backward()
+    want = [out, q.grad, k.grad, v.grad, fam.grad]
+    for name, g, w in zip(["out", "dq", "dk", "dv", "dfam"], got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.needs_cuda
+def test_opcheck_cuda():
+    from srdiff.kernels.fam_attention import fam_attention_bwd, fam_attention_fwd
+
+    q, k, v, fam = (t.detach() for t in _inputs(65, 33, 40, "BN", "bnhd", torch.float16, device="cuda"))
+    fam3 = fam[:, None]
+    torch.library.opcheck(fam_attention_fwd, (q, k, v, fam3, 0.5, 0.2))
+    o, lse2 = fam_attention_fwd(q, k, v, fam3, 0.5, 0.2)
+    torch.library.opcheck(fam_attention_bwd, (torch.randn_like(o), q, k, v, fam3, o, lse2, 0.5, 0.2, True))
+
+
+@pytest.mark.needs_cuda
+def test_triton_is_deterministic_cuda():
+    q, k, v, fam = _inputs(1000, 700, 64, "BN", "contiguous", torch.bfloat16, device="cuda")
+    runs = []
+    for _ in range(2):
+        for t in (q, k, v, fam):
+            t.grad = None
+        out = srdiff.fam_attention(q, k, v, fam, 0.5)
+        out.sum().backward()
+        runs.append([out, q.grad, k.grad, v.grad, fam.grad])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_default_backend_on_cpu_is_the_sdpa_path():
+    q, k, v, fam = _inputs(33, 20, 8, "BN", "contiguous", torch.float32)  # D = 8: any D on this path
+    torch.testing.assert_close(srdiff.fam_attention(q, k, v, fam, 0.5), fam_attention_sdpa(q, k, v, fam, 0.5),
+                               rtol=0, atol=0)
+
+
+def test_cpu_path_imports_no_triton():
+    code = (
+        "import sys, torch, srdiff\n"
+        "q = torch.randn(1, 2, 9, 16)\n"
+        "srdiff.fam_attention(q, q, q, torch.rand(9), 0.5)\n"
+        "srdiff.FAMAttention(32, heads=2)(torch.randn(1, 9, 32), torch.rand(9))\n"
+        "assert 'triton' not in sys.modules, 'triton imported'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+class TestFAMAttentionModule:
+    def test_matches_manual_heads(self):
+        attn = srdiff.FAMAttention(48, heads=3, lam=0.5)
+        x, fam = torch.randn(2, 20, 48), torch.rand(2, 20)
+        q, k, v = (p(x).view(2, 20, 3, 16).transpose(1, 2) for p in (attn.to_q, attn.to_k, attn.to_v))
+        heads = fam_attention_ref(q, k, v, fam, 0.5)
+        want = attn.to_out(heads.transpose(1, 2).reshape(2, 20, 48))
+        assert_close(attn(x, fam), want, dtype=torch.float32, reduce_dim=48)
+
+    def test_without_fam_is_plain_attention(self):
+        attn = srdiff.FAMAttention(32, heads=2, dim_head=24)
+        x = torch.randn(3, 7, 32)
+        q, k, v = (p(x).view(3, 7, 2, 24).transpose(1, 2) for p in (attn.to_q, attn.to_k, attn.to_v))
+        want = attn.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(3, 7, 48))
+        torch.testing.assert_close(attn(x), want, rtol=0, atol=0)
+
+    def test_triton_backend(self):
+        attn = srdiff.FAMAttention(32, heads=2, backend="triton")
+        x, fam = torch.randn(2, 17, 32), torch.rand(17, requires_grad=True)
+        out = attn(x, fam)
+        attn.backend = "reference"
+        assert_close(out, attn(x, fam), dtype=torch.float32, reduce_dim=32)
+        out.sum().backward()
+        assert fam.grad is not None and attn.to_k.weight.grad is not None
+
+    def test_bad_arguments(self):
+        with pytest.raises(ValueError, match=r"heads must divide dim.*dim=4, heads=8"):
+            srdiff.FAMAttention(4, heads=8)
+        with pytest.raises(ValueError, match=r"lam must be >= 0, got -1"):
+            srdiff.FAMAttention(32, lam=-1)
+        with pytest.raises(ValueError, match=r"x must have 3 dims, got shape \(2, 32\)"):
+            srdiff.FAMAttention(32)(torch.randn(2, 32))
+
+
+def _bad(**overrides):
+    args = {"q": torch.randn(2, 3, 9, 16), "k": torch.randn(2, 3, 5, 16), "v": torch.randn(2, 3, 5, 16),
+            "fam": torch.rand(5), "lam": 0.5}
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        pytest.param(_bad(q=torch.randn(3, 9, 16)), ValueError, r"q must have 4 dims, got shape \(3, 9, 16\)", id="q-rank"),
+        pytest.param(_bad(q=[1.0]), TypeError, r"q must be a torch.Tensor, got list", id="q-type"),
+        pytest.param(_bad(k=torch.randn(2, 3, 5, 8)), ValueError, r"k must have shape \(B, H, Nk, D\) = \(2, 3, Nk, 16\)",
+                     id="k-head-dim"),
+        pytest.param(_bad(k=torch.randn(2, 4, 5, 16)), ValueError, r"got \(2, 4, 5, 16\)", id="k-heads"),
+        pytest.param(_bad(v=torch.randn(2, 3, 6, 16)), ValueError, r"v must have the shape of k \(2, 3, 5, 16\), got "
+                     r"\(2, 3, 6, 16\)", id="v-shape"),
+        pytest.param(_bad(q=torch.randn(2, 3, 0, 16)), ValueError, r"q and k must be non-empty", id="empty"),
+        pytest.param(_bad(k=torch.randn(2, 3, 5, 16).half()), ValueError,
+                     r"k dtype torch.float16 must equal q dtype torch.float32", id="dtype-mismatch"),
+        pytest.param(_bad(q=torch.randn(2, 3, 9, 16, dtype=torch.float64)), ValueError, r"q must be one of .*float64",
+                     id="dtype-unsupported"),
+        pytest.param(_bad(fam=torch.rand(5, device="meta")), ValueError, r"fam is on meta but q is on cpu",
+                     id="fam-device"),
+        pytest.param(_bad(fam=torch.rand(6)), ValueError, r"fam must have shape \(Nk,\), \(B, Nk\) or \(B, H, Nk\) = "
+                     r"\(5,\), \(2, 5\) or \(2, 3, 5\) \(B or H may be 1\), got \(6,\)", id="fam-shape"),
+        pytest.param(_bad(fam=torch.rand(3, 5)), ValueError, r"got \(3, 5\)", id="fam-batch"),
+        pytest.param(_bad(fam=torch.rand(1, 2, 3, 5)), ValueError, r"fam must have 1 or 2 or 3 dims", id="fam-rank"),
+        pytest.param(_bad(fam=torch.ones(5, dtype=torch.long)), TypeError, r"fam must be a floating-point tensor",
+                     id="fam-int"),
+        pytest.param(_bad(fam=torch.tensor([0.0, float("nan"), 0, 0, 0])), ValueError,
+                     r"fam must be finite, found 1 non-finite", id="fam-nan"),
+        pytest.param(_bad(lam=-0.5), ValueError, r"lam must be >= 0, got -0.5", id="lam-negative"),
+        pytest.param(_bad(lam="0.5"), TypeError, r"lam must be a real number, got str", id="lam-type"),
+        pytest.param(_bad(fam=torch.full((5,), -3.0)), ValueError,
+                     r"1 \+ lam \* fam must be > 0 .* got lam=0.5 and min\(fam\)=-3", id="scale-nonpositive"),
+        pytest.param(_bad(scale=-1.0), ValueError, r"scale must be None or a positive finite number, got -1.0",
+                     id="scale"),
+        pytest.param(_bad(backend="cuda"), ValueError, r"backend must be one of \('triton', 'reference'\), got 'cuda'",
+                     id="backend"),
+        pytest.param(_bad(backend="triton", q=torch.randn(2, 3, 9, 8), k=torch.randn(2, 3, 5, 8),
+                          v=torch.randn(2, 3, 5, 8)),
+                     ValueError, r"backend='triton' supports head dims 16..256, got D=8", id="head-dim-small"),
+        pytest.param(_bad(backend="triton", q=torch.randn(1, 1, 2, 264), k=torch.randn(1, 1, 5, 264),
+                          v=torch.randn(1, 1, 5, 264)),
+                     ValueError, r"got D=264", id="head-dim-large"),
+    ],
+)
+def test_bad_input(args, error, match):
+    with pytest.raises(error, match=match):
+        srdiff.fam_attention(**args)
+

@@ -15,9 +15,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _epsilon(
-    x0: torch.Tensor, noise: torch.Tensor | None, seed: int | None, dtype: torch.dtype
-) -> torch.Tensor:
+def _epsilon(x0: torch.Tensor, noise: torch.Tensor | None, seed: int | None, dtype: torch.dtype):
     if noise is not None:
         return noise.to(dtype)
     generator = None if seed is None else torch.Generator(device=x0.device).manual_seed(seed)
@@ -35,10 +33,8 @@ def _as_batch_map(fam: torch.Tensor) -> torch.Tensor:
     return fam[:, None] if fam.dim() == 3 else fam
 
 
-def _noised(
-    x0, timesteps, alphas_cumprod, noise, fam, lam, seed, amplify, amplified_target, prediction_type, dtype
-):
-    """(x_t, target) computed in ``dtype``."""
+def _amplified(x0, timesteps, alphas_cumprod, noise, fam, lam, seed, amplify, dtype):
+    """(x0, ε, ε_sr, √ᾱ_t, √(1 − ᾱ_t)), all in ``dtype``."""
     x = x0.to(dtype)
     eps = _epsilon(x0, noise, seed, dtype)
     sqrt_ab, sqrt_1m_ab = _coefficients(timesteps, alphas_cumprod, dtype)
@@ -46,15 +42,16 @@ def _noised(
     if fam is not None and lam != 0:
         m = lam * _as_batch_map(fam).to(dtype)
         eps_sr = eps * (1 + m) if amplify == "scale" else eps + m
-    x_t = sqrt_ab * x + sqrt_1m_ab * eps_sr
+    return x, eps, eps_sr, sqrt_ab, sqrt_1m_ab
+
+
+def _target(x, eps, eps_sr, sqrt_ab, sqrt_1m_ab, amplified_target: bool, prediction_type: str):
     eps_target = eps_sr if amplified_target else eps
     if prediction_type == "epsilon":
-        target = eps_target
-    elif prediction_type == "v_prediction":
-        target = sqrt_ab * eps_target - sqrt_1m_ab * x
-    else:
-        target = x
-    return x_t, target
+        return eps_target
+    if prediction_type == "v_prediction":
+        return torch.addcmul(sqrt_ab * eps_target, -sqrt_1m_ab, x)
+    return x
 
 
 def amplified_add_noise_ref(
@@ -80,20 +77,14 @@ def amplified_add_noise_ref(
     (x_t, None) without ``return_target``. Differentiable by autograd.
     """
     dtype = torch.float32 if upcast else x0.dtype
-    x_t, target = _noised(
-        x0,
-        timesteps,
-        alphas_cumprod,
-        noise,
-        fam,
-        lam,
-        seed,
-        amplify,
-        amplified_target,
-        prediction_type,
-        dtype,
+    x, eps, eps_sr, sqrt_ab, sqrt_1m_ab = _amplified(
+        x0, timesteps, alphas_cumprod, noise, fam, lam, seed, amplify, dtype
     )
-    return x_t.to(x0.dtype), target.to(x0.dtype) if return_target else None
+    x_t = torch.addcmul(sqrt_ab * x, sqrt_1m_ab, eps_sr).to(x0.dtype)
+    if not return_target:
+        return x_t, None
+    target = _target(x, eps, eps_sr, sqrt_ab, sqrt_1m_ab, amplified_target, prediction_type)
+    return x_t, target.to(x0.dtype)
 
 
 def amplified_noise_loss_ref(
@@ -118,17 +109,9 @@ def amplified_noise_loss_ref(
     autograd.
     """
     dtype = torch.float32 if upcast else pred.dtype
-    _, target = _noised(
-        x0,
-        timesteps,
-        alphas_cumprod,
-        noise,
-        fam,
-        lam,
-        seed,
-        amplify,
-        amplified_target,
-        prediction_type,
-        dtype,
-    )
+    if prediction_type == "sample":  # the target holds no noise: nothing to draw
+        target = x0.to(dtype)
+    else:
+        amplified = _amplified(x0, timesteps, alphas_cumprod, noise, fam, lam, seed, amplify, dtype)
+        target = _target(*amplified, amplified_target, prediction_type)
     return F.mse_loss(pred.to(dtype), target, reduction=reduction)

@@ -1,0 +1,247 @@
+"""SelfRefiningTrainer on tiny models (8x8 digits): phases and cycles, resume after SIGKILL, atomic
+checkpoints, non-finite losses, latent mode, export to diffusers, the CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from srdiff.trainer import NonFiniteLossError, SelfRefiningTrainer, TrainConfig
+from srdiff.trainer import checkpoint
+
+TINY = dict(
+    data="digits", image_size=8, block_out_channels=(8, 16), attention_levels=(False, True), norm_num_groups=4,
+    attention_head_dim=8, batch_size=8, lr=1e-3, warmup_steps=2, mfam_samples=4, mfam_sampler_steps=2,
+    highlighter_samples=8, highlighter_epochs=1, highlighter_finetune_steps=1, sample_steps=2, progress=False,
+    num_train_timesteps=100,
+)
+
+
+def tiny(tmp_path, name="run", **kw) -> TrainConfig:
+    return TrainConfig(**{**TINY, "out_dir": str(tmp_path / name), **kw})
+
+
+def records(cfg) -> list[dict]:
+    with open(os.path.join(cfg.out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def losses(cfg) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in records(cfg) if "loss" in r]
+
+
+def cli(*args, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "srdiff", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def flags(cfg: TrainConfig) -> list[str]:
+    out = []
+    for key, value in cfg.to_dict().items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list):
+            out += [flag, *(str(v).lower() if isinstance(v, bool) else str(v) for v in value)]
+        elif value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+def test_phases_cycles_and_outputs(tmp_path):
+    cfg = tiny(tmp_path, steps=7, ratio="3:4", cycle=2, checkpoint_every=5)
+    summary = SelfRefiningTrainer(cfg).train()
+    recs = records(cfg)
+    phases = [r["phase"] for r in recs if "loss" in r]
+    assert phases == ["base"] * 3 + ["refine"] * 4
+    assert [r["step"] for r in recs if r.get("event") == "refresh"] == [3, 5]  # every `cycle` refine steps
+    assert [r["step"] for r in recs if r.get("event") == "checkpoint"] == [3, 5, 7]  # switch, every 5, end
+    first_refresh = next(r for r in recs if r.get("event") == "refresh")
+    assert first_refresh["highlighter"] == "trained"
+    base = checkpoint.load(os.path.join(cfg.out_dir, "checkpoints", "base.pt"))
+    assert base["step"] == 3 and base["phase"] == "refine" and base["mfam"] is None
+    last = checkpoint.load(summary["checkpoint"])
+    assert last["step"] == 7 and last["mfam"].shape == (8, 8)
+    assert 0.0 <= float(last["mfam"].min()) and float(last["mfam"].max()) <= 1.0
+    assert last["highlighter"] is not None
+    for name in ("cycle_000_samples.png", "cycle_001_fam.png", "cycle_001_mfam.png", "loss.png"):
+        assert (tmp_path / "run" / "figures" / name).is_file(), name
+    assert (tmp_path / "run" / "samples.png").is_file() and (tmp_path / "run" / "highlighter.pt").is_file()
+
+
+def test_modes_route_the_mfam(tmp_path, monkeypatch):
+    """baseline never refreshes; forward passes the mFAM to the noise; reverse only to the attention."""
+    import srdiff
+
+    seen = {"noise": [], "context": []}
+    add_noise, context = srdiff.amplified_add_noise, srdiff.fam_context
+
+    def spy_noise(*args, **kwargs):
+        seen["noise"].append(kwargs["fam"] is not None and kwargs["lam"] > 0)
+        return add_noise(*args, **kwargs)
+
+    def spy_context(mfam):
+        seen["context"].append(mfam is not None)
+        return context(mfam)
+
+    monkeypatch.setattr(srdiff, "amplified_add_noise", spy_noise)
+    monkeypatch.setattr(srdiff, "fam_context", spy_context)
+    for mode, noise, ctx in (("baseline", [False] * 4, []), ("forward", [False, False, True, True], []),
+                             ("reverse", [False] * 4, [False, False, True, True])):
+        seen["noise"].clear()
+        seen["context"].clear()
+        trainer = SelfRefiningTrainer(tiny(tmp_path, mode, mode=mode, steps=4, cycle=2, highlighter_finetune_steps=0))
+        trainer.train()
+        assert seen["noise"] == noise, mode
+        assert seen["context"] == ctx, mode
+        assert (trainer.mfam is None) == (mode == "baseline")
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_exact(tmp_path):
+    """A run SIGKILLed in the refinement phase and resumed ends with the same weights, EMA, mFAM and
+    losses as an uninterrupted run."""
+    ref_cfg = tiny(tmp_path, "uninterrupted", steps=12, cycle=3, checkpoint_every=4)
+    SelfRefiningTrainer(ref_cfg).train()
+    cfg = ref_cfg.replace(out_dir=str(tmp_path / "killed"))
+    proc = cli("train", *flags(cfg))
+    deadline = time.monotonic() + 240
+    log = tmp_path / "killed" / "metrics.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.is_file() and any(json.loads(x).get("step", 0) >= 10 and "loss" in x for x in log.read_text().splitlines()):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.load(tmp_path / "killed" / "checkpoints" / "last.pt")["step"] == 8
+    resumed = cli("train", *flags(cfg), "--resume")
+    out, _ = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, out
+    assert losses(cfg) == losses(ref_cfg)
+    a = checkpoint.load(tmp_path / "uninterrupted" / "checkpoints" / "last.pt")
+    b = checkpoint.load(tmp_path / "killed" / "checkpoints" / "last.pt")
+    for key in ("model", "optimizer"):
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0)
+    torch.testing.assert_close(b["ema"]["model"], a["ema"]["model"], rtol=0, atol=0)
+    torch.testing.assert_close(b["mfam"], a["mfam"], rtol=0, atol=0)
+    torch.testing.assert_close(b["highlighter"]["state"], a["highlighter"]["state"], rtol=0, atol=0)
+
+
+_KILL_DURING_SAVE = """
+import os, signal, sys, torch
+from srdiff.trainer import checkpoint
+path = sys.argv[1]
+checkpoint.save_atomic({"step": 1, "w": torch.ones(1000)}, path)
+real_save = torch.save
+def dying_save(obj, f, *a, **k):
+    f.write(b"partial checkpoint bytes")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = dying_save
+checkpoint.save_atomic({"step": 2, "w": torch.zeros(1000)}, path)
+"""
+
+
+def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
+    path = tmp_path / "ckpt" / "last.pt"
+    proc = subprocess.run([sys.executable, "-c", _KILL_DURING_SAVE, str(path)], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    state = checkpoint.load(path)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(1000))
+    assert [p.name for p in path.parent.iterdir() if p.name != "last.pt"][0].endswith(".tmp")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import srdiff
+
+    cfg = tiny(tmp_path, steps=6, ratio="1:0", checkpoint_every=2)
+    loss_fn, calls = srdiff.amplified_noise_loss, []
+
+    def exploding(*args, **kwargs):
+        calls.append(1)
+        loss = loss_fn(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(srdiff, "amplified_noise_loss", exploding)
+    trainer = SelfRefiningTrainer(cfg)
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 3 \(base phase\); training stopped "
+                                                 r"without writing a checkpoint, the last good checkpoint is .*last.pt"):
+        trainer.train()
+    state = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_bad_setups_are_refused(tmp_path):
+    with pytest.raises(TypeError, match=r"config must be a TrainConfig, got dict"):
+        SelfRefiningTrainer({"steps": 3})
+    with pytest.raises(ValueError, match=r"precision 'bf16' needs a CUDA device"):
+        SelfRefiningTrainer(tiny(tmp_path, precision="bf16", device="cpu"))
+    with pytest.raises(ValueError, match=r"mfam_samples \(6\) and highlighter_samples \(8\) must be multiples"):
+        _check_divisibility(tiny(tmp_path, mfam_samples=6), world_size=4)
+    with pytest.raises(ValueError, match=r"batch_size 8 must be a multiple of world_size x grad_accum = 3 x 1"):
+        _check_divisibility(tiny(tmp_path), world_size=3)
+    trainer = SelfRefiningTrainer(tiny(tmp_path, steps=2, ratio="1:0"))
+    trainer.train()
+    other = SelfRefiningTrainer(tiny(tmp_path, steps=2, ratio="1:0", lr=5e-3))
+    with pytest.raises(ValueError, match=r"cannot resume from .*last.pt: the config differs in lr: 0.001 -> 0.005"):
+        other.train(resume=True)
+
+
+def _check_divisibility(cfg, world_size):
+    """The trainer's check for a world of ``world_size`` ranks, without starting one."""
+    from srdiff.trainer.distributed import DistInfo
+
+    trainer = SelfRefiningTrainer.__new__(SelfRefiningTrainer)
+    trainer.config, trainer.dist = cfg, DistInfo(rank=0, world_size=world_size)
+    trainer._check_divisibility()
+
+
+def test_latent_mode_with_a_tiny_vae(tmp_path):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
+                        norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(tmp_path / "vae")
+    cfg = tiny(tmp_path, mode="latent", vae=str(tmp_path / "vae"), image_size=16, block_out_channels=(8, 16),
+               steps=4, cycle=2)
+    trainer = SelfRefiningTrainer(cfg)
+    assert trainer.train_data.shape[1:] == (4, 8, 8)  # latents: 4 channels at half the image size
+    assert trainer.fam_layers  # reverse modulation installed
+    summary = trainer.train()
+    assert trainer.mfam.shape == (16, 16)  # the mFAM lives in image space
+    images = trainer.sample(3, seed=0, steps=2)
+    assert images.shape == (3, 1, 16, 16) and 0 <= float(images.min()) and float(images.max()) <= 1
+    from diffusers import LDMPipeline
+
+    pipe = LDMPipeline.from_pretrained(summary["pipeline"])
+    torch.testing.assert_close(pipe.unet.state_dict(), trainer.ema.model.state_dict(), rtol=0, atol=0)
+
+
+def test_export_reloads_in_diffusers_and_cli_sample(tmp_path):
+    from diffusers import DDIMPipeline, DDPMPipeline
+
+    cfg = tiny(tmp_path, mode="reverse", steps=4, cycle=2)
+    trainer = SelfRefiningTrainer(cfg)
+    summary = trainer.train()
+    for cls in (DDPMPipeline, DDIMPipeline):
+        pipe = cls.from_pretrained(summary["pipeline"])
+        torch.testing.assert_close(pipe.unet.state_dict(), trainer.ema.model.state_dict(), rtol=0, atol=0)
+        x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 50])
+        with torch.no_grad():
+            torch.testing.assert_close(pipe.unet(x, t).sample, trainer.ema.model(x, t).sample, rtol=0, atol=0)
+        images = pipe(batch_size=2, num_inference_steps=2, output_type="np").images
+        assert images.shape == (2, 8, 8, 1)
+    proc = cli("sample", "--ckpt", summary["checkpoint"], "--n", "4", "--steps", "2", "--out",
+               str(tmp_path / "grid.png"), "--export", str(tmp_path / "exported"))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert (tmp_path / "grid.png").is_file() and (tmp_path / "exported" / "model_index.json").is_file()

@@ -27,6 +27,7 @@ products per key in its epilogue.
 """
 
 import math
+import os
 
 import torch
 import triton
@@ -53,7 +54,9 @@ def _configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
 def _prune(streamed: str):
     """An ``early_config_prune`` that drops configs whose pipelined tiles overflow shared memory or
     whose fp32 accumulators would spill (BLOCK_D = 256 wants 64-row tiles). ``streamed`` names the
-    block size of the tiles the inner loop streams (K/V in the forward and dQ pass, Q/dO in dK/dV)."""
+    block size of the tiles the inner loop streams (K/V in the forward and dQ pass, Q/dO in dK/dV).
+    With SRDIFF_AUTOTUNE=0 only the first fitting config is kept: no tuning, one compile per kernel
+    (fast start-up; the CUDA tests use it)."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -65,15 +68,17 @@ def _prune(streamed: str):
             smem = elsize * block_d * (2 * rows_resident + 2 * c.num_stages * rows_streamed)
             if smem <= _SMEM_BUDGET and not (block_d >= 256 and rows_resident > 64):
                 kept.append(c)
-        return kept or configs[-1:]
+        kept = kept or configs[-1:]
+        return kept[:1] if os.environ.get("SRDIFF_AUTOTUNE") == "0" else kept
 
     return prune
 
 
-_FWD_CONFIGS = _configs([(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (64, 32, 4, 2)])
-_BWD_DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2)])
-_BWD_DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)])
-_PREPROCESS_BLOCK_M = 16 if triton_interpreting() else 128
+# The last config of each list fits every head dim and dtype (float32 at D = 256 included): the
+# prune filter falls back to it when nothing else fits.
+_FWD_CONFIGS = _configs([(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (32, 32, 4, 1)])
+_BWD_DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 32, 4, 1)])
+_BWD_DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (32, 32, 4, 1)])
 
 
 @triton.jit
@@ -127,10 +132,10 @@ def _key_scale(fam_ptrs, offs_n, Nk, lam, HAS_FAM: tl.constexpr, MASK: tl.conste
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, fam_base, start_n, end_n, Nk, lam, qk_scale,
                stride_kn, stride_vn, offs_n0, offs_d,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_FAM: tl.constexpr, MASK_N: tl.constexpr,
-               DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_FAM: tl.constexpr,
+               MASK_N: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over the key blocks in [start_n, end_n); MASK_N for the ragged last block."""
-    for n in range(start_n, end_n, offs_n0.shape[0]):
+    for n in range(start_n, end_n, BLOCK_N):
         offs_n = n + offs_n0
         k = _load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, Nk, offs_d,
                        HEAD_DIM, BLOCK_D, MASK_N)
@@ -151,7 +156,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, fam_base, start_n, end_n, Nk, l
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["HEAD_DIM", "HAS_FAM", "DOT_UPCAST"],
+@triton.autotune(configs=_FWD_CONFIGS, key=["Nq", "Nk", "HEAD_DIM", "HAS_FAM", "DOT_UPCAST"],
                  prune_configs_by={"early_config_prune": _prune("BLOCK_N")})
 @triton.jit(do_not_specialize=["Nq", "Nk"])
 def _fam_attention_fwd_kernel(
@@ -181,11 +186,11 @@ def _fam_attention_fwd_kernel(
     n_full = (Nk // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, fam_base, 0, n_full, Nk, lam, qk_scale,
                                stride_kn, stride_vn, offs_n0, offs_d,
-                               HEAD_DIM, BLOCK_D, HAS_FAM, False, DOT_UPCAST, DOT_PRECISION)
+                               HEAD_DIM, BLOCK_D, BLOCK_N, HAS_FAM, False, DOT_UPCAST, DOT_PRECISION)
     if n_full < Nk:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, fam_base, n_full, Nk, Nk, lam,
                                    qk_scale, stride_kn, stride_vn, offs_n0, offs_d,
-                                   HEAD_DIM, BLOCK_D, HAS_FAM, True, DOT_UPCAST, DOT_PRECISION)
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, HAS_FAM, True, DOT_UPCAST, DOT_PRECISION)
 
     o = acc / l_i[:, None]
     row_ok = offs_m < Nq
@@ -218,11 +223,11 @@ def _fam_attention_bwd_preprocess_kernel(
 @triton.jit
 def _bwd_dkdv_inner(dk_acc, dv_acc, k, v, s, q_base, do_base, lse2_base, delta_base, start_m, end_m, Nq,
                     qk_scale, stride_qn, stride_don, offs_m0, offs_d,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_M: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASK_M: tl.constexpr,
                     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate sum_i dx_ij q_i and sum_i P_ij dO_i over query blocks, in transposed (key-major)
     tiles. Padded query rows load q = dO = 0 and lse2 = delta = 0, so they contribute exactly 0."""
-    for m in range(start_m, end_m, offs_m0.shape[0]):
+    for m in range(start_m, end_m, BLOCK_M):
         offs_m = m + offs_m0
         q = _load_rows(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], offs_m, Nq, offs_d,
                        HEAD_DIM, BLOCK_D, MASK_M)
@@ -239,7 +244,7 @@ def _bwd_dkdv_inner(dk_acc, dv_acc, k, v, s, q_base, do_base, lse2_base, delta_b
     return dk_acc, dv_acc
 
 
-@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=["HEAD_DIM", "HAS_FAM", "FAM_GRAD", "DOT_UPCAST"],
+@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=["Nq", "Nk", "HEAD_DIM", "HAS_FAM", "FAM_GRAD", "DOT_UPCAST"],
                  prune_configs_by={"early_config_prune": _prune("BLOCK_M")})
 @triton.jit(do_not_specialize=["Nq", "Nk"])
 def _fam_attention_bwd_dkdv_kernel(
@@ -273,11 +278,11 @@ def _fam_attention_bwd_dkdv_kernel(
     m_full = (Nq // BLOCK_M) * BLOCK_M
     dk_acc, dv_acc = _bwd_dkdv_inner(dk_acc, dv_acc, k, v, s, q_base, do_base, lse2_base, delta_base,
                                      0, m_full, Nq, qk_scale, stride_qn, stride_don, offs_m0, offs_d,
-                                     HEAD_DIM, BLOCK_D, False, DOT_UPCAST, DOT_PRECISION)
+                                     HEAD_DIM, BLOCK_D, BLOCK_M, False, DOT_UPCAST, DOT_PRECISION)
     if m_full < Nq:
         dk_acc, dv_acc = _bwd_dkdv_inner(dk_acc, dv_acc, k, v, s, q_base, do_base, lse2_base, delta_base,
                                          m_full, Nq, Nq, qk_scale, stride_qn, stride_don, offs_m0, offs_d,
-                                         HEAD_DIM, BLOCK_D, True, DOT_UPCAST, DOT_PRECISION)
+                                         HEAD_DIM, BLOCK_D, BLOCK_M, True, DOT_UPCAST, DOT_PRECISION)
 
     key_ok = offs_n < Nk
     tile_ok = key_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
@@ -295,11 +300,11 @@ def _fam_attention_bwd_dkdv_kernel(
 @triton.jit
 def _bwd_dq_inner(dq_acc, q, do, lse2, delta, k_base, v_base, fam_base, start_n, end_n, Nk, lam, qk_scale,
                   stride_kn, stride_vn, offs_n0, offs_d,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_FAM: tl.constexpr, MASK_N: tl.constexpr,
-                  DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_FAM: tl.constexpr,
+                  MASK_N: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate sum_j (dx_ij s_j) k_j over key blocks. Padded keys load k = v = 0: their dx may be
     nonzero but multiplies k = 0."""
-    for n in range(start_n, end_n, offs_n0.shape[0]):
+    for n in range(start_n, end_n, BLOCK_N):
         offs_n = n + offs_n0
         k = _load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, Nk, offs_d,
                        HEAD_DIM, BLOCK_D, MASK_N)
@@ -317,7 +322,7 @@ def _bwd_dq_inner(dq_acc, q, do, lse2, delta, k_base, v_base, fam_base, start_n,
     return dq_acc
 
 
-@triton.autotune(configs=_BWD_DQ_CONFIGS, key=["HEAD_DIM", "HAS_FAM", "DOT_UPCAST"],
+@triton.autotune(configs=_BWD_DQ_CONFIGS, key=["Nq", "Nk", "HEAD_DIM", "HAS_FAM", "DOT_UPCAST"],
                  prune_configs_by={"early_config_prune": _prune("BLOCK_N")})
 @triton.jit(do_not_specialize=["Nq", "Nk"])
 def _fam_attention_bwd_dq_kernel(
@@ -349,11 +354,11 @@ def _fam_attention_bwd_dq_kernel(
     n_full = (Nk // BLOCK_N) * BLOCK_N
     dq_acc = _bwd_dq_inner(dq_acc, q, do, lse2, delta, k_base, v_base, fam_base, 0, n_full, Nk, lam, qk_scale,
                            stride_kn, stride_vn, offs_n0, offs_d,
-                           HEAD_DIM, BLOCK_D, HAS_FAM, False, DOT_UPCAST, DOT_PRECISION)
+                           HEAD_DIM, BLOCK_D, BLOCK_N, HAS_FAM, False, DOT_UPCAST, DOT_PRECISION)
     if n_full < Nk:
         dq_acc = _bwd_dq_inner(dq_acc, q, do, lse2, delta, k_base, v_base, fam_base, n_full, Nk, Nk, lam,
                                qk_scale, stride_kn, stride_vn, offs_n0, offs_d,
-                               HEAD_DIM, BLOCK_D, HAS_FAM, True, DOT_UPCAST, DOT_PRECISION)
+                               HEAD_DIM, BLOCK_D, BLOCK_N, HAS_FAM, True, DOT_UPCAST, DOT_PRECISION)
     dq = dq_acc * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM))
@@ -434,9 +439,10 @@ def fam_attention_bwd(
     delta = new_empty((B, H, Nq), dtype=torch.float32, device=q.device)
     ds = new_empty((B, H, Nk) if fam_grad else (0,), dtype=torch.float32, device=q.device)
 
-    torch.library.wrap_triton(_fam_attention_bwd_preprocess_kernel)[(triton.cdiv(Nq, _PREPROCESS_BLOCK_M), B * H)](
+    block_m = min(128, 8192 // flags["BLOCK_D"])  # two (BLOCK_M, BLOCK_D) tiles, ~64 registers a thread
+    torch.library.wrap_triton(_fam_attention_bwd_preprocess_kernel)[(triton.cdiv(Nq, block_m), B * H)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        H, Nq, HEAD_DIM=flags["HEAD_DIM"], BLOCK_D=flags["BLOCK_D"], BLOCK_M=_PREPROCESS_BLOCK_M,
+        H, Nq, HEAD_DIM=flags["HEAD_DIM"], BLOCK_D=flags["BLOCK_D"], BLOCK_M=block_m,
     )
 
     def grid_dkdv(meta):

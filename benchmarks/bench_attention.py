@@ -1,0 +1,143 @@
+"""FAM-modulated attention: srdiff's fused kernels against what a user would run instead.
+
+Providers (GPU): ``srdiff`` (fused Triton, modulated); ``sdpa-flash`` and ``sdpa-cudnn`` (SDPA's
+backends, *unmodulated*: the speeds to beat); ``sdpa-prescaled`` (K and V scaled once, then SDPA: the
+unfused way, also srdiff's CPU path); ``flex-prescaled-v`` (FlexAttention with a score_mod scaling the
+logits and V prescaled: FlexAttention cannot scale V itself); ``xformers-prescaled`` (memory-efficient
+attention on prescaled K/V, when xformers is installed). On the CPU: ``srdiff`` (its CPU path) against
+plain ``sdpa`` and the naive ``reference`` (explicit N x N softmax, N <= 4096), time and peak memory
+(one N x N float32 score matrix per head at N = 16384 would be 1 GiB).
+
+Work: 4 B H N^2 D FLOP forward; fwd+bwd counts 3.5x that (backward = 2.5x forward, the convention
+of the FlashAttention papers). Inputs are contiguous (B, H, N, D), fam (B, N) float32, lam = 0.025.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import srdiff
+from benchmarks.common import DEVICE, QUICK, measure, require_cuda, unavailable
+from srdiff.reference import fam_attention_ref, fam_attention_sdpa
+
+LAM = 0.025
+H = 16 if DEVICE == "cuda" else 2
+TOKENS = 16384  # B * N on the GPU: B = 16, 4, 1 for N = 1024, 4096, 16384
+
+
+def _case(dtype, N, D, mode):
+    return pytest.param(dtype, N, D, mode, id=f"{str(dtype).replace('torch.', '')}-N{N}-D{D}-{mode}")
+
+
+# The headline case first (a quick run keeps only it): bf16, D = 128, the issue's >= 450 TFLOP/s target.
+GPU_CASES = [
+    _case(torch.bfloat16, N, D, mode)
+    for N, D in [(4096, 128), (1024, 128), (16384, 128), (4096, 64), (4096, 40)]
+    for mode in ("fwd", "fwd+bwd")
+] + [
+    _case(torch.float16, N, D, mode)
+    for N, D in [(4096, 128), (16384, 64), (1024, 40)]
+    for mode in ("fwd", "fwd+bwd")
+]
+CPU_CASES = [
+    _case(torch.float32, 4096, 64, "fwd"),
+    _case(torch.float32, 1024, 64, "fwd"),
+    _case(torch.float32, 16384, 64, "fwd"),
+    _case(torch.float32, 1024, 64, "fwd+bwd"),
+    _case(torch.float32, 4096, 40, "fwd+bwd"),
+]
+CASES = GPU_CASES if DEVICE == "cuda" else CPU_CASES
+if QUICK:
+    CASES = CASES[:1]
+GPU_PROVIDERS = ["srdiff", "sdpa-flash", "sdpa-cudnn", "sdpa-prescaled", "flex-prescaled-v", "xformers-prescaled"]
+PROVIDERS = GPU_PROVIDERS if DEVICE == "cuda" else ["srdiff", "sdpa", "reference"]
+REFERENCE_MAX_N = 4096
+
+
+def _sdpa_backend(name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}[name]
+
+    def attend(q, k, v, fam):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    return attend
+
+
+def _flex_prescaled_v():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def attend(q, k, v, fam):
+        s = 1.0 + LAM * fam  # (B, N) float32
+
+        def scale_logit(score, b, h, q_idx, kv_idx):
+            return score * s[b, kv_idx]
+
+        return compiled(q, k, v * s[:, None, :, None].to(v.dtype), score_mod=scale_logit)
+
+    return attend
+
+
+def _xformers_prescaled():
+    import xformers.ops as xops
+
+    def attend(q, k, v, fam):
+        s = (1.0 + LAM * fam)[:, None, :, None]
+        k, v = (k * s).to(k.dtype), (v * s).to(v.dtype)
+        # xformers takes (B, N, H, D)
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+
+    return attend
+
+
+def _provider(name: str, case: dict):
+    if name == "srdiff":
+        return lambda q, k, v, fam: srdiff.fam_attention(q, k, v, fam, LAM, check_fam=False)
+    if name == "sdpa":
+        return lambda q, k, v, fam: F.scaled_dot_product_attention(q, k, v)
+    if name == "sdpa-prescaled":
+        return lambda q, k, v, fam: fam_attention_sdpa(q, k, v, fam, LAM)
+    if name == "reference":
+        if case["shape"]["N"] > REFERENCE_MAX_N:
+            unavailable(provider=name, reason=f"materialises N x N scores; run up to N = {REFERENCE_MAX_N}", **case)
+        return lambda q, k, v, fam: fam_attention_ref(q, k, v, fam, LAM)
+    require_cuda(provider=name, **case)
+    if name in ("sdpa-flash", "sdpa-cudnn"):
+        return _sdpa_backend(name)
+    if name == "flex-prescaled-v":
+        return _flex_prescaled_v()
+    try:
+        return _xformers_prescaled()
+    except ImportError as err:
+        unavailable(provider=name, reason=f"xformers is not installed ({err})", **case)
+
+
+@pytest.mark.benchmark(group="attention")
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("dtype, N, D, mode", CASES)
+def test_fam_attention(benchmark, provider, dtype, N, D, mode):
+    B = max(1, TOKENS // N) if DEVICE == "cuda" else 1
+    case = dict(op="fam_attention", mode=mode, shape={"B": B, "H": H, "N": N, "D": D}, dtype=dtype)
+    attend = _provider(provider, case)
+    q, k, v = (torch.randn(B, H, N, D, device=DEVICE, dtype=dtype, requires_grad=mode != "fwd") for _ in range(3))
+    fam = torch.rand(B, N, device=DEVICE)
+    try:
+        out = attend(q, k, v, fam)  # a backend that refuses the shape says so here
+    except RuntimeError as err:
+        unavailable(provider=provider, reason=f"refused: {str(err).splitlines()[0][:200]}", **case)
+    if mode == "fwd":
+        def fn():
+            with torch.no_grad():
+                attend(q, k, v, fam)
+    else:
+        grad_out = torch.randn_like(out)
+
+        def fn():
+            torch.autograd.grad(attend(q, k, v, fam), (q, k, v), grad_out)
+    flops = 4 * B * H * N * N * D * (1.0 if mode == "fwd" else 3.5)
+    measure(benchmark, fn, provider=provider, flops=flops, **case)

@@ -36,6 +36,12 @@ install: $(VENV)/.stamp-build
 # The main job on built-in data (scikit-learn's digits), CPU-sized. Outputs under runs/demo/.
 demo: install
 	$(PY) -m srdiff info
+	$(PY) -m srdiff demo --config configs/demo.toml
+
+# The paper's ablation (4 modes x 3 seeds + the lambda/cycle sweep), about an hour on a 2-core CPU.
+# Results (JSON, markdown table, PNGs) go to docs/figures/ablation/; runs are reused when restarted.
+ablation: install
+	$(PY) -m srdiff ablate --config configs/ablation.toml --out docs/figures/ablation
 
 # Every test. Triton kernels run in its CPU interpreter when no GPU is visible (tests/conftest.py).
 test: install

@@ -63,7 +63,9 @@ def run_ablation(config: TrainConfig, *, seeds, modes, out, sweep: bool = True) 
                                  out_dir=str(root / "sweep" / f"lam{lam}"))
             sweep_runs.append({"param": "lambda", "value": lam, **_run(cfg, base_ckpt)})
         for cycle in scaled_cycles(config.steps - config.base_steps):
-            cfg = config.replace(mode="combined", seed=seed, cycle=cycle, out_dir=str(root / "sweep" / f"cycle{cycle}"))
+            # the configured cycle is the combined run of this seed: reuse it
+            name = f"seed{seed}/combined" if cycle == config.cycle else f"sweep/cycle{cycle}"
+            cfg = config.replace(mode="combined", seed=seed, cycle=cycle, out_dir=str(root / name))
             sweep_runs.append({"param": "cycle", "value": cycle, **_run(cfg, base_ckpt)})
     summary = {}
     for mode in modes:

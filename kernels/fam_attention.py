@@ -55,8 +55,9 @@ def _prune(streamed: str):
     """An ``early_config_prune`` that drops configs whose pipelined tiles overflow shared memory or
     whose fp32 accumulators would spill (BLOCK_D = 256 wants 64-row tiles). ``streamed`` names the
     block size of the tiles the inner loop streams (K/V in the forward and dQ pass, Q/dO in dK/dV).
-    With SRDIFF_AUTOTUNE=0 only the first fitting config is kept: no tuning, one compile per kernel
-    (fast start-up; the CUDA tests use it)."""
+    The estimate is rough (the autotuner skips a config that still runs out of resources).
+    With SRDIFF_AUTOTUNE=0 only the last (smallest) fitting config is kept: no tuning, one compile
+    per kernel, nothing that can run out of resources (fast start-up; the CUDA tests use it)."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -65,17 +66,17 @@ def _prune(streamed: str):
         for c in configs:
             resident = "BLOCK_N" if streamed == "BLOCK_M" else "BLOCK_M"
             rows_resident, rows_streamed = c.kwargs[resident], c.kwargs[streamed]
-            smem = elsize * block_d * (2 * rows_resident + 2 * c.num_stages * rows_streamed)
+            smem = elsize * block_d * (rows_resident + 2 * max(c.num_stages - 1, 1) * rows_streamed)
             if smem <= _SMEM_BUDGET and not (block_d >= 256 and rows_resident > 64):
                 kept.append(c)
         kept = kept or configs[-1:]
-        return kept[:1] if os.environ.get("SRDIFF_AUTOTUNE") == "0" else kept
+        return kept[-1:] if os.environ.get("SRDIFF_AUTOTUNE") == "0" else kept
 
     return prune
 
 
-# The last config of each list fits every head dim and dtype (float32 at D = 256 included): the
-# prune filter falls back to it when nothing else fits.
+# Largest tiles first. The last config of each list fits every head dim and dtype (float32 at
+# D = 256 included): the prune filter falls back to it when nothing else fits.
 _FWD_CONFIGS = _configs([(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (32, 32, 4, 1)])
 _BWD_DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 32, 4, 1)])
 _BWD_DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (32, 32, 4, 1)])

@@ -60,7 +60,8 @@ KERNEL_CASES = [
 
 @pytest.fixture(autouse=True)
 def _one_config_per_kernel(monkeypatch):
-    """No autotuning here (each config is a compile): the kernels run their first fitting config."""
+    """No autotuning here (each config is a compile): the kernels run their smallest fitting config;
+    test_triton_autotuned_cuda covers the tuned path."""
     monkeypatch.setenv("SRDIFF_AUTOTUNE", "0")
 
 
@@ -257,6 +258,15 @@ def test_triton_is_deterministic_cuda():
         runs.append([out, q.grad, k.grad, v.grad, fam.grad])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_capabilities_agree_with_the_kernels():
+    """srdiff.attention restates the kernels' limits so that checking never imports triton."""
+    from srdiff import attention
+    from srdiff.kernels import fam_attention as kernels
+
+    assert attention.TRITON_HEAD_DIMS == (kernels.MIN_HEAD_DIM, kernels.MAX_HEAD_DIM)
+    assert attention.SUPPORTED_DTYPES == kernels.SUPPORTED_DTYPES
 
 
 def test_default_backend_on_cpu_is_the_sdpa_path():

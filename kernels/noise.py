@@ -1,4 +1,4 @@
-"""Fused noise amplification and epsilon-loss: one pass in, one pass out (arXiv 2512.08774, eq. for ε_sr).
+"""Fused noise amplification and ε-loss for self-refining diffusion (arXiv 2512.08774): one pass in, one out.
 
     ε_sr = ε + λ·M        (amplify="add", the paper)      or   ε·(1 + λ·M)   (amplify="scale", the ADM code)
     x_t  = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε_sr
@@ -6,13 +6,14 @@
     with ε_n = ε_sr (amplified_target) or ε.
 
 Layout: x0 is (B, C, H, W) contiguous; a program handles BLOCK elements of one (b, c) plane, viewed
-as [BLOCK // 4, 4] so that one Philox call yields the four normals of a row (tl.randn4x). The grid is
+as [BLOCK // 4, 4] so that one Philox call (tl.randint4x: four 32-bit words) yields the four normals
+of a row, by two Box-Muller transforms (:func:`_box_muller`). The grid is
 (B*C planes, cdiv(H*W, BLOCK)): the sample index and its coefficients √ᾱ, √(1 − ᾱ) are per-program
 scalars gathered from alphas_cumprod[timesteps[b]], and the map M (one (H, W) plane per sample, or
 one shared by the batch) is indexed by the in-plane offset, so nothing is divided per element and no
 broadcast copy of M is made.
 
-Noise: ε at in-plane offset hw of plane p is component hw % 4 of randn4x(seed, p·⌈HW/4⌉ + hw // 4),
+Noise: ε at in-plane offset hw of plane p is normal hw % 4 made from randint4x(seed, p·⌈HW/4⌉ + hw // 4),
 a function of (seed, element index) only, independent of BLOCK, dtype and kernel: the noising kernel
 and both loss kernels regenerate the identical ε, and the loss never stores ε or the target.
 
@@ -62,11 +63,38 @@ def _coefficients(t_ptr, ac_ptr, b, T):
 
 
 @triton.jit
+def _box_muller(a, b):
+    """Two independent N(0, 1) draws from two random 32-bit words (uint32).
+
+    Radius from a: u = (its top 23 bits + 1/2)·2⁻²³, exact in float32 and inside (0, 1), so
+    |z| ≤ √(−2 ln 2⁻²⁴) = 5.77. Angle from b without a general sin/cos (tl.sin/tl.cos carry a
+    large-argument slow path through local memory): its top two bits pick the quadrant, its next 23
+    a phase φ ∈ (−π/4, π/4), where Taylor polynomials to φ⁹ / φ¹⁰ are exact to < 2e-9.
+    """
+    u = ((a >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2⁻²³
+    r = tl.sqrt(-2.0 * tl.log(u))
+    quarter_turns = (((b >> 7) & 0x7FFFFF).to(tl.float32) + 0.5) * 1.1920928955078125e-07 - 0.5
+    phi = quarter_turns * 1.5707963267948966  # π/2
+    p2 = phi * phi
+    sin = phi + phi * p2 * (-1.6666666666666666e-01 + p2 * (8.333333333333333e-03 + p2 * (
+        -1.984126984126984e-04 + p2 * 2.7557319223985893e-06)))
+    cos = 1.0 + p2 * (-0.5 + p2 * (4.1666666666666664e-02 + p2 * (-1.3888888888888889e-03 + p2 * (
+        2.48015873015873e-05 - p2 * 2.755731922398589e-07))))
+    odd = ((b >> 30) & 1) == 1  # rotate (cos, sin) by a quarter turn ...
+    x = tl.where(odd, -sin, cos)
+    y = tl.where(odd, cos, sin)
+    half = (b >> 31) == 1  # ... and by a half turn
+    return r * tl.where(half, -x, x), r * tl.where(half, -y, y)
+
+
+@triton.jit
 def _epsilon(noise_ptr, offs, mask, seed, plane, rows, HW, HAS_NOISE: tl.constexpr):
     if HAS_NOISE:
         eps = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
-        n0, n1, n2, n3 = tl.randn4x(seed, plane * ((HW + 3) // 4) + rows)
+        i0, i1, i2, i3 = tl.randint4x(seed, plane * ((HW + 3) // 4) + rows)
+        n0, n1 = _box_muller(i0, i1)
+        n2, n3 = _box_muller(i2, i3)
         col = tl.arange(0, 4)[None, :]
         eps = tl.where(col == 0, n0[:, None], n1[:, None])
         eps = tl.where(col == 2, n2[:, None], eps)

@@ -9,11 +9,14 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from scipy import stats
 
 import srdiff
+from srdiff.kernels.noise import _box_muller
 from srdiff.reference import amplified_add_noise_ref
-from utils import cpu_and_cuda
+from utils import assert_close, cpu_and_cuda
 
 T = 1000
 SHAPE = (4, 3, 97, 89)  # 103,596 draws, odd planes: the rows of 4 straddle image rows
@@ -55,6 +58,49 @@ def test_noise_statistics(device):
     assert abs(_corr(eps[:, :, 1:], eps[:, :, :-1])) < bound, "vertical neighbours"
     assert abs(_corr(eps[:, 1:], eps[:, :-1])) < bound, "neighbouring channels"
     assert abs(_corr(eps[1:], eps[:-1])) < bound, "neighbouring samples"
+
+
+@triton.jit
+def _box_muller_probe(a_ptr, b_ptr, x_ptr, y_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    a = tl.load(a_ptr + offs).to(tl.uint32, bitcast=True)
+    b = tl.load(b_ptr + offs).to(tl.uint32, bitcast=True)
+    x, y = _box_muller(a, b)
+    tl.store(x_ptr + offs, x)
+    tl.store(y_ptr + offs, y)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_box_muller_transform(device):
+    """The kernels' map from two 32-bit words to two normals, against its definition in float64:
+    u = ((a >> 9) + 1/2)·2⁻²³, r = √(−2 ln u); angle = (b >> 30) + φ quarter turns, with
+    φ = ((b >> 7 & 2²³−1) + 1/2)·2⁻²³ − 1/2."""
+    n = 4096
+    words = torch.randint(-(2**31), 2**31, (2, n), dtype=torch.int64)
+    words[:, :4] = torch.tensor([[0, -1, 2**31 - 1, -(2**31)], [0, -1, 2**30, -(2**30)]])  # the extremes
+    a, b = words.to(torch.int32).to(device)
+    x, y = torch.empty(n, device=device), torch.empty(n, device=device)
+    _box_muller_probe[(1,)](a, b, x, y, N=n)
+    ua, ub = words % 2**32  # the unsigned words
+    u = ((ua >> 9).double() + 0.5) * 2.0**-23
+    phi = (((ub >> 7) & (2**23 - 1)).double() + 0.5) * 2.0**-23 - 0.5
+    angle = (math.pi / 2) * ((ub >> 30).double() + phi)
+    r = torch.sqrt(-2 * torch.log(u))
+    assert_close(x, r * torch.cos(angle), dtype=torch.float32, name="x")
+    assert_close(y, r * torch.sin(angle), dtype=torch.float32, name="y")
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_box_muller_pairs(device):
+    """Components (0, 1) and (2, 3) of each Philox row are Box-Muller pairs: their angle is uniform
+    on the circle and their squared radius is χ² with 2 degrees of freedom."""
+    B, C, H, W = SHAPE
+    eps = _epsilon(SHAPE, 1234, device).cpu().double().reshape(B * C, H * W)
+    rows = eps[:, : H * W // 4 * 4].reshape(-1, 4)
+    x, y = torch.cat([rows[:, 0], rows[:, 2]]), torch.cat([rows[:, 1], rows[:, 3]])
+    angle = (torch.atan2(y, x) / (2 * math.pi)) % 1
+    assert stats.kstest(angle.numpy(), "uniform").pvalue > 1e-3
+    assert stats.kstest((x**2 + y**2).numpy(), "chi2", args=(2,)).pvalue > 1e-3
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())

@@ -59,34 +59,43 @@ def _sdpa_backend(name: str):
 
     backend = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}[name]
 
-    def attend(q, k, v, fam):
+    def attend(q, k, v):
         with sdpa_kernel(backend):
             return F.scaled_dot_product_attention(q, k, v)
 
     return attend
 
 
-def _flex_prescaled_v():
+_FLEX = {}
+
+
+def _flex_prescaled_v(fam: torch.Tensor):
+    """One compiled flex_attention for the whole run, one score_mod per case (built outside the timed
+    call, so that dynamo sees the same function every call); V is scaled inside the timed call."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    compiled = torch.compile(flex_attention, dynamic=False)
+    if "fn" not in _FLEX:
+        # Each case (shape, grad mode, score_mod) compiles once; the default limit of 8 would send
+        # the later cases to eager flex_attention, which is not what anyone would run.
+        torch._dynamo.config.recompile_limit = 64
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    s = 1.0 + LAM * fam  # (B, N) float32
 
-    def attend(q, k, v, fam):
-        s = 1.0 + LAM * fam  # (B, N) float32
+    def scale_logit(score, b, h, q_idx, kv_idx):
+        return score * s[b, kv_idx]
 
-        def scale_logit(score, b, h, q_idx, kv_idx):
-            return score * s[b, kv_idx]
-
-        return compiled(q, k, v * s[:, None, :, None].to(v.dtype), score_mod=scale_logit)
+    def attend(q, k, v):
+        return _FLEX["fn"](q, k, v * s[:, None, :, None].to(v.dtype), score_mod=scale_logit)
 
     return attend
 
 
-def _xformers_prescaled():
+def _xformers_prescaled(fam: torch.Tensor):
     import xformers.ops as xops
 
-    def attend(q, k, v, fam):
-        s = (1.0 + LAM * fam)[:, None, :, None]
+    s = (1.0 + LAM * fam)[:, None, :, None]
+
+    def attend(q, k, v):
         k, v = (k * s).to(k.dtype), (v * s).to(v.dtype)
         # xformers takes (B, N, H, D)
         out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
@@ -95,24 +104,25 @@ def _xformers_prescaled():
     return attend
 
 
-def _provider(name: str, case: dict):
+def _provider(name: str, fam: torch.Tensor, case: dict):
+    """attend(q, k, v) for ``name``, modulated by ``fam`` unless the provider is an unmodulated peer."""
     if name == "srdiff":
-        return lambda q, k, v, fam: srdiff.fam_attention(q, k, v, fam, LAM, check_fam=False)
+        return lambda q, k, v: srdiff.fam_attention(q, k, v, fam, LAM, check_fam=False)
     if name == "sdpa":
-        return lambda q, k, v, fam: F.scaled_dot_product_attention(q, k, v)
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
     if name == "sdpa-prescaled":
-        return lambda q, k, v, fam: fam_attention_sdpa(q, k, v, fam, LAM)
+        return lambda q, k, v: fam_attention_sdpa(q, k, v, fam, LAM)
     if name == "reference":
         if case["shape"]["N"] > REFERENCE_MAX_N:
             unavailable(provider=name, reason=f"materialises N x N scores; run up to N = {REFERENCE_MAX_N}", **case)
-        return lambda q, k, v, fam: fam_attention_ref(q, k, v, fam, LAM)
+        return lambda q, k, v: fam_attention_ref(q, k, v, fam, LAM)
     require_cuda(provider=name, **case)
     if name in ("sdpa-flash", "sdpa-cudnn"):
         return _sdpa_backend(name)
     if name == "flex-prescaled-v":
-        return _flex_prescaled_v()
+        return _flex_prescaled_v(fam)
     try:
-        return _xformers_prescaled()
+        return _xformers_prescaled(fam)
     except ImportError as err:
         unavailable(provider=name, reason=f"xformers is not installed ({err})", **case)
 
@@ -123,21 +133,21 @@ def _provider(name: str, case: dict):
 def test_fam_attention(benchmark, provider, dtype, N, D, mode):
     B = max(1, TOKENS // N) if DEVICE == "cuda" else 1
     case = dict(op="fam_attention", mode=mode, shape={"B": B, "H": H, "N": N, "D": D}, dtype=dtype)
-    attend = _provider(provider, case)
     q, k, v = (torch.randn(B, H, N, D, device=DEVICE, dtype=dtype, requires_grad=mode != "fwd") for _ in range(3))
     fam = torch.rand(B, N, device=DEVICE)
+    attend = _provider(provider, fam, case)
     try:
-        out = attend(q, k, v, fam)  # a backend that refuses the shape says so here
+        out = attend(q, k, v)  # a backend that refuses the shape says so here
     except RuntimeError as err:
         unavailable(provider=provider, reason=f"refused: {str(err).splitlines()[0][:200]}", **case)
     if mode == "fwd":
         def fn():
             with torch.no_grad():
-                attend(q, k, v, fam)
+                attend(q, k, v)
     else:
         grad_out = torch.randn_like(out)
 
         def fn():
-            torch.autograd.grad(attend(q, k, v, fam), (q, k, v), grad_out)
+            torch.autograd.grad(attend(q, k, v), (q, k, v), grad_out)
     flops = 4 * B * H * N * N * D * (1.0 if mode == "fwd" else 3.5)
     measure(benchmark, fn, provider=provider, flops=flops, **case)

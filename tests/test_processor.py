@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import srdiff
 from srdiff.processor import _token_grid
-from utils import assert_close
+from utils import assert_close, cpu_and_cuda
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
@@ -42,11 +42,19 @@ def _run(model, x, t, context=None):
     return model(x, t, context).sample if context is not None else model(x, t).sample
 
 
-def _inputs(model, batch=2, size=(16, 16)):
-    x = torch.randn(batch, model.config.in_channels, *size)
-    t = torch.tensor([10, 500][:batch])
-    context = torch.randn(batch, 5, 32) if isinstance(model, diffusers.UNet2DConditionModel) else None
+def _inputs(model, batch=2, size=(16, 16), device="cpu"):
+    x = torch.randn(batch, model.config.in_channels, *size, device=device)
+    t = torch.tensor([10, 500][:batch], device=device)
+    context = torch.randn(batch, 5, 32, device=device) if isinstance(model, diffusers.UNet2DConditionModel) else None
     return x, t, context
+
+
+@pytest.fixture
+def device(request, monkeypatch):
+    """cpu or cuda; on CUDA without TF32 convolutions, which would swamp the float32 comparisons."""
+    if request.param == "cuda":
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    return request.param
 
 
 def _grid(n_tokens, map_hw):
@@ -118,6 +126,7 @@ def test_unmodulated_is_exactly_attn_processor_2_0(build):
             assert torch.equal(_run(model, x, t, context), want)
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda(), indirect=True)
 @pytest.mark.parametrize(
     "build, mfam_shape, size",
     [
@@ -127,10 +136,11 @@ def test_unmodulated_is_exactly_attn_processor_2_0(build):
         pytest.param(_unet2d_condition, (2, 16, 8), (8, 4), id="UNet2DConditionModel-non-square"),
     ],
 )
-def test_modulated_matches_prescaled_reference(build, mfam_shape, size):
-    model = build()
-    x, t, context = _inputs(model, size=size)
-    mfam = torch.rand(mfam_shape)
+def test_modulated_matches_prescaled_reference(build, mfam_shape, size, device):
+    """On CUDA the processor runs the fused kernels (float32, exact products)."""
+    model = build().to(device)
+    x, t, context = _inputs(model, size=size, device=device)
+    mfam = torch.rand(mfam_shape, device=device)
     names = srdiff.set_fam_attn_processor(model, lam=LAM)
     with torch.no_grad(), srdiff.fam_context(mfam):
         got = _run(model, x, t, context)
@@ -197,18 +207,19 @@ def test_attention_mask_runs_the_prescaled_path():
     assert_close(got, want, dtype=torch.float32, reduce_dim=32)
 
 
-def test_autocast_bf16():
-    """Under CPU autocast the modulated layers run in bf16 and land near the float32 result."""
-    model = _unet2d()
-    x, t, _ = _inputs(model)
+@pytest.mark.parametrize("device", cpu_and_cuda(), indirect=True)
+def test_autocast_bf16(device):
+    """Under autocast the modulated layers run in bf16 and land near the float32 result."""
+    model = _unet2d().to(device)
+    x, t, _ = _inputs(model, device=device)
     srdiff.set_fam_attn_processor(model, lam=LAM)
-    mfam = torch.rand(16, 16)
+    mfam = torch.rand(16, 16, device=device)
     with torch.no_grad():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             plain = _run(model, x, t)
         with srdiff.fam_context(mfam):
             want = _run(model, x, t)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(device, dtype=torch.bfloat16):
                 got = _run(model, x, t)
     assert got.dtype == plain.dtype == torch.bfloat16 and torch.isfinite(got).all()
     err = (got - want).abs().max().item()

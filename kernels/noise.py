@@ -400,6 +400,7 @@ class AmplifiedNoiseLossFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         pred, x0, timesteps, alphas_cumprod, noise, fam = ctx.saved_tensors
         grad_pred = amplified_noise_loss_bwd(

@@ -57,7 +57,9 @@ def _check_fam_values(fam: torch.Tensor, lam: float) -> None:
     """fam finite and every s = 1 + lam * fam > 0 (one device sync; skipped under torch.compile)."""
     if torch.compiler.is_compiling():
         return
-    if not bool((torch.isfinite(fam) & (1.0 + lam * fam.float() > 0)).all()):
+    with torch.no_grad():
+        ok = bool((torch.isfinite(fam) & (1.0 + lam * fam.float() > 0)).all())
+    if not ok:
         check_finite("fam", fam)
         raise ValueError(
             f"1 + lam * fam must be > 0 for every key (a key scaled by s <= 0 flips or vanishes), "

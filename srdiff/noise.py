@@ -16,7 +16,7 @@ import math
 import torch
 
 from srdiff._checks import check_choice, check_nonnegative, check_same_device, check_tensor, resolve_backend
-from srdiff.reference.noise import amplified_add_noise_ref, amplified_noise_loss_ref
+from srdiff.reference.noise import amplified_add_noise_ref, amplified_noise_loss_ref, reference_noise
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SUPPORTED_ALPHA_DTYPES = (torch.float32, torch.float64)
@@ -149,6 +149,31 @@ def _check_no_grad(**tensors: torch.Tensor | None) -> None:
             )
 
 
+class _LastReferenceDraw:
+    """The reference path's ε for one seed, kept from the noising call for the loss call.
+
+    On a CPU, drawing ε costs about as much as the rest of noising + loss. A training step draws it
+    twice with the same seed (noising, then the loss), so the noising call keeps its draw, one
+    tensor keyed by (seed, shape, device), and the next loss call with that key takes it instead
+    of drawing again: the same values the loss would have drawn, bit for bit, one draw saved.
+    """
+
+    key: tuple | None = None
+    noise: torch.Tensor | None = None
+
+    @classmethod
+    def draw(cls, x0: torch.Tensor, seed: int) -> torch.Tensor:
+        cls.key, cls.noise = (seed, tuple(x0.shape), x0.device), reference_noise(x0, seed)
+        return cls.noise
+
+    @classmethod
+    def take(cls, x0: torch.Tensor, seed: int | None) -> torch.Tensor | None:
+        if seed is None or cls.key != (seed, tuple(x0.shape), x0.device):
+            return None
+        noise, cls.key, cls.noise = cls.noise, None, None
+        return noise
+
+
 def _kernel_seed(seed: int | None) -> int:
     """seed, or a fresh one drawn from torch's global (CPU) generator: torch.manual_seed reproduces it."""
     return int(torch.randint(MAX_SEED, ())) if seed is None else seed
@@ -215,6 +240,8 @@ def amplified_add_noise(
         _check_values(timesteps, alphas_cumprod, fam)
     options = dict(amplify=amplify, amplified_target=amplified_target, prediction_type=prediction_type)
     if resolve_backend(backend, x0.device) == "reference":
+        if noise is None and seed is not None:
+            noise, seed = _LastReferenceDraw.draw(x0, seed), None
         return amplified_add_noise_ref(
             x0, timesteps, alphas_cumprod, noise, fam, lam, seed=seed, return_target=return_target, **options
         )
@@ -297,6 +324,9 @@ def amplified_noise_loss(
         _check_values(timesteps, alphas_cumprod, fam)
     options = dict(amplify=amplify, amplified_target=amplified_target, prediction_type=prediction_type)
     if resolve_backend(backend, x0.device) == "reference":
+        kept = _LastReferenceDraw.take(x0, seed) if noise is None else None
+        if kept is not None:
+            noise, seed = kept, None
         return amplified_noise_loss_ref(
             pred,
             x0,

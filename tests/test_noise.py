@@ -400,3 +400,20 @@ def test_unchecked_values_stay_in_bounds(device):
     x_t, _ = srdiff.amplified_add_noise(x0, t, ac, noise, fam, LAM, check_values=False, backend="triton")
     ref, _ = amplified_add_noise_ref(x0, t.clamp(0, T - 1), ac, noise, fam, LAM)
     assert_close(x_t, ref, dtype=torch.float32, name="x_t")
+
+
+def test_reference_loss_takes_the_noising_draw_bit_exactly(monkeypatch):
+    """On the reference path the loss reuses the ε its noising call drew for the same seed (one draw
+    saved a step); the values are exactly those a fresh draw gives, and the kept draw serves once."""
+    import srdiff.noise as noise_module
+
+    x0, t, ac, _, fam = _inputs(ODD, torch.float32)
+    draws = []
+    draw = noise_module.reference_noise
+    monkeypatch.setattr(noise_module, "reference_noise", lambda x, seed: draws.append(seed) or draw(x, seed))
+    _, target = srdiff.amplified_add_noise(x0, t, ac, fam=fam, lam=LAM, seed=11, backend="reference")
+    kept = srdiff.amplified_noise_loss(target + 1, x0, t, ac, fam, LAM, seed=11, backend="reference")
+    fresh = srdiff.amplified_noise_loss(target + 1, x0, t, ac, fam, LAM, seed=11, backend="reference")
+    assert draws == [11]
+    assert kept.item() == pytest.approx(1.0, abs=1e-6) and torch.equal(kept, fresh)
+    assert noise_module._LastReferenceDraw.key is None

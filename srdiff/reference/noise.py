@@ -15,11 +15,15 @@ import torch
 import torch.nn.functional as F
 
 
-def _epsilon(x0: torch.Tensor, noise: torch.Tensor | None, seed: int | None, dtype: torch.dtype):
-    if noise is not None:
-        return noise.to(dtype)
+def reference_noise(x0: torch.Tensor, seed: int | None) -> torch.Tensor:
+    """The ε the reference draws for ``x0`` and ``seed``: float32 N(0, 1) from a ``torch.Generator``
+    seeded by ``seed`` (the global RNG when None), on x0's device."""
     generator = None if seed is None else torch.Generator(device=x0.device).manual_seed(seed)
-    return torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32).to(dtype)
+    return torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
+
+
+def _epsilon(x0: torch.Tensor, noise: torch.Tensor | None, seed: int | None, dtype: torch.dtype):
+    return (reference_noise(x0, seed) if noise is None else noise).to(dtype)
 
 
 def _coefficients(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, dtype: torch.dtype):

@@ -30,15 +30,19 @@ def _case(dtype, N, D, mode):
 
 
 # The headline case first (a quick run keeps only it): bf16, D = 128, the issue's >= 450 TFLOP/s target.
+# Sized for gpu.sh's 150 s per suite: every N and D of the issue appears, but not every combination
+# (each new head dim and dtype costs the fused kernels a few compiles, each FlexAttention case one).
 GPU_CASES = [
-    _case(torch.bfloat16, N, D, mode)
-    for N, D in [(4096, 128), (1024, 128), (16384, 128), (4096, 64), (4096, 40)]
-    for mode in ("fwd", "fwd+bwd")
-] + [
-    _case(torch.float16, N, D, mode)
-    for N, D in [(4096, 128), (16384, 64), (1024, 40)]
-    for mode in ("fwd", "fwd+bwd")
+    _case(torch.bfloat16, 4096, 128, "fwd"),
+    _case(torch.bfloat16, 4096, 128, "fwd+bwd"),
+    _case(torch.bfloat16, 16384, 128, "fwd"),
+    _case(torch.bfloat16, 16384, 128, "fwd+bwd"),
+    _case(torch.bfloat16, 1024, 128, "fwd"),
+    _case(torch.bfloat16, 4096, 64, "fwd"),
+    _case(torch.bfloat16, 4096, 40, "fwd"),
+    _case(torch.float16, 4096, 128, "fwd"),
 ]
+FLEX_CASES = {(torch.bfloat16, 128)}  # FlexAttention compiles per case: headline dtype and D only
 CPU_CASES = [
     _case(torch.float32, 4096, 64, "fwd"),
     _case(torch.float32, 1024, 64, "fwd"),
@@ -120,6 +124,8 @@ def _provider(name: str, fam: torch.Tensor, case: dict):
     if name in ("sdpa-flash", "sdpa-cudnn"):
         return _sdpa_backend(name)
     if name == "flex-prescaled-v":
+        if (case["dtype"], case["shape"]["D"]) not in FLEX_CASES:
+            unavailable(provider=name, reason="run at bf16, D = 128 only (a compile per case)", **case)
         return _flex_prescaled_v(fam)
     try:
         return _xformers_prescaled(fam)

@@ -44,42 +44,46 @@ _SMEM_BUDGET = 192 * 1024
 
 
 def _configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) -> Configs. The interpreter gets one small config:
-    16 x 16 blocks make the test shapes (N = 17, 20, 33) span several blocks with ragged tails."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) -> Configs, largest tiles first, then the fallback
+    (32 x 32 tiles, one stage), which fits every head dim and dtype (float32 at D = 256 included).
+    The interpreter gets one config: 16 x 16 blocks make the test shapes (N = 17, 20, 33) span
+    several blocks with ragged tails."""
     if triton_interpreting():
-        gpu = [(16, 16, 4, 1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in [*gpu, (32, 32, 4, 1)]]
 
 
 def _prune(streamed: str):
-    """An ``early_config_prune`` that drops configs whose pipelined tiles overflow shared memory or
-    whose fp32 accumulators would spill (BLOCK_D = 256 wants 64-row tiles). ``streamed`` names the
-    block size of the tiles the inner loop streams (K/V in the forward and dQ pass, Q/dO in dK/dV).
-    The estimate is rough (the autotuner skips a config that still runs out of resources).
-    With SRDIFF_AUTOTUNE=0 only the last (smallest) fitting config is kept: no tuning, one compile
-    per kernel, nothing that can run out of resources (fast start-up; the CUDA tests use it)."""
+    """An ``early_config_prune`` that keeps the configs whose pipelined tiles fit in shared memory and
+    whose fp32 accumulators would not spill (BLOCK_D = 256 wants 64-row tiles), else the fallback.
+    ``streamed`` names the block size of the tiles the inner loop streams (K/V in the forward and dQ
+    pass, Q/dO in dK/dV). The estimate is rough: the autotuner skips a config that still runs out of
+    resources. With SRDIFF_AUTOTUNE=0 only the fallback runs: no tuning, one compile per kernel,
+    nothing that can run out of resources (fast start-up; the CUDA tests use it)."""
 
     def prune(configs, named_args, **kwargs):
+        *candidates, fallback = configs
+        if os.environ.get("SRDIFF_AUTOTUNE") == "0":
+            return [fallback]
         args = {**named_args, **kwargs}
         block_d, elsize = args["BLOCK_D"], args["Q"].element_size()
+        resident = "BLOCK_N" if streamed == "BLOCK_M" else "BLOCK_M"
         kept = []
-        for c in configs:
-            resident = "BLOCK_N" if streamed == "BLOCK_M" else "BLOCK_M"
+        for c in candidates:
             rows_resident, rows_streamed = c.kwargs[resident], c.kwargs[streamed]
             smem = elsize * block_d * (rows_resident + 2 * max(c.num_stages - 1, 1) * rows_streamed)
             if smem <= _SMEM_BUDGET and not (block_d >= 256 and rows_resident > 64):
                 kept.append(c)
-        kept = kept or configs[-1:]
-        return kept[-1:] if os.environ.get("SRDIFF_AUTOTUNE") == "0" else kept
+        return kept or [fallback]
 
     return prune
 
 
-# Largest tiles first. The last config of each list fits every head dim and dtype (float32 at
-# D = 256 included): the prune filter falls back to it when nothing else fits.
-_FWD_CONFIGS = _configs([(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (32, 32, 4, 1)])
-_BWD_DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 32, 4, 1)])
-_BWD_DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (32, 32, 4, 1)])
+# Hopper first: three candidates per kernel keep first-call tuning to a few compiles.
+_FWD_CONFIGS = _configs([(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)])
+_BWD_DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)])
+_BWD_DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)])
 
 
 @triton.jit

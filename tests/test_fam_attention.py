@@ -60,7 +60,7 @@ KERNEL_CASES = [
 
 @pytest.fixture(autouse=True)
 def _one_config_per_kernel(monkeypatch):
-    """No autotuning here (each config is a compile): the kernels run their smallest fitting config;
+    """No autotuning here (each config is a compile): the kernels run their fallback config;
     test_triton_autotuned_cuda covers the tuned path."""
     monkeypatch.setenv("SRDIFF_AUTOTUNE", "0")
 

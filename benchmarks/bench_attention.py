@@ -53,7 +53,9 @@ CPU_CASES = [
 CASES = GPU_CASES if DEVICE == "cuda" else CPU_CASES
 if QUICK:
     CASES = CASES[:1]
-GPU_PROVIDERS = ["srdiff", "sdpa-flash", "sdpa-cudnn", "sdpa-prescaled", "flex-prescaled-v", "xformers-prescaled"]
+GPU_PROVIDERS = [
+    "srdiff", "sdpa-flash", "sdpa-cudnn", "sdpa-prescaled", "flex-prescaled-v", "xformers-prescaled",
+]
 PROVIDERS = GPU_PROVIDERS if DEVICE == "cuda" else ["srdiff", "sdpa", "reference"]
 REFERENCE_MAX_N = 4096
 
@@ -118,7 +120,8 @@ def _provider(name: str, fam: torch.Tensor, case: dict):
         return lambda q, k, v: fam_attention_sdpa(q, k, v, fam, LAM)
     if name == "reference":
         if case["shape"]["N"] > REFERENCE_MAX_N:
-            unavailable(provider=name, reason=f"materialises N x N scores; run up to N = {REFERENCE_MAX_N}", **case)
+            reason = f"materialises N x N scores; run up to N = {REFERENCE_MAX_N}"
+            unavailable(provider=name, reason=reason, **case)
         return lambda q, k, v: fam_attention_ref(q, k, v, fam, LAM)
     require_cuda(provider=name, **case)
     if name in ("sdpa-flash", "sdpa-cudnn"):
@@ -139,7 +142,8 @@ def _provider(name: str, fam: torch.Tensor, case: dict):
 def test_fam_attention(benchmark, provider, dtype, N, D, mode):
     B = max(1, TOKENS // N) if DEVICE == "cuda" else 1
     case = dict(op="fam_attention", mode=mode, shape={"B": B, "H": H, "N": N, "D": D}, dtype=dtype)
-    q, k, v = (torch.randn(B, H, N, D, device=DEVICE, dtype=dtype, requires_grad=mode != "fwd") for _ in range(3))
+    grad = mode != "fwd"
+    q, k, v = (torch.randn(B, H, N, D, device=DEVICE, dtype=dtype, requires_grad=grad) for _ in range(3))
     fam = torch.rand(B, N, device=DEVICE)
     attend = _provider(provider, fam, case)
     try:

@@ -228,7 +228,8 @@ def _fam_attention_bwd_preprocess_kernel(
 @triton.jit
 def _bwd_dkdv_inner(dk_acc, dv_acc, k, v, s, q_base, do_base, lse2_base, delta_base, start_m, end_m, Nq,
                     qk_scale, stride_qn, stride_don, offs_m0, offs_d,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASK_M: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    MASK_M: tl.constexpr,
                     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate sum_i dx_ij q_i and sum_i P_ij dO_i over query blocks, in transposed (key-major)
     tiles. Padded query rows load q = dO = 0 and lse2 = delta = 0, so they contribute exactly 0."""

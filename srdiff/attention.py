@@ -32,7 +32,9 @@ def _check_args(q, k, v, fam, lam, scale) -> None:
         if t.dtype != q.dtype:
             raise ValueError(f"{name} dtype {t.dtype} must equal q dtype {q.dtype}")
     if k.shape[:2] != (B, H) or k.shape[3] != D:
-        raise ValueError(f"k must have shape (B, H, Nk, D) = ({B}, {H}, Nk, {D}) like q, got {tuple(k.shape)}")
+        raise ValueError(
+            f"k must have shape (B, H, Nk, D) = ({B}, {H}, Nk, {D}) like q, got {tuple(k.shape)}"
+        )
     if v.shape != k.shape:
         raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     if min(q.shape) == 0 or k.shape[2] == 0:
@@ -165,7 +167,9 @@ class FAMAttention(nn.Module):
         super().__init__()
         dim_head = dim // heads if dim_head is None else dim_head
         if dim_head < 1 or heads < 1:
-            raise ValueError(f"heads must divide dim into heads of >= 1 channel, got dim={dim}, heads={heads}")
+            raise ValueError(
+                f"heads must divide dim into heads of >= 1 channel, got dim={dim}, heads={heads}"
+            )
         check_nonnegative("lam", lam)
         self.heads, self.dim_head, self.lam, self.backend = heads, dim_head, lam, backend
         inner = heads * dim_head

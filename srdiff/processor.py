@@ -136,13 +136,16 @@ class FAMAttnProcessor:
         self._plain = AttnProcessor2_0()
 
     def __repr__(self) -> str:
-        return f"FAMAttnProcessor(lam={self.lam}, projection={self.projection is not None}, mode={self.mode!r})"
+        projection = self.projection is not None
+        return f"FAMAttnProcessor(lam={self.lam}, projection={projection}, mode={self.mode!r})"
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 *args, **kwargs):
         state = _ACTIVE
         if state is None or self.lam == 0.0 or encoder_hidden_states is not None:
-            return self._plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+            return self._plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                               *args, **kwargs)
 
         # From here on AttnProcessor2_0's body, with the modulated attention in place of SDPA.
         residual = hidden_states

@@ -100,8 +100,11 @@ def _check_against_oracle(q, k, v, fam, lam, dtype, run):
     out.backward(do)
     got = [out] + [None if t is None else t.grad for t in (q, k, v, fam)]
     want32 = _forward_backward(fam_attention_ref, q, k, v, fam, lam, do, torch.float32)
-    truth = _forward_backward(lambda *a: fam_attention_ref(*a, upcast=False), q, k, v, fam, lam, do, torch.float64)
-    same = _forward_backward(lambda *a: fam_attention_ref(*a, upcast=False), q, k, v, fam, lam, do, dtype)
+    def naive(*args):
+        return fam_attention_ref(*args, upcast=False)
+
+    truth = _forward_backward(naive, q, k, v, fam, lam, do, torch.float64)
+    same = _forward_backward(naive, q, k, v, fam, lam, do, dtype)
     summed = 1 if fam is None else B * H * Nk // fam.numel()
     reduce_dims = {"out": D, "dq": Nk, "dk": Nq, "dv": Nq, "dfam": Nq * summed}
     for name, g, w32, w64, wsame in zip(reduce_dims, got, want32, truth, same):
@@ -180,7 +183,8 @@ def test_unmodulated_is_exactly_sdpa_on_cpu(backend, dtype):
     q, k, v, fam = _inputs(33, 20, 40, "BN", "bnhd", dtype)
     want = F.scaled_dot_product_attention(q, k, v)
     for f, lam in [(None, 0.5), (fam.detach(), 0.0), (fam, 0.0)]:
-        torch.testing.assert_close(srdiff.fam_attention(q, k, v, f, lam, backend=backend), want, rtol=0, atol=0)
+        got = srdiff.fam_attention(q, k, v, f, lam, backend=backend)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
@@ -211,7 +215,8 @@ def test_fam_scales_keys_and_values():
     want = F.scaled_dot_product_attention(q, k * s, v * s)
     got = fam_attention_sdpa(q, k, v, fam, 0.5)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(fam_attention_ref(q, k, v, fam, 0.5, upcast=False), want, rtol=1e-12, atol=1e-12)
+    naive = fam_attention_ref(q, k, v, fam, 0.5, upcast=False)
+    torch.testing.assert_close(naive, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.needs_cuda
@@ -341,52 +346,50 @@ class TestFAMAttentionModule:
             srdiff.FAMAttention(32)(torch.randn(2, 32))
 
 
-def _bad(**overrides):
+def _bad(case_id, error, match, **overrides):
     args = {"q": torch.randn(2, 3, 9, 16), "k": torch.randn(2, 3, 5, 16), "v": torch.randn(2, 3, 5, 16),
-            "fam": torch.rand(5), "lam": 0.5}
-    args.update(overrides)
-    return args
+            "fam": torch.rand(5), "lam": 0.5, **overrides}
+    return pytest.param(args, error, match, id=case_id)
+
+
+def _heads(D, Nq=9):
+    return {"q": torch.randn(2, 3, Nq, D), "k": torch.randn(2, 3, 5, D), "v": torch.randn(2, 3, 5, D)}
 
 
 @pytest.mark.parametrize(
     "args, error, match",
     [
-        pytest.param(_bad(q=torch.randn(3, 9, 16)), ValueError, r"q must have 4 dims, got shape \(3, 9, 16\)", id="q-rank"),
-        pytest.param(_bad(q=[1.0]), TypeError, r"q must be a torch.Tensor, got list", id="q-type"),
-        pytest.param(_bad(k=torch.randn(2, 3, 5, 8)), ValueError, r"k must have shape \(B, H, Nk, D\) = \(2, 3, Nk, 16\)",
-                     id="k-head-dim"),
-        pytest.param(_bad(k=torch.randn(2, 4, 5, 16)), ValueError, r"got \(2, 4, 5, 16\)", id="k-heads"),
-        pytest.param(_bad(v=torch.randn(2, 3, 6, 16)), ValueError, r"v must have the shape of k \(2, 3, 5, 16\), got "
-                     r"\(2, 3, 6, 16\)", id="v-shape"),
-        pytest.param(_bad(q=torch.randn(2, 3, 0, 16)), ValueError, r"q and k must be non-empty", id="empty"),
-        pytest.param(_bad(k=torch.randn(2, 3, 5, 16).half()), ValueError,
-                     r"k dtype torch.float16 must equal q dtype torch.float32", id="dtype-mismatch"),
-        pytest.param(_bad(q=torch.randn(2, 3, 9, 16, dtype=torch.float64)), ValueError, r"q must be one of .*float64",
-                     id="dtype-unsupported"),
-        pytest.param(_bad(fam=torch.rand(5, device="meta")), ValueError, r"fam is on meta but q is on cpu",
-                     id="fam-device"),
-        pytest.param(_bad(fam=torch.rand(6)), ValueError, r"fam must have shape \(Nk,\), \(B, Nk\) or \(B, H, Nk\) = "
-                     r"\(5,\), \(2, 5\) or \(2, 3, 5\) \(B or H may be 1\), got \(6,\)", id="fam-shape"),
-        pytest.param(_bad(fam=torch.rand(3, 5)), ValueError, r"got \(3, 5\)", id="fam-batch"),
-        pytest.param(_bad(fam=torch.rand(1, 2, 3, 5)), ValueError, r"fam must have 1 or 2 or 3 dims", id="fam-rank"),
-        pytest.param(_bad(fam=torch.ones(5, dtype=torch.long)), TypeError, r"fam must be a floating-point tensor",
-                     id="fam-int"),
-        pytest.param(_bad(fam=torch.tensor([0.0, float("nan"), 0, 0, 0])), ValueError,
-                     r"fam must be finite, found 1 non-finite", id="fam-nan"),
-        pytest.param(_bad(lam=-0.5), ValueError, r"lam must be >= 0, got -0.5", id="lam-negative"),
-        pytest.param(_bad(lam="0.5"), TypeError, r"lam must be a real number, got str", id="lam-type"),
-        pytest.param(_bad(fam=torch.full((5,), -3.0)), ValueError,
-                     r"1 \+ lam \* fam must be > 0 .* got lam=0.5 and min\(fam\)=-3", id="scale-nonpositive"),
-        pytest.param(_bad(scale=-1.0), ValueError, r"scale must be None or a positive finite number, got -1.0",
-                     id="scale"),
-        pytest.param(_bad(backend="cuda"), ValueError, r"backend must be one of \('triton', 'reference'\), got 'cuda'",
-                     id="backend"),
-        pytest.param(_bad(backend="triton", q=torch.randn(2, 3, 9, 8), k=torch.randn(2, 3, 5, 8),
-                          v=torch.randn(2, 3, 5, 8)),
-                     ValueError, r"backend='triton' supports head dims 16..256, got D=8", id="head-dim-small"),
-        pytest.param(_bad(backend="triton", q=torch.randn(1, 1, 2, 264), k=torch.randn(1, 1, 5, 264),
-                          v=torch.randn(1, 1, 5, 264)),
-                     ValueError, r"got D=264", id="head-dim-large"),
+        _bad("q-rank", ValueError, r"q must have 4 dims, got shape \(3, 9, 16\)", q=torch.randn(3, 9, 16)),
+        _bad("q-type", TypeError, r"q must be a torch.Tensor, got list", q=[1.0]),
+        _bad("k-head-dim", ValueError, r"k must have shape \(B, H, Nk, D\) = \(2, 3, Nk, 16\)",
+             k=torch.randn(2, 3, 5, 8)),
+        _bad("k-heads", ValueError, r"got \(2, 4, 5, 16\)", k=torch.randn(2, 4, 5, 16)),
+        _bad("v-shape", ValueError, r"v must have the shape of k \(2, 3, 5, 16\), got \(2, 3, 6, 16\)",
+             v=torch.randn(2, 3, 6, 16)),
+        _bad("empty", ValueError, r"q and k must be non-empty", q=torch.randn(2, 3, 0, 16)),
+        _bad("dtype-mismatch", ValueError, r"k dtype torch.float16 must equal q dtype torch.float32",
+             k=torch.randn(2, 3, 5, 16).half()),
+        _bad("dtype-unsupported", ValueError, r"q must be one of .*float64",
+             q=torch.randn(2, 3, 9, 16, dtype=torch.float64)),
+        _bad("fam-device", ValueError, r"fam is on meta but q is on cpu", fam=torch.rand(5, device="meta")),
+        _bad("fam-shape", ValueError, r"fam must have shape \(Nk,\), \(B, Nk\) or \(B, H, Nk\) = "
+             r"\(5,\), \(2, 5\) or \(2, 3, 5\) \(B or H may be 1\), got \(6,\)", fam=torch.rand(6)),
+        _bad("fam-batch", ValueError, r"got \(3, 5\)", fam=torch.rand(3, 5)),
+        _bad("fam-rank", ValueError, r"fam must have 1 or 2 or 3 dims", fam=torch.rand(1, 2, 3, 5)),
+        _bad("fam-int", TypeError, r"fam must be a floating-point tensor",
+             fam=torch.ones(5, dtype=torch.long)),
+        _bad("fam-nan", ValueError, r"fam must be finite, found 1 non-finite",
+             fam=torch.tensor([0.0, float("nan"), 0, 0, 0])),
+        _bad("lam-negative", ValueError, r"lam must be >= 0, got -0.5", lam=-0.5),
+        _bad("lam-type", TypeError, r"lam must be a real number, got str", lam="0.5"),
+        _bad("scale-nonpositive", ValueError, r"1 \+ lam \* fam must be > 0 .* got lam=0.5 and min\(fam\)=-3",
+             fam=torch.full((5,), -3.0)),
+        _bad("scale", ValueError, r"scale must be None or a positive finite number, got -1.0", scale=-1.0),
+        _bad("backend", ValueError, r"backend must be one of \('triton', 'reference'\), got 'cuda'",
+             backend="cuda"),
+        _bad("head-dim-small", ValueError, r"backend='triton' supports head dims 16..256, got D=8",
+             backend="triton", **_heads(8)),
+        _bad("head-dim-large", ValueError, r"got D=264", backend="triton", **_heads(264, Nq=2)),
     ],
 )
 def test_bad_input(args, error, match):

@@ -54,16 +54,20 @@ def test_keeps_dtype_and_is_differentiable(dtype):
     assert torch.equal(fam.grad, torch.full_like(fam, 0.25))
 
 
+def _bad(case_id, error, match, **kwargs):
+    return pytest.param(kwargs, error, match, id=case_id)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        pytest.param({"fam": torch.rand(4)}, ValueError, r"fam must have 2 or 3 dims, got shape \(4,\)", id="rank"),
-        pytest.param({"fam": torch.ones(4, 4, dtype=torch.long)}, TypeError, "fam must be a floating-point", id="int"),
-        pytest.param({"grid": (0, 4)}, ValueError, r"grid must be two positive ints \(h, w\), got \(0, 4\)", id="grid"),
-        pytest.param({"grid": 4}, ValueError, r"grid must be two positive ints .* got 4", id="grid-int"),
-        pytest.param({"mode": "nearest"}, ValueError, r"mode must be one of \('bilinear', 'area'\), got 'nearest'",
-                     id="mode"),
-        pytest.param({"extra_tokens": -1}, ValueError, r"extra_tokens must be an int >= 0, got -1", id="extra"),
+        _bad("rank", ValueError, r"fam must have 2 or 3 dims, got shape \(4,\)", fam=torch.rand(4)),
+        _bad("int", TypeError, "fam must be a floating-point", fam=torch.ones(4, 4, dtype=torch.long)),
+        _bad("grid", ValueError, r"grid must be two positive ints \(h, w\), got \(0, 4\)", grid=(0, 4)),
+        _bad("grid-int", ValueError, r"grid must be two positive ints .* got 4", grid=4),
+        _bad("mode", ValueError, r"mode must be one of \('bilinear', 'area'\), got 'nearest'",
+             mode="nearest"),
+        _bad("extra", ValueError, r"extra_tokens must be an int >= 0, got -1", extra_tokens=-1),
     ],
 )
 def test_bad_arguments(kwargs, error, match):

@@ -33,7 +33,8 @@ def _unet2d(sample=(16, 16)):
 def _unet2d_condition():
     return diffusers.UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=16, norm_num_groups=8,
     ).eval()
 
@@ -45,7 +46,8 @@ def _run(model, x, t, context=None):
 def _inputs(model, batch=2, size=(16, 16), device="cpu"):
     x = torch.randn(batch, model.config.in_channels, *size, device=device)
     t = torch.tensor([10, 500][:batch], device=device)
-    context = torch.randn(batch, 5, 32, device=device) if isinstance(model, diffusers.UNet2DConditionModel) else None
+    conditional = isinstance(model, diffusers.UNet2DConditionModel)
+    context = torch.randn(batch, 5, 32, device=device) if conditional else None
     return x, t, context
 
 
@@ -105,7 +107,7 @@ def test_installs_on_every_self_attention_layer(build):
 
 def test_layer_filter_chooses_layers():
     model = _unet2d()
-    names = srdiff.set_fam_attn_processor(model, layer_filter=lambda name, module: name.startswith("mid_block"))
+    names = srdiff.set_fam_attn_processor(model, layer_filter=lambda name, _: name.startswith("mid_block"))
     assert names == ["mid_block.attentions.0"]
     assert isinstance(model.down_blocks[1].attentions[0].get_processor(), AttnProcessor2_0)
 

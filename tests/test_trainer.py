@@ -106,7 +106,11 @@ def test_modes_route_the_mfam(tmp_path, monkeypatch):
 def test_resume_after_sigkill_is_exact(tmp_path):
     """A run SIGKILLed in the refinement phase and resumed ends with the same weights, EMA, mFAM and
     losses as an uninterrupted run."""
-    ref_cfg = tiny(tmp_path, "uninterrupted", steps=12, cycle=3, checkpoint_every=4)
+    from srdiff.highlighter import FlawHighlighter
+
+    # a saved highlighter whose maps are not blank, so the mFAM really steers the refinement
+    FlawHighlighter(backbone="small", in_channels=1, image_size=8).save(tmp_path / "hl.pt")
+    ref_cfg = tiny(tmp_path, "uninterrupted", steps=12, cycle=3, checkpoint_every=4, highlighter=str(tmp_path / "hl.pt"))
     SelfRefiningTrainer(ref_cfg).train()
     cfg = ref_cfg.replace(out_dir=str(tmp_path / "killed"))
     proc = cli("train", *flags(cfg))
@@ -129,6 +133,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     for key in ("model", "optimizer"):
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0)
     torch.testing.assert_close(b["ema"]["model"], a["ema"]["model"], rtol=0, atol=0)
+    assert float(a["mfam"].max()) > 0
     torch.testing.assert_close(b["mfam"], a["mfam"], rtol=0, atol=0)
     torch.testing.assert_close(b["highlighter"]["state"], a["highlighter"]["state"], rtol=0, atol=0)
 

@@ -30,6 +30,12 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
         highlighter_epochs=1, highlighter_finetune_steps=1, sample_steps=2, progress=False, num_train_timesteps=100,
         mode="combined", steps=6, cycle=2, checkpoint_every=100,
     )
+    # A saved (untrained) highlighter: its maps are not blank, so "identical on both ranks" means
+    # something; with one, the highlighter is also fine-tuned at every refresh (rank 0, then broadcast).
+    from srdiff.highlighter import FlawHighlighter
+
+    FlawHighlighter(backbone="small", in_channels=1, image_size=8).save(tmp_path / "hl.pt")
+    base["highlighter"] = str(tmp_path / "hl.pt")
     ddp = TrainConfig(**base, out_dir=str(tmp_path / "ddp"))
     worker = tmp_path / "worker.py"
     worker.write_text(_WORKER)
@@ -41,6 +47,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["world_size"] == r1["world_size"] == 2
+    assert float(r0["mfam"].max()) > 0  # a real map, not a trivially equal blank
     assert torch.equal(r0["mfam"], r1["mfam"])  # all-reduced: identical, not just close
     for name in r0["model"]:
         assert torch.equal(r0["model"][name], r1["model"][name]), name

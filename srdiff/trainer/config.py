@@ -103,7 +103,6 @@ class TrainConfig:
     precision: str = _f("auto", "run", "'auto' (bf16 autocast on GPU, fp32 on CPU)", choices=("auto", "fp32", "bf16"))
     compile: bool = _f(False, "run", "torch.compile the UNet")
     checkpoint_every: int = _f(500, "run", "steps between checkpoints (also written at phase changes and the end)")
-    log_every: int = _f(10, "run", "steps between figure/plot updates (metrics.jsonl gets every step)")
     progress: bool = _f(True, "run", "tqdm progress bar")
 
     def __post_init__(self):
@@ -182,7 +181,7 @@ class TrainConfig:
                 raise ValueError(f"{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
         for name in ("image_size", "steps", "cycle", "mfam_samples", "mfam_sampler_steps", "batch_size",
                      "grad_accum", "layers_per_block", "attention_head_dim", "norm_num_groups",
-                     "num_train_timesteps", "checkpoint_every", "log_every", "sample_steps", "highlighter_samples"):
+                     "num_train_timesteps", "checkpoint_every", "sample_steps", "highlighter_samples"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
         for name in ("lam_f", "lam_r", "weight_decay", "grad_clip", "warmup_steps", "eval_samples",

@@ -26,7 +26,7 @@ from srdiff.trainer.model import EMA, build_unet
 from srdiff.trainer.sampling import export_pipeline, make_scheduler, sample
 
 # Config fields a resumed run may change: they do not alter the trajectory.
-RESUMABLE_CHANGES = ("out_dir", "progress", "log_every", "checkpoint_every", "eval_samples", "sample_steps",
+RESUMABLE_CHANGES = ("out_dir", "progress", "checkpoint_every", "eval_samples", "sample_steps",
                      "sampler", "feature_epochs", "inception_weights", "cache_dir", "device")
 # Fields a run started from another run's base checkpoint (``init_from``) may change: what only the
 # refinement phase reads.
@@ -400,10 +400,13 @@ class SelfRefiningTrainer:
         path = self._log_path()
         if not path.is_file():
             return
-        keep = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= self.step
-                and not (json.loads(line).get("event") == "refresh" and json.loads(line)["step"] >= self.step)]
-        path.write_text("".join(line + "\n" for line in keep))
+
+        def before_resume(record: dict) -> bool:
+            # a refresh logged at step s ran before step s + 1, after the checkpoint of step s
+            return record["step"] < self.step if record.get("event") == "refresh" else record["step"] <= self.step
+
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        path.write_text("".join(line + "\n" for line in lines if before_resume(json.loads(line))))
 
     def _write(self, log, record: dict) -> None:
         if log is not None:
@@ -459,8 +462,6 @@ class SelfRefiningTrainer:
                     self._write(log, {"event": "checkpoint", "step": self.step, "path": str(path)})
                     if self.dist.is_main:
                         self.plot_loss()
-                elif self.dist.is_main and self.step % c.log_every == 0 and log is not None:
-                    log.flush()
 
     def plot_loss(self) -> Path:
         """``figures/loss.png``: per-step loss (and its moving average) with the refreshes marked."""

@@ -40,6 +40,8 @@ def test_tiny_ablation(tmp_path):
     # a second call reuses every finished run
     again = run_ablation(cfg, seeds=[0, 1], modes=["baseline", "reverse"], out=tmp_path / "out", sweep=False)
     assert again["summary"] == result["summary"]
+    with pytest.raises(ValueError, match=r"seed0/baseline holds a finished run with a different config \(lr\)"):
+        run_ablation(cfg.replace(lr=2e-3), seeds=[0], modes=["baseline"], out=tmp_path / "out", sweep=False)
 
 
 def test_ablation_needs_evaluation_and_two_phases(tmp_path):

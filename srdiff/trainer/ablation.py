@@ -20,11 +20,19 @@ METRICS = ("fid", "kid_mean", "precision", "recall")
 
 
 def _run(config: TrainConfig, init_from: Path | None = None) -> dict:
+    """Train and evaluate one run, or reuse its ``eval.json`` if the same config finished before."""
     from srdiff.trainer.trainer import SelfRefiningTrainer
 
-    eval_path = Path(config.out_dir) / "eval.json"
-    if not eval_path.is_file():
-        SelfRefiningTrainer(config).train(init_from=str(init_from) if init_from else None)
+    out = Path(config.out_dir)
+    eval_path = out / "eval.json"
+    if eval_path.is_file():
+        saved = json.loads((out / "config.json").read_text())
+        if saved != config.to_dict():
+            changed = sorted(k for k, v in config.to_dict().items() if saved.get(k) != v)
+            raise ValueError(f"{out} holds a finished run with a different config ({', '.join(changed)}): "
+                             "delete it or choose another out_dir")
+        return json.loads(eval_path.read_text())
+    SelfRefiningTrainer(config).train(init_from=str(init_from) if init_from else None)
     return json.loads(eval_path.read_text())
 
 
@@ -36,9 +44,13 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def run_ablation(config: TrainConfig, *, seeds, modes, out, sweep: bool = True) -> dict:
+def run_ablation(config: TrainConfig, *, seeds, modes, out, sweep: bool = True, lambdas=LAMBDAS,
+                 cycles=None) -> dict:
     """Train and evaluate every (mode, seed), then the sweep; write ``ablation.json``, ``ablation.md``,
-    ``ablation.png`` and ``sweep.png`` under ``out``; returns the JSON's content (plus ``table``)."""
+    ``ablation.png`` and ``sweep.png`` under ``out``; returns the JSON's content (plus ``table``).
+
+    The sweep runs the combined mode on the first seed for each λ in ``lambdas`` (λ_f = λ_r = λ) and
+    each cycle in ``cycles`` (default: the paper's 50/100/500 scaled to the refinement steps)."""
     if config.eval_samples < 1:
         raise ValueError(f"eval_samples must be >= 1 for the ablation, got {config.eval_samples}")
     if config.base_steps < 1 or config.base_steps >= config.steps:
@@ -58,11 +70,11 @@ def run_ablation(config: TrainConfig, *, seeds, modes, out, sweep: bool = True) 
     if sweep:
         seed = seeds[0]
         base_ckpt = root / f"seed{seed}" / "baseline" / "checkpoints" / "base.pt"
-        for lam in LAMBDAS:
+        for lam in lambdas:
             cfg = config.replace(mode="combined", seed=seed, lam_f=lam, lam_r=lam,
                                  out_dir=str(root / "sweep" / f"lam{lam}"))
             sweep_runs.append({"param": "lambda", "value": lam, **_run(cfg, base_ckpt)})
-        for cycle in scaled_cycles(config.steps - config.base_steps):
+        for cycle in cycles or scaled_cycles(config.steps - config.base_steps):
             # the configured cycle is the combined run of this seed: reuse it
             name = f"seed{seed}/combined" if cycle == config.cycle else f"sweep/cycle{cycle}"
             cfg = config.replace(mode="combined", seed=seed, cycle=cycle, out_dir=str(root / name))

@@ -75,7 +75,8 @@ def _ablate(args) -> int:
     from srdiff.trainer.ablation import run_ablation
 
     config = config_from_args(args)
-    result = run_ablation(config, seeds=args.seeds, modes=args.modes, out=args.out, sweep=args.sweep)
+    result = run_ablation(config, seeds=args.seeds, modes=args.modes, out=args.out, sweep=args.sweep,
+                          lambdas=args.sweep_lambdas, cycles=args.sweep_cycles)
     print(result["table"])
     return 0
 
@@ -153,6 +154,10 @@ def add_commands(sub) -> None:
                    choices=("baseline", "forward", "reverse", "combined"))
     p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the lambda and cycle sweep (combined mode, first seed)")
+    p.add_argument("--sweep-lambdas", type=float, nargs="+", default=[0.01, 0.025, 0.05, 0.1],
+                   help="lambda values of the sweep (lam_f = lam_r)")
+    p.add_argument("--sweep-cycles", type=int, nargs="+",
+                   help="cycle values of the sweep (default: 50/100/500 scaled to the refinement steps)")
     p.add_argument("--out", default="docs/figures/ablation", help="where the JSON and PNGs go")
     add_config_flags(p)
     p.set_defaults(func=_ablate)

@@ -53,6 +53,7 @@ def flags(cfg: TrainConfig) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_phases_cycles_and_outputs(tmp_path):
     cfg = tiny(tmp_path, steps=7, ratio="3:4", cycle=2, checkpoint_every=5)
     summary = SelfRefiningTrainer(cfg).train()
@@ -74,6 +75,7 @@ def test_phases_cycles_and_outputs(tmp_path):
     assert (tmp_path / "run" / "samples.png").is_file() and (tmp_path / "run" / "highlighter.pt").is_file()
 
 
+@pytest.mark.slow
 def test_modes_route_the_mfam(tmp_path, monkeypatch):
     """baseline never refreshes; forward passes the mFAM to the noise; reverse only to the attention."""
     import srdiff
@@ -231,10 +233,13 @@ def test_latent_mode_with_a_tiny_vae(tmp_path):
     torch.testing.assert_close(pipe.unet.state_dict(), trainer.ema.model.state_dict(), rtol=0, atol=0)
 
 
-def test_export_reloads_in_diffusers_and_cli_sample(tmp_path):
+@pytest.mark.slow
+def test_export_reloads_in_diffusers_and_cli_sample_eval(tmp_path):
     from diffusers import DDIMPipeline, DDPMPipeline
 
-    cfg = tiny(tmp_path, mode="reverse", steps=4, cycle=2)
+    from srdiff.cli import main
+
+    cfg = tiny(tmp_path, mode="reverse", steps=4, cycle=2, feature_epochs=1, cache_dir=str(tmp_path / "cache"))
     trainer = SelfRefiningTrainer(cfg)
     summary = trainer.train()
     for cls in (DDPMPipeline, DDIMPipeline):
@@ -250,3 +255,8 @@ def test_export_reloads_in_diffusers_and_cli_sample(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "exported" / "model_index.json").is_file()
+    assert main(["eval", "--ckpt", summary["checkpoint"], "--n", "16", "--steps", "2",
+                 "--out", str(tmp_path / "eval.json")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["n_fake"] == 16 and result["n_real"] == 359 and result["feature_net"]["task"] == "classes"
+    assert result["fid"] > 0 and 0 <= result["precision"] <= 1 and 0 <= result["recall"] <= 1

@@ -260,3 +260,22 @@ def test_export_reloads_in_diffusers_and_cli_sample_eval(tmp_path):
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["n_fake"] == 16 and result["n_real"] == 359 and result["feature_net"]["task"] == "classes"
     assert result["fid"] > 0 and 0 <= result["precision"] <= 1 and 0 <= result["recall"] <= 1
+
+
+@pytest.mark.slow
+def test_demo_command_prints_where_things_are(tmp_path, capsys):
+    """`srdiff demo` with the shipped config, shrunk by flags to a tiny model."""
+    from pathlib import Path
+
+    from srdiff.cli import main
+
+    config = Path(__file__).parent.parent / "configs" / "demo.toml"
+    overrides = flags(tiny(tmp_path, "demo", steps=4, cycle=2, eval_samples=16, feature_epochs=1,
+                           cache_dir=str(tmp_path / "cache")))
+    assert main(["demo", "--config", str(config), *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "2 base + 2 refinement steps" in out
+    for line in ("samples (EMA, final)", "FAM overlays per cycle", "loss plot", "diffusers pipeline"):
+        assert line in out
+    assert "FID " in out and "held-out accuracy" in out
+    assert (tmp_path / "demo" / "eval.json").is_file() and (tmp_path / "demo" / "figures" / "cycle_000_fam.png").is_file()

@@ -114,3 +114,14 @@ def test_round_trip_through_dict():
     assert TrainConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ValueError, match=r"unknown key 'lamf' in replace\(\)"):
         c.replace(lamf=1.0)
+
+
+def test_cli_reports_config_errors_without_a_traceback(capsys, tmp_path):
+    from srdiff.cli import main
+
+    assert main(["train", "--lam-f", "-1", "--out-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == "srdiff train: error: lam_f must be >= 0, got -1.0"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[refine]\nlamda_f = 0.1\n")
+    assert main(["demo", "--config", str(bad)]) == 2
+    assert "unknown key 'lamda_f' in config file" in capsys.readouterr().err

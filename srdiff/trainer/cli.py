@@ -8,11 +8,23 @@ from pathlib import Path
 from srdiff.trainer.config import add_config_flags, config_from_args
 
 
+class _ConfigError(Exception):
+    pass
+
+
+def _config(args):
+    """The config from --config and the flags; a bad file or value ends the command with its message."""
+    try:
+        return config_from_args(args)
+    except ValueError as exc:
+        raise _ConfigError(f"srdiff {args.command}: error: {exc}") from None
+
+
 def _train(args) -> int:
     from srdiff.trainer import distributed
     from srdiff.trainer.trainer import NonFiniteLossError, SelfRefiningTrainer
 
-    config = config_from_args(args)
+    config = _config(args)
     trainer = SelfRefiningTrainer(config)
     try:
         summary = trainer.train(resume=args.resume)
@@ -74,7 +86,7 @@ def _eval(args) -> int:
 def _ablate(args) -> int:
     from srdiff.trainer.ablation import run_ablation
 
-    config = config_from_args(args)
+    config = _config(args)
     result = run_ablation(config, seeds=args.seeds, modes=args.modes, out=args.out, sweep=args.sweep,
                           lambdas=args.sweep_lambdas, cycles=args.sweep_cycles)
     print(result["table"])
@@ -85,7 +97,7 @@ def _demo(args) -> int:
     from srdiff.trainer import distributed
     from srdiff.trainer.trainer import SelfRefiningTrainer
 
-    config = config_from_args(args)
+    config = _config(args)
     print(f"srdiff demo: {config.data} at {config.image_size}x{config.image_size}, mode {config.mode}, "
           f"{config.base_steps} base + {config.steps - config.base_steps} refinement steps, outputs in {config.out_dir}/")
     try:
@@ -125,13 +137,24 @@ def _common_sampling(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--device", default="cpu")
 
 
+def _guarded(func):
+    def run(args) -> int:
+        try:
+            return func(args)
+        except _ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+
+    return run
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser("train", help="self-refining diffusion training (torchrun for DDP)",
                        description="Train with --config FILE (TOML/YAML) and/or flags; flags win.")
     p.add_argument("--config", help="TOML or YAML config file")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoints/last.pt if present")
     add_config_flags(p)
-    p.set_defaults(func=_train)
+    p.set_defaults(func=_guarded(_train))
 
     p = sub.add_parser("sample", help="sample a grid from a checkpoint's EMA model; export for diffusers")
     _common_sampling(p, 50)
@@ -160,9 +183,9 @@ def add_commands(sub) -> None:
                    help="cycle values of the sweep (default: 50/100/500 scaled to the refinement steps)")
     p.add_argument("--out", default="docs/figures/ablation", help="where the JSON and PNGs go")
     add_config_flags(p)
-    p.set_defaults(func=_ablate)
+    p.set_defaults(func=_guarded(_ablate))
 
     p = sub.add_parser("demo", help="the digits demo: train, refine, sample, evaluate (CPU, minutes)")
     p.add_argument("--config", default="configs/demo.toml", help="demo config")
     add_config_flags(p)
-    p.set_defaults(func=_demo)
+    p.set_defaults(func=_guarded(_demo))

@@ -44,8 +44,8 @@ _SMEM_BUDGET = 192 * 1024
 
 
 def _configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) -> Configs, largest tiles first, then the fallback
-    (32 x 32 tiles, one stage), which fits every head dim and dtype (float32 at D = 256 included).
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) -> Configs, then the fallback (32 x 32 tiles, four
+    warps, one stage), which fits every head dim and dtype (float32 at D = 256 included).
     The interpreter gets one config: 16 x 16 blocks make the test shapes (N = 17, 20, 33) span
     several blocks with ragged tails."""
     if triton_interpreting():
@@ -54,36 +54,46 @@ def _configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
             for m, n, w, s in [*gpu, (32, 32, 4, 1)]]
 
 
-def _prune(streamed: str):
-    """An ``early_config_prune`` that keeps the configs whose pipelined tiles fit in shared memory and
-    whose fp32 accumulators would not spill (BLOCK_D = 256 wants 64-row tiles), else the fallback.
-    ``streamed`` names the block size of the tiles the inner loop streams (K/V in the forward and dQ
-    pass, Q/dO in dK/dV). The estimate is rough: the autotuner skips a config that still runs out of
-    resources. With SRDIFF_AUTOTUNE=0 only the fallback runs: no tuning, one compile per kernel,
-    nothing that can run out of resources (fast start-up; the CUDA tests use it)."""
+def _prune(resident: str, tiles_in: int, tiles_acc: int):
+    """An ``early_config_prune`` keeping the configs whose register-resident tiles fit and whose
+    pipelined tiles fit in shared memory, else the fallback. Each program keeps ``tiles_in`` input
+    tiles and ``tiles_acc`` float32 accumulators of (``resident`` rows, BLOCK_D) in registers (q and
+    acc in the forward; k, v, dk, dv in dK/dV; q, dO, dq in dQ) and streams two tiles of the other
+    block size per pipeline stage. Budgets: 128 registers a thread for the resident tiles and
+    192 KiB of shared memory (checked against ptxas for sm_90: the kept configs compile, and their
+    main loops do not spill, or barely). float32 inputs multiply exactly with FMAs, not tensor
+    cores; beyond 32 x 32 tiles those dots spill heavily, so float32 always takes the fallback.
+    With SRDIFF_AUTOTUNE=0 the smallest kept config runs: no tuning, one compile per kernel (fast
+    start-up; the CUDA tests use it)."""
+    streamed = "BLOCK_N" if resident == "BLOCK_M" else "BLOCK_M"
 
     def prune(configs, named_args, **kwargs):
         *candidates, fallback = configs
-        if os.environ.get("SRDIFF_AUTOTUNE") == "0":
-            return [fallback]
         args = {**named_args, **kwargs}
         block_d, elsize = args["BLOCK_D"], args["Q"].element_size()
-        resident = "BLOCK_N" if streamed == "BLOCK_M" else "BLOCK_M"
+        if elsize == 4:
+            return [fallback]
         kept = []
         for c in candidates:
-            rows_resident, rows_streamed = c.kwargs[resident], c.kwargs[streamed]
-            smem = elsize * block_d * (rows_resident + 2 * max(c.num_stages - 1, 1) * rows_streamed)
-            if smem <= _SMEM_BUDGET and not (block_d >= 256 and rows_resident > 64):
+            rows, rows_streamed = c.kwargs[resident], c.kwargs[streamed]
+            registers = rows * block_d * (tiles_in * elsize + tiles_acc * 4) / 4 / (32 * c.num_warps)
+            smem = elsize * block_d * (rows + 2 * max(c.num_stages - 1, 1) * rows_streamed)
+            if registers <= 128 and smem <= _SMEM_BUDGET:
                 kept.append(c)
-        return kept or [fallback]
+        kept = kept or [fallback]
+        return kept[-1:] if os.environ.get("SRDIFF_AUTOTUNE") == "0" else kept
 
     return prune
 
 
-# Hopper first: three candidates per kernel keep first-call tuning to a few compiles.
-_FWD_CONFIGS = _configs([(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)])
-_BWD_DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)])
-_BWD_DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)])
+# Hopper first, largest tiles first; the 8-warp 32/64-row configs serve head dims 160-256. Each
+# kept candidate is a compile on first use.
+_FWD_CONFIGS = _configs([(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
+                         (64, 32, 8, 2)])
+_BWD_DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 2), (32, 64, 4, 3),
+                              (32, 32, 8, 2)])
+_BWD_DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
+                            (32, 32, 8, 2)])
 
 
 @triton.jit
@@ -162,7 +172,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, fam_base, start_n, end_n, Nk, l
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["Nq", "Nk", "HEAD_DIM", "HAS_FAM", "DOT_UPCAST"],
-                 prune_configs_by={"early_config_prune": _prune("BLOCK_N")})
+                 prune_configs_by={"early_config_prune": _prune("BLOCK_M", tiles_in=1, tiles_acc=1)})
 @triton.jit(do_not_specialize=["Nq", "Nk"])
 def _fam_attention_fwd_kernel(
     Q, K, V, FAM, O, LSE2,
@@ -251,7 +261,7 @@ def _bwd_dkdv_inner(dk_acc, dv_acc, k, v, s, q_base, do_base, lse2_base, delta_b
 
 
 @triton.autotune(configs=_BWD_DKDV_CONFIGS, key=["Nq", "Nk", "HEAD_DIM", "HAS_FAM", "FAM_GRAD", "DOT_UPCAST"],
-                 prune_configs_by={"early_config_prune": _prune("BLOCK_M")})
+                 prune_configs_by={"early_config_prune": _prune("BLOCK_N", tiles_in=2, tiles_acc=2)})
 @triton.jit(do_not_specialize=["Nq", "Nk"])
 def _fam_attention_bwd_dkdv_kernel(
     Q, K, V, FAM, DO, LSE2, DELTA, DK, DV, DS,
@@ -290,17 +300,18 @@ def _fam_attention_bwd_dkdv_kernel(
                                          m_full, Nq, Nq, qk_scale, stride_qn, stride_don, offs_m0, offs_d,
                                          HEAD_DIM, BLOCK_D, BLOCK_M, True, DOT_UPCAST, DOT_PRECISION)
 
+    # One accumulator at a time: its d(s) term, then its store, so that it dies before the next.
     key_ok = offs_n < Nk
     tile_ok = key_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     if FAM_GRAD:
-        ds = scale * tl.sum(k.to(tl.float32) * dk_acc, 1) + tl.sum(v.to(tl.float32) * dv_acc, 1)
-        tl.store(DS + pid_bh * Nk + offs_n, ds, mask=key_ok)
-    dk = dk_acc * (scale * s)[:, None]
-    dv = dv_acc * s[:, None]
+        ds = scale * tl.sum(k.to(tl.float32) * dk_acc, 1)
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=tile_ok)
+             (dk_acc * (scale * s)[:, None]).to(DK.dtype.element_ty), mask=tile_ok)
+    if FAM_GRAD:
+        ds += tl.sum(v.to(tl.float32) * dv_acc, 1)
+        tl.store(DS + pid_bh * Nk + offs_n, ds, mask=key_ok)
     tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=tile_ok)
+             (dv_acc * s[:, None]).to(DV.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit
@@ -329,7 +340,7 @@ def _bwd_dq_inner(dq_acc, q, do, lse2, delta, k_base, v_base, fam_base, start_n,
 
 
 @triton.autotune(configs=_BWD_DQ_CONFIGS, key=["Nq", "Nk", "HEAD_DIM", "HAS_FAM", "DOT_UPCAST"],
-                 prune_configs_by={"early_config_prune": _prune("BLOCK_N")})
+                 prune_configs_by={"early_config_prune": _prune("BLOCK_M", tiles_in=2, tiles_acc=1)})
 @triton.jit(do_not_specialize=["Nq", "Nk"])
 def _fam_attention_bwd_dq_kernel(
     Q, K, V, FAM, DO, LSE2, DELTA, DQ,

@@ -260,6 +260,59 @@ def test_compile_fullgraph_cpu_path():
         assert_close(g, w, dtype=torch.float32, pass_="fwd" if name == "out" else "bwd", name=name)
 
 
+# Run in a fresh interpreter without TRITON_INTERPRET (the test session has it on): compiles the
+# kernels ahead of time for sm_90 with the ptxas triton ships, which needs no GPU.
+_SM90_COMPILE = """
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import srdiff.kernels.fam_attention as K
+
+ELEMENT = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+POINTERS = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ"}
+FLOAT32_POINTERS, FLOAT_SCALARS = {"FAM", "LSE2", "DELTA", "DS"}, {"lam", "qk_scale", "scale"}
+
+
+def compile_sm90(fn, dtype, constexprs, num_warps, num_stages):
+    signature = {
+        name: "constexpr" if name in constexprs else "*fp32" if name in FLOAT32_POINTERS
+        else ELEMENT[dtype] if name in POINTERS else "fp32" if name in FLOAT_SCALARS else "i32"
+        for name in fn.arg_names
+    }
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                            target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    assert kernel.metadata.shared <= 227 * 1024, (fn.__name__, kernel.metadata.shared)
+
+
+for dtype, head_dim, pick in [(torch.bfloat16, 128, 0), (torch.float32, 64, -1)]:
+    block_d = triton.next_power_of_2(head_dim)
+    flags = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_FAM=True, DOT_UPCAST=False,
+                 DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+    kernels = [(K._fam_attention_fwd_kernel, {}), (K._fam_attention_bwd_dkdv_kernel, {"FAM_GRAD": True}),
+               (K._fam_attention_bwd_dq_kernel, {})]
+    for kernel, extra in kernels:
+        kept = kernel.early_config_prune(kernel.configs, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=block_d)
+        config = kept[pick]
+        compile_sm90(kernel.fn, dtype, {**flags, **extra, **config.kwargs}, config.num_warps,
+                     config.num_stages)
+        print(kernel.fn.__name__, dtype, config, "ok")
+    compile_sm90(K._fam_attention_bwd_preprocess_kernel, dtype,
+                 dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=64), 4, 1)
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """The interpreter checks the numerics, not what only a GPU compile sees (layouts, shared memory,
+    dot shapes): compile the Hopper-first configs (bf16, D = 128, the largest kept tiles) and the
+    float32 exact-dot fallback for sm_90, no GPU needed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.mark.needs_cuda
 def test_opcheck_cuda():
     from srdiff.kernels.fam_attention import fam_attention_bwd, fam_attention_fwd

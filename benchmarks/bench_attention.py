@@ -9,7 +9,8 @@ plain ``sdpa`` and the naive ``reference`` (explicit N x N softmax, N <= 4096), 
 (one N x N float32 score matrix per head at N = 16384 would be 1 GiB).
 
 Work: 4 B H N^2 D FLOP forward; fwd+bwd counts 3.5x that (backward = 2.5x forward, the convention
-of the FlashAttention papers). Inputs are contiguous (B, H, N, D), fam (B, N) float32, lam = 0.025.
+of the FlashAttention papers). Inputs are contiguous (B, H, N, D), fam (B, N) float32, lam = 0.025;
+srdiff runs with check_fam=False, as the processor calls it (the check is one device sync).
 """
 
 import pytest

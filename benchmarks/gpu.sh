@@ -7,7 +7,7 @@
 #
 # Budget: finishes within 8 minutes (each step has its own timeout) and writes each result to $OUT
 # as soon as it exists, so a run cut off still returns what it finished. $OUT keeps at most 8 files:
-# log.txt, env.txt, and one benchmark JSON per suite. Afterwards, here:
+# log.txt (environment, test and benchmark output) and one benchmark JSON per chunk. Afterwards, here:
 #   cp <files_at>/bench_*.json benchmarks/results/<machine>/ && python -m benchmarks.report
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +37,10 @@ OUT=${OUT:-runs/gpu-rehearsal}
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 START=$(date +%s)
+DEADLINE=${SRDIFF_GPU_DEADLINE:-470}  # seconds: leave the device call's start and transfers room in 8 min
 step() { echo "== [$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
+# budget CAP: a step's timeout, at most CAP and never past the deadline (0 when it has passed)
+budget() { local left=$(( DEADLINE - ($(date +%s) - START) )); (( left < $1 )) && echo $(( left > 0 ? left : 0 )) || echo "$1"; }
 
 if [ "$MODE" = gpu ]; then
   PY=python3
@@ -51,13 +54,15 @@ if [ "$MODE" = gpu ]; then
   fi
   step "build srdiff._C for sm_90"
   export TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 MAX_JOBS=16 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-  timeout 240 $PY -m pip install -q --no-index --no-build-isolation --no-deps -e . >>"$LOG" 2>&1 || step "BUILD FAILED (see log)"
-  TEST_TIMEOUT=150
+  timeout "$(budget 180)" $PY -m pip install -q --no-index --no-build-isolation --no-deps -e . >>"$LOG" 2>&1 \
+    || step "BUILD FAILED (see log)"
+  TESTS=(tests -m needs_cuda)
   BENCH_ENV=""
 else
   PY=${PY:-.venv/bin/python}
-  TEST_TIMEOUT=300
+  TESTS=(tests/test_gradcam.py)
   BENCH_ENV="SRDIFF_BENCH_QUICK=1"
+  DEADLINE=${SRDIFF_GPU_DEADLINE:-900}
 fi
 
 step "environment"
@@ -67,25 +72,31 @@ step "environment"
   $PY -m srdiff info 2>&1
   $PY -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
   git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -20
-} >"$OUT/env.txt" 2>&1
-cat "$OUT/env.txt" | tee -a "$LOG"
+} >>"$LOG" 2>&1
 
-step "tests (CUDA cases on a GPU; the kernel suites on the CPU rehearsal)"
-if [ "$MODE" = gpu ]; then
-  timeout $TEST_TIMEOUT $PY -m pytest tests -q -x -m needs_cuda -p no:cacheprovider >>"$LOG" 2>&1
-else
-  timeout $TEST_TIMEOUT $PY -m pytest tests/test_gradcam.py -q -p no:cacheprovider >>"$LOG" 2>&1
-fi
-step "tests exit code $?"
-tail -5 "$LOG"
+step "tests: ${TESTS[*]}"
+timeout "$(budget 120)" $PY -m pytest "${TESTS[@]}" -q -p no:cacheprovider >>"$LOG" 2>&1
+step "tests exit code $? (124: out of time)"
 
-# One JSON per suite, straight into $OUT; the ceilings first (the report's "% of peak" needs them).
-for suite in ceilings gradcam noise attention fam train; do
-  file=benchmarks/bench_$suite.py
-  [ -f "$file" ] || { step "skip $suite: $file does not exist"; continue; }
-  step "benchmark $suite"
-  env $BENCH_ENV timeout 150 $PY -m pytest "$file" -q -p no:cacheprovider -o python_files='bench_*.py' \
-    --benchmark-json="$OUT/bench_$suite.json" --benchmark-columns=median,rounds >>"$LOG" 2>&1
-  step "benchmark $suite exit code $?"
+# One JSON per chunk, straight into $OUT (pytest-benchmark writes at the end of a run, so chunks keep
+# what finished if time runs out). Most important first; the ceilings feed the report's "% of peak".
+CHUNKS=(
+  "ceilings|benchmarks/bench_ceilings.py||30"
+  "attention_fwd|benchmarks/bench_attention.py|not bwd|150"
+  "noise|benchmarks/bench_noise.py||90"
+  "gradcam|benchmarks/bench_gradcam.py||60"
+  "attention_fwdbwd|benchmarks/bench_attention.py|bwd|150"
+  "fam|benchmarks/bench_fam.py||60"
+  "train|benchmarks/bench_train.py||90"
+)
+for chunk in "${CHUNKS[@]}"; do
+  IFS='|' read -r name file kexpr cap <<<"$chunk"
+  [ -f "$file" ] || { step "skip $name: $file does not exist"; continue; }
+  t=$(budget "$cap")
+  (( t > 0 )) || { step "skip $name: out of time"; continue; }
+  step "benchmark $name (timeout ${t}s)"
+  env $BENCH_ENV timeout "$t" $PY -m pytest "$file" ${kexpr:+-k "$kexpr"} -q -p no:cacheprovider \
+    -o python_files='bench_*.py' --benchmark-json="$OUT/bench_$name.json" --benchmark-columns=median,rounds >>"$LOG" 2>&1
+  step "benchmark $name exit code $?"
 done
 step "done"

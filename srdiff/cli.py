@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # Modules that contribute subcommands, in the order ``srdiff --help`` lists them.
-COMMAND_MODULES: list[str] = ["srdiff.trainer.cli"]
+COMMAND_MODULES: list[str] = ["srdiff.trainer.cli", "srdiff.highlighter.cli"]
 
 
 def _info(args) -> None:

@@ -80,9 +80,13 @@ def run_ablation(config: TrainConfig, *, seeds, modes, out, sweep: bool = True, 
             cfg = config.replace(mode="combined", seed=seed, cycle=cycle, out_dir=str(root / name))
             sweep_runs.append({"param": "cycle", "value": cycle, **_run(cfg, base_ckpt)})
     summary = {}
+    base_fid = {r["seed"]: r["fid"] for r in runs if r["mode"] == "baseline"}
     for mode in modes:
         rows = [r for r in runs if r["mode"] == mode]
         summary[mode] = {m: _mean_std([r[m] for r in rows]) for m in METRICS}
+        if base_fid:
+            # paired by seed: every mode refines the same base model, so this removes the seed spread
+            summary[mode]["fid_delta"] = _mean_std([r["fid"] - base_fid[r["seed"]] for r in rows])
     result = {"config": config.to_dict(), "seeds": list(seeds), "modes": list(modes), "runs": runs,
               "summary": summary, "sweep": sweep_runs,
               "feature_net": runs[0]["feature_net"] if runs else None}
@@ -92,16 +96,17 @@ def run_ablation(config: TrainConfig, *, seeds, modes, out, sweep: bool = True, 
     (out / "ablation.md").write_text(table + "\n")
     plot_ablation(summary, out / "ablation.png")
     if sweep_runs:
-        plot_sweep(sweep_runs, out / "sweep.png")
+        plot_sweep(sweep_runs, out / "sweep.png", baseline_fid=base_fid.get(seeds[0]))
     return {**result, "table": table}
 
 
 def markdown_table(summary: dict, n_seeds: int) -> str:
-    lines = [f"| mode | FID (mean ± std, {n_seeds} seeds) | KID ×10³ | precision | recall |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [f"| mode | FID (mean ± std, {n_seeds} seeds) | FID − baseline (same seed) | KID ×10³ | precision | recall |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for mode, s in summary.items():
         fid, kid, prec, rec = s["fid"], s["kid_mean"], s["precision"], s["recall"]
-        lines.append(f"| {mode} | {fid[0]:.3f} ± {fid[1]:.3f} | {1e3 * kid[0]:.2f} ± {1e3 * kid[1]:.2f} | "
+        delta = f"{s['fid_delta'][0]:+.3f} ± {s['fid_delta'][1]:.3f}" if "fid_delta" in s else "–"
+        lines.append(f"| {mode} | {fid[0]:.3f} ± {fid[1]:.3f} | {delta} | {1e3 * kid[0]:.2f} ± {1e3 * kid[1]:.2f} | "
                      f"{prec[0]:.3f} ± {prec[1]:.3f} | {rec[0]:.3f} ± {rec[1]:.3f} |")
     return "\n".join(lines)
 
@@ -131,14 +136,18 @@ def plot_ablation(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_sweep(sweep_runs: list[dict], path: Path) -> None:
+def plot_sweep(sweep_runs: list[dict], path: Path, baseline_fid: float | None = None) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
     for ax, param, xlabel in ((axes[0], "lambda", "λ (λ_f = λ_r)"), (axes[1], "cycle", "cycle (refinement steps)")):
         rows = sorted((r for r in sweep_runs if r["param"] == param), key=lambda r: r["value"])
-        ax.plot([r["value"] for r in rows], [r["fid"] for r in rows], "o-")
+        ax.plot([r["value"] for r in rows], [r["fid"] for r in rows], "o-", label="combined")
+        if baseline_fid is not None:
+            ax.axhline(baseline_fid, color="0.5", ls="--", label="baseline (same seed)")
         ax.set(xlabel=xlabel, ylabel="FID (local features)", xscale="log")
         ax.set_xticks([r["value"] for r in rows], [str(r["value"]) for r in rows])
+        ax.minorticks_off()
+        ax.legend(fontsize=8)
     fig.suptitle("combined mode, one seed")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

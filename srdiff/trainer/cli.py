@@ -123,8 +123,9 @@ def _demo(args) -> int:
         net = result["feature_net"]
         print(f"\nFID {result['fid']:.3f}  KID {result['kid_mean']:.5f} ± {result['kid_std']:.5f}  "
               f"precision {result['precision']:.3f}  recall {result['recall']:.3f}  "
-              f"({result['n_fake']} samples vs {result['n_real']} held-out digits; features: a {net['task']} "
-              f"network trained here, held-out accuracy {net['accuracy']:.3f})")
+              f"({result['n_fake']} samples vs {result['n_real']} held-out images; features: the locally trained "
+              f"{'class' if net['task'] == 'classes' else net['task']} classifier, held-out accuracy "
+              f"{net['accuracy']:.3f})")
     return 0
 
 

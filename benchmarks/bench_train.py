@@ -10,7 +10,7 @@ default settings (cycle 100). Models: the demo's 16 px UNet (1.2 M parameters, b
 import pytest
 import torch
 
-from benchmarks.common import DEVICE, measure, on_device
+from benchmarks.common import DEVICE, QUICK, measure, on_device
 from srdiff.trainer import SelfRefiningTrainer, TrainConfig
 
 DEMO = dict(image_size=16, block_out_channels=(32, 64, 64), attention_levels=(False, True, True), batch_size=64)
@@ -19,6 +19,8 @@ GPU_64PX = dict(image_size=64, block_out_channels=(64, 128, 128, 256), attention
 MODELS = on_device(gpu=[pytest.param(GPU_64PX, id="64px"), pytest.param(DEMO, id="16px-demo")],
                    cpu=[pytest.param(DEMO, id="16px-demo")])
 PHASES = [("base", "baseline"), ("refine", "forward"), ("refine", "reverse"), ("refine", "combined")]
+if QUICK:
+    PHASES = [PHASES[0], PHASES[-1]]
 
 
 def _trainer(model: dict, mode: str, tmp_path, **kw) -> SelfRefiningTrainer:
@@ -46,7 +48,7 @@ def test_train_step(benchmark, tmp_path, model, phase, mode):
         trainer.train_step()
 
     measure(benchmark, one_step, op="train_step", provider=f"{phase}-{mode}", mode="fwd+bwd", shape=_shape(model),
-            dtype=trainer.autocast_dtype or torch.float32, rounds=5 if DEVICE == "cpu" else 20, memory=False)
+            dtype=trainer.autocast_dtype or torch.float32, memory=False)
 
 
 @pytest.mark.benchmark(group="mfam_refresh")

@@ -177,7 +177,10 @@ class SelfRefiningTrainer:
         refine = self.phase(step) == "refine" and self.mfam is not None
         fam, lam = (self.mfam, c.lam_f) if refine and c.refine_forward else (None, 0.0)
         seed = _key(_NOISE, c.seed, step, micro)
-        options = dict(amplify=c.amplify, amplified_target=c.amplified_target, prediction_type=c.prediction_type)
+        # Timesteps come from randint(0, T), alphas_cumprod from the scheduler, the mFAM from Grad-CAM
+        # (finite by construction): the value checks' device syncs would buy nothing in the hot loop.
+        options = dict(amplify=c.amplify, amplified_target=c.amplified_target, prediction_type=c.prediction_type,
+                       check_values=False)
         x_t, _ = srdiff.amplified_add_noise(x0, t, self.alphas_cumprod, fam=fam, lam=lam, seed=seed,
                                             return_target=False, **options)
         context = srdiff.fam_context(self.mfam if refine else None) if c.refine_reverse else contextlib.nullcontext()

@@ -10,6 +10,16 @@ from srdiff import cli
 from srdiff.highlighter import planted
 
 
+# Reduced size: 500 training digits, one planted copy each, 8 epochs, the default recipe, 200
+# held-out digits. Measured on the 2-core CPU (seeds 0 and 1): pointing warp 0.96/0.94, duplicate
+# 0.93/0.99, intensity 0.92/0.95, noise 1.00/1.00, checkerboard 1.00/0.98, accuracy >= 0.98. Blur
+# is left to the full run (0.97 there): at this size its pointing swings between 0.65 and 0.90 with
+# the seed (the map peaks just beside a faint blur), which a test cannot assert honestly.
+REDUCED = dict(train_images=500, test_images=200, copies=1, epochs=8, batch_size=32)
+REDUCED_KINDS = ["warp", "duplicate", "intensity", "noise", "checkerboard"]
+MIN_POINTING = 0.85
+
+
 @pytest.fixture(scope="module")
 def digits32():
     return planted.digit_split(32, holdout=0.2, seed=0)[1][:64]
@@ -108,3 +118,24 @@ def test_cli_eval_planted_refuses_unknown_kinds():
         cli.main(["highlighter", "eval-planted", "--kinds", "sparkle"])
     with pytest.raises(SystemExit, match="--severity takes KIND=VALUE"):
         cli.main(["highlighter", "eval-planted", "--kinds", "noise", "--severity", "noise:0.1"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", REDUCED_KINDS)
+def test_default_highlighter_localises_planted_artifacts(kind):
+    """Trained on real digits vs their planted versions, the default highlighter's FAMs point into the
+    artifact box on held-out fakes, and the FAMs of the clean twins do not (no fixed hot spot)."""
+    train, test = planted.digit_split(32, holdout=0.2, seed=0)
+    train, test = train[: REDUCED["train_images"]], test[: REDUCED["test_images"]]
+    hl, history = planted.train_highlighter(
+        train, (kind,), severity={}, copies=REDUCED["copies"], model={}, seed=0,
+        fit={"epochs": REDUCED["epochs"], "batch_size": REDUCED["batch_size"], "progress": False},
+    )
+    real_fams = hl.fam(test)
+    metrics, _ = planted.evaluate(hl, test, kind, severity=None, seed=1, real_fams=real_fams)
+    spread = planted.argmax_spread(real_fams)
+    assert (1 - spread["empty"]) * spread["top_share"] < 0.5, spread  # clean images: no common hot spot
+    assert metrics["accuracy"] >= 0.95, metrics
+    assert metrics["pointing"] >= MIN_POINTING, metrics
+    assert metrics["iou"] > 2 * metrics["chance"], metrics
+    assert metrics["twin_pointing"] < 0.3, metrics

@@ -1,11 +1,11 @@
 """The networks a :class:`~srdiff.highlighter.FlawHighlighter` can wrap, and their Grad-CAM target layers.
 
 Built in: ``"small"``, a plain CNN for 16-64 px images, and ``"vgg16"`` / ``"vgg16_bn"``, torchvision's
-convolutional features as in the paper. Both end in :class:`Head`: global pooling, then a linear layer
-or the authors' two-layer MLP, to one real/fake score ``s``; the logits are ``(-s/2, s/2)``, so the
-"fake" logit is the real/fake margin and its Grad-CAM carries no class-common component. Any other
-torchvision classification model (by name) or a user ``nn.Module`` that returns (B, 2) logits works
-too, with the target layers named.
+convolutional features as in the paper. Both end in :class:`Head`, which turns the features into one
+real/fake score ``s`` and returns the logits ``(-s/2, s/2)``: the "fake" logit is then the margin
+itself, so its Grad-CAM carries no component common to both classes. Any other torchvision
+classification model (by name) or a user ``nn.Module`` that returns (B, 2) logits works too, with the
+target layers named.
 """
 
 import math

@@ -62,6 +62,8 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--shift", type=int, default=None, help="augmentation: random translations up to N px (default 0)")
+    p.add_argument("--no-flip", action="store_true", help="augmentation: no random horizontal flips")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -74,8 +76,8 @@ def _model_kwargs(args) -> dict:
 
 
 def _fit_kwargs(args) -> dict:
-    kwargs = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr") if getattr(args, k) is not None}
-    return {**kwargs, "progress": not args.quiet}
+    kwargs = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "shift") if getattr(args, k) is not None}
+    return {**kwargs, "flip": not args.no_flip, "progress": not args.quiet}
 
 
 def _device(name: str | None):

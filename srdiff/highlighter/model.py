@@ -30,14 +30,20 @@ class FlawHighlighter(nn.Module):
         image_size: S, the side the network sees: every input is resized bilinearly to (S, S) and
             every map resized back to the input's own (H, W).
         target_layers: names of the Grad-CAM layers (``net.get_submodule`` paths); default the last
-            convolutional stage (``["features.stage3"]`` for ``"small"``). With several layers the FAM
-            is the mean of the per-layer maps, re-normalised, as in pytorch-grad-cam.
+            convolutional stage (``["features.stage3"]`` for ``"small"``, ``["features.29"]``, the
+            last ReLU, for ``"vgg16"``). With several layers the FAM is the mean of the per-layer
+            maps, re-normalised, as in pytorch-grad-cam.
         width, stages: ``"small"`` only: channels of the first stage (doubling per stage), number of
-            stages (the last one runs at stride 2^(stages-1): 8x8 maps at 32 px with 3 stages).
-        map_stride: VGG only: 16 (torchvision's layout), 8 or 4 (the last pools dropped, finer maps).
-        pool, head, hidden, dropout: the built-in head: global ``"avg"`` or ``"max"`` pooling, then
-            ``"linear"`` or ``"mlp"`` (``hidden`` units, the authors' choice) to one score ``s``;
-            logits are (-s/2, s/2).
+            stages; the last stage runs at stride 2^(stages-1) (8x8 maps at 32 px with 3 stages).
+        map_stride: VGG only: 16 (torchvision's layout: a 2x2 map at 32 px), 8 or 4 (the last pools
+            dropped: 4x4 or 8x8 at 32 px). A map coarser than the flaws cannot point at them.
+        head, pool: the built-in head (:class:`~srdiff.highlighter.backbones.Head`). Default
+            ``"map"`` + ``"lse"``: a bias-free 1x1 convolution scores every position and a smooth
+            maximum (log-mean-exp) pools the scores, so the FAM is the map of positive fake
+            evidence, empty on an image with none. ``"linear"`` (a CAM network) and ``"mlp"`` (the
+            authors' head, ``hidden`` units) on ``"avg"``/``"max"``/``"lse"``-pooled features are
+            there for comparison: on planted artifacts they point much worse (docs/highlighter.md).
+        dropout: before the head's last layer.
         mean, std: input normalisation, ``(x - mean) / std`` per channel (the authors' 0.45, 0.25).
 
     The network is ``self.net``; ``self(images)`` returns its (B, 2) logits.
@@ -45,7 +51,7 @@ class FlawHighlighter(nn.Module):
     Example::
 
         >>> hl = FlawHighlighter(backbone="small", in_channels=1, image_size=32)
-        >>> history = hl.fit(real, fake, epochs=20)            # (N, 1, H, W) in [0, 1]
+        >>> history = hl.fit(real, fake, epochs=20)            # (N, 1, H, W) in [0, 1], any H, W
         >>> fams = hl.fam(fake[:8])                             # (8, H, W) in [0, 1]
         >>> hl.save("highlighter.pt"); hl = FlawHighlighter.load("highlighter.pt")
     """

@@ -288,11 +288,13 @@ def train_highlighter(train: torch.Tensor, kinds, *, severity: dict, copies: int
     return hl, history
 
 
-def evaluate(hl, test: torch.Tensor, kind: str, *, severity: float | None, seed: int, real_fams=None) -> dict:
+def evaluate(hl, test: torch.Tensor, kind: str, *, severity: float | None, seed: int, real_fams=None):
     """Real/fake accuracy and ROC-AUC on ``test`` and its planted ``kind`` versions, and how the FAMs of
     the fakes localise (:func:`localisation_metrics`); ``twin_pointing`` scores the FAMs of the clean
-    twins against the same boxes (a highlighter that points at the same place whatever the image
-    scores as well there as on the fakes)."""
+    twins (``real_fams``, computed if not given) against the same boxes: a highlighter that points at
+    the same place whatever the image scores as well there as on the fakes.
+
+    Returns (metrics dict, (fakes, fams, boxes)) for :func:`overlay_grid`."""
     from srdiff.highlighter.training import evaluate as classify
 
     fakes, boxes = plant(test, kind, severity, generator=torch.Generator().manual_seed(seed))
@@ -355,8 +357,9 @@ def run(
         highlighters[kind] = (hl, real_fams)
         summary = ", ".join(f"{k}: acc {row[k]['accuracy']:.3f} pointing {row[k]['pointing']:.3f} iou {row[k]['iou']:.3f}"
                             for k in train_kinds)
-        log(f"[{kind}] {seconds:.0f} s, {len(history)} epochs; {summary}; real argmax on "
-            f"{row['real_spread']['distinct']} pixels (top share {row['real_spread']['top_share']:.2f})")
+        spread = row["real_spread"]
+        log(f"[{kind}] {seconds:.0f} s, {len(history)} epochs; {summary}; clean images: {spread['empty']:.0%} empty "
+            f"maps, the rest on {spread['distinct']} pixels (top share {spread['top_share']:.2f})")
     if cross:
         for kind, (hl, real_fams) in highlighters.items():
             results["cross"][kind] = {

@@ -53,12 +53,27 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
         assert torch.equal(r0["model"][name], r1["model"][name]), name
 
     single = SelfRefiningTrainer(TrainConfig(**{**base, "grad_accum": 2}, out_dir=str(tmp_path / "single")))
+    initial = {name: value.clone() for name, value in single.unet.state_dict().items()}
     single.train()
     # Same samples, timesteps and noise per micro-batch; only the order of floating-point sums differs
     # (all-reduce vs accumulation, batch 2 vs 4 in the refresh sampler), so agreement is to rounding.
     assert_close(single.mfam, r0["mfam"], dtype=torch.float32, name="mFAM")
+    # The weights are compared through what training did to them, tensor by tensor and in norm:
+    # AdamW divides each gradient element by its own running RMS, so relative rounding errors of the
+    # gradient reach the update at full size. Measured: every tensor within 1.1e-4 of its update,
+    # except the attention key biases (up to 1.6e-2). Their gradient would be exactly zero without
+    # the FAM (a bias shared by all keys shifts every logit of a query equally); the (1 + lam*fam)
+    # scaling leaves a residue about lam times the size of the terms that cancel, so its relative
+    # rounding error is about 1/lam = 40 times larger. A rank that missed the gradient all-reduce
+    # (training on half the batch) would be off by order one everywhere.
+    lam = TrainConfig(**base).lam_r
     for name, value in single.unet.state_dict().items():
-        assert_close(r0["model"][name], value, dtype=torch.float32, pass_="bwd", name=name)
+        if not value.is_floating_point():
+            continue
+        bound = 1e-3 / lam if name.endswith("to_k.bias") else 1e-3
+        update = float((value - initial[name]).norm())
+        gap = float((r0["model"][name] - value).norm())
+        assert gap <= bound * update + 1e-7, f"{name}: |ddp - single| = {gap:.3g} > {bound:g} x |update| = {update:.3g}"
 
     def losses(run):
         lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()

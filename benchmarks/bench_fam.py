@@ -6,7 +6,9 @@ and post-processes in numpy and OpenCV.
 
 Cases, as in the issue: batch 32 at 64 px (the default "small" CNN, its stage 3: 16x16 at 64 px) and
 batch 8 at 224 px (VGG16, the ReLU after its last convolution: 14x14). ``fams_per_s`` is batch /
-median time.
+median time. ``srdiff`` is ``fam(mirror=False)``, the same maps as pytorch-grad-cam (like for like);
+``srdiff-mirror`` is the default ``fam(images)``, which also maps each image's mirror image (twice the
+network work, better localisation: docs/highlighter.md).
 """
 
 import pytest
@@ -19,7 +21,7 @@ CASES = [
     pytest.param("small", 32, 64, id="small-B32-64px"),
     pytest.param("vgg16", 8, 224, id="vgg16-B8-224px"),
 ]
-PROVIDERS = ["srdiff", "pytorch-grad-cam"]
+PROVIDERS = ["srdiff", "srdiff-mirror", "pytorch-grad-cam"]
 
 
 def _highlighter(backbone: str, size: int):
@@ -38,8 +40,9 @@ def test_fam(benchmark, provider, backbone, batch, size):
     layer = hl.target_layers[0]
     case = dict(op=OP, provider=provider, mode="fwd+bwd", dtype=torch.float32,
                 shape={"backbone": backbone, "layer": layer, "B": batch, "HW": [size, size]})
-    if provider == "srdiff":
-        fn = lambda: hl.fam(images)  # noqa: E731
+    if provider.startswith("srdiff"):
+        mirror = provider == "srdiff-mirror"
+        fn = lambda: hl.fam(images, mirror=mirror)  # noqa: E731
         measure(benchmark, fn, rounds=3 if DEVICE == "cpu" else None, **case)
     else:
         from pytorch_grad_cam import GradCAM

@@ -1,14 +1,22 @@
 """Self-refining training cost: one optimiser step in the base phase vs the refinement phase (forward,
-reverse, combined), and the mFAM refresh (EMA samples + FAMs, optionally a highlighter fine-tune),
-amortised over the cycle.
+reverse, combined), against the plain diffusers step a user would otherwise write, and the mFAM
+refresh (EMA samples + FAMs, optionally a highlighter fine-tune), amortised over the cycle.
+
+The diffusers peer is the same UNet, batch, optimiser, clipping and EMA with diffusers' own
+``AttnProcessor2_0``, ``DDPMScheduler.add_noise`` and ``F.mse_loss``: what differs from
+``base-baseline`` (srdiff, lambda = 0) and ``refine-combined`` is exactly the attention processor and the
+noising + loss, the parts srdiff replaces.
 
 Targets (issue 7): refinement step <= 1.10x base step; refresh <= 10% of a cycle's time at the
 default settings (cycle 100). Models: the demo's 16 px UNet (1.2 M parameters, batch 64) on CPU, a
 64 px UNet (attention at 16x16 and 8x8, as the authors place it) on GPU.
 """
 
+import contextlib
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from benchmarks.common import DEVICE, QUICK, measure, on_device
 from srdiff.trainer import SelfRefiningTrainer, TrainConfig
@@ -48,7 +56,43 @@ def test_train_step(benchmark, tmp_path, model, phase, mode):
         trainer.train_step()
 
     measure(benchmark, one_step, op="train_step", provider=f"{phase}-{mode}", mode="fwd+bwd", shape=_shape(model),
-            dtype=trainer.autocast_dtype or torch.float32, memory=False)
+            dtype=trainer.autocast_dtype or torch.float32, memory=DEVICE == "cuda")
+
+
+@pytest.mark.benchmark(group="train_step")
+@pytest.mark.parametrize("model", MODELS)
+def test_train_step_diffusers(benchmark, tmp_path, model):
+    from diffusers import DDPMScheduler
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    trainer = _trainer(model, "baseline", tmp_path)
+    c, unet = trainer.config, trainer.unet
+    for module in unet.modules():
+        if isinstance(module, Attention):
+            module.set_processor(AttnProcessor2_0())
+    scheduler = DDPMScheduler(num_train_timesteps=c.num_train_timesteps)
+    generator = torch.Generator().manual_seed(0)
+    indices = torch.randint(len(trainer.train_data), (c.batch_size,), generator=generator)
+    x0 = trainer.train_data[indices].to(trainer.device)
+    timesteps = torch.randint(c.num_train_timesteps, (c.batch_size,), generator=generator).to(trainer.device)
+    autocast = (torch.autocast(trainer.device.type, dtype=trainer.autocast_dtype) if trainer.autocast_dtype
+                else contextlib.nullcontext())
+
+    def one_step():
+        unet.train()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        noise = torch.randn_like(x0)
+        x_t = scheduler.add_noise(x0, noise, timesteps)
+        with autocast:
+            pred = unet(x_t, timesteps).sample
+        F.mse_loss(pred.float(), noise).backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), c.grad_clip)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        trainer.ema.update(unet)
+
+    measure(benchmark, one_step, op="train_step", provider="diffusers", mode="fwd+bwd", shape=_shape(model),
+            dtype=trainer.autocast_dtype or torch.float32, memory=DEVICE == "cuda")
 
 
 @pytest.mark.benchmark(group="mfam_refresh")

@@ -10,14 +10,16 @@ from srdiff import cli
 from srdiff.highlighter import planted
 
 
-# Reduced size: 500 training digits, one planted copy each, 8 epochs, the default recipe, 200
-# held-out digits. Measured on the 2-core CPU (seeds 0 and 1): pointing warp 0.96/0.94, duplicate
-# 0.93/0.99, intensity 0.92/0.95, noise 1.00/1.00, checkerboard 1.00/0.98, accuracy >= 0.98. Blur
-# is left to the full run (0.97 there): at this size its pointing swings between 0.65 and 0.90 with
-# the seed (the map peaks just beside a faint blur), which a test cannot assert honestly.
+# Reduced size: 500 training digits, one planted copy each, 8 epochs, batch 32, the default recipe
+# and FAM (mirror-averaged), 200 held-out digits. Measured on the 2-core CPU, two threads (as in CI),
+# split and training seed s = 0 / 1 / 2 / 3 (this test is s = 0; docs/highlighter-reduced-seeds.jsonl):
+# pointing blur 0.875 / 0.83 / 0.925 / 0.835, warp >= 0.945, noise 1, intensity 0.89 / 0.935 / 0.925 /
+# 0.985, duplicate >= 0.98, break 1, checkerboard >= 0.985; accuracy >= 0.908 (blur), >= 0.983 for the
+# rest. Without the mirror average the same runs give intensity 0.54 at s = 0 and checkerboard 0.16
+# at s = 3: one orientation's map can sit beside the flaw. The full run (docs/highlighter.md) reaches more.
 REDUCED = dict(train_images=500, test_images=200, copies=1, epochs=8, batch_size=32)
-REDUCED_KINDS = ["warp", "duplicate", "intensity", "noise", "checkerboard"]
-MIN_POINTING = 0.85
+MIN_POINTING = 0.8
+MIN_ACCURACY = 0.9
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +123,7 @@ def test_cli_eval_planted_refuses_unknown_kinds():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", REDUCED_KINDS)
+@pytest.mark.parametrize("kind", planted.KINDS)
 def test_default_highlighter_localises_planted_artifacts(kind):
     """Trained on real digits vs their planted versions, the default highlighter's FAMs point into the
     artifact box on held-out fakes, and the FAMs of the clean twins do not (no fixed hot spot)."""
@@ -135,7 +137,7 @@ def test_default_highlighter_localises_planted_artifacts(kind):
     metrics, _ = planted.evaluate(hl, test, kind, severity=None, seed=1, real_fams=real_fams)
     spread = planted.argmax_spread(real_fams)
     assert (1 - spread["empty"]) * spread["top_share"] < 0.5, spread  # clean images: no common hot spot
-    assert metrics["accuracy"] >= 0.95, metrics
+    assert metrics["accuracy"] >= MIN_ACCURACY, metrics
     assert metrics["pointing"] >= MIN_POINTING, metrics
     assert metrics["iou"] > 2 * metrics["chance"], metrics
     assert metrics["twin_pointing"] < 0.3, metrics

@@ -26,6 +26,7 @@ draws the strongest is kept, which only happens at severities far below the defa
 trains one highlighter per kind and fills the per-kind and cross-kind tables.
 """
 
+import inspect
 import math
 import time
 
@@ -290,7 +291,8 @@ def train_highlighter(train: torch.Tensor, kinds, *, severity: dict, copies: int
 
 def evaluate(hl, test: torch.Tensor, kind: str, *, severity: float | None, seed: int, real_fams=None):
     """Real/fake accuracy and ROC-AUC on ``test`` and its planted ``kind`` versions, and how the FAMs of
-    the fakes localise (:func:`localisation_metrics`); ``twin_pointing`` scores the FAMs of the clean
+    the fakes localise (:func:`localisation_metrics`; ``pointing_plain`` and ``iou_plain`` for FAMs
+    without the mirror average); ``twin_pointing`` scores the FAMs of the clean
     twins (``real_fams``, computed if not given) against the same boxes: a highlighter that points at
     the same place whatever the image scores as well there as on the fakes.
 
@@ -305,6 +307,8 @@ def evaluate(hl, test: torch.Tensor, kind: str, *, severity: float | None, seed:
     real_fams = hl.fam(test.to(device)).cpu() if real_fams is None else real_fams
     out = {"accuracy": cls["accuracy"], "balanced_accuracy": cls["balanced_accuracy"], "roc_auc": cls["roc_auc"]}
     out.update(localisation_metrics(fams, boxes))
+    plain = localisation_metrics(hl.fam(fakes.to(device), mirror=False).cpu(), boxes)
+    out.update(pointing_plain=plain["pointing"], iou_plain=plain["iou"])
     out["twin_pointing"] = localisation_metrics(real_fams, boxes)["pointing"]
     return out, (fakes, fams, boxes)
 
@@ -333,7 +337,11 @@ def run(
     model, fit = dict(model or {}), dict(fit or {})
     train, test = digit_split(size, holdout, seed)
     train, test = train[:train_images], test[:test_images]
-    results = {"config": {"kinds": list(kinds), "size": size, "copies": copies, "model": model, "fit": fit,
+    from srdiff.highlighter.training import fit as fit_fn
+
+    recipe = {n: p.default for n, p in inspect.signature(fit_fn).parameters.items() if p.default is not p.empty}
+    recipe.update(fit)
+    results = {"config": {"kinds": list(kinds), "size": size, "copies": copies, "model": model, "fit": recipe,
                           "severity": {k: severity.get(k, DEFAULT_SEVERITY[k]) for k in KINDS}, "seed": seed,
                           "train_images": len(train), "test_images": len(test)},
                "per_kind": {}, "cross": {}}
@@ -347,7 +355,8 @@ def run(
                                         seed=seed, device=device)
         seconds = time.perf_counter() - start
         real_fams = hl.fam(test.to(device)).cpu()
-        row = {"train_seconds": seconds, "epochs_run": len(history), "val": history[-1] if history else {}}
+        row = {"train_seconds": seconds, "epochs_run": len(history), "val": history[-1] if history else {},
+               "highlighter": hl.config}
         row["real_spread"] = argmax_spread(real_fams)
         for k in train_kinds:
             metrics, pics = evaluate(hl, test, k, severity=severity.get(k), seed=seed + 1, real_fams=real_fams)
@@ -372,15 +381,16 @@ def run(
 
 def format_table(results: dict) -> str:
     """The per-kind table (and the cross-kind pointing table, when present) as Markdown."""
-    lines = ["| trained on | evaluated on | accuracy | ROC-AUC | pointing | IoU | chance | twin pointing | real: distinct argmax / top share / empty |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| trained on | evaluated on | accuracy | ROC-AUC | pointing | IoU | pointing, IoU without mirror | chance | "
+             "twin pointing | clean images: empty / distinct argmax / top share |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for kind, row in results["per_kind"].items():
         spread = row["real_spread"]
         for k in (KINDS if kind == "all" else (kind,)):
             m = row[k]
             lines.append(f"| {kind} | {k} | {m['accuracy']:.3f} | {m['roc_auc']:.3f} | {m['pointing']:.3f} | "
-                         f"{m['iou']:.3f} | {m['chance']:.3f} | {m['twin_pointing']:.3f} | "
-                         f"{spread['distinct']} / {spread['top_share']:.2f} / {spread['empty']:.2f} |")
+                         f"{m['iou']:.3f} | {m['pointing_plain']:.3f}, {m['iou_plain']:.3f} | {m['chance']:.3f} | "
+                         f"{m['twin_pointing']:.3f} | {spread['empty']:.2f} / {spread['distinct']} / {spread['top_share']:.2f} |")
     if results.get("cross"):
         lines += ["", "Cross-kind pointing (accuracy): rows trained on, columns evaluated on", "",
                   "| trained on | " + " | ".join(KINDS) + " |", "|---|" + "---|" * len(KINDS)]

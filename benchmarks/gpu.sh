@@ -87,7 +87,7 @@ CHUNKS=(
   "gradcam|benchmarks/bench_gradcam.py||60"
   "attention_fwdbwd|benchmarks/bench_attention.py|bwd|150"
   "fam|benchmarks/bench_fam.py||60"
-  "train|benchmarks/bench_train.py||90"
+  "train|benchmarks/bench_train.py||120"
 )
 for chunk in "${CHUNKS[@]}"; do
   IFS='|' read -r name file kexpr cap <<<"$chunk"

@@ -37,25 +37,24 @@ def _as_batch_map(fam: torch.Tensor) -> torch.Tensor:
     return fam[:, None] if fam.dim() == 3 else fam
 
 
-def _amplified(x0, timesteps, alphas_cumprod, noise, fam, lam, seed, amplify, dtype):
-    """(x0, ε, ε_sr, √ᾱ_t, √(1 − ᾱ_t)), all in ``dtype``."""
-    x = x0.to(dtype)
-    eps = _epsilon(x0, noise, seed, dtype)
-    sqrt_ab, sqrt_1m_ab = _coefficients(timesteps, alphas_cumprod, dtype)
-    eps_sr = eps
-    if fam is not None and lam != 0:
-        m = lam * _as_batch_map(fam).to(dtype)
-        eps_sr = eps * (1 + m) if amplify == "scale" else eps + m
-    return x, eps, eps_sr, sqrt_ab, sqrt_1m_ab
+def _amplify(eps: torch.Tensor, fam: torch.Tensor | None, lam: float, amplify: str, dtype: torch.dtype):
+    """ε_sr = ε + λ·M ("add") or ε·(1 + λ·M) ("scale"), in ``dtype``; ε itself when there is no map."""
+    if fam is None or lam == 0:
+        return eps
+    m = lam * _as_batch_map(fam).to(dtype)
+    return eps * (1 + m) if amplify == "scale" else eps + m
 
 
-def _target(x, eps, eps_sr, sqrt_ab, sqrt_1m_ab, amplified_target: bool, prediction_type: str):
+def _target(x0, timesteps, alphas_cumprod, eps, eps_sr, prediction_type: str, amplified_target: bool, dtype,
+            coefficients=None):
+    """The regression target in ``dtype``; √ᾱ_t and √(1 − ᾱ_t) are gathered only if it needs them."""
     eps_target = eps_sr if amplified_target else eps
     if prediction_type == "epsilon":
         return eps_target
-    if prediction_type == "v_prediction":
-        return torch.addcmul(sqrt_ab * eps_target, -sqrt_1m_ab, x)
-    return x
+    if prediction_type == "sample":
+        return x0.to(dtype)
+    sqrt_ab, sqrt_1m_ab = coefficients or _coefficients(timesteps, alphas_cumprod, dtype)
+    return torch.addcmul(sqrt_ab * eps_target, -sqrt_1m_ab, x0.to(dtype))  # v_prediction
 
 
 def amplified_add_noise_ref(
@@ -81,13 +80,15 @@ def amplified_add_noise_ref(
     (x_t, None) without ``return_target``. Differentiable by autograd.
     """
     dtype = torch.float32 if upcast else x0.dtype
-    x, eps, eps_sr, sqrt_ab, sqrt_1m_ab = _amplified(
-        x0, timesteps, alphas_cumprod, noise, fam, lam, seed, amplify, dtype
-    )
-    x_t = torch.addcmul(sqrt_ab * x, sqrt_1m_ab, eps_sr).to(x0.dtype)
+    eps = _epsilon(x0, noise, seed, dtype)
+    eps_sr = _amplify(eps, fam, lam, amplify, dtype)
+    coefficients = _coefficients(timesteps, alphas_cumprod, dtype)
+    sqrt_ab, sqrt_1m_ab = coefficients
+    x_t = torch.addcmul(sqrt_ab * x0.to(dtype), sqrt_1m_ab, eps_sr).to(x0.dtype)
     if not return_target:
         return x_t, None
-    target = _target(x, eps, eps_sr, sqrt_ab, sqrt_1m_ab, amplified_target, prediction_type)
+    target = _target(x0, timesteps, alphas_cumprod, eps, eps_sr, prediction_type, amplified_target, dtype,
+                     coefficients)
     return x_t, target.to(x0.dtype)
 
 
@@ -116,6 +117,7 @@ def amplified_noise_loss_ref(
     if prediction_type == "sample":  # the target holds no noise: nothing to draw
         target = x0.to(dtype)
     else:
-        amplified = _amplified(x0, timesteps, alphas_cumprod, noise, fam, lam, seed, amplify, dtype)
-        target = _target(*amplified, amplified_target, prediction_type)
+        eps = _epsilon(x0, noise, seed, dtype)
+        eps_sr = _amplify(eps, fam, lam, amplify, dtype) if amplified_target else eps  # else unused
+        target = _target(x0, timesteps, alphas_cumprod, eps, eps_sr, prediction_type, amplified_target, dtype)
     return F.mse_loss(pred.to(dtype), target, reduction=reduction)

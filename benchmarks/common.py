@@ -12,6 +12,7 @@ JIT compilation and autotuning.
 """
 
 import os
+import time
 from collections.abc import Callable
 
 import pytest
@@ -65,6 +66,15 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
     return (_rss_kib("VmHWM") - base) / 1024
 
 
+def _cpu_rounds(run: Callable[[], None], prepare: Callable[[], object], budget_s: float = 1.0) -> int:
+    """Rounds for about ``budget_s`` of timed calls, 5 to 50: a CPU median of 5 calls of a
+    millisecond op moved by 20 % between runs; slow cases keep 5."""
+    prepare()
+    start = time.perf_counter()
+    run()
+    return max(5, min(50, int(budget_s / max(time.perf_counter() - start, 1e-6))))
+
+
 def measure(
     benchmark,
     fn: Callable[[], object],
@@ -100,7 +110,8 @@ def measure(
         fn(*([state["args"]] if setup is not None else []))
         _sync(device)
 
-    rounds = rounds or (3 if QUICK else (20 if device == "cuda" else 5))
+    if rounds is None:
+        rounds = 3 if QUICK else (20 if device == "cuda" else _cpu_rounds(run, prepare))
     benchmark.group = op
     benchmark.pedantic(run, setup=prepare, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
     median_s = benchmark.stats.stats.median

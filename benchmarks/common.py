@@ -70,6 +70,8 @@ def _cpu_rounds(run: Callable[[], None], prepare: Callable[[], object], budget_s
     """Rounds for about ``budget_s`` of timed calls, 5 to 50: a CPU median of 5 calls of a
     millisecond op moved by 20 % between runs; slow cases keep 5."""
     prepare()
+    run()  # first calls pay one-time costs (allocator growth, lazy initialisation)
+    prepare()
     start = time.perf_counter()
     run()
     return max(5, min(50, int(budget_s / max(time.perf_counter() - start, 1e-6))))

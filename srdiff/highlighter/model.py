@@ -17,6 +17,15 @@ from srdiff.reference.gradcam import minmax_normalize
 CHECKPOINT_FORMAT = "srdiff.FlawHighlighter/1"
 
 
+def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, size, size): bilinear with half-pixel centres, antialiased when it
+    shrinks; the input itself when it already has that size."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=images.shape[-1] > size or images.shape[-2] > size)
+
+
 class FlawHighlighter(nn.Module):
     """Real/fake image classifier (real = class 0, fake = class 1) with batched Grad-CAM flaw maps.
 
@@ -190,10 +199,7 @@ class FlawHighlighter(nn.Module):
         """(B, in_channels, H, W) in [0, 1] -> what the network sees: resized to (S, S), normalised,
         grey repeated to 3 channels where the backbone wants them; in the parameters' dtype."""
         param = next(self.parameters(), None)
-        x = images.to(param.dtype if param is not None else torch.float32)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
-                              antialias=x.shape[-1] > self.image_size or x.shape[-2] > self.image_size)
+        x = resize_square(images.to(param.dtype if param is not None else torch.float32), self.image_size)
         x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         if self.net_channels != self.in_channels:
             x = x.expand(-1, self.net_channels, -1, -1)

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from srdiff._checks import check_tensor
+from srdiff.highlighter.model import resize_square
 
 
 def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -51,13 +51,6 @@ def augment(x: torch.Tensor, *, shift: int, flip: bool, generator: torch.Generat
     batch = torch.arange(B, device=x.device)[:, None, None, None]
     chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
     return padded[batch, chan, rows, cols]
-
-
-def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    if images.shape[-2:] == (size, size):
-        return images.float()
-    return F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False,
-                         antialias=images.shape[-1] > size or images.shape[-2] > size)
 
 
 def _split(n: int, val_fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,8 +118,6 @@ def fit(
         One dict per epoch (one for ``steps``): ``epoch``, ``steps``, ``lr``, ``train_loss`` and the
         validation ``loss``, ``accuracy``, ``balanced_accuracy``, ``roc_auc``.
     """
-    check_tensor("real", real, ndim=4, floating=True)
-    check_tensor("fake", fake, ndim=4, floating=True)
     model.check_images(real, "real")
     model.check_images(fake, "fake")
     if epochs is not None and steps is not None:
@@ -147,7 +138,7 @@ def fit(
 
     generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
     device = next(model.parameters()).device
-    real, fake = _resize(real, model.image_size), _resize(fake, model.image_size)
+    real, fake = resize_square(real.float(), model.image_size), resize_square(fake.float(), model.image_size)
     (real_tr, real_val), (fake_tr, fake_val) = _split(len(real), val_fraction, generator), _split(len(fake), val_fraction, generator)
     val_images = torch.cat([real[real_val], fake[fake_val]])
     val_labels = torch.cat([torch.zeros(len(real_val), dtype=torch.long), torch.ones(len(fake_val), dtype=torch.long)])
@@ -222,7 +213,6 @@ class _Cycler:
             k -= len(got)
             out.append(got)
         return torch.cat(out)
-
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+from srdiff.trainer.ablation import LAMBDAS
 from srdiff.trainer.config import add_config_flags, config_from_args
 
 
@@ -178,7 +179,7 @@ def add_commands(sub) -> None:
                    choices=("baseline", "forward", "reverse", "combined"))
     p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the lambda and cycle sweep (combined mode, first seed)")
-    p.add_argument("--sweep-lambdas", type=float, nargs="+", default=[0.01, 0.025, 0.05, 0.1],
+    p.add_argument("--sweep-lambdas", type=float, nargs="+", default=list(LAMBDAS),
                    help="lambda values of the sweep (lam_f = lam_r)")
     p.add_argument("--sweep-cycles", type=int, nargs="+",
                    help="cycle values of the sweep (default: 50/100/500 scaled to the refinement steps)")

@@ -63,8 +63,9 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def load_image_folder(folder: str | os.PathLike, size: int, channels: int = 3) -> torch.Tensor:
-    """Every readable PNG/JPEG under ``folder`` as (N, channels, size, size) in [0, 1].
+def read_image_folder(folder: str | os.PathLike, size: int, channels: int = 3) -> tuple[torch.Tensor, list[Path]]:
+    """Every readable PNG/JPEG under ``folder`` as (N, channels, size, size) in [0, 1], and the path
+    of each image read, in the same order.
 
     Any size or mode is accepted (resized and centre-cropped). Unreadable files are skipped with one
     warning each; a folder with no readable image raises ``ValueError``.
@@ -73,16 +74,22 @@ def load_image_folder(folder: str | os.PathLike, size: int, channels: int = 3) -
 
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    out = []
+    out, paths = [], []
     for path in image_files(folder):
         try:
             with Image.open(path) as img:
                 out.append(_to_tensor(img, size, channels))
+            paths.append(path)
         except (OSError, UnidentifiedImageError, ValueError) as exc:
             warnings.warn(f"skipping unreadable image {path}: {exc}", RuntimeWarning, stacklevel=2)
     if not out:
         raise ValueError(f"no readable image in {str(folder)!r}")
-    return torch.stack(out)
+    return torch.stack(out), paths
+
+
+def load_image_folder(folder: str | os.PathLike, size: int, channels: int = 3) -> torch.Tensor:
+    """:func:`read_image_folder`'s images only."""
+    return read_image_folder(folder, size, channels)[0]
 
 
 def load_images(source: str | os.PathLike, size: int, channels: int) -> torch.Tensor:

@@ -157,38 +157,21 @@ def _eval_planted(args) -> None:
     print(f"wrote {out / 'results.json'} and {out / 'overlay-grid.png'}")
 
 
-def _load_named(folder: str, size: int, channels: int):
-    """Like :func:`srdiff.data.load_image_folder`, keeping the name of every image read."""
-    import warnings
-
-    import torch
-    from PIL import Image, UnidentifiedImageError
-
-    from srdiff.data import _to_tensor, image_files
-
-    images, names = [], []
-    for path in image_files(folder):
-        try:
-            with Image.open(path) as img:
-                images.append(_to_tensor(img, size, channels))
-            names.append(str(path.relative_to(folder).with_suffix("")).replace(os.sep, "__"))
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            warnings.warn(f"skipping unreadable image {path}: {exc}", RuntimeWarning, stacklevel=2)
-    if not images:
-        raise SystemExit(f"no readable image in {folder!r}")
-    return torch.stack(images), names
-
-
 def _fam(args) -> None:
     import torch
     from tqdm.auto import tqdm
 
+    from srdiff.data import read_image_folder
     from srdiff.highlighter import FlawHighlighter
     from srdiff.viz import colormap, overlay, save_grid, save_png
 
     device = _device(args.device)
     hl = FlawHighlighter.load(args.highlighter, map_location=device)
-    images, names = _load_named(args.images, hl.image_size, hl.in_channels)
+    try:
+        images, paths = read_image_folder(args.images, hl.image_size, hl.in_channels)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    names = [str(p.relative_to(args.images).with_suffix("")).replace(os.sep, "__") for p in paths]
     out = Path(args.out)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     fams = []

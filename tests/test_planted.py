@@ -18,8 +18,9 @@ from srdiff.highlighter import planted
 # rest. Without the mirror average the same runs give intensity 0.54 at s = 0 and checkerboard 0.16
 # at s = 3: one orientation's map can sit beside the flaw. The full run (docs/highlighter.md) reaches more.
 REDUCED = dict(train_images=500, test_images=200, copies=1, epochs=8, batch_size=32)
-MIN_POINTING = 0.8
-MIN_ACCURACY = 0.9
+# (pointing, accuracy) floors: the earlier five-kind test's 0.85 and 0.95 for every kind but blur, the
+# faintest, which this size detects less surely (accuracy 0.908-0.957) and localises 0.83-0.925.
+FLOORS = {kind: (0.85, 0.95) for kind in planted.KINDS} | {"blur": (0.8, 0.9)}
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +138,8 @@ def test_default_highlighter_localises_planted_artifacts(kind):
     metrics, _ = planted.evaluate(hl, test, kind, severity=None, seed=1, real_fams=real_fams)
     spread = planted.argmax_spread(real_fams)
     assert (1 - spread["empty"]) * spread["top_share"] < 0.5, spread  # clean images: no common hot spot
-    assert metrics["accuracy"] >= MIN_ACCURACY, metrics
-    assert metrics["pointing"] >= MIN_POINTING, metrics
+    min_pointing, min_accuracy = FLOORS[kind]
+    assert metrics["accuracy"] >= min_accuracy, metrics
+    assert metrics["pointing"] >= min_pointing, metrics
     assert metrics["iou"] > 2 * metrics["chance"], metrics
     assert metrics["twin_pointing"] < 0.3, metrics

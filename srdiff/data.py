@@ -1,8 +1,10 @@
-"""Images in, as float tensors (N, C, H, W) in [0, 1]: the bundled digits, folders of files, tensor files.
+"""Images in, as float tensors (N, C, H, W) in [0, 1]: the bundled digits, folders of files, image files,
+tensor files. Values are checked, never clamped (:func:`to_unit_range`).
 
 Nothing here downloads. The digits are scikit-learn's bundled 8x8 set (1,797 images), upscaled.
 """
 
+import itertools
 import os
 import warnings
 from pathlib import Path
@@ -10,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from srdiff import datasets
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -31,12 +35,22 @@ def digits(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def split(images: torch.Tensor, holdout: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A reproducible (train, held-out) split along the first dim."""
+    """A reproducible (train, held-out) split along the first dim: ``round(holdout * N)`` images (at least
+    one) held out, at least one left to train on; fewer images than that raise ``ValueError``."""
     if not 0.0 < holdout < 1.0:
         raise ValueError(f"holdout must be in (0, 1), got {holdout}")
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    n_hold = max(1, int(round(holdout * len(images))))
+    n = len(images)
+    if n - _n_holdout(n, holdout) < 1:
+        need = next(m for m in itertools.count(2) if m - _n_holdout(m, holdout) >= 1)
+        raise ValueError(f"{n} image(s) cannot be split into training and held-out images with holdout={holdout}: "
+                         f"at least {need} are needed")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_hold = _n_holdout(n, holdout)
     return images[order[n_hold:]], images[order[:n_hold]]
+
+
+def _n_holdout(n: int, holdout: float) -> int:
+    return max(1, int(round(holdout * n)))
 
 
 def _to_tensor(img, size: int, channels: int) -> torch.Tensor:
@@ -93,24 +107,116 @@ def load_image_folder(folder: str | os.PathLike, size: int, channels: int = 3) -
 
 
 def load_images(source: str | os.PathLike, size: int, channels: int) -> torch.Tensor:
-    """``"digits"``, a folder of images, or a tensor file (``torch.save`` of (N, C, H, W) in [0, 1]).
+    """:func:`read_images`'s images only: (N, channels, size, size) float32 in [0, 1]."""
+    return read_images(source, size, channels)[0]
 
-    Everything comes back as (N, channels, size, size) float32 in [0, 1].
-    """
+
+def load_labels(source: str | os.PathLike, size: int) -> torch.Tensor | None:
+    """The class labels of a built-in set (``"digits"``, ``"mnist"``), in :func:`read_images`' order;
+    None for every other source."""
     if str(source) == "digits":
-        images = digits(size)[0]
-    elif Path(source).is_dir():
-        return load_image_folder(source, size, channels)
-    elif Path(source).is_file():
-        images = torch.load(source, map_location="cpu", weights_only=True)
-        if not isinstance(images, torch.Tensor) or images.dim() != 4:
-            raise ValueError(f"{str(source)!r} must hold a (N, C, H, W) tensor, got {type(images).__name__}")
-        images = images.float()
-        if images.shape[-2:] != (size, size):
-            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+        return digits(size)[1]
+    if str(source) in datasets.NAMED:
+        return datasets.load(str(source), size)[1]
+    return None
+
+
+def read_images(source: str | os.PathLike, size: int, channels: int) -> tuple[torch.Tensor, list[str]]:
+    """``"digits"``, a folder of images, one image file, or a tensor file (``torch.save`` of one
+    (N, C, H, W) tensor: see :func:`load_tensor_file`) as (N, channels, size, size) float32 in [0, 1],
+    and a name per image for output files: a folder's images by their path below it (``a/b.png`` ->
+    ``a__b``), an image file by its stem, the others by index (``0000``, ``0001``, ...).
+    """
+    from srdiff.viz import numbered_names
+
+    path = Path(source)
+    if str(source) == "digits":
+        images = match_channels(digits(size)[0], channels)
+    elif str(source) in datasets.NAMED:
+        images = match_channels(datasets.load(str(source), size)[0], channels)
+    elif path.is_dir():
+        images, paths = read_image_folder(path, size, channels)
+        return images, [str(p.relative_to(path).with_suffix("")).replace(os.sep, "__") for p in paths]
+    elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        return read_image_file(path, size, channels)[None], [path.stem]
+    elif path.is_file():
+        images = load_tensor_file(path, size, channels)
     else:
-        raise ValueError(f"image source must be 'digits', a folder or a tensor file, got {str(source)!r}")
-    return match_channels(images.clamp(0, 1), channels)
+        raise ValueError(f"image source must be 'digits', a folder, an image file or a tensor file, got {str(source)!r}")
+    return images, numbered_names(len(images), "")
+
+
+def read_image_file(path: str | os.PathLike, size: int, channels: int = 3) -> torch.Tensor:
+    """One PNG/JPEG/... as (channels, size, size) in [0, 1] (resized and centre-cropped); an unreadable file
+    raises ``ValueError``."""
+    from PIL import Image, UnidentifiedImageError
+
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    try:
+        with Image.open(path) as img:
+            return _to_tensor(img, size, channels)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise ValueError(f"cannot read image {str(path)!r}: {exc}") from None
+
+
+def load_tensor_file(path: str | os.PathLike, size: int, channels: int) -> torch.Tensor:
+    """A ``torch.save`` of one (N, C, H, W) tensor with C in (1, 3) as (N, channels, size, size) float32 in
+    [0, 1] (bilinear resize; grey <-> RGB). Values: see :func:`to_unit_range` (checked, never clamped).
+
+    Loaded with ``weights_only=True``: nothing but tensors is unpickled. A file torch cannot read, anything
+    but one 4-d tensor, or values out of range raise ``ValueError`` naming the file.
+    """
+    name = repr(str(path))
+    try:
+        images = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # torch.load reports a non-torch file as KeyError, EOFError, RuntimeError, ...
+        why = ("it holds objects other than tensors, which are not unpickled" if "Weights only load failed" in str(exc)
+               else f"torch.load failed with {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else '-'}")
+        raise ValueError(f"{name} is not a tensor file (torch.save of one (N, C, H, W) tensor): {why}") from None
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"{name} must hold one (N, C, H, W) tensor, got a {type(images).__name__}")
+    shape = tuple(images.shape)
+    if images.dim() != 4:
+        hint = "; one image (C, H, W)? save x[None]" if images.dim() == 3 else ""
+        raise ValueError(f"{name} must hold an (N, C, H, W) tensor, got shape {shape} ({images.dtype}){hint}")
+    if shape[1] not in (1, 3):
+        hint = "; channels-last (N, H, W, C)? save x.permute(0, 3, 1, 2)" if shape[-1] in (1, 3) else ""
+        raise ValueError(f"{name} must hold an (N, C, H, W) tensor with C = 1 or 3, got shape {shape}{hint}")
+    if shape[0] == 0:
+        raise ValueError(f"{name} holds no images: shape {shape}")
+    images = to_unit_range(images, name)
+    if images.shape[-2:] != (size, size):
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    return match_channels(images, channels)
+
+
+def to_unit_range(images: torch.Tensor, name: str = "images") -> torch.Tensor:
+    """``images`` as float32 in [0, 1], checked, never clamped: float in [0, 1] as is; uint8 (0..255) divided
+    by 255 and float in [-1, 1] (with some value below 0) mapped by (x + 1) / 2, each with a warning saying
+    so; anything else (other dtypes, non-finite values, other ranges) raises ``ValueError`` naming ``name``,
+    the shape, the dtype and the range."""
+    if images.dtype == torch.uint8:
+        warnings.warn(f"{name}: uint8 values read as 0..255 and divided by 255", UserWarning, stacklevel=3)
+        return images.float() / 255
+    described = f"shape {tuple(images.shape)}, dtype {images.dtype}"
+    if not images.is_floating_point():
+        raise ValueError(f"{name} must be uint8 (0..255) or float in [0, 1] or [-1, 1], got {described}")
+    images = images.float()
+    if not torch.isfinite(images).all():
+        raise ValueError(f"{name} must be finite, got NaN or inf values ({described})")
+    lo, hi = (float(v) for v in torch.aminmax(images))
+    described += f", values in [{lo:g}, {hi:g}]"
+    if lo >= 0.0 and hi <= 1.0:
+        return images
+    if lo >= -1.0 and hi <= 1.0:
+        warnings.warn(f"{name}: values in [{lo:g}, {hi:g}] read as [-1, 1] and mapped to [0, 1] by (x + 1) / 2",
+                      UserWarning, stacklevel=3)
+        return (images + 1) / 2
+    raise ValueError(f"{name} must be uint8 (0..255) or float in [0, 1] or [-1, 1], got {described}; "
+                     "rescale it (nothing is clamped)")
 
 
 def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:

@@ -50,6 +50,8 @@ def save_png(picture: np.ndarray | torch.Tensor, path: str | os.PathLike, upscal
     """Write a uint8 (H, W, 3) array, or a (C, H, W) tensor in [0, 1], as PNG (nearest upscaling)."""
     from PIL import Image
 
+    if not isinstance(upscale, int) or isinstance(upscale, bool) or upscale < 1:
+        raise ValueError(f"upscale must be an int >= 1, got {upscale!r}")
     if isinstance(picture, torch.Tensor):
         picture = grid(picture[None], nrow=1, pad=0)
     img = Image.fromarray(picture)
@@ -60,4 +62,11 @@ def save_png(picture: np.ndarray | torch.Tensor, path: str | os.PathLike, upscal
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, upscale: int = 1) -> None:
+    """:func:`grid` of ``images`` (N, C, H, W) in [0, 1] written as PNG, each pixel ``upscale`` x ``upscale``."""
     save_png(grid(images, nrow), path, upscale)
+
+
+def numbered_names(n: int, suffix: str) -> list[str]:
+    """``0000<suffix>``, ``0001<suffix>``, ...: ``n`` file names that sort in order (at least 4 digits)."""
+    width = max(4, len(str(n - 1)))
+    return [f"{i:0{width}d}{suffix}" for i in range(n)]

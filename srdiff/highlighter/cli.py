@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 PLANTED_PREFIX = "planted:"
@@ -20,6 +19,8 @@ def add_commands(sub) -> None:
     train.add_argument("--out", required=True, help="checkpoint path (written atomically)")
     train.add_argument("--weights", help="a local torchvision state dict for the backbone (nothing is downloaded)")
     train.add_argument("--history", help="also write the per-epoch metrics as JSON here")
+    train.add_argument("--overwrite", action="store_true", help="replace --out / --history if they exist (refused "
+                                                                "otherwise)")
     _model_args(train)
     _fit_args(train)
     train.set_defaults(func=_train)
@@ -33,16 +34,23 @@ def add_commands(sub) -> None:
     ev.add_argument("--test-images", type=int, default=None, help="use only this many held-out digits (quick runs)")
     ev.add_argument("--no-cross", action="store_true", help="skip the cross-kind table")
     ev.add_argument("--out", default="runs/planted", help="folder for results.json and the overlay grids")
+    ev.add_argument("--overwrite", action="store_true", help="replace the results in --out (refused otherwise)")
     _model_args(ev, image_size=32, channels=1)
     _fit_args(ev)
     ev.set_defaults(func=_eval_planted)
 
-    fam = sub.add_parser("fam", help="flaw activation maps of a folder of images: overlays, contact sheet, mFAM")
+    fam = sub.add_parser("fam", help="flaw maps of a folder, image or tensor file: overlays, mFAM")
     fam.add_argument("--highlighter", required=True, help="checkpoint from 'srdiff highlighter train'")
-    fam.add_argument("--images", required=True, help="image folder (unreadable files are skipped with a warning)")
+    fam.add_argument("--images", required=True,
+                     help="an image folder (unreadable files are skipped with a warning), one image file, or a tensor "
+                          "file (N, C, H, W): uint8 0..255 or float in [0, 1] or [-1, 1]")
     fam.add_argument("--out", required=True, help="output folder")
+    fam.add_argument("--scale", type=int, default=1,
+                     help="nearest-neighbour upscaling of the overlays, the contact sheet and mfam.png (default 1: "
+                          "the highlighter's resolution)")
     fam.add_argument("--batch-size", type=int, default=32)
     fam.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    fam.add_argument("--overwrite", action="store_true", help="replace output files that exist (refused otherwise)")
     fam.set_defaults(func=_fam)
 
 
@@ -91,7 +99,9 @@ def _train(args) -> None:
 
     from srdiff.data import load_images
     from srdiff.highlighter import FlawHighlighter, planted
+    from srdiff.trainer.run_dir import refuse_existing
 
+    refuse_existing([args.out, *([args.history] if args.history else [])], overwrite=args.overwrite)
     torch.manual_seed(args.seed)
     real = load_images(args.real, args.image_size, args.channels)
     if args.fake.startswith(PLANTED_PREFIX):
@@ -121,8 +131,11 @@ def _parse_severity(items: list[str]) -> dict:
     for item in items:
         kind, sep, value = item.partition("=")
         if not sep or kind not in KINDS:
-            raise SystemExit(f"--severity takes KIND=VALUE with KIND in {KINDS}, got {item!r}")
-        out[kind] = float(value)
+            raise ValueError(f"--severity takes KIND=VALUE with KIND in {KINDS}, got {item!r}")
+        try:
+            out[kind] = float(value)
+        except ValueError:
+            raise ValueError(f"--severity {kind}= takes a number, got {value!r}") from None
     return out
 
 
@@ -130,12 +143,14 @@ def _eval_planted(args) -> None:
     import torch
 
     from srdiff.highlighter import planted
+    from srdiff.trainer.run_dir import refuse_existing
     from srdiff.viz import save_grid
 
+    refuse_existing([Path(args.out) / "results.json", Path(args.out) / "overlay-grid.png"], overwrite=args.overwrite)
     kinds = args.kinds or list(planted.KINDS)
     for k in kinds:
         if k != "all" and k not in planted.KINDS:
-            raise SystemExit(f"--kinds takes {planted.KINDS} or 'all', got {k!r}")
+            raise ValueError(f"--kinds takes {planted.KINDS} or 'all', got {k!r}")
     model = _model_kwargs(args)
     results, pictures = planted.run(
         kinds, size=args.image_size, severity=_parse_severity(args.severity), copies=args.copies, model=model,
@@ -161,28 +176,31 @@ def _fam(args) -> None:
     import torch
     from tqdm.auto import tqdm
 
-    from srdiff.data import read_image_folder
+    from srdiff.data import read_images
     from srdiff.highlighter import FlawHighlighter
+    from srdiff.trainer.run_dir import refuse_existing
     from srdiff.viz import colormap, overlay, save_grid, save_png
 
+    if args.scale < 1:
+        raise ValueError(f"--scale must be >= 1, got {args.scale}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = _device(args.device)
     hl = FlawHighlighter.load(args.highlighter, map_location=device)
-    try:
-        images, paths = read_image_folder(args.images, hl.image_size, hl.in_channels)
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
-    names = [str(p.relative_to(args.images).with_suffix("")).replace(os.sep, "__") for p in paths]
+    images, names = read_images(args.images, hl.image_size, hl.in_channels)
     out = Path(args.out)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    outputs = [out / "contact-sheet.png", out / "mfam.png", out / "mfam.pt"]
+    refuse_existing([*(out / "overlays" / f"{name}.png" for name in names), *outputs], overwrite=args.overwrite)
     fams = []
     for start in tqdm(range(0, len(images), args.batch_size), desc="FAMs", unit="batch"):
         fams.append(hl.fam(images[start : start + args.batch_size].to(device)).cpu())
     fams = torch.cat(fams)
     overlays = overlay(images, fams)
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
     for name, picture in zip(names, overlays):
-        save_png(picture, out / "overlays" / f"{name}.png")
-    save_grid(overlays, out / "contact-sheet.png")
+        save_png(picture, out / "overlays" / f"{name}.png", upscale=args.scale)
+    save_grid(overlays, outputs[0], upscale=args.scale)
     mfam = fams.mean(dim=0)
-    save_png(colormap(mfam), out / "mfam.png")
-    torch.save(mfam, out / "mfam.pt")
+    save_png(colormap(mfam), outputs[1], upscale=args.scale)
+    torch.save(mfam, outputs[2])
     print(f"{len(images)} FAMs -> {out / 'overlays'}, contact-sheet.png, mfam.png, mfam.pt")

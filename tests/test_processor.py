@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import srdiff
-from srdiff.processor import _token_grid
+from srdiff.processors.context import token_grid
 from utils import assert_close, cpu_and_cuda
 
 diffusers = pytest.importorskip("diffusers")
@@ -196,7 +196,7 @@ def test_attention_mask_runs_the_prescaled_path():
     hidden, mfam = torch.randn(2, 16, 32), torch.rand(8, 8)
     mask = torch.zeros(2, 16)
     mask[:, -3:] = -1e4
-    with torch.no_grad(), srdiff.fam_context(mfam):
+    with torch.no_grad(), srdiff.fam_context(mfam, grid=(4, 4)):  # a bare layer: no model hook knows its grid
         got = attn(hidden, attention_mask=mask)
     attn.set_processor(AttnProcessor2_0())
     s = 1 + LAM * F.interpolate(mfam[None, None], size=(4, 4), mode="bilinear", align_corners=False).flatten()

@@ -1,0 +1,114 @@
+"""What every FAM layer shares (diffusers processors and srdiff's own attention blocks): its
+settings, the last grid it modulated, and the step from the active context to its per-token map."""
+
+from dataclasses import dataclass
+
+import torch
+
+from srdiff._checks import check_choice, check_nonnegative
+from srdiff.attention import fam_attention
+from srdiff.fam_embedding import MODES, FAMProjection
+from srdiff.processors import context as fam_state
+from srdiff.reference.attention import fam_attention_sdpa
+
+
+@dataclass(frozen=True)
+class FAMLayerInfo:
+    """One modulated layer as :func:`srdiff.fam_layers` reports it.
+
+    ``grid`` is the token grid the layer modulated in the model's last forward (None: it was not
+    modulated then); ``projection`` is None, ``"per_layer"``, ``"shared"`` or ``"external"``."""
+
+    name: str
+    family: str
+    lam: float
+    projection: str | None
+    leading_tokens: int
+    grid: tuple[int, int] | None
+
+
+class FAMLayer:
+    """Settings and per-forward state of one layer that applies the active mFAM to its keys and values.
+
+    Args:
+        lam: modulation strength (the paper: 0.025).
+        projection: the :class:`srdiff.FAMProjection` this layer applies to the mFAM (its own, a
+            shared one, or None: the map itself).
+        mode: how the map is resized to the layer's grid, ``"bilinear"`` or ``"area"``.
+        backend: passed to :func:`srdiff.fam_attention`.
+        leading_tokens: tokens before the grid that are not image cells (time, class): they get 0.
+        name: the layer's name in its model (for messages and :func:`srdiff.fam_layers`).
+    """
+
+    family = "FAMAttention"
+
+    def __init__(self, lam: float = 0.025, *, projection: FAMProjection | None = None, mode: str = "bilinear",
+                 backend: str | None = None, leading_tokens: int = 0, name: str = "<unnamed layer>"):
+        check_nonnegative("lam", lam)
+        check_choice("mode", mode, MODES)
+        if projection is not None and not isinstance(projection, FAMProjection):
+            raise TypeError(f"projection must be a FAMProjection or None, got {type(projection).__name__}")
+        if not (isinstance(leading_tokens, int) and not isinstance(leading_tokens, bool) and leading_tokens >= 0):
+            raise ValueError(f"leading_tokens must be an int >= 0, got {leading_tokens!r}")
+        self.lam, self.projection, self.mode, self.backend = float(lam), projection, mode, backend
+        self.leading_tokens, self.fam_name = leading_tokens, name
+        self.projection_kind: str | None = None if projection is None else "external"
+        self.last_grid: tuple[int, int] | None = None
+
+    def info(self) -> FAMLayerInfo:
+        return FAMLayerInfo(self.fam_name, self.family, self.lam, self.projection_kind, self.leading_tokens,
+                            self.last_grid)
+
+    def active(self) -> "fam_state.FAMContext | None":
+        """The context to modulate with, or None (no context, no map, or lam = 0)."""
+        context = fam_state.active_context()
+        return None if context is None or self.lam == 0.0 else context
+
+    def grid_of(self, context: "fam_state.FAMContext", n_spatial: int) -> tuple[int, int]:
+        """The (h, w) grid of this layer's ``n_spatial`` image tokens, from the model input's (H, W)."""
+        record = fam_state.current_forward()
+        input_hw = context.grid or (None if record is None else record.input_hw)
+        if input_hw is None:
+            raise ValueError(
+                f"layer {self.fam_name!r}: cannot place its {n_spatial} tokens on the image: the model's input "
+                "grid is unknown. Install with srdiff.set_fam_attn_processor(model, ...) (a hook records the "
+                "input's (H, W)) or pass srdiff.fam_context(mfam, grid=(H, W))"
+            )
+        grid = fam_state.token_grid(n_spatial, input_hw)
+        if grid is None:
+            raise ValueError(
+                f"layer {self.fam_name!r}: its {n_spatial} image tokens form no grid of the {input_hw[0]}x"
+                f"{input_hw[1]} input (ceil(H/f) x ceil(W/f) or H//f x W//f for an integer f); "
+                f"leading_tokens={self.leading_tokens}"
+            )
+        return grid
+
+    def token_fam(self, context: "fam_state.FAMContext", grid: tuple[int, int], batch_size: int,
+                  trailing: int = 0) -> torch.Tensor:
+        """This layer's per-key map: leading zeros, the resized M_emb, ``trailing`` zeros."""
+        fam = fam_state.layer_fam(context, self.projection, self.lam, grid, self.mode, self.leading_tokens,
+                                  trailing, batch_size)
+        self.last_grid = grid
+        fam_state.note_modulated(self.fam_name)
+        return fam
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fam: torch.Tensor,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Modulated attention, (B, H, N, D) -> (B, H, N, D). With a mask: K/V prescaling + SDPA (the
+        fused kernels take no mask). The map was checked on entry to the context (or after the
+        projection), so the op does not check it again."""
+        if attention_mask is not None:
+            return fam_attention_sdpa(q, k, v, fam, self.lam, attn_mask=attention_mask)
+        return fam_attention(q, k, v, fam, self.lam, backend=self.backend, check_fam=False)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, H*D) -> (B, H, N, D), a view."""
+    B, N, C = x.shape
+    return x.view(B, N, heads, C // heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, D) -> (B, N, H*D)."""
+    B, H, N, D = x.shape
+    return x.transpose(1, 2).reshape(B, N, H * D)

@@ -1,0 +1,88 @@
+"""FAM processor for diffusers' ``AttnProcessor2_0`` (and ``FusedAttnProcessor2_0``) layers: the
+self-attention of UNet2DModel, UNet2DConditionModel (``attn1``), DiT and PixArt."""
+
+import torch
+
+from srdiff.processors.base import FAMLayer, merge_heads, split_heads
+
+
+class FAMAttnProcessor(FAMLayer):
+    """A diffusers attention processor that modulates keys and values with the active mFAM.
+
+    Inside a :func:`srdiff.fam_context` with a map and ``lam > 0``, a self-attention call runs
+    :func:`srdiff.fam_attention` with ``fam = fam_to_tokens(M_emb, (h, w))``, (h, w) the layer's
+    grid: a 4-d input's (height, width), or for (B, N, C) inputs the input grid of the model
+    downsampled to N - ``leading_tokens`` cells. Everything else (no context, ``lam == 0``,
+    cross-attention calls) is the processor it replaced, called unchanged (bit for bit).
+    Cross-attention stays unmodulated: its keys are text tokens, which have no place in the image.
+
+    Args:
+        lam, projection, mode, backend, leading_tokens, name: see :class:`srdiff.processors.base.FAMLayer`.
+        original: the processor it replaces (default ``AttnProcessor2_0()``); a
+            ``FusedAttnProcessor2_0`` makes it project with the layer's fused ``to_qkv``.
+
+    With an ``attention_mask`` the modulated layer runs K/V prescaling + SDPA. Under
+    ``torch.autocast`` the kernels run in the autocast dtype.
+    """
+
+    family = "AttnProcessor2_0"
+
+    def __init__(self, lam: float = 0.025, *, original=None, **kwargs):
+        super().__init__(lam, **kwargs)
+        from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
+
+        self.original = AttnProcessor2_0() if original is None else original
+        self.fused = isinstance(self.original, FusedAttnProcessor2_0)
+        if self.fused:
+            self.family = "FusedAttnProcessor2_0"
+
+    def __repr__(self) -> str:
+        return (f"FAMAttnProcessor(lam={self.lam}, projection={self.projection_kind}, mode={self.mode!r}, "
+                f"replaces={type(self.original).__name__})")
+
+    def _project(self, attn, hidden_states: torch.Tensor):
+        if self.fused:
+            return attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        return attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 *args, **kwargs):
+        context = self.active()
+        if context is None or encoder_hidden_states is not None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                 *args, **kwargs)
+
+        # AttnProcessor2_0's steps, with the modulated attention in place of SDPA.
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+            grid = (height, width)
+        batch_size, sequence_length, _ = hidden_states.shape
+        if input_ndim != 4:
+            grid = self.grid_of(context, sequence_length - self.leading_tokens)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query, key, value = (split_heads(x, attn.heads) for x in self._project(attn, hidden_states))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        fam = self.token_fam(context, grid, batch_size)
+        hidden_states = merge_heads(self.attend(query, key, value, fam, attention_mask)).to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor

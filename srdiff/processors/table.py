@@ -1,0 +1,24 @@
+"""Which FAM processor replaces which diffusers processor. A layer whose processor is not here is
+refused by :func:`srdiff.set_fam_attn_processor` (or skipped and reported with ``strict=False``):
+installing something that behaves differently outside the modulation is never an option."""
+
+from srdiff.processors.joint import FAMJointAttnProcessor
+from srdiff.processors.self_attention import FAMAttnProcessor
+
+_DIFFUSERS = "diffusers.models.attention_processor."
+
+# qualified name of the diffusers processor class -> the FAM processor that replaces it
+FAM_PROCESSORS: dict[str, type] = {
+    _DIFFUSERS + "AttnProcessor2_0": FAMAttnProcessor,
+    _DIFFUSERS + "FusedAttnProcessor2_0": FAMAttnProcessor,
+    _DIFFUSERS + "JointAttnProcessor2_0": FAMJointAttnProcessor,
+}
+
+
+def qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def fam_processor_for(processor) -> type | None:
+    """The FAM processor class for a layer currently running ``processor``, or None."""
+    return FAM_PROCESSORS.get(qualified_name(type(processor)))

@@ -1,0 +1,68 @@
+"""The independent reference the FAM processor tests compare with: the model with its original
+processors and forward hooks that scale each named layer's keys and values per token by
+1 + lam * (the map resized bilinearly with F.interpolate to the layer's grid), i.e. the paper's
+K (1 + lam M), V (1 + lam M). Keys are scaled after ``norm_k`` where the layer has one (the key that
+enters attention)."""
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+
+def halving_grid(n_tokens: int, input_hw: tuple[int, int]) -> tuple[int, int]:
+    """The grid among the input's strided halvings (ceil(H / 2^k), ceil(W / 2^k)) with n_tokens cells."""
+    (H, W), k = input_hw, 0
+    while -(-H // 2 ** k) * -(-W // 2 ** k) > n_tokens:
+        k += 1
+    grid = (-(-H // 2 ** k), -(-W // 2 ** k))
+    assert grid[0] * grid[1] == n_tokens, (n_tokens, input_hw)
+    return grid
+
+
+def token_scale(mfam: torch.Tensor, grid: tuple[int, int], lam: float, leading: int = 0) -> torch.Tensor:
+    """(B|1, leading + h*w) s = 1 + lam * m, float32."""
+    maps = mfam if mfam.dim() == 3 else mfam[None]
+    m = F.interpolate(maps[:, None].float(), size=grid, mode="bilinear", align_corners=False).flatten(1)
+    return 1 + lam * F.pad(m, (leading, 0))
+
+
+def _scale(grid_of, mfam, lam, leading, heads_layout):
+    def hook(module, inputs, out):
+        n = out.shape[2] if heads_layout else out.shape[1]
+        s = token_scale(mfam, grid_of(n - leading), lam, leading).to(out.dtype)
+        return out * (s[:, None, :, None] if heads_layout else s[..., None])
+
+    return hook
+
+
+@contextlib.contextmanager
+def prescaled(model, names, mfam, lam, grid_of, leading: int = 0):
+    """Inside the block, the named layers of ``model`` (running their original processors) scale K
+    and V; ``grid_of(n_spatial_tokens) -> (h, w)``."""
+    modules = dict(model.named_modules())
+    hooks = []
+    for name in names:
+        attn = modules[name]
+        key_out = attn.norm_k if attn.norm_k is not None else attn.to_k
+        hooks.append(key_out.register_forward_hook(_scale(grid_of, mfam, lam, leading, attn.norm_k is not None)))
+        hooks.append(attn.to_v.register_forward_hook(_scale(grid_of, mfam, lam, leading, False)))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@contextlib.contextmanager
+def original_processors(model, names):
+    """Inside the block the named layers run the processors their FAM processors replaced."""
+    modules = dict(model.named_modules())
+    saved = {n: modules[n].processor for n in names}
+    for n in names:
+        modules[n].processor = saved[n].original
+    try:
+        yield
+    finally:
+        for n in names:
+            modules[n].processor = saved[n]

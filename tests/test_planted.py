@@ -116,11 +116,11 @@ def test_cli_eval_planted_writes_results_and_grids(tmp_path):
     assert (out / "overlay-grid.png").is_file() and (out / "overlay-noise-noise.png").is_file()
 
 
-def test_cli_eval_planted_refuses_unknown_kinds():
-    with pytest.raises(SystemExit, match="--kinds takes"):
-        cli.main(["highlighter", "eval-planted", "--kinds", "sparkle"])
-    with pytest.raises(SystemExit, match="--severity takes KIND=VALUE"):
-        cli.main(["highlighter", "eval-planted", "--kinds", "noise", "--severity", "noise:0.1"])
+def test_cli_eval_planted_refuses_unknown_kinds(capsys):
+    assert cli.main(["highlighter", "eval-planted", "--kinds", "sparkle"]) == 2
+    assert "srdiff highlighter eval-planted: error: --kinds takes" in capsys.readouterr().err
+    assert cli.main(["highlighter", "eval-planted", "--kinds", "noise", "--severity", "noise:0.1"]) == 2
+    assert "error: --severity takes KIND=VALUE" in capsys.readouterr().err
 
 
 @pytest.mark.slow

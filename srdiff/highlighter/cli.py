@@ -146,18 +146,19 @@ def _eval_planted(args) -> None:
     from srdiff.trainer.run_dir import refuse_existing
     from srdiff.viz import save_grid
 
-    refuse_existing([Path(args.out) / "results.json", Path(args.out) / "overlay-grid.png"], overwrite=args.overwrite)
     kinds = args.kinds or list(planted.KINDS)
     for k in kinds:
         if k != "all" and k not in planted.KINDS:
             raise ValueError(f"--kinds takes {planted.KINDS} or 'all', got {k!r}")
+    severity = _parse_severity(args.severity)
+    out = Path(args.out)
+    refuse_existing([out / "results.json", out / "overlay-grid.png"], overwrite=args.overwrite)
     model = _model_kwargs(args)
     results, pictures = planted.run(
-        kinds, size=args.image_size, severity=_parse_severity(args.severity), copies=args.copies, model=model,
+        kinds, size=args.image_size, severity=severity, copies=args.copies, model=model,
         fit=_fit_kwargs(args), cross=not args.no_cross, seed=args.seed, train_images=args.train_images,
         test_images=args.test_images, device=_device(args.device),
     )
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     rows = []

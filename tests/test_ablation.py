@@ -1,11 +1,16 @@
-"""The ablation driver on a tiny model: shared base phase, every mode and seed, the sweep, tables and plots."""
+"""The ablation driver: the plan (shared base phase, recipes, one sweep per axis), paired statistics with
+bootstrap intervals, a tiny end-to-end run whose finished runs are reused, and reports generated from JSON."""
 
 import json
 
 import pytest
 
 from srdiff.trainer import TrainConfig, checkpoint
-from srdiff.trainer.ablation import run_ablation, scaled_cycles
+from srdiff.trainer.ablation import (bootstrap_mean_interval, markdown, paired_summary, plan, report, run_ablation,
+                                     scaled_cycles)
+from utils import TINY_TRAIN
+
+TINY = {**TINY_TRAIN, "steps": 4, "cycle": 1, "highlighter_finetune_steps": 0, "eval_samples": 16, "feature_epochs": 1}
 
 
 def test_scaled_cycles():
@@ -14,34 +19,36 @@ def test_scaled_cycles():
     assert scaled_cycles(5) == [1, 2]
 
 
-@pytest.mark.slow
-def test_tiny_ablation(tmp_path):
-    cfg = TrainConfig(
-        data="digits", image_size=8, block_out_channels=(8, 16), attention_levels=(False, True), norm_num_groups=4,
-        batch_size=8, lr=1e-3, warmup_steps=2, mfam_samples=4, mfam_sampler_steps=2, highlighter_samples=8,
-        highlighter_epochs=1, sample_steps=2, progress=False, num_train_timesteps=100, steps=4, cycle=1,
-        eval_samples=16, feature_epochs=1, out_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"),
-    )
-    result = run_ablation(cfg, seeds=[0, 1], modes=["baseline", "reverse"], out=tmp_path / "out", sweep=True)
-    assert sorted((r["mode"], r["seed"]) for r in result["runs"]) == [("baseline", 0), ("baseline", 1),
-                                                                      ("reverse", 0), ("reverse", 1)]
-    # the reverse runs refined from the baseline runs' base checkpoints
-    for seed in (0, 1):
-        base = checkpoint.load(tmp_path / "runs" / f"seed{seed}" / "baseline" / "checkpoints" / "base.pt")
-        records = (tmp_path / "runs" / f"seed{seed}" / "reverse" / "metrics.jsonl").read_text().splitlines()
-        assert [json.loads(r)["step"] for r in records if '"loss"' in r] == [3, 4]
-        assert base["step"] == 2
-    assert [(r["param"], r["value"]) for r in result["sweep"]] == [
-        ("lambda", 0.01), ("lambda", 0.025), ("lambda", 0.05), ("lambda", 0.1), ("cycle", 1)]
-    assert set(result["summary"]) == {"baseline", "reverse"}
-    assert "| reverse |" in (tmp_path / "out" / "ablation.md").read_text()
-    for name in ("ablation.json", "ablation.png", "sweep.png"):
-        assert (tmp_path / "out" / name).is_file()
-    # a second call reuses every finished run
-    again = run_ablation(cfg, seeds=[0, 1], modes=["baseline", "reverse"], out=tmp_path / "out", sweep=False)
-    assert again["summary"] == result["summary"]
-    with pytest.raises(ValueError, match=r"seed0/baseline holds a finished run with a different config \(lr\)"):
-        run_ablation(cfg.replace(lr=2e-3), seeds=[0], modes=["baseline"], out=tmp_path / "out", sweep=False)
+def test_plan_shares_base_checkpoints_and_reuses_coinciding_runs(tmp_path):
+    cfg = TrainConfig(**TINY, out_dir=str(tmp_path))
+    runs = plan(cfg, seeds=[0, 1], modes=["baseline", "combined"], recipes=["paper", "uvit"],
+                sweeps={"lam_f": [0.01, 0.1], "ratio": ["1:3"]})
+    dirs = [(r.kind, r.value, r.name, r.init_from and r.init_from.relative_to(tmp_path).as_posix()) for r in runs]
+    base0, base1 = "seed0/baseline/checkpoints/base.pt", "seed1/baseline/checkpoints/base.pt"
+    assert dirs == [
+        ("mode", "baseline", "seed0/baseline", None), ("mode", "combined", "seed0/combined", base0),
+        ("recipe", "paper", "seed0/combined", base0),  # the configured recipe is the combined run itself
+        ("recipe", "uvit", "seed0/combined-recipeuvit", base0),
+        ("mode", "baseline", "seed1/baseline", None), ("mode", "combined", "seed1/combined", base1),
+        ("recipe", "paper", "seed1/combined", base1), ("recipe", "uvit", "seed1/combined-recipeuvit", base1),
+        ("sweep", 0.01, "seed0/combined", base0),  # lam_f = 0.01 is the configured value
+        ("sweep", 0.1, "seed0/combined-lam_f0.1", base0),
+        ("sweep", "1:3", "seed0/combined-ratio1to3", None),  # another switch step: trained from scratch
+    ]
+    assert runs[-1].config.base_steps == 1 and runs[-2].config.lam_f == 0.1 and runs[3].config.recipe == "uvit"
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(modes=["sideways"]), r"modes must be among .*, got \['sideways'\]"),
+    (dict(recipes=["ddim"]), r"recipes must be among \('paper', 'adm', 'uvit'\), got \['ddim'\]"),
+    (dict(sweeps={"lr": [1.0]}), r"sweep axes must be among .*, got \['lr'\]"),
+    (dict(sweeps={"ratio": ["1:0"]}), r"sweep ratio '1:0' leaves no base or no refinement steps out of 4"),
+    (dict(seeds=[0, 0]), r"seeds must be distinct and at least one, got \[0, 0\]"),
+])
+def test_plan_rejects_bad_axes(tmp_path, bad, message):
+    kwargs = {"seeds": [0], "modes": ["baseline"], **bad}
+    with pytest.raises(ValueError, match=message):
+        plan(TrainConfig(**TINY, out_dir=str(tmp_path)), **kwargs)
 
 
 def test_ablation_needs_evaluation_and_two_phases(tmp_path):
@@ -49,3 +56,60 @@ def test_ablation_needs_evaluation_and_two_phases(tmp_path):
         run_ablation(TrainConfig(eval_samples=0), seeds=[0], modes=["baseline"], out=tmp_path)
     with pytest.raises(ValueError, match=r"ratio '1:0' leaves no base or no refinement steps out of 2000"):
         run_ablation(TrainConfig(eval_samples=8, ratio="1:0"), seeds=[0], modes=["baseline"], out=tmp_path)
+
+
+def test_bootstrap_interval():
+    assert bootstrap_mean_interval([0.3]) == (0.3, 0.3)
+    lo, hi = bootstrap_mean_interval([-1.0, -2.0, -3.0, -4.0, -5.0])
+    # the mean of a resample lies between the smallest and largest value; 95 % of them well inside
+    assert -5.0 <= lo < -3.0 < hi <= -1.0 and bootstrap_mean_interval([-1.0, -2.0, -3.0, -4.0, -5.0]) == (lo, hi)
+    with pytest.raises(ValueError, match="bootstrap needs at least one value"):
+        bootstrap_mean_interval([])
+
+
+def test_paired_summary_pairs_by_seed():
+    rows = [{"seed": s, "fid": f, "kid_mean": 0.0, "precision": 0.5, "recall": 0.5} for s, f in ((0, 9.0), (1, 4.5), (2, 7.0))]
+    s = paired_summary(rows, {0: 10.0, 1: 5.0, 2: 6.0})
+    assert s["delta_per_seed"] == {"0": -1.0, "1": -0.5, "2": 1.0} and s["improved"] == 2 and s["paired"] == 3
+    assert s["delta_mean"] == pytest.approx(-1 / 6) and s["fid"][0] == pytest.approx(41 / 6)
+    assert s["delta_ci"][0] <= s["delta_mean"] <= s["delta_ci"][1]
+
+
+@pytest.mark.slow
+def test_tiny_ablation_end_to_end(tmp_path):
+    cfg = TrainConfig(**TINY, out_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    result = run_ablation(cfg, seeds=[0, 1], modes=["baseline", "reverse"], out=out, recipes=["adm"],
+                          sweeps={"lam_r": [0.05], "ratio": ["3:1"]}, command="srdiff ablate (test)")
+    assert [(r["kind"], r["value"], r["seed"]) for r in result["runs"]] == [
+        ("mode", "baseline", 0), ("mode", "reverse", 0), ("recipe", "adm", 0),
+        ("mode", "baseline", 1), ("mode", "reverse", 1), ("recipe", "adm", 1),
+        ("sweep", 0.05, 0), ("sweep", "3:1", 0)]
+    # the reverse and recipe runs refined from the baseline runs' base checkpoints (steps 3, 4 after base step 2)
+    for seed in (0, 1):
+        assert checkpoint.load(tmp_path / "runs" / f"seed{seed}" / "baseline" / "checkpoints" / "base.pt")["step"] == 2
+        for name in ("reverse", "combined-recipeadm"):
+            records = (tmp_path / "runs" / f"seed{seed}" / name / "metrics.jsonl").read_text().splitlines()
+            assert [json.loads(r)["step"] for r in records if '"loss"' in r] == [3, 4]
+    ratio_records = (tmp_path / "runs" / "seed0" / "combined-ratio3to1" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in ratio_records if '"loss"' in r] == [1, 2, 3, 4]
+    stored = json.loads((out / "ablation.json").read_text())
+    assert stored["runs"] == result["runs"] and stored["runs"][0]["feature_net"]["features"] == "local"
+    text = (out / "ablation.md").read_text()
+    assert "| reverse |" in text and "| adm |" in text and "Sweep of lam_r" in text and "Sweep of ratio" in text
+    assert "local features" in text and "2 seeds: 0, 1" in text and "srdiff ablate (test)" in text
+    for name in ("ablation.png", "sweep_lam_r.png", "sweep_ratio.png"):
+        assert (out / name).is_file()
+    # the tables come from the stored JSON alone
+    (out / "ablation.md").unlink()
+    assert report(out / "ablation.json") == text.rstrip("\n") == markdown(stored)
+    # a second call reuses every finished run (nothing is retrained: the logs stay as they are)
+    log = (tmp_path / "runs" / "seed1" / "reverse" / "metrics.jsonl").read_text()
+    again = run_ablation(cfg, seeds=[0, 1], modes=["baseline", "reverse"], out=out, recipes=["adm"],
+                         sweeps={"lam_r": [0.05], "ratio": ["3:1"]})
+    assert [r["fid"] for r in again["runs"]] == [r["fid"] for r in result["runs"]]
+    assert (tmp_path / "runs" / "seed1" / "reverse" / "metrics.jsonl").read_text() == log
+    with pytest.raises(ValueError, match=r"seed0/baseline holds a run with a different config \(lr\)"):
+        run_ablation(cfg.replace(lr=2e-3), seeds=[0], modes=["baseline"], out=tmp_path / "other")
+    with pytest.raises(ValueError, match=r"ablation.json holds results of a different config: choose another --out"):
+        run_ablation(cfg.replace(out_dir=str(tmp_path / "runs2")), seeds=[0], modes=["baseline"], out=out)

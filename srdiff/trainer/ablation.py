@@ -1,114 +1,322 @@
-"""The paper's ablation at CPU size: baseline / forward / reverse / combined x seeds at the same step budget,
-plus the lambda and cycle sweep, with FID/KID mean +- std tables and plots.
+"""The paper's ablation and sweeps at a chosen size: modes x seeds, recipes x seeds, and one sweep per axis
+(lam_f, lam_r, base:refine ratio, cycle), with paired statistics.
 
 The base phase is plain DDPM in every mode, so it is trained once per seed (the baseline run) and the
-other modes start their refinement phase from that run's ``checkpoints/base.pt``: every mode then sees
-the same base model and the same number of refinement steps. Finished runs (their ``eval.json``
-exists) are reused, so an interrupted ablation picks up where it stopped.
+other modes, recipes, lambdas and cycles start their refinement phase from that run's
+``checkpoints/base.pt``: they all see the same base model and differ only in the refinement phase.
+A ratio run changes where the base phase ends, so it trains from scratch (its base phase repeats the
+baseline's trajectory up to its own switch: every random draw is keyed by seed and step).
+
+Every run lives in ``config.out_dir/seed<S>/<name>`` and is reused once its ``eval.json`` exists (a
+run stopped part way resumes from its ``checkpoints/last.pt``), so an interrupted ablation picks up
+where it stopped. ``ablation.json`` stores every run's evaluation; the tables (``ablation.md``) and
+plots are generated from it (:func:`report`, ``srdiff ablate --report FILE``).
+
+Statistics (:func:`paired_summary`): per mode the mean +- std over seeds, the FID difference to the
+baseline of the same seed, its mean with a 95 % percentile bootstrap interval over seeds (10,000
+resamples, seeded) and how many seeds improved (difference < 0).
 """
 
+import argparse
 import json
+import random
 import statistics
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from srdiff.trainer.config import TrainConfig
 
+MODES = ("baseline", "forward", "reverse", "combined")
+RECIPES = ("paper", "adm", "uvit")
 LAMBDAS = (0.01, 0.025, 0.05, 0.1)
+RATIOS = ("1:4", "1:1", "4:1")
 PAPER_CYCLES = (50, 100, 500)
-PAPER_REFINE_STEPS = 1000  # the cycle lengths above are scaled by refine_steps / this (see docs/trainer.md)
+PAPER_REFINE_STEPS = 1000  # the paper's cycles are scaled by refine_steps / this (see docs/trainer.md)
+SWEEP_AXES = ("lam_f", "lam_r", "ratio", "cycle")
 METRICS = ("fid", "kid_mean", "precision", "recall")
-
-
-def _run(config: TrainConfig, init_from: Path | None = None) -> dict:
-    """Train and evaluate one run, or reuse its ``eval.json`` if the same config finished before."""
-    from srdiff.trainer.trainer import SelfRefiningTrainer
-
-    out = Path(config.out_dir)
-    eval_path = out / "eval.json"
-    if eval_path.is_file():
-        saved = json.loads((out / "config.json").read_text())
-        if saved != config.to_dict():
-            changed = sorted(k for k, v in config.to_dict().items() if saved.get(k) != v)
-            raise ValueError(f"{out} holds a finished run with a different config ({', '.join(changed)}): "
-                             "delete it or choose another out_dir")
-        return json.loads(eval_path.read_text())
-    SelfRefiningTrainer(config).train(init_from=str(init_from) if init_from else None)
-    return json.loads(eval_path.read_text())
+BOOTSTRAP_RESAMPLES = 10_000
 
 
 def scaled_cycles(refine_steps: int) -> list[int]:
+    """The paper's cycles (50, 100, 500 of 1000 refinement steps) scaled to ``refine_steps``."""
     return sorted({max(1, round(c * refine_steps / PAPER_REFINE_STEPS)) for c in PAPER_CYCLES})
+
+
+def default_sweeps(config: TrainConfig) -> dict[str, list]:
+    """The paper's values per axis (cycles scaled to this config's refinement steps)."""
+    return {"lam_f": list(LAMBDAS), "lam_r": list(LAMBDAS), "ratio": list(RATIOS),
+            "cycle": scaled_cycles(config.steps - config.base_steps)}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the plan: its config, the base checkpoint it refines from (None: from
+    scratch), and what it stands for (``kind`` "mode" | "recipe" | "sweep", with its axis and value)."""
+
+    config: TrainConfig
+    init_from: Path | None
+    kind: str
+    axis: str
+    value: object
+
+    @property
+    def name(self) -> str:
+        return str(Path(self.config.out_dir).relative_to(Path(self.config.out_dir).parents[1]))
+
+
+def _run_dir(root: Path, seed: int, mode: str, changes: dict) -> Path:
+    suffix = "".join(f"-{k}{str(v).replace(':', 'to')}" for k, v in sorted(changes.items()))
+    return root / f"seed{seed}" / f"{mode}{suffix}"
+
+
+def plan(config: TrainConfig, *, seeds, modes, recipes=(), sweeps=None, sweep_seeds=None) -> list[Run]:
+    """Every run the ablation needs, baselines first; runs that coincide (e.g. the combined run and the
+    sweep point at the configured value) appear once per (kind, axis, value, seed) but share a directory.
+
+    seeds: the seeds of the mode and recipe tables; modes: a subset of :data:`MODES` (the baseline is
+    always trained, as the base of the others); recipes: combined-mode runs per recipe; sweeps:
+    ``{axis: values}`` for axes of :data:`SWEEP_AXES` (combined mode) on ``sweep_seeds`` (default: the
+    first seed)."""
+    _check_plan(config, seeds, modes, recipes, sweeps or {})
+    root = Path(config.out_dir)
+    defaults = config.to_dict()
+
+    def run(seed, mode, kind, axis, value, **changes):
+        changes = {k: v for k, v in changes.items() if defaults[k] != v}
+        base = _run_dir(root, seed, "baseline", {}) / "checkpoints" / "base.pt"
+        cfg = config.replace(mode=mode, seed=seed, out_dir=str(_run_dir(root, seed, mode, changes)), **changes)
+        from_scratch = mode == "baseline" or "ratio" in changes
+        return Run(cfg, None if from_scratch else base, kind, axis, value)
+
+    runs = []
+    for seed in seeds:
+        runs.append(run(seed, "baseline", "mode", "mode", "baseline"))
+        runs += [run(seed, m, "mode", "mode", m) for m in modes if m != "baseline"]
+        runs += [run(seed, "combined", "recipe", "recipe", r, recipe=r) for r in recipes]
+    for seed in sweep_seeds if sweep_seeds is not None else list(seeds)[:1]:
+        if seed not in seeds:
+            runs.append(run(seed, "baseline", "mode", "mode", "baseline"))
+        for axis, values in (sweeps or {}).items():
+            runs += [run(seed, "combined", "sweep", axis, v, **{axis: v}) for v in values]
+    return runs
+
+
+def _check_plan(config: TrainConfig, seeds, modes, recipes, sweeps: dict) -> None:
+    if config.eval_samples < 1:
+        raise ValueError(f"eval_samples must be >= 1 for the ablation, got {config.eval_samples}")
+    if config.base_steps < 1 or config.base_steps >= config.steps:
+        raise ValueError(f"ratio {config.ratio!r} leaves no base or no refinement steps out of {config.steps}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and at least one, got {list(seeds)}")
+    for name, values, allowed in (("modes", modes, MODES), ("recipes", recipes, RECIPES),
+                                  ("sweep axes", list(sweeps), SWEEP_AXES)):
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise ValueError(f"{name} must be among {allowed}, got {bad}")
+    for ratio in sweeps.get("ratio", []):
+        base = config.replace(ratio=ratio).base_steps
+        if base < 1 or base >= config.steps:
+            raise ValueError(f"sweep ratio {ratio!r} leaves no base or no refinement steps out of {config.steps}")
+
+
+def execute(run: Run) -> dict:
+    """Train and evaluate one run, or reuse its ``eval.json`` if the same config finished before; a run
+    stopped part way continues from its last checkpoint."""
+    from srdiff.trainer.trainer import SelfRefiningTrainer
+
+    out = Path(run.config.out_dir)
+    eval_path = out / "eval.json"
+    if (out / "config.json").is_file():
+        saved = json.loads((out / "config.json").read_text())
+        if saved != run.config.to_dict():
+            changed = sorted(k for k, v in run.config.to_dict().items() if saved.get(k) != v)
+            raise ValueError(f"{out} holds a run with a different config ({', '.join(changed)}): "
+                             "delete it or choose another out_dir")
+    if not eval_path.is_file():
+        SelfRefiningTrainer(run.config).train(resume=True, init_from=str(run.init_from) if run.init_from else None)
+    return json.loads(eval_path.read_text())
+
+
+def _record(run: Run, result: dict) -> dict:
+    return {"kind": run.kind, "axis": run.axis, "value": run.value, "seed": run.config.seed,
+            "mode": run.config.mode, "dir": run.name, **{k: result[k] for k in (*METRICS, "kid_std", "n_real", "n_fake")},
+            "feature_net": result["feature_net"], "sampling_seconds": result.get("sampling_seconds")}
+
+
+def run_ablation(config: TrainConfig, *, seeds, modes=MODES, out, recipes=(), sweeps=None, sweep_seeds=None,
+                 command: str | None = None) -> dict:
+    """Train and evaluate the :func:`plan`, store ``out/ablation.json`` (rewritten after every run, so a
+    partial result is always on disk) and the report generated from it; returns the JSON's content.
+
+    ``out`` may already hold the results of this same config (they are extended); results of another
+    config raise ``ValueError`` rather than being overwritten."""
+    runs = plan(config, seeds=seeds, modes=modes, recipes=recipes, sweeps=sweeps, sweep_seeds=sweep_seeds)
+    out = Path(out)
+    json_path = out / "ablation.json"
+    if json_path.is_file():
+        stored = json.loads(json_path.read_text()).get("config")
+        if stored != config.to_dict():
+            raise ValueError(f"{json_path} holds results of a different config: choose another --out "
+                             "(nothing was overwritten)")
+    result = {"config": config.to_dict(), "command": command, "seeds": list(seeds), "modes": list(modes),
+              "recipes": list(recipes), "sweeps": {k: list(v) for k, v in (sweeps or {}).items()},
+              "sweep_seeds": list(sweep_seeds if sweep_seeds is not None else list(seeds)[:1]), "runs": [],
+              "seconds": 0.0}
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    done: dict[str, dict] = {}
+    for i, run in enumerate(runs, 1):
+        key = run.config.out_dir
+        t0 = time.perf_counter()
+        reused = key in done or (Path(key) / "eval.json").is_file()
+        if key not in done:
+            done[key] = execute(run)
+        print(f"[ablation {i}/{len(runs)}] {run.name}: FID {done[key]['fid']:.3f} "
+              f"({'reused' if reused else f'{time.perf_counter() - t0:.0f} s'})", flush=True)
+        result["runs"].append(_record(run, done[key]))
+        result["seconds"] = time.perf_counter() - start
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+    report(json_path)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def bootstrap_mean_interval(values: list[float], *, level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES,
+                            seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (resampled with replacement, seeded).
+    One value gives the degenerate interval (v, v)."""
+    if not values:
+        raise ValueError("bootstrap needs at least one value")
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(statistics.fmean(rng.choices(values, k=n)) for _ in range(resamples))
+    lo = means[int((1 - level) / 2 * (resamples - 1))]
+    hi = means[int(round((1 + level) / 2 * (resamples - 1)))]
+    return lo, hi
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def run_ablation(config: TrainConfig, *, seeds, modes, out, sweep: bool = True, lambdas=LAMBDAS,
-                 cycles=None) -> dict:
-    """Train and evaluate every (mode, seed), then the sweep; write ``ablation.json``, ``ablation.md``,
-    ``ablation.png`` and ``sweep.png`` under ``out``; returns the JSON's content (plus ``table``).
-
-    The sweep runs the combined mode on the first seed for each λ in ``lambdas`` (λ_f = λ_r = λ) and
-    each cycle in ``cycles`` (default: the paper's 50/100/500 scaled to the refinement steps)."""
-    if config.eval_samples < 1:
-        raise ValueError(f"eval_samples must be >= 1 for the ablation, got {config.eval_samples}")
-    if config.base_steps < 1 or config.base_steps >= config.steps:
-        raise ValueError(f"ratio {config.ratio!r} leaves no base or no refinement steps out of {config.steps}")
-    root, out = Path(config.out_dir), Path(out)
-    runs = []
-    for seed in seeds:
-        base_dir = root / f"seed{seed}" / "baseline"
-        base = config.replace(mode="baseline", seed=seed, out_dir=str(base_dir))
-        runs.append({"mode": "baseline", "seed": seed, **_run(base)})
-        for mode in modes:
-            if mode != "baseline":
-                cfg = config.replace(mode=mode, seed=seed, out_dir=str(root / f"seed{seed}" / mode))
-                runs.append({"mode": mode, "seed": seed, **_run(cfg, base_dir / "checkpoints" / "base.pt")})
-    runs = [r for r in runs if r["mode"] in modes]
-    sweep_runs = []
-    if sweep:
-        seed = seeds[0]
-        base_ckpt = root / f"seed{seed}" / "baseline" / "checkpoints" / "base.pt"
-        for lam in lambdas:
-            cfg = config.replace(mode="combined", seed=seed, lam_f=lam, lam_r=lam,
-                                 out_dir=str(root / "sweep" / f"lam{lam}"))
-            sweep_runs.append({"param": "lambda", "value": lam, **_run(cfg, base_ckpt)})
-        for cycle in cycles or scaled_cycles(config.steps - config.base_steps):
-            # the configured cycle is the combined run of this seed: reuse it
-            name = f"seed{seed}/combined" if cycle == config.cycle else f"sweep/cycle{cycle}"
-            cfg = config.replace(mode="combined", seed=seed, cycle=cycle, out_dir=str(root / name))
-            sweep_runs.append({"param": "cycle", "value": cycle, **_run(cfg, base_ckpt)})
-    summary = {}
-    base_fid = {r["seed"]: r["fid"] for r in runs if r["mode"] == "baseline"}
-    for mode in modes:
-        rows = [r for r in runs if r["mode"] == mode]
-        summary[mode] = {m: _mean_std([r[m] for r in rows]) for m in METRICS}
-        if base_fid:
-            # paired by seed: every mode refines the same base model, so this removes the seed spread
-            summary[mode]["fid_delta"] = _mean_std([r["fid"] - base_fid[r["seed"]] for r in rows])
-    result = {"config": config.to_dict(), "seeds": list(seeds), "modes": list(modes), "runs": runs,
-              "summary": summary, "sweep": sweep_runs,
-              "feature_net": runs[0]["feature_net"] if runs else None}
-    out.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(summary, len(seeds))
-    (out / "ablation.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "ablation.md").write_text(table + "\n")
-    plot_ablation(summary, out / "ablation.png")
-    if sweep_runs:
-        plot_sweep(sweep_runs, out / "sweep.png", baseline_fid=base_fid.get(seeds[0]))
-    return {**result, "table": table}
+def paired_summary(rows: list[dict], baseline_fid: dict[int, float]) -> dict:
+    """Mean +- std of each metric over ``rows`` (one per seed) and the paired FID differences to
+    ``baseline_fid[seed]``: per seed, their mean, 95 % bootstrap interval and how many are < 0."""
+    deltas = {r["seed"]: r["fid"] - baseline_fid[r["seed"]] for r in rows if r["seed"] in baseline_fid}
+    summary = {m: _mean_std([r[m] for r in rows]) for m in METRICS}
+    summary["n"] = len(rows)
+    if deltas:
+        values = [deltas[s] for s in sorted(deltas)]
+        summary.update(delta_per_seed={str(s): deltas[s] for s in sorted(deltas)}, delta_mean=statistics.fmean(values),
+                       delta_ci=bootstrap_mean_interval(values), improved=sum(v < 0 for v in values),
+                       paired=len(values))
+    return summary
 
 
-def markdown_table(summary: dict, n_seeds: int) -> str:
-    lines = [f"| mode | FID (mean ± std, {n_seeds} seeds) | FID − baseline (same seed) | KID ×10³ | precision | recall |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for mode, s in summary.items():
-        fid, kid, prec, rec = s["fid"], s["kid_mean"], s["precision"], s["recall"]
-        delta = f"{s['fid_delta'][0]:+.3f} ± {s['fid_delta'][1]:.3f}" if "fid_delta" in s else "–"
-        lines.append(f"| {mode} | {fid[0]:.3f} ± {fid[1]:.3f} | {delta} | {1e3 * kid[0]:.2f} ± {1e3 * kid[1]:.2f} | "
-                     f"{prec[0]:.3f} ± {prec[1]:.3f} | {rec[0]:.3f} ± {rec[1]:.3f} |")
+def summarise(result: dict) -> dict:
+    """``{"modes": {mode: summary}, "recipes": {recipe: summary}, "sweeps": {axis: [{value, fid, ...}]}}``
+    from a stored ``ablation.json``."""
+    runs = result["runs"]
+    baseline = {r["seed"]: r["fid"] for r in runs if r["kind"] == "mode" and r["value"] == "baseline"}
+    table_seeds = set(result["seeds"])
+    modes = {m: paired_summary([r for r in runs if r["kind"] == "mode" and r["value"] == m and r["seed"] in table_seeds],
+                               baseline)
+             for m in result["modes"] if any(r["kind"] == "mode" and r["value"] == m for r in runs)}
+    recipes = {x: paired_summary([r for r in runs if r["kind"] == "recipe" and r["value"] == x], baseline)
+               for x in result["recipes"] if any(r["kind"] == "recipe" and r["value"] == x for r in runs)}
+    sweeps = {}
+    for axis, values in result["sweeps"].items():
+        points = []
+        for v in values:
+            rows = [r for r in runs if r["kind"] == "sweep" and r["axis"] == axis and r["value"] == v]
+            if rows:
+                points.append({"value": v, **paired_summary(rows, baseline)})
+        sweeps[axis] = points
+    return {"modes": modes, "recipes": recipes, "sweeps": sweeps}
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _features_line(result: dict) -> str:
+    from srdiff.trainer.metrics import describe_features
+
+    nets = {json.dumps(r["feature_net"].get("identity", r["feature_net"].get("cached")), sort_keys=True)
+            for r in result["runs"]}
+    first = result["runs"][0]
+    n_fake, n_real = first["n_fake"], first["n_real"]
+    kind = describe_features(first["feature_net"])
+    return (f"FID/KID/precision/recall on {kind}, {n_fake} samples vs {n_real} held-out images"
+            + ("" if len(nets) == 1 else f" ({len(nets)} feature networks: one per held-out split)"))
+
+
+def _delta_cells(s: dict) -> str:
+    if "delta_mean" not in s:
+        return "– | – | –"
+    lo, hi = s["delta_ci"]
+    return f"{s['delta_mean']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {s['improved']}/{s['paired']}"
+
+
+def _row(name: str, s: dict) -> str:
+    fid, kid, prec, rec = s["fid"], s["kid_mean"], s["precision"], s["recall"]
+    return (f"| {name} | {fid[0]:.3f} ± {fid[1]:.3f} | {_delta_cells(s)} | {1e3 * kid[0]:.2f} ± {1e3 * kid[1]:.2f} | "
+            f"{prec[0]:.3f} ± {prec[1]:.3f} | {rec[0]:.3f} ± {rec[1]:.3f} |")
+
+
+def markdown(result: dict) -> str:
+    """The report's markdown: the mode table, per-seed differences, the recipe table and one table per
+    sweep axis, each saying which features and how many seeds it used."""
+    summary = summarise(result)
+    c = result["config"]
+    header = ("| {what} | FID (mean ± std) | ΔFID vs baseline (paired mean) | 95 % bootstrap CI | seeds improved | "
+              "KID ×10³ | precision | recall |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    lines = [f"{c['data']} at {c['image_size']} px, {c['steps'] - _base_steps(c)} refinement steps after "
+             f"{_base_steps(c)} base steps (ratio {c['ratio']}), cycle {c['cycle']}, λ_f = {c['lam_f']}, "
+             f"λ_r = {c['lam_r']}, recipe {c.get('recipe', 'paper')}; {_features_line(result)}."]
+    if result.get("command"):
+        lines.append(f"Command: `{result['command']}` ({result['seconds'] / 60:.0f} min wall for what was run)")
+    if summary["modes"]:
+        n = len(result["seeds"])
+        lines += ["", f"Modes ({n} seed{'s' * (n > 1)}: {', '.join(map(str, result['seeds']))}):", "",
+                  header.format(what="mode")]
+        lines += [_row(m, s) for m, s in summary["modes"].items()]
+        lines += ["", "FID − baseline per seed:", "", "| mode | " + " | ".join(f"seed {s}" for s in result["seeds"]) + " |",
+                  "| --- |" + " --- |" * len(result["seeds"])]
+        for m, s in summary["modes"].items():
+            if m != "baseline" and "delta_per_seed" in s:
+                lines.append(f"| {m} | " + " | ".join(f"{s['delta_per_seed'].get(str(x), float('nan')):+.3f}"
+                                                      for x in result["seeds"]) + " |")
+    if summary["recipes"]:
+        lines += ["", "Recipes (combined mode, same seeds and base checkpoints):", "", header.format(what="recipe")]
+        lines += [_row(x, s) for x, s in summary["recipes"].items()]
+    for axis, points in summary["sweeps"].items():
+        if points:
+            seeds = result["sweep_seeds"]
+            lines += ["", f"Sweep of {axis} (combined mode, seed{'s' * (len(seeds) > 1)} "
+                      f"{', '.join(map(str, seeds))}; other settings as above):", "", header.format(what=axis)]
+            lines += [_row(str(p["value"]), p) for p in points]
     return "\n".join(lines)
+
+
+def _base_steps(config: dict) -> int:
+    return TrainConfig.from_dict(config).base_steps
+
+
+def report(json_path: str | Path) -> str:
+    """Write ``ablation.md``, ``ablation.png`` and one ``sweep_<axis>.png`` per swept axis next to the stored
+    ``ablation.json``, generated from it alone; returns the markdown."""
+    json_path = Path(json_path)
+    result = json.loads(json_path.read_text())
+    out = json_path.parent
+    text = markdown(result)
+    (out / "ablation.md").write_text(text + "\n")
+    summary = summarise(result)
+    label = "FID (Inception)" if result["runs"][0]["feature_net"].get("features") == "inception" else "FID (local features)"
+    if summary["modes"] or summary["recipes"]:
+        plot_deltas(summary, out / "ablation.png", label)
+    for axis, points in summary["sweeps"].items():
+        if points:
+            plot_sweep(axis, points, result, out / f"sweep_{axis}.png", label)
+    return text
 
 
 def _pyplot():
@@ -120,35 +328,83 @@ def _pyplot():
     return plt
 
 
-def plot_ablation(summary: dict, path: Path) -> None:
+def plot_deltas(summary: dict, path: Path, label: str) -> None:
+    """Per mode and recipe: the per-seed FID differences to the baseline, their mean and 95 % interval."""
     plt = _pyplot()
-    modes = list(summary)
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-    for ax, metric, label, scale in ((axes[0], "fid", "FID (local features)", 1.0),
-                                     (axes[1], "kid_mean", "KID ×10³", 1e3)):
-        means = [scale * summary[m][metric][0] for m in modes]
-        stds = [scale * summary[m][metric][1] for m in modes]
-        ax.bar(modes, means, yerr=stds, capsize=4, color=["0.6", "tab:blue", "tab:orange", "tab:green"][: len(modes)])
-        ax.set_ylabel(label)
-        ax.set_title(f"{label}: lower is better")
+    groups = [(f"{m}", s) for m, s in summary["modes"].items() if m != "baseline" and "delta_mean" in s]
+    groups += [(f"recipe {x}", s) for x, s in summary["recipes"].items() if "delta_mean" in s]
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(groups) + 1), 3.4))
+    for i, (name, s) in enumerate(groups):
+        ax.scatter([i] * len(s["delta_per_seed"]), list(s["delta_per_seed"].values()), color="0.6", s=12, zorder=2)
+        lo, hi = s["delta_ci"]
+        ax.errorbar([i], [s["delta_mean"]], yerr=[[s["delta_mean"] - lo], [hi - s["delta_mean"]]], fmt="o",
+                    color="tab:blue", capsize=5, zorder=3)
+    ax.axhline(0, color="0.3", lw=0.8, ls="--")
+    ax.set_xticks(range(len(groups)), [g[0] for g in groups], rotation=20)
+    ax.set_ylabel(f"Δ{label} vs baseline")
+    ax.set_title("paired by seed (grey), mean and 95 % bootstrap CI: below 0 is better", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def plot_sweep(sweep_runs: list[dict], path: Path, baseline_fid: float | None = None) -> None:
+def plot_sweep(axis: str, points: list[dict], result: dict, path: Path, label: str) -> None:
+    """FID per value of one axis (mean over the sweep seeds, each seed's point in grey) and the baseline."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-    for ax, param, xlabel in ((axes[0], "lambda", "λ (λ_f = λ_r)"), (axes[1], "cycle", "cycle (refinement steps)")):
-        rows = sorted((r for r in sweep_runs if r["param"] == param), key=lambda r: r["value"])
-        ax.plot([r["value"] for r in rows], [r["fid"] for r in rows], "o-", label="combined")
-        if baseline_fid is not None:
-            ax.axhline(baseline_fid, color="0.5", ls="--", label="baseline (same seed)")
-        ax.set(xlabel=xlabel, ylabel="FID (local features)", xscale="log")
-        ax.set_xticks([r["value"] for r in rows], [str(r["value"]) for r in rows])
-        ax.minorticks_off()
-        ax.legend(fontsize=8)
-    fig.suptitle("combined mode, one seed")
+    runs = result["runs"]
+    base = [r["fid"] for r in runs if r["kind"] == "mode" and r["value"] == "baseline" and r["seed"] in result["sweep_seeds"]]
+    xs = list(range(len(points)))
+    fig, ax = plt.subplots(figsize=(4.2, 3.2))
+    for x, p in zip(xs, points):
+        rows = [r["fid"] for r in runs if r["kind"] == "sweep" and r["axis"] == axis and r["value"] == p["value"]]
+        ax.scatter([x] * len(rows), rows, color="0.6", s=12)
+    ax.plot(xs, [p["fid"][0] for p in points], "o-", color="tab:green", label="combined")
+    if base:
+        ax.axhline(statistics.fmean(base), color="0.5", ls="--", label="baseline (same seeds)")
+    ax.set_xticks(xs, [str(p["value"]) for p in points])
+    ax.set(xlabel=axis, ylabel=label, title=f"sweep of {axis}, {len(result['sweep_seeds'])} seed(s)")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``srdiff ablate`` flags (the TrainConfig flags are added by the caller)."""
+    p.add_argument("--config", help="TOML or YAML config (the shared settings of every run)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds of the mode and recipe tables")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=RECIPES,
+                   help="combined-mode runs per recipe on every seed (none: --recipes with no value)")
+    p.add_argument("--sweep-seeds", type=int, nargs="+", help="seeds of the sweeps (default: the first seed)")
+    p.add_argument("--sweep-lam-f", type=float, nargs="*", default=list(LAMBDAS), help="lam_f values (none: skip)")
+    p.add_argument("--sweep-lam-r", type=float, nargs="*", default=list(LAMBDAS), help="lam_r values (none: skip)")
+    p.add_argument("--sweep-ratio", nargs="*", default=list(RATIOS), help="base:refine ratios (none: skip)")
+    p.add_argument("--sweep-cycle", type=int, nargs="*",
+                   help="cycle values (default: the paper's 50/100/500 scaled to the refinement steps; none: skip)")
+    p.add_argument("--no-sweeps", action="store_true", help="skip every sweep")
+    p.add_argument("--out", help="where ablation.json, ablation.md and the PNGs go "
+                                 "(default: docs/figures/ablation/<config file name>)")
+    p.add_argument("--report", metavar="JSON", help="only regenerate the tables and plots from a stored ablation.json")
+
+
+def command(args: argparse.Namespace, config_from_args) -> str:
+    """Run ``srdiff ablate`` (or ``--report``); returns the markdown report."""
+    import shlex
+    import sys
+
+    if args.report:
+        return report(args.report)
+    config = config_from_args(args)
+    sweeps = {}
+    if not args.no_sweeps:
+        cycles = args.sweep_cycle if args.sweep_cycle is not None else default_sweeps(config)["cycle"]
+        for axis, values in (("lam_f", args.sweep_lam_f), ("lam_r", args.sweep_lam_r), ("ratio", args.sweep_ratio),
+                             ("cycle", cycles)):
+            if values:
+                sweeps[axis] = values
+    out = args.out or str(Path("docs/figures/ablation") / (Path(args.config).stem if args.config else "ablation"))
+    run_ablation(config, seeds=args.seeds, modes=args.modes, out=out, recipes=args.recipes, sweeps=sweeps,
+                 sweep_seeds=args.sweep_seeds, command=shlex.join(["srdiff", *sys.argv[1:]]))
+    return (Path(out) / "ablation.md").read_text()

@@ -35,8 +35,11 @@ def latent_shape(vae: nn.Module, image_size: int) -> tuple[int, int]:
 
 def load_dataset(config, device: torch.device) -> Dataset:
     images = srdata.load_images(config.data, config.image_size, config.channels)
-    labels = srdata.digits(config.image_size)[1] if config.data == "digits" else None
-    train_idx, hold_idx = srdata.split(torch.arange(len(images)), config.holdout, seed=config.seed)
+    labels = srdata.load_labels(config.data, config.image_size)
+    try:
+        train_idx, hold_idx = srdata.split(torch.arange(len(images)), config.holdout, seed=config.seed)
+    except ValueError as exc:
+        raise ValueError(f"data {config.data!r}: {exc}") from None
     train = images[train_idx]
     vae = None
     if config.vae is not None:

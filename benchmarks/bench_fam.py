@@ -6,7 +6,7 @@ and post-processes in numpy and OpenCV.
 
 Cases, as in the issue: batch 32 at 64 px (the default "small" CNN, its stage 3: 16x16 at 64 px) and
 batch 8 at 224 px (VGG16, the ReLU after its last convolution: 14x14). ``fams_per_s`` is batch /
-median time. ``srdiff`` is ``fam(mirror=False)``, the same maps as pytorch-grad-cam (like for like);
+median time (pytorch-grad-cam is reported unavailable where it is not installed). ``srdiff`` is ``fam(mirror=False)``, the same maps as pytorch-grad-cam (like for like);
 ``srdiff-mirror`` is the default ``fam(images)``, which also maps each image's mirror image (twice the
 network work, better localisation: docs/highlighter.md).
 """
@@ -14,7 +14,7 @@ network work, better localisation: docs/highlighter.md).
 import pytest
 import torch
 
-from benchmarks.common import DEVICE, QUICK, measure
+from benchmarks.common import DEVICE, QUICK, measure, require_module
 
 OP = "fam"
 CASES = [
@@ -45,6 +45,7 @@ def test_fam(benchmark, provider, backbone, batch, size):
         fn = lambda: hl.fam(images, mirror=mirror)  # noqa: E731
         measure(benchmark, fn, rounds=3 if DEVICE == "cpu" else None, **case)
     else:
+        require_module("pytorch_grad_cam", **case)
         from pytorch_grad_cam import GradCAM
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 

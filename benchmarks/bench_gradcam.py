@@ -1,5 +1,6 @@
 """Grad-CAM reduction: srdiff._C (C++ on CPU, CUDA on GPU) vs the eager reference vs pytorch-grad-cam's
-post-processing (its numpy weighting, ReLU, min-max scaling and OpenCV resize), same inputs.
+post-processing (its numpy weighting, ReLU, min-max scaling and OpenCV resize), same inputs; that
+peer is reported unavailable where pytorch-grad-cam is not installed (the GPU image has no wheel).
 
 Bytes that must move: read A and G once in their dtype, write the float32 maps."""
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import srdiff
-from benchmarks.common import DEVICE, measure, unavailable
+from benchmarks.common import DEVICE, measure, require_module, unavailable
 from srdiff import _extension
 from srdiff.reference import gradcam_reduce_ref
 
@@ -48,6 +49,7 @@ def test_gradcam_reduce(benchmark, provider, dtype, shape, size):
     elif provider == "reference":
         fn = lambda: gradcam_reduce_ref(acts, grads, size)  # noqa: E731
     else:
+        require_module("pytorch_grad_cam", **case)
         fn = lambda: _grad_cam_postprocess(acts, grads, size)  # noqa: E731
     bytes_moved = 2 * acts.numel() * acts.element_size() + shape[0] * size[0] * size[1] * 4
     measure(benchmark, fn, bytes_moved=bytes_moved, **case)

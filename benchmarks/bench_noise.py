@@ -10,6 +10,10 @@ Bytes that must move (N = B·C·H·W, e = the element size of x0 and pred; the (
 4·H·W): fwd 2·e·N (read x0, write x_t); fwd+bwd 7·e·N (the noising's 2·e·N; the loss forward reads
 pred and x0; the backward reads them again and writes grad_pred). Every provider's GB/s is against
 these bytes, so GB/s ratios are speed ratios.
+
+Only the ``diffusers`` rows need diffusers (the GPU image has no wheel of it): the schedule is
+DDPMScheduler's default (linear betas 1e-4 to 0.02 over T steps), built here, and that provider is
+reported unavailable when the package is missing.
 """
 
 import pytest
@@ -17,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import srdiff
-from benchmarks.common import DEVICE, measure, on_device, unavailable
+from benchmarks.common import DEVICE, measure, on_device, require_module, unavailable
 from srdiff.reference import amplified_add_noise_ref, amplified_noise_loss_ref
 
 OP = "noise"
@@ -28,16 +32,24 @@ PROVIDERS = ["srdiff", "srdiff+checks", "reference", "diffusers"]
 MODES = ["fwd", "fwd+bwd"]
 
 
-def _inputs(shape, dtype):
-    from diffusers import DDPMScheduler
+def _alphas_cumprod() -> torch.Tensor:
+    """DDPMScheduler's default schedule: linear betas from 1e-4 to 0.02 over T steps, float32."""
+    return torch.cumprod(1.0 - torch.linspace(1e-4, 0.02, T, dtype=torch.float32), dim=0).to(DEVICE)
 
-    scheduler = DDPMScheduler(num_train_timesteps=T)
-    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(DEVICE)  # as diffusers caches it after one call
+
+def _inputs(shape, dtype):
     x0 = torch.rand(shape, device=DEVICE).mul(2).sub(1).to(dtype)
     t = torch.randint(0, T, (shape[0],), device=DEVICE)
     fam = torch.rand(shape[2:], device=DEVICE)
     pred = torch.randn(shape, device=DEVICE).to(dtype).requires_grad_()
-    return scheduler, x0, t, fam, pred
+    return x0, t, fam, pred
+
+
+def _diffusers_scheduler(case: dict):
+    diffusers = require_module("diffusers", **case)
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=T)
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(DEVICE)  # as diffusers caches it after one call
+    return scheduler
 
 
 def _srdiff(x0, t, ac, fam, pred, mode, check_values):
@@ -83,8 +95,8 @@ def test_noise(benchmark, provider, mode, dtype, shape):
     case = dict(op=OP, provider=provider, mode=mode, shape={"BCHW": list(shape)}, dtype=dtype)
     if provider == "reference" and DEVICE != "cuda":
         unavailable(reason="on the CPU srdiff runs this reference: see its column", **case)
-    scheduler, x0, t, fam, pred = _inputs(shape, dtype)
-    ac = scheduler.alphas_cumprod
+    x0, t, fam, pred = _inputs(shape, dtype)
+    ac = _alphas_cumprod()
     if provider == "srdiff":
         fn = _srdiff(x0, t, ac, fam, pred, mode, check_values=False)
     elif provider == "srdiff+checks":
@@ -92,6 +104,8 @@ def test_noise(benchmark, provider, mode, dtype, shape):
     elif provider == "reference":
         fn = _reference(x0, t, ac, fam, pred, mode)
     else:
+        scheduler = _diffusers_scheduler(case)
+        torch.testing.assert_close(scheduler.alphas_cumprod, ac)  # one schedule for every provider
         fn = _diffusers(scheduler, x0, t, fam, pred, mode)
     n, e = x0.numel(), x0.element_size()
     bytes_moved = (2 if mode == "fwd" else 7) * e * n + 4 * fam.numel()

@@ -9,8 +9,13 @@ shows the reason instead of a hole.
 
 Timing on CUDA ends every call with ``torch.cuda.synchronize()``; the warm-up rounds absorb Triton
 JIT compilation and autotuning.
+
+With ``SRDIFF_BENCH_JSONL=<path>`` every finished case and every unavailable provider is also appended
+to that file as one JSON line the moment it is known (conftest.py writes the cases), so a run killed
+by its timeout keeps what it finished (pytest-benchmark writes its JSON only at the end of a run).
 """
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -25,6 +30,17 @@ QUICK = os.environ.get("SRDIFF_BENCH_QUICK") == "1"  # gpu.sh --cpu rehearsal an
 UNAVAILABLE: list[dict] = []
 
 MODES = ("fwd", "bwd", "fwd+bwd")
+LIVE_JSONL = os.environ.get("SRDIFF_BENCH_JSONL")
+
+
+def append_line(record: dict, path: str | None = LIVE_JSONL) -> None:
+    """Append ``record`` as one JSON line to ``path`` (no-op without one), flushed to disk at once."""
+    if not path:
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def on_device(gpu: list, cpu: list) -> list:
@@ -147,18 +163,28 @@ def measure(
 def unavailable(*, op: str, provider: str, reason: str, mode: str | None = None, shape: dict | None = None,
                 dtype: torch.dtype | None = None) -> None:
     """Record that ``provider`` cannot run this case and why, then skip the test."""
-    UNAVAILABLE.append(
-        {
-            "op": op,
-            "provider": provider,
-            "mode": mode,
-            "shape": shape,
-            "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
-            "device": DEVICE,
-            "reason": reason,
-        }
-    )
+    entry = {
+        "op": op,
+        "provider": provider,
+        "mode": mode,
+        "shape": shape,
+        "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
+        "device": DEVICE,
+        "reason": reason,
+    }
+    UNAVAILABLE.append(entry)
+    append_line({"type": "unavailable", "chunk": os.environ.get("SRDIFF_BENCH_CHUNK", ""), **entry})
     pytest.skip(f"{provider}: {reason}")
+
+
+def require_module(name: str, *, op: str, provider: str, **case):
+    """Import and return the peer package ``name``, or record the provider unavailable (and skip)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        unavailable(op=op, provider=provider, reason=f"{name} is not installed ({err})", **case)
 
 
 def require_cuda(*, op: str, provider: str, **case) -> None:

@@ -1,14 +1,22 @@
 """pytest hooks for the benchmarks: machine and version records, and the list of unavailable cases,
-written into the pytest-benchmark JSON so that the report can show both."""
+written into the pytest-benchmark JSON so that the report can show both.
 
+With ``SRDIFF_BENCH_JSONL`` set (gpu.sh sets it), the same records also go to that JSON-lines file as
+they happen: one ``session`` line when a run starts (machine, versions, commit, chunk), one ``case``
+line per finished case (its pytest-benchmark stats and extra_info), one ``unavailable`` line per
+provider that cannot run (benchmarks/common.py). ``benchmarks/report.py`` reads either format.
+"""
+
+import datetime
 import os
 import platform
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from benchmarks.common import DEVICE, QUICK, UNAVAILABLE
+from benchmarks.common import DEVICE, LIVE_JSONL, QUICK, UNAVAILABLE, append_line
 
 if "TRITON_INTERPRET" in os.environ:
     raise RuntimeError("benchmarks time real kernels: unset TRITON_INTERPRET")
@@ -45,27 +53,67 @@ def machine_label() -> str:
     return f"cpu-{os.cpu_count()}core"
 
 
-def pytest_benchmark_update_machine_info(config, machine_info):
+def commit_id() -> str:
+    """SRDIFF_COMMIT (gpu.sh reads it from the file its prepare step wrote: the GPU machine has no
+    .git), else ``git rev-parse HEAD``, else "unknown"."""
+    if os.environ.get("SRDIFF_COMMIT"):
+        return os.environ["SRDIFF_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=20,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def describe_machine() -> dict:
+    """Machine, versions and run kind, as stored with every result."""
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    machine_info.update(
-        {
-            "label": machine_label(),
-            "device": torch.cuda.get_device_name() if DEVICE == "cuda" else f"CPU: {_cpu_model()}",
-            "cpu_count": os.cpu_count(),
-            "driver": _nvidia_driver() if DEVICE == "cuda" else None,
-            "torch": torch.__version__,
-            "triton": triton_version,
-            "cuda": torch.version.cuda,
-            "python": sys.version.split()[0],
-            "quick": QUICK,
-        }
-    )
+    import numpy
+
+    return {
+        "label": machine_label(),
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else f"CPU: {_cpu_model()}",
+        "cpu_count": os.cpu_count(),
+        "driver": _nvidia_driver() if DEVICE == "cuda" else None,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "numpy": numpy.__version__,
+        "cuda": torch.version.cuda,
+        "python": sys.version.split()[0],
+        "quick": QUICK,
+    }
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info.update(describe_machine())
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["unavailable"] = UNAVAILABLE
+
+
+def pytest_sessionstart(session):
+    if LIVE_JSONL:
+        append_line({"type": "session", "chunk": os.environ.get("SRDIFF_BENCH_CHUNK", ""), "commit": commit_id(),
+                     "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                     "machine_info": describe_machine(), "args": session.config.invocation_params.args})
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """After a case's call phase: its stats and extra_info as one ``case`` line (nothing if it did not time)."""
+    outcome = yield
+    if not LIVE_JSONL or call.when != "call":
+        return
+    bench = item.funcargs.get("benchmark") if hasattr(item, "funcargs") else None
+    stats = getattr(getattr(bench, "stats", None), "stats", None)
+    if stats is None or not stats.rounds:
+        return
+    append_line({"type": "case", "chunk": os.environ.get("SRDIFF_BENCH_CHUNK", ""), "name": item.name,
+                 "fullname": item.nodeid, "group": bench.group, "passed": outcome.get_result().passed,
+                 "stats": stats.as_dict(), "extra_info": dict(bench.extra_info)})

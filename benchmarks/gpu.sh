@@ -1,102 +1,242 @@
 #!/usr/bin/env bash
 # The one script a session runs on a lent GPU (device tool): build, CUDA tests, every benchmark.
+# docs/benchmarks.md explains the plan, the files and the rehearsal.
 #
-#   bash benchmarks/gpu.sh --prepare   here, with network: wheels the GPU image lacks -> .whl/
-#   bash benchmarks/gpu.sh             on the GPU (device run, carry [".whl"]): results -> $OUT
-#   bash benchmarks/gpu.sh --cpu       rehearsal on this CPU machine: the same steps, CPU shapes
+#   bash benchmarks/gpu.sh --prepare      here, right before the call: commit id + peer wheels -> .gpu/
+#   bash benchmarks/gpu.sh                call 1 on the GPU: device run, carry [".gpu"], timeout_s 570
+#   bash benchmarks/gpu.sh --call 2       call 2, optional, machine still warm: training, ablation; timeout_s 240
+#   bash benchmarks/gpu.sh --plan [--call N]   print the plan (each step's budget) and exit
+#   PY=... bash benchmarks/gpu.sh --cpu [--call N]   rehearsal on a CPU (use benchmarks/rehearse.sh)
 #
-# Budget: finishes within 8 minutes (each step has its own timeout) and writes each result to $OUT
-# as soon as it exists, so a run cut off still returns what it finished. $OUT keeps at most 8 files:
-# log.txt (environment, test and benchmark output) and one benchmark JSON per chunk. Afterwards, here:
-#   cp <files_at>/bench_*.json benchmarks/results/<machine>/ && python -m benchmarks.report
+# Everything is written to $OUT as it happens (at most 8 files come back), named <stamp>_<commit>_<what>:
+#   _log.txt      every step's output, the plan, the environment
+#   _tests.jsonl  one line per test result as it finishes (benchmarks/live_log.py): survives a kill
+#   _tests.xml    junit of the test step (written when pytest ends, also on its timeout's SIGINT)
+#   _bench.jsonl  one line per finished benchmark case, per unavailable provider, per chunk start
+#   _extra.tgz    what chunks leave under $WORK/extra (ablation results), packed after every step
+# Afterwards, here: python -m benchmarks.store <files_at>   (results -> benchmarks/results/<gpu>/)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
 
-MODE=gpu
-case "${1:-}" in
-  --prepare) MODE=prepare ;;
-  --cpu) MODE=cpu ;;
-  "") ;;
-  *) echo "usage: $0 [--prepare|--cpu]" >&2; exit 2 ;;
-esac
+MODE=gpu CALL=1
+while (($#)); do
+  case "$1" in
+    --prepare) MODE=prepare ;;
+    --cpu) MODE=cpu ;;
+    --plan) MODE=plan ;;
+    --call) CALL=${2:-}; shift ;;
+    *) echo "usage: $0 [--prepare | --plan | --cpu] [--call 1|2]" >&2; exit 2 ;;
+  esac
+  shift
+done
+[[ "$CALL" == 1 || "$CALL" == 2 ]] || { echo "--call takes 1 or 2, got '$CALL'" >&2; exit 2; }
 
-WHEELS="diffusers==0.42.1 ttach==0.0.3 importlib_metadata==10.2.0"
+CARRY=.gpu  # ignored here (.git/info/exclude), named in the device call's carry
+# Peers the GPU image lacks (KINDS.md): diffusers (+ importlib_metadata), pytorch-grad-cam (+ ttach).
+WHEELS=(diffusers==0.42.1 importlib_metadata==8.7.0 zipp==3.23.0 ttach==0.0.3)
+GRADCAM=grad-cam==1.5.7  # an sdist on PyPI: built into a wheel (pure Python)
+
+# ---- the plan: "step|cap seconds" in running order, per call. A cap is the step's timeout; a step
+# that ends early leaves its time to the "leftover" steps at the end (cap 0: whatever is left).
+# Chunks run by value: ceilings -> attention fwd -> fwd+bwd -> noise -> Grad-CAM -> FAM -> Flex.
+PLAN_1=(
+  "wheels|15" "build|90" "build_fallback|20" "env|10" "tests|130"
+  "ceilings|20" "attention_fwd|60" "attention_fwdbwd|75" "noise|30" "gradcam|20" "fam|20" "flex|30"
+  "slow_compiles|0" "pack|5"
+)
+PLAN_2=("wheels|15" "install|30" "env|10" "train|90" "ablation|50" "slow_compiles|0" "pack|5")
+DEADLINE_1=540  # s of command time; the device call's timeout_s 570 leaves 30 s for stragglers
+DEADLINE_2=210  # call 2 runs in what 15 min of device time leave after the start and call 1
+if [ "$CALL" = 1 ]; then PLAN=("${PLAN_1[@]}"); DEADLINE=$DEADLINE_1; else PLAN=("${PLAN_2[@]}"); DEADLINE=$DEADLINE_2; fi
+DEADLINE=${SRDIFF_GPU_DEADLINE:-$DEADLINE}
+
+cap_of() { local s; for s in "${PLAN[@]}"; do [ "${s%%|*}" = "$1" ] && { echo "${s##*|}"; return; }; done; echo 0; }
+print_plan() {
+  local s total=0
+  echo "plan for call $CALL (deadline ${DEADLINE}s of command time):"
+  for s in "${PLAN[@]}"; do
+    total=$(( total + ${s##*|} ))
+    if [ "${s##*|}" = 0 ]; then printf '  %-18s leftover\n' "${s%%|*}"
+    else printf '  %-18s %4ss  (by %4ss)\n' "${s%%|*}" "${s##*|}" "$total"; fi
+  done
+  echo "  caps total ${total}s, margin $(( DEADLINE - total ))s"
+  (( total <= DEADLINE ))
+}
+
+if [ "$MODE" = plan ]; then print_plan; exit; fi
+
 if [ "$MODE" = prepare ]; then
   PY=${PY:-.venv/bin/python}
-  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
-  mkdir -p .whl
+  grep -qx "/$CARRY/" .git/info/exclude 2>/dev/null || echo "/$CARRY/" >> .git/info/exclude
+  mkdir -p "$CARRY/wheels"
+  {
+    echo "commit=$(git rev-parse HEAD)"
+    echo "short=$(git rev-parse --short=8 HEAD)"
+    echo "uncommitted_files=$(git status --porcelain --untracked-files=normal | wc -l)"
+    echo "prepared=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  } > "$CARRY/commit"
+  git status --porcelain --untracked-files=normal > "$CARRY/uncommitted.txt"
   $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl $WHEELS
-  $PY -m pip wheel -q --no-deps grad-cam==1.5.7 -w .whl  # sdist only on PyPI; pure Python
-  ls -la .whl
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d "$CARRY/wheels" "${WHEELS[@]}" || exit
+  ls "$CARRY"/wheels/grad_cam-*.whl >/dev/null 2>&1 || $PY -m pip wheel -q --no-deps "$GRADCAM" -w "$CARRY/wheels" || exit
+  cat "$CARRY/commit"
+  echo "uncommitted files travel too (listed in $CARRY/uncommitted.txt): $(wc -l < "$CARRY/uncommitted.txt")"
+  tree_kib=$(git ls-files -z -co --exclude-standard | du -ck --files0-from=- 2>/dev/null | tail -1 | cut -f1)
+  carry_kib=$(du -sk "$CARRY" | cut -f1)
+  echo "travels: working tree ${tree_kib} KiB + $CARRY ${carry_kib} KiB (limit 65536 KiB)"
+  (( tree_kib + carry_kib < 65536 )) || { echo "TOO LARGE for the device call" >&2; exit 1; }
+  print_plan
+  echo "device call 1: run(command='bash benchmarks/gpu.sh', carry=['$CARRY'], timeout_s=570)"
+  echo "device call 2: run(command='bash benchmarks/gpu.sh --call 2', carry=['$CARRY'], timeout_s=240)"
   exit 0
 fi
 
+# ---- a run (gpu, or its CPU rehearsal) -------------------------------------------------------------
 export PYTHONUNBUFFERED=1
-OUT=${OUT:-runs/gpu-rehearsal}
-mkdir -p "$OUT"
-LOG="$OUT/log.txt"
 START=$(date +%s)
-DEADLINE=${SRDIFF_GPU_DEADLINE:-470}  # seconds: leave the device call's start and transfers room in 8 min
-step() { echo "== [$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
-# budget CAP: a step's timeout, at most CAP and never past the deadline (0 when it has passed)
-budget() { local left=$(( DEADLINE - ($(date +%s) - START) )); (( left < $1 )) && echo $(( left > 0 ? left : 0 )) || echo "$1"; }
-
+COMMIT=unknown
+[ -f "$CARRY/commit" ] && COMMIT=$(sed -n 's/^short=//p' "$CARRY/commit")
+[ "$COMMIT" = unknown ] && COMMIT=$(git rev-parse --short=8 HEAD 2>/dev/null || echo unknown)
+export SRDIFF_COMMIT=$COMMIT
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 if [ "$MODE" = gpu ]; then
   PY=python3
-  unset TRITON_INTERPRET
-  if ls .whl/*.whl >/dev/null 2>&1; then
-    step "install carried wheels"
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >>"$LOG" 2>&1
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  else
-    step "no .whl/ carried: diffusers and grad-cam peers will be reported unavailable"
-  fi
-  step "build srdiff._C for sm_90"
+  OUT=${OUT:?OUT is not set: on the device machine the tool sets it}
+  WORK=/tmp/srdiff-gpu
+  XDIST_N=8
+  TESTS=(tests -m needs_cuda) TESTS_K=""
+  unset SRDIFF_BENCH_QUICK
   export TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 MAX_JOBS=16 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-  timeout "$(budget 180)" $PY -m pip install -q --no-index --no-build-isolation --no-deps -e . >>"$LOG" 2>&1 \
-    || step "BUILD FAILED (see log)"
-  TESTS=(tests -m needs_cuda)
-  BENCH_ENV=""
 else
-  PY=${PY:-.venv/bin/python}
-  TESTS=(tests/test_gradcam.py)
-  BENCH_ENV="SRDIFF_BENCH_QUICK=1"
-  DEADLINE=${SRDIFF_GPU_DEADLINE:-900}
+  PY=${PY:?set PY to the python to rehearse with (benchmarks/rehearse.sh does)}
+  OUT=${OUT:-$ROOT/runs/gpu-rehearsal}
+  WORK=${WORK:-$ROOT/runs/gpu-rehearsal-work}
+  XDIST_N=2
+  # The CUDA tests skip here: the interpreter's attention tests stand in, through the same machinery.
+  TESTS=(tests/test_fam_attention.py -p benchmarks.rehearsal_shim) TESTS_K="triton_matches_oracle and not cuda and "
+  export SRDIFF_BENCH_QUICK=1 FORCE_CUDA=0 MAX_JOBS=2
+fi
+unset TRITON_INTERPRET  # tests/conftest.py sets it where no GPU is visible; benchmarks refuse it
+TAG="${STAMP}_${COMMIT}_call${CALL}"
+mkdir -p "$OUT" "$WORK/extra"
+LOG="$OUT/${TAG}_log.txt"
+export SRDIFF_LIVE_JSONL="$OUT/${TAG}_tests.jsonl" PY
+export TRITON_CACHE_DIR="$WORK/triton-cache"  # kept between the calls of a warm machine
+
+elapsed() { echo $(( $(date +%s) - START )); }
+step() { echo "== [$(elapsed)s] $*" | tee -a "$LOG"; }
+# budget STEP: the step's timeout: its cap (or, for a leftover step, all that is left) and never past
+# the deadline less the pack step's reserve; 0 when nothing is left.
+budget() {
+  local cap left
+  cap=$(cap_of "$1"); left=$(( DEADLINE - $(cap_of pack) - $(elapsed) ))
+  (( left < 0 )) && left=0
+  (( cap == 0 || cap > left )) && cap=$left
+  echo "$cap"
+}
+# run_step STEP CMD...: CMD under its budget; SIGINT at the limit (pytest then writes its summary and
+# junit), SIGKILL 10 s later. Returns CMD's status (124: out of time; 125: not started, no time left).
+run_step() {
+  local name=$1 t rc; shift
+  t=$(budget "$name")
+  (( t > 0 )) || { step "skip $name: out of time"; return 125; }
+  step "$name (timeout ${t}s)"
+  timeout -s INT -k 10 "$t" "$@" >>"$LOG" 2>&1
+  rc=$?
+  step "$name exit code $rc$( ((rc == 124 || rc == 137)) && echo ' (OUT OF TIME)')"
+  return "$rc"
+}
+pack_extra() { tar -czf "$OUT/${TAG}_extra.tgz" -C "$WORK" extra 2>/dev/null; }
+has_module() { $PY -c "import $1" >/dev/null 2>&1; }
+
+print_plan | tee -a "$LOG"
+step "mode $MODE, call $CALL, commit $COMMIT, python $PY, out $OUT"
+[ -f "$CARRY/commit" ] && cat "$CARRY/commit" >>"$LOG"
+
+# ---- peer wheels --------------------------------------------------------------------------------------
+if ls "$CARRY"/wheels/*.whl >/dev/null 2>&1; then
+  run_step wheels $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$WORK/site" "$CARRY"/wheels/*.whl
+  export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+else
+  step "no $CARRY/wheels carried: the diffusers and pytorch-grad-cam peers will be reported unavailable"
 fi
 
-step "environment"
-{
-  date -u
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
-  $PY -m srdiff info 2>&1
-  $PY -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
-  git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -20
-} >>"$LOG" 2>&1
+# ---- srdiff: build the extension, else install without it (the Triton kernels run either way) -------
+installed_ok() {  # srdiff imports from this tree; prints whether srdiff._C is in use
+  $PY - <<'PY' >>"$LOG" 2>&1
+import os, srdiff, srdiff.kernels
+from srdiff import _extension
+assert os.path.dirname(os.path.dirname(srdiff.__file__)) == os.getcwd(), f"srdiff from {srdiff.__file__}"
+print("srdiff._C in use:", _extension.HAS_EXT, "" if _extension.HAS_EXT else f"({_extension.WHY_NOT})")
+PY
+}
+install() {  # install STEP [ENV...]: editable install of this tree, extension per the environment
+  local name=$1; shift
+  run_step "$name" env "$@" $PY -m pip install -q --no-index --no-build-isolation --no-deps -e . && installed_ok
+}
+if [ "$CALL" = 2 ] && installed_ok; then
+  step "srdiff already installed from call 1 (warm machine)"
+elif install "$([ "$CALL" = 1 ] && echo build || echo install)"; then
+  step "srdiff installed with the extension build"
+else
+  step "EXTENSION BUILD FAILED OR TIMED OUT: installing with SRDIFF_SKIP_EXT=1 (Triton kernels still run; Grad-CAM uses its reference)"
+  install build_fallback SRDIFF_SKIP_EXT=1 || step "INSTALL FAILED: only chunks that do not import srdiff can run"
+fi
 
-step "tests: ${TESTS[*]}"
-timeout "$(budget 120)" $PY -m pytest "${TESTS[@]}" -q -p no:cacheprovider >>"$LOG" 2>&1
-step "tests exit code $? (124: out of time)"
+# ---- environment ----------------------------------------------------------------------------------------
+run_step env bash -c 'date -u; nproc; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  $PY -c "import sys, torch, triton, numpy; print(sys.version, torch.__version__, torch.version.cuda, triton.__version__, numpy.__version__)"
+  $PY -m srdiff info
+  $PY -m pip list 2>/dev/null | grep -i -E "^(torch|triton|numpy|diffusers|grad-cam|pytest|pytest-xdist|pytest-benchmark|pytest-timeout) "'
 
-# One JSON per chunk, straight into $OUT (pytest-benchmark writes at the end of a run, so chunks keep
-# what finished if time runs out). Most important first; the ceilings feed the report's "% of peak".
-CHUNKS=(
-  "ceilings|benchmarks/bench_ceilings.py||30"
-  "attention_fwd|benchmarks/bench_attention.py|not bwd|150"
-  "noise|benchmarks/bench_noise.py||90"
-  "gradcam|benchmarks/bench_gradcam.py||60"
-  "attention_fwdbwd|benchmarks/bench_attention.py|bwd|150"
-  "fam|benchmarks/bench_fam.py||60"
-  "train|benchmarks/bench_train.py||120"
-)
-for chunk in "${CHUNKS[@]}"; do
-  IFS='|' read -r name file kexpr cap <<<"$chunk"
-  [ -f "$file" ] || { step "skip $name: $file does not exist"; continue; }
-  t=$(budget "$cap")
-  (( t > 0 )) || { step "skip $name: out of time"; continue; }
-  step "benchmark $name (timeout ${t}s)"
-  env $BENCH_ENV timeout "$t" $PY -m pytest "$file" ${kexpr:+-k "$kexpr"} -q -p no:cacheprovider \
-    -o python_files='bench_*.py' --benchmark-json="$OUT/bench_$name.json" --benchmark-columns=median,rounds >>"$LOG" 2>&1
-  step "benchmark $name exit code $?"
-done
-step "done"
+# ---- tests ----------------------------------------------------------------------------------------------
+PYTEST=($PY -m pytest -p no:cacheprovider -p benchmarks.live_log -rA)
+XDIST=() TIMEOUT=()
+if has_module xdist; then XDIST=(-n "$XDIST_N"); else step "pytest-xdist missing: tests run in one process"; fi
+if has_module pytest_timeout; then TIMEOUT=(--timeout 100); else step "pytest-timeout missing: no per-test limit"; fi
+# The coldest compiles (fp32 and bf16 at D = 256, D = 160: dK/dV alone took 75 s to compile for sm_90 on a
+# CPU) leave the test step and run last, in the time left: one of them cannot eat the step's budget.
+SLOW_COMPILES="D256 or D160"
+if [ "$CALL" = 1 ]; then
+  run_step tests "${PYTEST[@]}" "${TESTS[@]}" -k "${TESTS_K}not ($SLOW_COMPILES)" "${XDIST[@]}" "${TIMEOUT[@]}" \
+    --junitxml="$OUT/${TAG}_tests.xml"
+fi
+
+# ---- benchmarks -------------------------------------------------------------------------------------------
+bench() {  # bench CHUNK FILE [-k EXPR]
+  local name=$1 file=$2; shift 2
+  [ -f "$file" ] || { step "skip $name: $file does not exist"; return; }
+  SRDIFF_BENCH_CHUNK=$name SRDIFF_BENCH_JSONL="$OUT/${TAG}_bench.jsonl" run_step "$name" "${PYTEST[@]}" "$file" "$@" -q -o python_files='bench_*.py' \
+    --benchmark-columns=median,rounds
+}
+if [ "$CALL" = 1 ]; then
+  bench ceilings benchmarks/bench_ceilings.py
+  bench attention_fwd benchmarks/bench_attention.py -k "not bwd and not flex"
+  bench attention_fwdbwd benchmarks/bench_attention.py -k "bwd and not flex"
+  bench noise benchmarks/bench_noise.py
+  bench gradcam benchmarks/bench_gradcam.py
+  bench fam benchmarks/bench_fam.py
+  bench flex benchmarks/bench_attention.py -k flex
+else
+  bench train benchmarks/bench_train.py
+  if [ -f configs/ablation_gpu.toml ]; then
+    run_step ablation $PY -m srdiff ablate --config configs/ablation_gpu.toml --out "$WORK/extra/ablation"
+    pack_extra
+  else
+    step "skip ablation: configs/ablation_gpu.toml does not exist"
+  fi
+fi
+
+# ---- leftover time: the cold compiles the test step left out ---------------------------------------------
+if [ -f "$WORK/slow_compiles.passed" ]; then
+  step "skip slow_compiles: they passed in call 1"
+elif run_step slow_compiles "${PYTEST[@]}" "${TESTS[@]}" -k "${TESTS_K}($SLOW_COMPILES)" "${XDIST[@]}" \
+    --junitxml="$OUT/${TAG}_slow_tests.xml"; then
+  touch "$WORK/slow_compiles.passed"
+fi
+
+pack_extra
+step "done in $(elapsed)s of ${DEADLINE}s; files in $OUT:"
+ls -la "$OUT" | tee -a "$LOG"

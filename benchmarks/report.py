@@ -22,11 +22,45 @@ BEGIN, END = "<!-- BENCH:BEGIN -->", "<!-- BENCH:END -->"
 OURS = "srdiff"
 
 
+def read_jsonl_run(path: str) -> dict:
+    """One run from the JSON lines that ``SRDIFF_BENCH_JSONL`` collects (benchmarks/conftest.py), in
+    the shape of a pytest-benchmark JSON: the first ``session`` line gives machine, commit and time,
+    ``case`` lines the benchmarks, ``unavailable`` lines the reasons. A last line cut off by a kill is
+    dropped; any other line that does not parse is an error."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise ValueError(f"{path}:{i + 1} is not a JSON line: {line[:80]!r}") from None
+    sessions = [r for r in records if r.get("type") == "session"]
+    if not sessions:
+        raise ValueError(f"{path} has no session line: not a benchmark JSON-lines file")
+    return {
+        "machine_info": sessions[0]["machine_info"],
+        "commit_info": {"id": sessions[0]["commit"]},
+        "datetime": sessions[0]["datetime"],
+        "benchmarks": [{"name": r["name"], "stats": r["stats"], "extra_info": r["extra_info"]}
+                       for r in records if r.get("type") == "case"],
+        "unavailable": [{k: v for k, v in r.items() if k not in ("type", "chunk")}
+                        for r in records if r.get("type") == "unavailable"],
+    }
+
+
 def load_runs(results_dir: str) -> list[dict]:
+    """Every stored run: pytest-benchmark ``*.json`` and gpu.sh's ``*.jsonl`` under <results>/<machine>/."""
     runs = []
-    for path in sorted(glob.glob(os.path.join(results_dir, "*", "*.json"))):
-        with open(path) as f:
-            run = json.load(f)
+    for path in sorted(glob.glob(os.path.join(results_dir, "*", "*.json*"))):
+        if path.endswith(".jsonl"):
+            run = read_jsonl_run(path)
+        elif path.endswith(".json"):
+            with open(path) as f:
+                run = json.load(f)
+        else:
+            continue
         run["_path"] = os.path.relpath(path, ROOT)
         runs.append(run)
     return runs

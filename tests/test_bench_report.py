@@ -1,11 +1,20 @@
 """benchmarks/report.py: the README's performance section comes from stored JSON, ratios and % of peak
-are computed from it, unavailable providers get their reason, and GPU tables sit beside CPU ones."""
+are computed from it, unavailable providers get their reason, and GPU tables sit beside CPU ones.
+The GPU run's plumbing: its JSON-lines results survive a kill and store per chunk, and its plan fits."""
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
-from benchmarks import report
+from benchmarks import report, store
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _case(op, provider, ms, *, shape=None, mode="fwd", dtype="float32", **extra):
@@ -73,3 +82,96 @@ def test_missing_markers_is_an_error(tmp_path, monkeypatch):
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="markers"):
         report.main(["--results", str(tmp_path / "results"), "--readme", str(readme)])
+
+
+def _session(chunk, label="h200", stamp="2026-12-01T09:00:00+00:00"):
+    return {"type": "session", "chunk": chunk, "commit": "abcdef12", "datetime": stamp,
+            "machine_info": {"label": label, "device": "NVIDIA H200", "torch": "2.11.0", "quick": False}}
+
+
+def _jsonl_case(chunk, op, provider, ms):
+    return {"type": "case", "chunk": chunk, "name": f"test_{op}[{provider}]", "stats": {"median": ms / 1e3},
+            "extra_info": _case(op, provider, ms)["extra_info"]}
+
+
+def _jsonl_lines(cut_last=True):
+    lines = [json.dumps(r) for r in (
+        _session("noise"), _jsonl_case("noise", "noise", "srdiff", 1.0),
+        {"type": "unavailable", "chunk": "noise", "op": "noise", "provider": "diffusers", "mode": "fwd",
+         "shape": {"N": 1024}, "dtype": "float32", "reason": "diffusers is not installed"},
+        _session("gradcam"), _jsonl_case("gradcam", "gradcam", "srdiff", 2.0),
+        _jsonl_case("gradcam", "gradcam", "reference", 6.0))]
+    return "\n".join(lines) + ('\n{"type": "case", "chu' if cut_last else "\n")
+
+
+def test_jsonl_run_reads_what_a_killed_run_left(tmp_path, monkeypatch):
+    folder = tmp_path / "results" / "h200"
+    folder.mkdir(parents=True)
+    (folder / "run.jsonl").write_text(_jsonl_lines(cut_last=True))
+    run = report.read_jsonl_run(str(folder / "run.jsonl"))
+    assert run["commit_info"] == {"id": "abcdef12"} and run["machine_info"]["label"] == "h200"
+    assert [b["extra_info"]["provider"] for b in run["benchmarks"]] == ["srdiff", "srdiff", "reference"]
+    assert run["unavailable"] == [{"op": "noise", "provider": "diffusers", "mode": "fwd", "shape": {"N": 1024},
+                                   "dtype": "float32", "reason": "diffusers is not installed"}]
+    text = _render(tmp_path, monkeypatch)
+    assert "#### gradcam on NVIDIA H200" in text and "3.00x" in text and "diffusers is not installed" in text
+    (folder / "bad.jsonl").write_text('{"type": "session"\n' + _jsonl_lines(cut_last=False))
+    with pytest.raises(ValueError, match="bad.jsonl:1 is not a JSON line"):
+        report.read_jsonl_run(str(folder / "bad.jsonl"))
+
+
+def test_store_writes_one_file_per_chunk_and_never_replaces(tmp_path):
+    files_at = tmp_path / "files"
+    files_at.mkdir()
+    (files_at / "20261201T090000Z_abcdef12_call1_bench.jsonl").write_text(_jsonl_lines(cut_last=True))
+    (files_at / "20261201T090000Z_abcdef12_call1_tests.jsonl").write_text('{"nodeid": "t", "outcome": "passed"}\n')
+    results = tmp_path / "results"
+    stored = store.store(str(files_at), str(results))
+    names = sorted(os.path.relpath(p, results) for p in stored)
+    assert names == ["h200/20261201T090000Z_abcdef12_gradcam.jsonl", "h200/20261201T090000Z_abcdef12_noise.jsonl",
+                     "h200/tests/20261201T090000Z_abcdef12_call1_tests.jsonl"]
+    noise = report.read_jsonl_run(str(results / names[1]))
+    assert len(noise["benchmarks"]) == 1 and len(noise["unavailable"]) == 1
+    assert len(report.read_jsonl_run(str(results / names[0]))["benchmarks"]) == 2
+    with pytest.raises(SystemExit, match="refusing to replace"):
+        store.store(str(files_at), str(results))
+
+
+def test_live_log_keeps_finished_results_through_a_kill(tmp_path):
+    """The test step's record: each result is on disk as it finishes, so SIGKILL loses only the running test."""
+    (tmp_path / "test_victim.py").write_text(
+        "import time, pytest\n"
+        "def test_passes(): pass\n"
+        "def test_fails(): assert 1 == 2, 'planted failure'\n"
+        "def test_skips(): pytest.skip('planted skip')\n"
+        "def test_hangs(): time.sleep(120)\n")
+    log = tmp_path / "live.jsonl"
+    env = {**os.environ, "SRDIFF_LIVE_JSONL": str(log), "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "benchmarks.live_log", "-p", "no:cacheprovider",
+                             "-q", "-c", os.devnull, "--rootdir", str(tmp_path), str(tmp_path / "test_victim.py")],
+                            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+            time.sleep(0.1)
+        time.sleep(0.3)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    outcomes = {r["nodeid"].split("::")[-1]: r for r in records}
+    assert {k: r["outcome"] for k, r in outcomes.items()} == {
+        "test_passes": "passed", "test_fails": "failed", "test_skips": "skipped"}, records
+    assert "planted failure" in outcomes["test_fails"]["text"] and "planted skip" in outcomes["test_skips"]["text"]
+
+
+@pytest.mark.parametrize("call", ["1", "2"])
+def test_gpu_plan_fits_its_deadline(call):
+    """gpu.sh's step caps add up to less than the call's deadline, which is under the device call's limit."""
+    out = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu.sh"), "--plan", "--call", call],
+                         capture_output=True, text=True, check=True).stdout
+    deadline = int(re.search(r"deadline (\d+)s", out).group(1))
+    caps = [int(m) for m in re.findall(r"^ +\S+ +(\d+)s", out, re.M)]
+    assert sum(caps) == int(re.search(r"caps total (\d+)s", out).group(1)) <= deadline <= 540
+    for step in ("tests", "ceilings", "attention_fwd", "attention_fwdbwd", "flex") if call == "1" else ("train",):
+        assert re.search(rf"^ +{step} +\d+s", out, re.M), step

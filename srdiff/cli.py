@@ -11,7 +11,7 @@ import sys
 import warnings
 
 # Modules that contribute subcommands, in the order ``srdiff --help`` lists them.
-COMMAND_MODULES: list[str] = ["srdiff.trainer.cli", "srdiff.highlighter.cli"]
+COMMAND_MODULES: list[str] = ["srdiff.trainer.cli", "srdiff.highlighter.cli", "srdiff.repair_cli"]
 
 # What a user's input can cause; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, TypeError, OSError)

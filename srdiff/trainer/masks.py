@@ -1,0 +1,78 @@
+"""Random thick inpainting holes, seeded: free-form strokes (LaMa's "thick" irregular masks, Suvorov et
+al. 2022; RePaint's evaluation masks are of this kind) and boxes. Convention everywhere in srdiff: 1 marks
+the hole (to be filled), 0 the known pixels, as in diffusers' inpainting pipelines."""
+
+import torch
+
+MASK_KINDS = ("mixed", "strokes", "boxes")
+
+
+def _uniform(gen: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand((), generator=gen))
+
+
+def _segment_distance(grid: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(H, W) distance of each pixel centre in ``grid`` (H, W, 2) to the segment a-b."""
+    ab = b - a
+    t = ((grid - a) @ ab / ab.dot(ab).clamp_min(1e-12)).clamp(0, 1)
+    return (grid - a - t[..., None] * ab).norm(dim=-1)
+
+
+def stroke_mask(size: int, gen: torch.Generator) -> torch.Tensor:
+    """(size, size): 1 to 4 polylines of 2 to 5 segments, each segment 10-40 % of the side long and
+    8-20 % of the side thick (at least 1 px), starting anywhere."""
+    ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    grid = torch.stack([xs, ys], -1)
+    mask = torch.zeros(size, size)
+    for _ in range(int(torch.randint(1, 5, (), generator=gen))):
+        width = max(1.0, _uniform(gen, 0.08, 0.2) * size)
+        point = torch.rand(2, generator=gen) * size
+        for _ in range(int(torch.randint(2, 6, (), generator=gen))):
+            angle = _uniform(gen, 0, 2 * torch.pi)
+            length = _uniform(gen, 0.1, 0.4) * size
+            end = (point + length * torch.tensor([torch.cos(torch.tensor(angle)), torch.sin(torch.tensor(angle))]))
+            end = end.clamp(0, size)
+            mask[_segment_distance(grid, point, end) <= width / 2] = 1.0
+            point = end
+    return mask
+
+
+def box_mask(size: int, gen: torch.Generator) -> torch.Tensor:
+    """(size, size): 1 or 2 axis-aligned boxes with sides of 20-50 % of the image side (at least 1 px)."""
+    mask = torch.zeros(size, size)
+    for _ in range(int(torch.randint(1, 3, (), generator=gen))):
+        h, w = (max(1, round(_uniform(gen, 0.2, 0.5) * size)) for _ in range(2))
+        top = int(torch.randint(0, size - h + 1, (), generator=gen))
+        left = int(torch.randint(0, size - w + 1, (), generator=gen))
+        mask[top:top + h, left:left + w] = 1.0
+    return mask
+
+
+def random_masks(n: int, size: int, *, seed: int, kind: str = "mixed") -> torch.Tensor:
+    """(n, 1, size, size) float32 holes (1 = hole) drawn from ``seed``: ``kind`` 'strokes', 'boxes' or
+    'mixed' (each image a stroke or a box mask with probability 1/2). Every mask has a hole."""
+    if kind not in MASK_KINDS:
+        raise ValueError(f"mask_kind must be one of {MASK_KINDS}, got {kind!r}")
+    if size < 1 or n < 0:
+        raise ValueError(f"n must be >= 0 and size >= 1, got n={n}, size={size}")
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        strokes = kind == "strokes" or (kind == "mixed" and bool(torch.rand((), generator=gen) < 0.5))
+        out.append(stroke_mask(size, gen) if strokes else box_mask(size, gen))
+    return torch.stack(out)[:, None] if out else torch.zeros(0, 1, size, size)
+
+
+def check_masks(masks: torch.Tensor, images: torch.Tensor, name: str = "masks") -> torch.Tensor:
+    """``masks`` as (N, 1, H, W) float {0, 1} (binarised at 0.5) matching ``images`` (N, C, H, W): one mask
+    per image, or one for all; a wrong size raises ``ValueError`` naming ``name``."""
+    if masks.dim() == 3:
+        masks = masks[:, None]
+    if masks.dim() != 4 or masks.shape[1] != 1:
+        raise ValueError(f"{name} must be (N, 1, H, W) or (N, H, W), got shape {tuple(masks.shape)}")
+    if masks.shape[-2:] != images.shape[-2:]:
+        raise ValueError(f"{name} must be {images.shape[-2]}x{images.shape[-1]} like the images (the model's "
+                         f"resolution), got {masks.shape[-2]}x{masks.shape[-1]}")
+    if len(masks) not in (1, len(images)):
+        raise ValueError(f"{name} must hold one mask or one per image ({len(images)}), got {len(masks)}")
+    return (masks.float() > 0.5).float().expand(len(images), -1, -1, -1).contiguous()

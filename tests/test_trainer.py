@@ -13,17 +13,10 @@ import torch
 
 from srdiff.trainer import NonFiniteLossError, SelfRefiningTrainer, TrainConfig
 from srdiff.trainer import checkpoint
-
-TINY = dict(
-    data="digits", image_size=8, block_out_channels=(8, 16), attention_levels=(False, True), norm_num_groups=4,
-    attention_head_dim=8, batch_size=8, lr=1e-3, warmup_steps=2, mfam_samples=4, mfam_sampler_steps=2,
-    highlighter_samples=8, highlighter_epochs=1, highlighter_finetune_steps=1, sample_steps=2, progress=False,
-    num_train_timesteps=100,
-)
-
+from utils import TINY_TRAIN as TINY, tiny_config
 
 def tiny(tmp_path, name="run", **kw) -> TrainConfig:
-    return TrainConfig(**{**TINY, "out_dir": str(tmp_path / name), **kw})
+    return tiny_config(tmp_path, name, **kw)
 
 
 def records(cfg) -> list[dict]:

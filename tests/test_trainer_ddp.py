@@ -16,7 +16,7 @@ import json, sys, torch
 from srdiff.trainer import SelfRefiningTrainer, TrainConfig, distributed
 trainer = SelfRefiningTrainer(TrainConfig.from_dict(json.loads(sys.argv[1])))
 trainer.train()
-torch.save({"mfam": trainer.mfam, "model": trainer.unet.state_dict(), "world_size": trainer.dist.world_size},
+torch.save({"mfam": trainer.mfam, "model": trainer.denoiser.state_dict(), "world_size": trainer.dist.world_size},
            f"{trainer.config.out_dir}/rank{trainer.dist.rank}.pt")
 distributed.shutdown()
 """
@@ -53,7 +53,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
         assert torch.equal(r0["model"][name], r1["model"][name]), name
 
     single = SelfRefiningTrainer(TrainConfig(**{**base, "grad_accum": 2}, out_dir=str(tmp_path / "single")))
-    initial = {name: value.clone() for name, value in single.unet.state_dict().items()}
+    initial = {name: value.clone() for name, value in single.denoiser.state_dict().items()}
     single.train()
     # Same samples, timesteps and noise per micro-batch; only the order of floating-point sums differs
     # (all-reduce vs accumulation, batch 2 vs 4 in the refresh sampler), so agreement is to rounding.
@@ -67,7 +67,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     # rounding error is about 1/lam = 40 times larger. A rank that missed the gradient all-reduce
     # (training on half the batch) would be off by order one everywhere.
     lam = TrainConfig(**base).lam_r
-    for name, value in single.unet.state_dict().items():
+    for name, value in single.denoiser.state_dict().items():
         if not value.is_floating_point():
             continue
         bound = 1e-3 / lam if name.endswith("to_k.bias") else 1e-3

@@ -2,7 +2,6 @@
 flaw activation maps (FAMs) that steer self-refining diffusion."""
 
 import os
-import tempfile
 from collections.abc import Sequence
 
 import torch
@@ -10,20 +9,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from srdiff._checks import check_choice, check_tensor
+from srdiff._io import save_atomic
 from srdiff.gradcam import gradcam_reduce
 from srdiff.highlighter import backbones
+from srdiff.highlighter.images import resize_square
 from srdiff.reference.gradcam import minmax_normalize
 
 CHECKPOINT_FORMAT = "srdiff.FlawHighlighter/1"
-
-
-def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, size, size): bilinear with half-pixel centres, antialiased when it
-    shrinks; the input itself when it already has that size."""
-    if images.shape[-2:] == (size, size):
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
-                         antialias=images.shape[-1] > size or images.shape[-2] > size)
 
 
 class FlawHighlighter(nn.Module):
@@ -139,20 +131,10 @@ class FlawHighlighter(nn.Module):
         return cls(**config)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write config and weights to ``path`` atomically (a temporary file in the same folder, renamed)."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
+        """Write config and weights to ``path`` atomically (:func:`srdiff._io.save_atomic`)."""
         payload = {"format": CHECKPOINT_FORMAT, "config": self.config,
                    "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        save_atomic(payload, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location=None) -> "FlawHighlighter":

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from srdiff.highlighter.model import resize_square
+from srdiff.highlighter.images import resize_square
 
 
 def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:

@@ -6,35 +6,14 @@ with ``torch.load(weights_only=True)``: no pickled code runs on load.
 
 import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from srdiff._io import save_atomic
 
-def save_atomic(obj, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temp file beside ``path``, fsync, then ``os.replace``: a reader sees the old
-    file or the new one, never a partial write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+__all__ = ["load", "rng_state", "save_atomic", "set_rng_state"]
 
 
 def load(path: str | os.PathLike, map_location="cpu") -> dict:

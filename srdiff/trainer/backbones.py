@@ -1,0 +1,186 @@
+"""Denoiser backbones: how to build a model from a :class:`TrainConfig` and how to call it.
+
+A backbone is one class in :data:`BACKBONES`. It knows its model class, which conditions it can take
+(class labels, caption embeddings) and how to pass them; it knows nothing of tasks, data or the loop.
+A task (``srdiff/trainer/tasks``) decides the :class:`DenoiserSpec` (channels, classes, text width) and
+the :class:`Condition` of each batch; the backbone maps them onto its model's arguments.
+
+Add a backbone: subclass :class:`Backbone`, implement ``build`` and ``forward``, decorate it with
+:func:`register_backbone`; ``TrainConfig(backbone=...)`` accepts it from then on.
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DenoiserSpec:
+    """What a task needs of its denoiser.
+
+    ``in_channels``: channels the model reads (the noisy sample plus any channels a task concatenates,
+    e.g. inpainting's mask and masked image); ``out_channels``: channels it predicts; ``sample_size``:
+    the square side in model space (pixels or latents); ``num_classes``: class-conditional with this
+    many classes (the backbone adds a null class for classifier-free guidance); ``cross_attention_dim``:
+    the width of the caption embeddings of a text-conditioned model.
+    """
+
+    in_channels: int
+    out_channels: int
+    sample_size: int
+    num_classes: int | None = None
+    cross_attention_dim: int | None = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Condition:
+    """What a batch conditions on, one row per sample; ``None`` where the task has no such condition.
+
+    ``class_labels``: (B,) int64, the null class (``num_classes``) for the unconditional branch;
+    ``encoder_hidden_states``: (B, L, cross_attention_dim) caption embeddings; ``pooled``: (B, P) pooled
+    caption embeddings (joint-attention transformers).
+    """
+
+    class_labels: torch.Tensor | None = None
+    encoder_hidden_states: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+
+    def cat(self, other: "Condition") -> "Condition":
+        """Row-wise concatenation (the conditional and unconditional halves of a guided batch)."""
+        def join(a, b):
+            return None if a is None else torch.cat([a, b])
+
+        return Condition(join(self.class_labels, other.class_labels),
+                         join(self.encoder_hidden_states, other.encoder_hidden_states),
+                         join(self.pooled, other.pooled))
+
+    def select(self, index) -> "Condition":
+        return Condition(*(None if v is None else v[index]
+                           for v in (self.class_labels, self.encoder_hidden_states, self.pooled)))
+
+
+class Backbone:
+    """Builds and calls one kind of denoiser. ``conditions`` lists what it accepts: ``"class"``, ``"text"``."""
+
+    name: ClassVar[str]
+    conditions: ClassVar[frozenset[str]] = frozenset()
+
+    def build(self, config, spec: DenoiserSpec) -> nn.Module:
+        raise NotImplementedError
+
+    def forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
+        """The model's prediction (same shape as the noisy sample it denoises)."""
+        raise NotImplementedError
+
+    def check(self, spec: DenoiserSpec) -> None:
+        """Raise if the task asks for a condition this backbone cannot take."""
+        asked = {"class"} if spec.num_classes else set()
+        asked |= {"text"} if spec.cross_attention_dim else set()
+        missing = asked - self.conditions
+        if missing:
+            raise ValueError(f"backbone {self.name!r} cannot take {sorted(missing)} conditions; it takes "
+                             f"{sorted(self.conditions) or 'none'}")
+
+    def plain_copy(self, model: nn.Module) -> nn.Module:
+        """A fresh model with ``model``'s config and weights and the library's default attention
+        processors (the FAM processors are a training-time device), for export."""
+        clean = type(model).from_config(model.config)
+        clean.load_state_dict(model.state_dict())
+        return clean
+
+
+BACKBONES: dict[str, type[Backbone]] = {}
+
+
+def register_backbone(cls: type[Backbone]) -> type[Backbone]:
+    if cls.name in BACKBONES:
+        raise ValueError(f"backbone {cls.name!r} is registered twice")
+    BACKBONES[cls.name] = cls
+    return cls
+
+
+def get_backbone(name: str) -> Backbone:
+    if name not in BACKBONES:
+        raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {name!r}")
+    return BACKBONES[name]()
+
+
+def _block_types(config, attn: str, plain: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(down, up) block types: ``{attn}DownBlock2D`` at the levels ``config.attention_levels`` marks."""
+    down = tuple(f"{attn if a else plain}DownBlock2D" for a in config.attention_levels)
+    up = tuple(f"{attn if a else plain}UpBlock2D" for a in reversed(config.attention_levels))
+    return down, up
+
+
+@register_backbone
+class UNet(Backbone):
+    """diffusers ``UNet2DModel``: self-attention at the levels ``config.attention_levels`` marks; class
+    labels through its ``num_class_embeds`` table (one extra row: the null class)."""
+
+    name = "unet"
+    conditions = frozenset({"class"})
+
+    def build(self, config, spec: DenoiserSpec) -> nn.Module:
+        from diffusers import UNet2DModel
+
+        self.check(spec)
+        down, up = _block_types(config, "Attn", "")
+        return UNet2DModel(
+            sample_size=spec.sample_size,
+            in_channels=spec.in_channels,
+            out_channels=spec.out_channels,
+            block_out_channels=config.block_out_channels,
+            down_block_types=down,
+            up_block_types=up,
+            layers_per_block=config.layers_per_block,
+            attention_head_dim=config.attention_head_dim,
+            norm_num_groups=config.norm_num_groups,
+            num_class_embeds=spec.num_classes + 1 if spec.num_classes else None,
+        )
+
+    def forward(self, model, x, t, cond):
+        if cond.class_labels is None:
+            return model(x, t).sample
+        return model(x, t, class_labels=cond.class_labels).sample
+
+
+@register_backbone
+class ConditionUNet(Backbone):
+    """diffusers ``UNet2DConditionModel``: self- and cross-attention (``CrossAttn*Block2D``) at the marked
+    levels. Text: caption embeddings as cross-attention keys. Class labels: its ``num_class_embeds``
+    table; without a caption the cross-attention attends to one zero token."""
+
+    name = "unet-cond"
+    conditions = frozenset({"class", "text"})
+
+    def build(self, config, spec: DenoiserSpec) -> nn.Module:
+        from diffusers import UNet2DConditionModel
+
+        self.check(spec)
+        down, up = _block_types(config, "CrossAttn", "")
+        head_dim = config.attention_head_dim
+        return UNet2DConditionModel(
+            sample_size=spec.sample_size,
+            in_channels=spec.in_channels,
+            out_channels=spec.out_channels,
+            block_out_channels=config.block_out_channels,
+            down_block_types=down,
+            up_block_types=up,
+            mid_block_type="UNetMidBlock2DCrossAttn",
+            layers_per_block=config.layers_per_block,
+            attention_head_dim=tuple(c // head_dim for c in config.block_out_channels),
+            norm_num_groups=config.norm_num_groups,
+            cross_attention_dim=spec.cross_attention_dim or head_dim,
+            num_class_embeds=spec.num_classes + 1 if spec.num_classes else None,
+        )
+
+    def forward(self, model, x, t, cond):
+        context = cond.encoder_hidden_states
+        if context is None:
+            context = x.new_zeros(x.shape[0], 1, model.config.cross_attention_dim)
+        return model(x, t, encoder_hidden_states=context, class_labels=cond.class_labels).sample

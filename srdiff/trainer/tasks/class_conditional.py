@@ -1,0 +1,85 @@
+"""Class-conditional generation with classifier-free guidance (Ho & Salimans 2022).
+
+Training drops each label to the null class (index ``num_classes``) with probability
+``config.condition_dropout``, so one model learns both the conditional and the unconditional
+prediction; sampling mixes them as ``ε_u + s (ε_c - ε_u)`` with ``s = config.guidance_scale``.
+The mFAM is refreshed from guided samples of uniformly drawn classes.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from srdiff.trainer.backbones import Condition, DenoiserSpec
+from srdiff.trainer.seeding import CONDITION_DROP, CONDITION_SAMPLES, key
+from srdiff.trainer.task import Batch, DenoisingTask, register_task
+
+
+@register_task
+class ClassConditional(DenoisingTask):
+    """Class labels from the dataset (digits, mnist, emoji groups, an image folder of class subfolders)."""
+
+    name = "class"
+    condition = "class"
+
+    def setup(self, data) -> None:
+        super().setup(data)
+        if data.train_labels is None:
+            raise ValueError(f"task 'class' needs labelled data; data {self.config.data!r} has no labels "
+                             "(use 'digits', 'mnist', 'emoji' or a folder of one subfolder per class)")
+        num_classes = int(max(data.train_labels.max(), data.holdout_labels.max())) + 1
+        if self.config.num_classes and self.config.num_classes < num_classes:
+            raise ValueError(f"num_classes {self.config.num_classes} is smaller than the data's {num_classes} "
+                             "classes")
+        self.spec = DenoiserSpec(**{**self.spec.to_dict(), "num_classes": self.config.num_classes or num_classes})
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    def batch(self, indices: torch.Tensor, *, step: int, micro: int) -> Batch:
+        labels = self.data.train_labels[indices].clone()
+        p = self.config.condition_dropout
+        if p > 0:
+            gen = torch.Generator().manual_seed(key(CONDITION_DROP, self.config.seed, step, micro))
+            labels[torch.rand(len(labels), generator=gen) < p] = self.num_classes
+        return Batch(x0=self.data.train_data[indices].to(self.device),
+                     cond=Condition(class_labels=labels.to(self.device)))
+
+    def check_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        bad = labels[(labels < 0) | (labels >= self.num_classes)]
+        if len(bad):
+            raise ValueError(f"class labels must be in [0, {self.num_classes}), got {bad[0].item()}")
+        return labels
+
+    def sample_conditions(self, indices: torch.Tensor, seed: int) -> Condition:
+        labels = [torch.randint(self.num_classes, (), generator=torch.Generator().manual_seed(
+            key(CONDITION_SAMPLES, seed, int(i)))) for i in indices]
+        return self.labels_condition(torch.stack(labels) if labels else torch.empty(0, dtype=torch.long))
+
+    def labels_condition(self, labels) -> Condition:
+        """The condition that samples ``labels`` (one per image)."""
+        return Condition(class_labels=self.check_labels(labels).to(self.device))
+
+    def null_condition(self, n: int) -> Condition:
+        return Condition(class_labels=torch.full((n,), self.num_classes, dtype=torch.long, device=self.device))
+
+    def export(self, model, out_dir: str | os.PathLike) -> Path:
+        """``unet/`` (``save_pretrained``) and ``scheduler/`` folders plus ``srdiff_task.json`` (classes,
+        null class, guidance scale): diffusers has no pipeline for class-conditional pixel UNets, so load
+        them with ``UNet2DModel.from_pretrained(out_dir, subfolder="unet")`` and sample with
+        ``class_labels=`` (the null class is ``num_classes``)."""
+        from srdiff.trainer import sampling
+
+        out_dir = Path(out_dir)
+        self.backbone.plain_copy(model).cpu().save_pretrained(out_dir / "unet")
+        sampling.make_scheduler(self.config, "ddim").save_pretrained(out_dir / "scheduler")
+        if self.vae is not None:
+            self.vae.save_pretrained(out_dir / "vae")
+        (out_dir / "srdiff_task.json").write_text(json.dumps(
+            {"task": self.name, "num_classes": self.num_classes, "null_class": self.num_classes,
+             "guidance_scale": self.config.guidance_scale, "backbone": self.backbone_name}, indent=2) + "\n")
+        return out_dir

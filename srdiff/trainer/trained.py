@@ -1,0 +1,48 @@
+"""A trained model back from its checkpoint: the EMA denoiser with plain attention, its config and task,
+ready to sample, evaluate or export (``srdiff sample|eval|repair`` and Python users)."""
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from srdiff.trainer import checkpoint
+from srdiff.trainer.backbones import DenoiserSpec
+from srdiff.trainer.config import TrainConfig
+from srdiff.trainer.dataset import latent_shape, load_vae
+from srdiff.trainer.task import DenoisingTask, get_task
+
+
+@dataclass
+class TrainedModel:
+    model: nn.Module  # the EMA denoiser, eval mode, no gradients
+    config: TrainConfig
+    task: DenoisingTask
+    vae: nn.Module | None
+
+    def sample(self, n: int, **kwargs) -> torch.Tensor:
+        """``n`` images in [0, 1]; keywords as :meth:`srdiff.trainer.task.DenoisingTask.sample`."""
+        return self.task.sample(self.model, n, **kwargs)
+
+    def export(self, out_dir: str | os.PathLike):
+        """The task's diffusers pipeline (or folders) under ``out_dir``."""
+        return self.task.export(self.model, out_dir)
+
+
+def load_trained(path: str | os.PathLike, device: torch.device | str = "cpu") -> TrainedModel:
+    """The EMA model of a trainer checkpoint (``checkpoints/last.pt``) on ``device``."""
+    device = torch.device(device)
+    state = checkpoint.load(path, map_location=device)
+    config = TrainConfig.from_dict(state["config"], where=f"checkpoint {str(path)!r}")
+    vae = load_vae(config.vae, device, config.channels) if config.vae is not None else None
+    task = get_task(config, device)
+    if "task" in state:
+        task.load_state_dict(state["task"])
+    else:  # written before the task seam: an unconditional UNet2DModel
+        channels, size = latent_shape(vae, config.image_size) if vae is not None else (config.channels, config.image_size)
+        task.spec = DenoiserSpec(in_channels=channels, out_channels=channels, sample_size=size)
+    task.vae = vae
+    model = task.build_denoiser()
+    model.load_state_dict(state["ema"]["model"])
+    return TrainedModel(model.to(device).eval().requires_grad_(False), config, task, vae)

@@ -1,0 +1,151 @@
+"""The task seam: the registry, backbones, and the class-conditional task end to end (train, refresh,
+sample with guidance, export, load, resume) on tiny models."""
+
+import pytest
+import torch
+
+import srdiff
+from srdiff.trainer import SelfRefiningTrainer, TrainConfig
+from srdiff.trainer.backbones import BACKBONES, Condition, DenoiserSpec, get_backbone
+from srdiff.trainer.task import TASKS, get_task, task_names
+from srdiff.trainer.trained import load_trained
+from utils import tiny_config
+
+
+def test_registries_name_their_members():
+    assert {"unconditional", "class"} <= set(task_names())
+    assert {"unet", "unet-cond"} <= set(BACKBONES)
+    with pytest.raises(ValueError, match=r"task must be one of .*got 'dreams'"):
+        TrainConfig(task="dreams")
+    with pytest.raises(ValueError, match=r"backbone must be 'auto' or one of .*got 'mlp'"):
+        TrainConfig(backbone="mlp")
+    with pytest.raises(ValueError, match=r"backbone 'unet' cannot take \['text'\]"):
+        get_backbone("unet").build(TrainConfig(), DenoiserSpec(1, 1, 8, cross_attention_dim=16))
+
+
+def test_legacy_config_keys_become_recipes():
+    old = TrainConfig().to_dict()
+    del old["recipe"]
+    assert TrainConfig.from_dict({**old, "amplify": "scale", "amplified_target": False}).recipe == "adm"
+    assert TrainConfig.from_dict({**old, "amplify": "add", "amplified_target": True}).recipe == "paper"
+    with pytest.raises(ValueError, match="no named recipe"):
+        TrainConfig.from_dict({**old, "amplify": "scale", "amplified_target": True})
+
+
+def test_class_task_needs_labels(tmp_path):
+    images = torch.rand(20, 1, 8, 8)
+    torch.save(images, tmp_path / "images.pt")
+    with pytest.raises(ValueError, match="task 'class' needs labelled data"):
+        SelfRefiningTrainer(tiny_config(tmp_path, task="class", data=str(tmp_path / "images.pt")))
+    with pytest.raises(ValueError, match="num_classes 3 is smaller than the data's 10 classes"):
+        SelfRefiningTrainer(tiny_config(tmp_path, task="class", num_classes=3))
+
+
+def test_label_dropout_is_keyed_and_uses_the_null_class(tmp_path):
+    cfg = tiny_config(tmp_path, task="class", condition_dropout=0.5, steps=2)
+    task = get_task(cfg)
+    trainer = SelfRefiningTrainer(cfg)
+    task = trainer.task
+    idx = torch.arange(64)
+    a, b = task.batch(idx, step=3, micro=1), task.batch(idx, step=3, micro=1)
+    assert torch.equal(a.cond.class_labels, b.cond.class_labels)
+    dropped = a.cond.class_labels == task.num_classes
+    assert 0.3 < dropped.float().mean() < 0.7
+    kept = ~dropped
+    assert torch.equal(a.cond.class_labels[kept], trainer.data.train_labels[idx][kept])
+    assert not torch.equal(task.batch(idx, step=4, micro=1).cond.class_labels, a.cond.class_labels)
+
+
+def test_guided_prediction_mixes_the_two_branches(tmp_path):
+    trainer = SelfRefiningTrainer(tiny_config(tmp_path, task="class", steps=1))
+    task, model = trainer.task, trainer.denoiser.eval()
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor(50)
+    cond = task.labels_condition(torch.tensor([0, 4, 9]))
+    with torch.no_grad():
+        eps_c = model(x, t, class_labels=cond.class_labels).sample
+        eps_u = model(x, t, class_labels=task.null_condition(3).class_labels).sample
+        guided = task.guided_predict(model, 3.0)(x, t, cond)
+        plain = task.guided_predict(model, 1.0)(x, t, cond)
+    torch.testing.assert_close(guided, eps_u + 3.0 * (eps_c - eps_u), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain, eps_c, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"class labels must be in \[0, 10\), got 10"):
+        task.labels_condition(torch.tensor([1, 10]))
+
+
+@pytest.mark.parametrize("backbone", ["unet", "unet-cond"])
+def test_class_task_end_to_end(tmp_path, backbone):
+    """Train (base + refreshes), sample by class with guidance, export, load back."""
+    cfg = tiny_config(tmp_path, task="class", backbone=backbone, steps=4, ratio="1:1", cycle=2, mode="combined",
+                      guidance_scale=2.0, checkpoint_every=2)
+    summary = SelfRefiningTrainer(cfg).train()
+    assert summary["task"] == "class"
+    trained = load_trained(summary["checkpoint"])
+    assert trained.task.num_classes == 10 and trained.task.condition == "class"
+    sevens = trained.sample(4, seed=0, steps=2, conditions=trained.task.labels_condition([7] * 4))
+    assert sevens.shape == (4, 1, 8, 8) and 0 <= sevens.min() and sevens.max() <= 1
+    again = trained.sample(4, seed=0, steps=2, conditions=trained.task.labels_condition([7] * 4))
+    torch.testing.assert_close(sevens, again, rtol=0, atol=0)
+    threes = trained.sample(4, seed=0, steps=2, conditions=trained.task.labels_condition([3] * 4))
+    assert not torch.equal(sevens, threes)
+
+    pipe_dir = tmp_path / "export"
+    trained.export(pipe_dir)
+    exported = type(trained.model).from_pretrained(pipe_dir / "unet").eval()
+    x, t, labels = torch.randn(2, 1, 8, 8), torch.tensor(10), torch.tensor([7, 10])
+    with torch.no_grad():
+        ours = trained.task.predict(trained.model, x, t, _batch(x, labels))
+        theirs = trained.task.predict(exported, x, t, _batch(x, labels))
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=0)
+
+
+def test_class_task_resumes_after_ctrl_c_as_if_uninterrupted(tmp_path, monkeypatch):
+    """Ctrl-C at step 4 writes last.pt there; resuming repeats the uninterrupted run's losses exactly."""
+    cfg = tiny_config(tmp_path, "whole", task="class", steps=6, ratio="1:1", cycle=2, checkpoint_every=100)
+    SelfRefiningTrainer(cfg).train()
+    broken = cfg.replace(out_dir=str(tmp_path / "broken"))
+    trainer = SelfRefiningTrainer(broken)
+    step = trainer.train_step
+
+    def interrupted():
+        if trainer.step == 4:
+            raise KeyboardInterrupt
+        return step()
+
+    monkeypatch.setattr(trainer, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert torch.load(tmp_path / "broken" / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
+    SelfRefiningTrainer(broken).train(resume=True)
+    assert _losses(broken) == _losses(cfg)
+
+
+def _losses(cfg) -> list[tuple[int, float]]:
+    import json
+
+    with open(f"{cfg.out_dir}/metrics.jsonl") as f:
+        return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
+
+
+def _batch(x, labels):
+    from srdiff.trainer.task import Batch
+
+    return Batch(x0=x, cond=Condition(class_labels=labels))
+
+
+def test_sampling_conditions_depend_on_the_image_index_only(tmp_path):
+    trainer = SelfRefiningTrainer(tiny_config(tmp_path, task="class", steps=1))
+    task = trainer.task
+    whole = task.sample_conditions(torch.arange(0, 6), seed=5).class_labels
+    tail = task.sample_conditions(torch.arange(3, 6), seed=5).class_labels
+    assert torch.equal(whole[3:], tail)
+    assert set(task.sample_conditions(torch.arange(200), seed=1).class_labels.tolist()) == set(range(10))
+
+
+def test_unconditional_task_is_the_default(tmp_path):
+    trainer = SelfRefiningTrainer(tiny_config(tmp_path, steps=1))
+    assert type(trainer.task) is TASKS["unconditional"]
+    assert isinstance(trainer.denoiser, __import__("diffusers").UNet2DModel)
+    assert trainer.denoiser.config.num_class_embeds is None
+    with pytest.raises(NotImplementedError, match="no condition to guide"):
+        trainer.task.null_condition(2)
+    assert srdiff.TrainConfig is TrainConfig

@@ -1,0 +1,336 @@
+"""The ``srdiff`` command line: one-line errors with exit code 2 (``--debug`` for the traceback), Ctrl-C as
+exit code 130, the out-dir policy (``--resume`` / ``--overwrite``, nothing deleted), runs that cannot start
+write nothing, ``srdiff --help``, ``srdiff fam --scale`` with file and tensor input, ``srdiff sample``'s PNGs."""
+
+import os
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from srdiff import cli
+from srdiff.trainer import run_dir
+from srdiff.trainer.run_dir import OutDirError, prepare_out_dir
+
+TINY_TRAIN = ["--data", "digits", "--image-size", "8", "--block-out-channels", "8", "16", "--attention-levels",
+              "false", "true", "--norm-num-groups", "4", "--attention-head-dim", "8", "--batch-size", "8",
+              "--steps", "2", "--no-progress"]
+
+
+def _old_run(path: Path) -> Path:
+    (path / "checkpoints").mkdir(parents=True)
+    (path / "checkpoints" / "last.pt").write_bytes(b"step 20")
+    (path / "metrics.jsonl").write_text("24 lines\n")
+    return path
+
+
+def _err_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+# ---------------------------------------------------------------------- prepare_out_dir
+def test_missing_or_empty_out_dir_is_returned_and_not_created(tmp_path):
+    assert prepare_out_dir(tmp_path / "new", resume=False, overwrite=False) == tmp_path / "new"
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()
+    assert prepare_out_dir(tmp_path / "empty", resume=False, overwrite=False) == tmp_path / "empty"
+
+
+def test_non_empty_out_dir_is_refused_naming_both_flags(tmp_path):
+    run = _old_run(tmp_path / "run")
+    with pytest.raises(OutDirError, match="is not empty: pass --resume .* --overwrite to move it aside"):
+        prepare_out_dir(run, resume=False, overwrite=False)
+    assert (run / "metrics.jsonl").read_text() == "24 lines\n"
+
+
+def test_overwrite_moves_the_old_run_aside_and_deletes_nothing(tmp_path):
+    run = _old_run(tmp_path / "run")
+    with pytest.warns(UserWarning, match="moved the previous contents of .*run.* to .*run.old-"):
+        assert prepare_out_dir(run, resume=False, overwrite=True) == run
+    assert not run.exists()
+    _old_run(run)
+    with pytest.warns(UserWarning):
+        prepare_out_dir(run, resume=False, overwrite=True)
+    aside = sorted(p for p in tmp_path.iterdir() if p.name.startswith("run.old-"))
+    assert len(aside) == 2  # a second move in the same second gets its own name
+    for old in aside:
+        assert (old / "checkpoints" / "last.pt").read_bytes() == b"step 20"
+
+
+def test_overwrite_on_a_non_main_rank_only_checks(tmp_path, monkeypatch):
+    run = _old_run(tmp_path / "run")
+    monkeypatch.setenv("RANK", "1")
+    assert prepare_out_dir(run, resume=False, overwrite=True) == run
+    assert (run / "metrics.jsonl").is_file()
+
+
+def test_resume_needs_a_checkpoint_in_a_non_empty_dir(tmp_path):
+    run = _old_run(tmp_path / "run")
+    assert prepare_out_dir(run, resume=True, overwrite=False) == run
+    assert prepare_out_dir(tmp_path / "fresh", resume=True, overwrite=False) == tmp_path / "fresh"
+    (run / "checkpoints" / "last.pt").unlink()
+    with pytest.raises(OutDirError, match="nothing to resume in .*no checkpoints/last.pt; pass --overwrite"):
+        prepare_out_dir(run, resume=True, overwrite=False)
+
+
+def test_bad_flag_combinations_and_a_file(tmp_path):
+    with pytest.raises(OutDirError, match="pass one of them"):
+        prepare_out_dir(tmp_path, resume=True, overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutDirError, match="exists and is not a directory"):
+        prepare_out_dir(tmp_path / "file", resume=False, overwrite=False)
+    assert issubclass(OutDirError, ValueError)
+
+
+# ---------------------------------------------------------------------- srdiff train / demo
+def test_train_into_a_used_out_dir_is_refused_and_changes_nothing(tmp_path, capsys):
+    run = _old_run(tmp_path / "run")
+    assert cli.main(["train", *TINY_TRAIN, "--out-dir", str(run)]) == 2
+    err = _err_line(capsys)
+    assert err.startswith("srdiff train: error: out dir") and "--resume" in err and "--overwrite" in err
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "metrics.jsonl"]
+    assert (run / "metrics.jsonl").read_text() == "24 lines\n"
+    assert cli.main(["demo", *TINY_TRAIN, "--out-dir", str(run)]) == 2
+    assert "srdiff demo: error: out dir" in capsys.readouterr().err
+
+
+class _FakeTrainer:
+    """Stands in for SelfRefiningTrainer: records the out dir it found, then trains or is interrupted."""
+
+    seen: list = []
+    raises: BaseException | None = None
+
+    def __init__(self, config):
+        self.out = Path(config.out_dir)
+        self.step, self.last_checkpoint = 7, self.out / "checkpoints" / "last.pt"
+        self.dist = type("Dist", (), {"is_main": True})()
+
+    def train(self, *, resume=False):
+        _FakeTrainer.seen.append((self.out.exists(), resume))
+        if _FakeTrainer.raises is not None:
+            raise _FakeTrainer.raises
+        return {"out_dir": str(self.out)}
+
+
+@pytest.fixture
+def fake_trainer(monkeypatch):
+    from srdiff.trainer import trainer
+
+    monkeypatch.setattr(trainer, "SelfRefiningTrainer", _FakeTrainer)
+    _FakeTrainer.seen, _FakeTrainer.raises = [], None
+    return _FakeTrainer
+
+
+def test_train_overwrite_moves_the_run_aside_before_the_trainer_starts(tmp_path, fake_trainer):
+    run = _old_run(tmp_path / "run")
+    with pytest.warns(UserWarning, match="moved the previous contents"):
+        assert cli.main(["train", *TINY_TRAIN, "--out-dir", str(run), "--overwrite"]) == 0
+    assert fake_trainer.seen == [(False, False)]
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert (aside / "metrics.jsonl").read_text() == "24 lines\n"
+    assert cli.main(["train", *TINY_TRAIN, "--out-dir", str(aside), "--resume"]) == 0
+    assert fake_trainer.seen[-1] == (True, True)
+
+
+def test_ctrl_c_in_train_is_one_line_and_exit_130(tmp_path, fake_trainer, capsys):
+    fake_trainer.raises = KeyboardInterrupt()
+    assert cli.main(["train", *TINY_TRAIN, "--out-dir", str(tmp_path / "run")]) == 130
+    err = _err_line(capsys)
+    assert err.startswith("srdiff train: interrupted; at step 7, checkpoint ") and err.endswith("--resume to continue")
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--debug", "train", *TINY_TRAIN, "--out-dir", str(tmp_path / "run")])
+
+
+def test_a_diverged_run_is_exit_1_with_its_message(tmp_path, fake_trainer, capsys):
+    from srdiff.trainer.trainer import NonFiniteLossError
+
+    fake_trainer.raises = NonFiniteLossError("loss became nan at step 3")
+    for command in ("train", "demo"):
+        assert cli.main([command, *TINY_TRAIN, "--out-dir", str(tmp_path / command)]) == 1
+        assert f"srdiff {command}: loss became nan at step 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("images, match", [
+    pytest.param(torch.rand(1, 1, 8, 8), r"1 image\(s\) cannot be split .* at least 2 are needed", id="one-image"),
+    pytest.param(torch.full((4, 1, 8, 8), 255.0), r"shape \(4, 1, 8, 8\), dtype torch\.float32, values in \[255, 255\]",
+                 id="0-255-float"),
+    pytest.param(torch.rand(1, 8, 8), r"got shape \(1, 8, 8\)", id="3d"),
+])
+def test_a_run_that_cannot_start_writes_nothing(tmp_path, capsys, images, match):
+    """Data errors come from the trainer's constructor (the data loads there), before train() writes."""
+    torch.save(images, tmp_path / "images.pt")
+    out = tmp_path / "run"
+    args = ["train", *TINY_TRAIN, "--data", str(tmp_path / "images.pt"), "--channels", "1", "--out-dir", str(out)]
+    assert cli.main(args) == 2
+    err = _err_line(capsys)
+    assert err.startswith("srdiff train: error: ") and str(tmp_path / "images.pt") in err
+    assert re.search(match, err), err
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------- errors, --debug, --help
+def test_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    args = ["fam", "--highlighter", str(tmp_path / "missing.pt"), "--images", str(tmp_path), "--out", str(tmp_path)]
+    assert cli.main(args) == 2
+    assert _err_line(capsys).startswith("srdiff fam: error: ")
+    with pytest.raises((ValueError, OSError)):
+        cli.main([*args, "--debug"])
+    with pytest.raises((ValueError, OSError)):
+        cli.main(["--debug", *args])
+
+
+def test_ctrl_c_anywhere_is_exit_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_info", interrupted)
+    assert cli.main(["info"]) == 130
+    assert _err_line(capsys) == "srdiff info: interrupted"
+
+
+def test_bugs_keep_their_traceback(monkeypatch):
+    def broken(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "_info", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["info"])
+
+
+def test_warnings_print_as_one_line_during_a_command(monkeypatch):
+    seen = []
+
+    def warn(args):
+        seen.append(warnings.formatwarning("data converted", UserWarning, "file.py", 1))
+
+    monkeypatch.setattr(cli, "_info", warn)
+    before = warnings.formatwarning
+    assert cli.main(["info"]) == 0
+    assert seen == ["srdiff info: warning: data converted\n"]
+    assert warnings.formatwarning is before
+
+
+def test_help_lists_every_command_and_the_examples(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "Each feature adds" not in out and "Self-refining diffusion" in out
+    for command in ("info", "train", "sample", "eval", "ablate", "demo", "highlighter", "fam"):
+        assert f"\n    {command} " in out or f"\n    {command}\n" in out, command
+    assert "srdiff demo" in out and "srdiff train --config configs/demo.toml" in out and "--debug" in out
+
+
+# ---------------------------------------------------------------------- srdiff fam
+@pytest.fixture
+def highlighter(tmp_path):
+    from srdiff.highlighter import FlawHighlighter
+
+    path = tmp_path / "hl.pt"
+    FlawHighlighter("small", in_channels=1, image_size=8, width=4).save(path)
+    return path
+
+
+def _size(path) -> tuple[int, int]:
+    with Image.open(path) as img:
+        return img.size
+
+
+def test_fam_on_a_tensor_file_with_scale(tmp_path, highlighter):
+    torch.save(torch.rand(3, 1, 8, 8), tmp_path / "samples.pt")
+    out = tmp_path / "fam"
+    args = ["fam", "--highlighter", str(highlighter), "--images", str(tmp_path / "samples.pt"), "--out", str(out)]
+    assert cli.main([*args, "--scale", "3"]) == 0
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["0000.png", "0001.png", "0002.png"]
+    assert _size(out / "overlays" / "0000.png") == (24, 24) and _size(out / "mfam.png") == (24, 24)
+    sheet_w, _ = _size(out / "contact-sheet.png")
+    assert sheet_w == 3 * (2 * 8 + 3 * 2)  # two columns of 8 px and three 2 px gaps, times 3
+    assert torch.load(out / "mfam.pt", weights_only=True).shape == (8, 8)
+
+
+def test_fam_on_one_image_file_and_refuses_to_overwrite(tmp_path, highlighter, capsys):
+    Image.fromarray((torch.rand(20, 16) * 255).byte().numpy()).save(tmp_path / "one.png")
+    out = tmp_path / "fam"
+    args = ["fam", "--highlighter", str(highlighter), "--images", str(tmp_path / "one.png"), "--out", str(out)]
+    assert cli.main(args) == 0
+    assert [p.name for p in (out / "overlays").iterdir()] == ["one.png"]
+    before = (out / "contact-sheet.png").read_bytes()
+    capsys.readouterr()
+    assert cli.main([*args, "--scale", "2"]) == 2
+    assert "would overwrite" in _err_line(capsys)
+    assert (out / "contact-sheet.png").read_bytes() == before
+    assert cli.main([*args, "--scale", "2", "--overwrite"]) == 0
+    assert _size(out / "overlays" / "one.png") == (16, 16)
+    assert cli.main([*args, "--scale", "0", "--overwrite"]) == 2
+    assert "--scale must be >= 1, got 0" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- srdiff sample
+class _FakeTrained:
+    config = type("Config", (), {"task": "unconditional"})()
+
+    def sample(self, n, **kwargs):
+        return torch.rand(n, 1, 8, 8)
+
+
+@pytest.fixture
+def fake_checkpoint(monkeypatch):
+    from srdiff.trainer import trained
+
+    monkeypatch.setattr(trained, "load_trained", lambda path, device: _FakeTrained())
+
+
+def test_sample_writes_a_grid_and_one_png_per_image(tmp_path, fake_checkpoint, capsys):
+    grid = tmp_path / "grid.png"
+    args = ["sample", "--ckpt", "any.pt", "--n", "5", "--steps", "1", "--out", str(grid)]
+    assert cli.main(args) == 0
+    assert grid.is_file()
+    pngs = sorted((tmp_path / "grid").iterdir())
+    assert [p.name for p in pngs] == [f"000{i}.png" for i in range(5)] and _size(pngs[0]) == (8, 8)
+    before = pngs[0].read_bytes()
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    err = _err_line(capsys)
+    assert "would overwrite" in err and "grid.png" in err and "(and 3 more)" in err and "--overwrite" in err
+    assert pngs[0].read_bytes() == before
+    assert cli.main([*args, "--overwrite"]) == 0
+    assert cli.main([*args, "--png-dir", str(tmp_path / "each"), "--tensor-out", str(tmp_path / "s.pt"),
+                     "--overwrite"]) == 0
+    assert len(os.listdir(tmp_path / "each")) == 5
+    assert torch.load(tmp_path / "s.pt", weights_only=True).shape == (5, 1, 8, 8)
+    assert cli.main(["sample", "--ckpt", "any.pt", "--n", "2", "--out", str(tmp_path / "only.png"), "--no-pngs"]) == 0
+    assert not (tmp_path / "only").exists()
+
+
+def test_sample_refuses_bad_outputs_before_sampling(tmp_path, fake_checkpoint, capsys):
+    assert cli.main(["sample", "--ckpt", "any.pt", "--out", str(tmp_path / "grid")]) == 2
+    assert "--out must name a .png file" in _err_line(capsys)
+    assert cli.main(["sample", "--ckpt", "any.pt", "--n", "0", "--out", str(tmp_path / "g.png")]) == 2
+    assert "--n must be >= 1, got 0" in _err_line(capsys)
+    assert cli.main(["sample", "--ckpt", "any.pt", "--upscale", "0", "--out", str(tmp_path / "g.png")]) == 2
+    assert "--upscale must be >= 1, got 0" in _err_line(capsys)
+
+
+def test_refuse_existing_counts_what_it_does_not_list(tmp_path):
+    paths = [tmp_path / f"{i}.png" for i in range(5)]
+    for p in paths:
+        p.write_bytes(b"")
+    with pytest.raises(OutDirError, match=r"would overwrite .*0\.png, .*1\.png, .*2\.png \(and 2 more\): pass --force"):
+        run_dir.refuse_existing(paths, overwrite=False, flag="--force")
+    run_dir.refuse_existing(paths, overwrite=True)
+
+
+@pytest.mark.parametrize("command", [
+    pytest.param(["highlighter", "train", "--real", "digits", "--fake", "planted:noise", "--out"], id="highlighter-train"),
+    pytest.param(["eval", "--ckpt", "missing.pt", "--out"], id="eval"),
+])
+def test_other_commands_refuse_existing_outputs_before_working(tmp_path, capsys, command):
+    out = tmp_path / "result"
+    out.write_text("earlier result")
+    assert cli.main([*command, str(out)]) == 2
+    assert "would overwrite" in _err_line(capsys) and out.read_text() == "earlier result"

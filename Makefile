@@ -38,10 +38,12 @@ demo: install
 	$(PY) -m srdiff info
 	$(PY) -m srdiff demo --config configs/demo.toml
 
-# The paper's ablation (4 modes x 3 seeds + the lambda/cycle sweep), about an hour on a 2-core CPU.
-# Results (JSON, markdown table, PNGs) go to docs/figures/ablation/; runs are reused when restarted.
+# The paper's ablation on real MNIST with Inception FID: 4 modes x 5 seeds, the 3 recipes, the lam_f /
+# lam_r / ratio / cycle sweeps (configs/ablation.toml). Long on a 2-core CPU (docs/trainer.md: about
+# 8-9 hours, mostly the Inception network); resumable: rerun `make ablation` and finished runs are reused.
+# Results (JSON, markdown tables, PNGs) go to docs/figures/ablation/mnist16_inception/.
 ablation: install
-	$(PY) -m srdiff ablate --config configs/ablation.toml --out docs/figures/ablation
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m srdiff ablate --config configs/ablation.toml
 
 # Every test. Triton kernels run in its CPU interpreter when no GPU is visible (tests/conftest.py).
 test: install

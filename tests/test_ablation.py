@@ -113,3 +113,30 @@ def test_tiny_ablation_end_to_end(tmp_path):
         run_ablation(cfg.replace(lr=2e-3), seeds=[0], modes=["baseline"], out=tmp_path / "other")
     with pytest.raises(ValueError, match=r"ablation.json holds results of a different config: choose another --out"):
         run_ablation(cfg.replace(out_dir=str(tmp_path / "runs2")), seeds=[0], modes=["baseline"], out=out)
+
+
+def _ablate_args(argv):
+    import argparse
+
+    from srdiff.trainer import ablation
+    from srdiff.trainer.config import add_config_flags
+
+    parser = argparse.ArgumentParser()
+    ablation.add_arguments(parser)
+    add_config_flags(parser)
+    return parser.parse_args(argv)
+
+
+def test_plan_from_flags_over_the_files_ablation_table_over_defaults(tmp_path):
+    from srdiff.trainer.ablation import resolve
+
+    path = tmp_path / "abl.toml"
+    path.write_text('[refine]\nsteps = 400\n\n[ablation]\nseeds = [3, 4]\nrecipes = []\nsweep_lam_r = [0.05]\n')
+    config, plan_ = resolve(_ablate_args(["--config", str(path), "--seeds", "7", "--lr", "0.001"]))
+    assert config.steps == 400 and config.lr == 0.001
+    assert plan_["seeds"] == [7] and plan_["recipes"] == [] and plan_["sweep_lam_r"] == [0.05]
+    assert plan_["modes"] == ["baseline", "forward", "reverse", "combined"] and plan_["sweep_ratio"] == ["1:4", "1:1", "4:1"]
+    assert plan_["sweep_cycle"] == [10, 20, 100] and plan_["out"] == "docs/figures/ablation/abl"  # 200 refinement steps
+    path.write_text("[ablation]\nseed = [1]\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['seed'\] in \[ablation\]"):
+        resolve(_ablate_args(["--config", str(path)]))

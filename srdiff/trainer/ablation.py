@@ -214,15 +214,21 @@ def paired_summary(rows: list[dict], baseline_fid: dict[int, float]) -> dict:
     return summary
 
 
+def complete_seeds(result: dict) -> list[int]:
+    """The seeds whose every mode finished (a stopped ablation's tables use only these)."""
+    done = {(r["value"], r["seed"]) for r in result["runs"] if r["kind"] == "mode"}
+    return [s for s in result["seeds"] if all((m, s) in done for m in ("baseline", *result["modes"]))]
+
+
 def summarise(result: dict) -> dict:
     """``{"modes": {mode: summary}, "recipes": {recipe: summary}, "sweeps": {axis: [{value, fid, ...}]}}``
     from a stored ``ablation.json``."""
     runs = result["runs"]
     baseline = {r["seed"]: r["fid"] for r in runs if r["kind"] == "mode" and r["value"] == "baseline"}
-    table_seeds = set(result["seeds"])
+    table_seeds = set(complete_seeds(result))
     modes = {m: paired_summary([r for r in runs if r["kind"] == "mode" and r["value"] == m and r["seed"] in table_seeds],
                                baseline)
-             for m in result["modes"] if any(r["kind"] == "mode" and r["value"] == m for r in runs)}
+             for m in result["modes"] if table_seeds}
     recipes = {x: paired_summary([r for r in runs if r["kind"] == "recipe" and r["value"] == x], baseline)
                for x in result["recipes"] if any(r["kind"] == "recipe" and r["value"] == x for r in runs)}
     sweeps = {}
@@ -274,17 +280,19 @@ def markdown(result: dict) -> str:
              f"λ_r = {c['lam_r']}, recipe {c.get('recipe', 'paper')}; {_features_line(result)}."]
     if result.get("command"):
         lines.append(f"Command: `{result['command']}` ({result['seconds'] / 60:.0f} min wall for what was run)")
-    if summary["modes"]:
-        n = len(result["seeds"])
-        lines += ["", f"Modes ({n} seed{'s' * (n > 1)}: {', '.join(map(str, result['seeds']))}):", "",
+    seeds = complete_seeds(result)
+    if summary["modes"] and seeds:
+        n = len(seeds)
+        missing = [s for s in result["seeds"] if s not in seeds]
+        lines += ["", f"Modes ({n} seed{'s' * (n > 1)}: {', '.join(map(str, seeds))}"
+                  + (f"; not finished: seed {', '.join(map(str, missing))}" if missing else "") + "):", "",
                   header.format(what="mode")]
         lines += [_row(m, s) for m, s in summary["modes"].items()]
-        lines += ["", "FID − baseline per seed:", "", "| mode | " + " | ".join(f"seed {s}" for s in result["seeds"]) + " |",
-                  "| --- |" + " --- |" * len(result["seeds"])]
+        lines += ["", "FID − baseline per seed:", "", "| mode | " + " | ".join(f"seed {x}" for x in seeds) + " |",
+                  "| --- |" + " --- |" * len(seeds)]
         for m, s in summary["modes"].items():
             if m != "baseline" and "delta_per_seed" in s:
-                lines.append(f"| {m} | " + " | ".join(f"{s['delta_per_seed'].get(str(x), float('nan')):+.3f}"
-                                                      for x in result["seeds"]) + " |")
+                lines.append(f"| {m} | " + " | ".join(f"{s['delta_per_seed'][str(x)]:+.3f}" for x in seeds) + " |")
     if summary["recipes"]:
         lines += ["", "Recipes (combined mode, same seeds and base checkpoints):", "", header.format(what="recipe")]
         lines += [_row(x, s) for x, s in summary["recipes"].items()]
@@ -370,17 +378,25 @@ def plot_sweep(axis: str, points: list[dict], result: dict, path: Path, label: s
 
 
 # ---------------------------------------------------------------------------------------------- command line
+# What the ablation runs, beside the TrainConfig: a flag, else the config file's [ablation] table, else this.
+PLAN_DEFAULTS = {"seeds": [0, 1, 2, 3, 4], "modes": list(MODES), "recipes": list(RECIPES), "sweep_seeds": None,
+                 "sweep_lam_f": list(LAMBDAS), "sweep_lam_r": list(LAMBDAS), "sweep_ratio": list(RATIOS),
+                 "sweep_cycle": None, "out": None}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``srdiff ablate`` flags (the TrainConfig flags are added by the caller)."""
-    p.add_argument("--config", help="TOML or YAML config (the shared settings of every run)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds of the mode and recipe tables")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    p.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=RECIPES,
-                   help="combined-mode runs per recipe on every seed (none: --recipes with no value)")
+    """The ``srdiff ablate`` flags (the TrainConfig flags are added by the caller). Every plan flag left out
+    takes the config file's ``[ablation]`` value (same names, ``_`` for ``-``), else :data:`PLAN_DEFAULTS`."""
+    p.add_argument("--config", help="TOML or YAML config: the shared settings of every run, and an optional "
+                                    "[ablation] table with the plan (seeds, modes, recipes, sweep_* , out)")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds of the mode and recipe tables (default 0 1 2 3 4)")
+    p.add_argument("--modes", nargs="+", choices=MODES, help="modes (default: all four)")
+    p.add_argument("--recipes", nargs="*", choices=RECIPES,
+                   help="combined-mode runs per recipe on every seed (default: all three; none: --recipes alone)")
     p.add_argument("--sweep-seeds", type=int, nargs="+", help="seeds of the sweeps (default: the first seed)")
-    p.add_argument("--sweep-lam-f", type=float, nargs="*", default=list(LAMBDAS), help="lam_f values (none: skip)")
-    p.add_argument("--sweep-lam-r", type=float, nargs="*", default=list(LAMBDAS), help="lam_r values (none: skip)")
-    p.add_argument("--sweep-ratio", nargs="*", default=list(RATIOS), help="base:refine ratios (none: skip)")
+    p.add_argument("--sweep-lam-f", type=float, nargs="*", help="lam_f values (default 0.01 0.025 0.05 0.1; none: skip)")
+    p.add_argument("--sweep-lam-r", type=float, nargs="*", help="lam_r values (default 0.01 0.025 0.05 0.1; none: skip)")
+    p.add_argument("--sweep-ratio", nargs="*", help="base:refine ratios (default 1:4 1:1 4:1; none: skip)")
     p.add_argument("--sweep-cycle", type=int, nargs="*",
                    help="cycle values (default: the paper's 50/100/500 scaled to the refinement steps; none: skip)")
     p.add_argument("--no-sweeps", action="store_true", help="skip every sweep")
@@ -389,22 +405,50 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", metavar="JSON", help="only regenerate the tables and plots from a stored ablation.json")
 
 
-def command(args: argparse.Namespace, config_from_args) -> str:
+def _read_file(path: str) -> dict:
+    if path.lower().endswith(".toml"):
+        import tomllib
+
+        return tomllib.loads(Path(path).read_text())
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text()) or {}
+
+
+def resolve(args: argparse.Namespace) -> tuple[TrainConfig, dict]:
+    """The TrainConfig (file and flags) and the plan (flags, the file's ``[ablation]`` table, defaults)."""
+    import dataclasses
+
+    table, config = {}, None
+    if args.config:
+        if not Path(args.config).is_file():
+            raise ValueError(f"config file {args.config!r} does not exist")
+        data = _read_file(args.config)
+        table = data.pop("ablation", {}) if isinstance(data, dict) else {}
+        unknown = sorted(set(table) - set(PLAN_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in [ablation] of {args.config!r}; known: {sorted(PLAN_DEFAULTS)}")
+        config = TrainConfig.from_dict(data, where=f"config file {args.config!r}")
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    config = config.replace(**overrides) if config is not None else TrainConfig(**overrides)
+    settings = {k: getattr(args, k) if getattr(args, k) is not None else table.get(k, default)
+                for k, default in PLAN_DEFAULTS.items()}
+    if settings["sweep_cycle"] is None:
+        settings["sweep_cycle"] = default_sweeps(config)["cycle"]
+    if settings["out"] is None:
+        settings["out"] = str(Path("docs/figures/ablation") / (Path(args.config).stem if args.config else "ablation"))
+    return config, settings
+
+
+def command(args: argparse.Namespace) -> str:
     """Run ``srdiff ablate`` (or ``--report``); returns the markdown report."""
     import shlex
     import sys
 
     if args.report:
         return report(args.report)
-    config = config_from_args(args)
-    sweeps = {}
-    if not args.no_sweeps:
-        cycles = args.sweep_cycle if args.sweep_cycle is not None else default_sweeps(config)["cycle"]
-        for axis, values in (("lam_f", args.sweep_lam_f), ("lam_r", args.sweep_lam_r), ("ratio", args.sweep_ratio),
-                             ("cycle", cycles)):
-            if values:
-                sweeps[axis] = values
-    out = args.out or str(Path("docs/figures/ablation") / (Path(args.config).stem if args.config else "ablation"))
-    run_ablation(config, seeds=args.seeds, modes=args.modes, out=out, recipes=args.recipes, sweeps=sweeps,
-                 sweep_seeds=args.sweep_seeds, command=shlex.join(["srdiff", *sys.argv[1:]]))
-    return (Path(out) / "ablation.md").read_text()
+    config, s = resolve(args)
+    sweeps = {} if args.no_sweeps else {axis: s[f"sweep_{axis}"] for axis in SWEEP_AXES if s[f"sweep_{axis}"]}
+    run_ablation(config, seeds=s["seeds"], modes=s["modes"], out=s["out"], recipes=s["recipes"], sweeps=sweeps,
+                 sweep_seeds=s["sweep_seeds"], command=shlex.join(["srdiff", *sys.argv[1:]]))
+    return (Path(s["out"]) / "ablation.md").read_text()

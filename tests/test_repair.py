@@ -246,19 +246,35 @@ def test_pipeline_generates_and_repairs():
     assert torch.equal(again.images, out.images)
 
 
-def test_cli_end_to_end(tmp_path):
-    from srdiff import cli
+def _source(kind: str, tmp_path):
+    """(--ckpt or --pipeline argv, image size) for a tiny model of ``kind``."""
+    if kind == "pipeline":
+        from diffusers import DDPMPipeline
+
+        DDPMPipeline(unet=tiny_unet(), scheduler=scheduler("ddpm")).save_pretrained(tmp_path / "pipe")
+        return ["--pipeline", str(tmp_path / "pipe")], 8
     from srdiff.trainer import SelfRefiningTrainer
     from tests.utils import tiny_config
 
-    config = tiny_config(tmp_path, mode="baseline", steps=2, checkpoint_every=2, attention_levels=(False, False))
+    extra = dict(attention_levels=(False, False), image_size=8)
+    if kind == "latent":
+        tiny_vae().save_pretrained(tmp_path / "vae")
+        extra = dict(mode="latent", vae=str(tmp_path / "vae"), image_size=16)
+    config = tiny_config(tmp_path, **{"mode": "baseline", "steps": 2, "checkpoint_every": 2, **extra})
     SelfRefiningTrainer(config).train()
-    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    return ["--ckpt", str(tmp_path / "run" / "checkpoints" / "last.pt")], config.image_size
+
+
+@pytest.mark.parametrize("kind", ["pixel", "pipeline", pytest.param("latent", marks=pytest.mark.slow)])
+def test_cli_end_to_end(tmp_path, kind):
+    from srdiff import cli
+
+    source, size = _source(kind, tmp_path)
     hl_path = tmp_path / "hl.pt"
     tiny_highlighter().save(hl_path)
-    torch.save(images(3), tmp_path / "images.pt")
+    torch.save(images(3, size=size), tmp_path / "images.pt")
     out = tmp_path / "repair"
-    argv = ["repair", "--ckpt", str(ckpt), "--highlighter", str(hl_path), "--images", str(tmp_path / "images.pt"),
+    argv = ["repair", *source, "--highlighter", str(hl_path), "--images", str(tmp_path / "images.pt"),
             "--out", str(out), "--steps", "4", "--flag-threshold", "0", "--no-progress"]
     assert cli.main(argv) == 0
     for name in ("before.png", "after.png", "masks.png", "contact-sheet.png", "report.json", "repaired.pt",
@@ -266,7 +282,10 @@ def test_cli_end_to_end(tmp_path):
         assert (out / name).is_file(), name
     report = json.loads((out / "report.json").read_text())
     assert report["summary"]["images"] == 3 and report["summary"]["max_abs_change_outside_mask"] == 0.0
+    assert report["settings"]["latent"] is (kind == "latent")
     repaired, masks = torch.load(out / "repaired.pt"), torch.load(out / "masks.pt")
-    assert torch.equal(repaired[(masks == 0)[:, None]], images(3)[(masks == 0)[:, None]])
+    outside = (masks == 0)[:, None]
+    assert torch.equal(repaired[outside], images(3, size=size)[outside])
+    assert not torch.equal(repaired, images(3, size=size))
     assert cli.main(argv) == cli.EXIT_USER_ERROR  # refuses to overwrite
     assert cli.main(argv + ["--overwrite"]) == 0

@@ -1,22 +1,27 @@
-"""srdiff.FAMAttnProcessor / set_fam_attn_processor / fam_context on small randomly initialised diffusers
-U-Nets: exactly diffusers' AttnProcessor2_0 when unmodulated, and equal to an independent reference
-when modulated: AttnProcessor2_0 with forward hooks that scale to_k's and to_v's outputs per token by
-1 + lam * (the map resized bilinearly with F.interpolate), i.e. the paper's K (1 + lam M), V (1 + lam M).
+"""srdiff's FAM processors on small randomly initialised diffusers U-Nets (UNet2DModel,
+UNet2DConditionModel): exactly the original processor when unmodulated, equal to an independent
+reference when modulated (tests/fam_reference.py: the original processors with hooks that scale
+K and V), the input grid from the model's forward, gradient checkpointing, projections, the
+interplay with diffusers' own switches, introspection.
 
 Whole-network outputs are compared with the forward table at reduce_dim = the widest convolution's
 fan-in (channels x 3 x 3), the longest reduction that follows the attention layers.
 """
 
+import warnings
+
 import pytest
 import torch
-import torch.nn.functional as F
 
 import srdiff
+from fam_reference import halving_grid, original_processors, prescaled
 from srdiff.processors.context import token_grid
 from utils import assert_close, cpu_and_cuda
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
+from diffusers.models.attention_processor import (  # noqa: E402
+    Attention, AttnProcessor2_0, FusedAttnProcessor2_0, SlicedAttnProcessor,
+)
 
 LAM = 0.5  # larger than the paper's 0.025 so that a wrong modulation cannot hide in rounding
 FAN_IN = 64 * 9
@@ -39,6 +44,9 @@ def _unet2d_condition():
     ).eval()
 
 
+BUILDS = [pytest.param(_unet2d, id="UNet2DModel"), pytest.param(_unet2d_condition, id="UNet2DConditionModel")]
+
+
 def _run(model, x, t, context=None):
     return model(x, t, context).sample if context is not None else model(x, t).sample
 
@@ -51,6 +59,12 @@ def _inputs(model, batch=2, size=(16, 16), device="cpu"):
     return x, t, context
 
 
+def _reference(model, names, mfam, x, t, context, size, lam=LAM):
+    """The model with its original processors on ``names`` and K, V scaled by hooks there."""
+    with original_processors(model, names), prescaled(model, names, mfam, lam, lambda n: halving_grid(n, size)):
+        return _run(model, x, t, context)
+
+
 @pytest.fixture
 def device(request, monkeypatch):
     """cpu or cuda; on CUDA without TF32 convolutions, which would swamp the float32 comparisons."""
@@ -59,39 +73,7 @@ def device(request, monkeypatch):
     return request.param
 
 
-def _grid(n_tokens, map_hw):
-    """The layer grid among the map's halvings (a U-Net's resolutions) with n_tokens cells."""
-    (H, W), k = map_hw, 0
-    while (H >> k) * (W >> k) > n_tokens:
-        k += 1
-    assert (H >> k) * (W >> k) == n_tokens, (n_tokens, map_hw)
-    return H >> k, W >> k
-
-
-def _scale_hook(mfam, lam, model_hw):
-    def hook(module, inputs, out):
-        n_tokens = out.shape[1]
-        grid = _grid(n_tokens, model_hw)
-        maps = mfam if mfam.dim() == 3 else mfam[None]
-        m = F.interpolate(maps[:, None].float(), size=grid, mode="bilinear", align_corners=False).flatten(1)
-        return out * (1 + lam * m)[..., None].to(out.dtype)
-
-    return hook
-
-
-def _reference(model, names, mfam, lam, x, t, context, model_hw):
-    """The model with its default processors and K, V scaled by hooks on the named layers."""
-    modules = dict(model.named_modules())
-    hooks = [getattr(modules[n], proj).register_forward_hook(_scale_hook(mfam, lam, model_hw))
-             for n in names for proj in ("to_k", "to_v")]
-    try:
-        return _run(model, x, t, context)
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-@pytest.mark.parametrize("build", [_unet2d, _unet2d_condition], ids=["UNet2DModel", "UNet2DConditionModel"])
+@pytest.mark.parametrize("build", BUILDS)
 def test_installs_on_every_self_attention_layer(build):
     model = build()
     attention = {n: m for n, m in model.named_modules() if isinstance(m, Attention)}
@@ -101,8 +83,8 @@ def test_installs_on_every_self_attention_layer(build):
     for n, m in attention.items():
         processor = m.get_processor()
         assert isinstance(processor, srdiff.FAMAttnProcessor) == (n in names)
-        if n not in names:
-            assert isinstance(processor, AttnProcessor2_0)
+        assert isinstance(processor.original if n in names else processor, AttnProcessor2_0)
+    assert [layer.name for layer in srdiff.fam_layers(model)] == names
 
 
 def test_layer_filter_chooses_layers():
@@ -112,9 +94,9 @@ def test_layer_filter_chooses_layers():
     assert isinstance(model.down_blocks[1].attentions[0].get_processor(), AttnProcessor2_0)
 
 
-@pytest.mark.parametrize("build", [_unet2d, _unet2d_condition], ids=["UNet2DModel", "UNet2DConditionModel"])
-def test_unmodulated_is_exactly_attn_processor_2_0(build):
-    """Outside a context, with a None map and at lam = 0 the output is bit for bit diffusers'."""
+@pytest.mark.parametrize("build", BUILDS)
+def test_unmodulated_is_exactly_the_original(build):
+    """Outside a context, with a None map, at lam = 0 and after removal: bit for bit diffusers'."""
     model = build()
     x, t, context = _inputs(model)
     with torch.no_grad():
@@ -126,6 +108,12 @@ def test_unmodulated_is_exactly_attn_processor_2_0(build):
         srdiff.set_fam_attn_processor(model, lam=0.0)
         with srdiff.fam_context(torch.rand(16, 16)):
             assert torch.equal(_run(model, x, t, context), want)
+        srdiff.set_fam_attn_processor(model, lam=LAM)
+        restored = srdiff.remove_fam_attn_processor(model)
+        assert len(restored) == 4 and srdiff.fam_layers(model) == []
+        assert not model._forward_pre_hooks and not model._forward_hooks
+        with srdiff.fam_context(torch.rand(16, 16)):
+            assert torch.equal(_run(model, x, t, context), want)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda(), indirect=True)
@@ -134,26 +122,48 @@ def test_unmodulated_is_exactly_attn_processor_2_0(build):
     [
         pytest.param(_unet2d, (16, 16), (16, 16), id="UNet2DModel-one-map"),
         pytest.param(_unet2d, (2, 16, 16), (16, 16), id="UNet2DModel-per-image"),
+        pytest.param(_unet2d, (8, 12), (8, 12), id="UNet2DModel-non-square"),
         pytest.param(_unet2d_condition, (32, 32), (8, 8), id="UNet2DConditionModel-image-space-map"),
         pytest.param(_unet2d_condition, (2, 16, 8), (8, 4), id="UNet2DConditionModel-non-square"),
+        pytest.param(_unet2d_condition, (12, 10), (6, 5), id="UNet2DConditionModel-odd"),
     ],
 )
 def test_modulated_matches_prescaled_reference(build, mfam_shape, size, device):
-    """On CUDA the processor runs the fused kernels (float32, exact products)."""
+    """On CUDA the processor runs the fused kernels (float32, exact products). The odd 6 x 5 latent
+    has a 3 x 3 grid at the second level (strided convolutions round up)."""
     model = build().to(device)
     x, t, context = _inputs(model, size=size, device=device)
     mfam = torch.rand(mfam_shape, device=device)
     names = srdiff.set_fam_attn_processor(model, lam=LAM)
-    with torch.no_grad(), srdiff.fam_context(mfam):
-        got = _run(model, x, t, context)
-    for m in model.modules():
-        if isinstance(m, Attention):
-            m.set_processor(AttnProcessor2_0())
     with torch.no_grad():
-        want = _reference(model, names, mfam, LAM, x, t, context, size)
+        with srdiff.fam_context(mfam):
+            got = _run(model, x, t, context)
+        assert all(layer.grid is not None for layer in srdiff.fam_layers(model))
+        want = _reference(model, names, mfam, x, t, context, size)
         plain = _run(model, x, t, context)
     assert_close(got, want, dtype=torch.float32, reduce_dim=FAN_IN)
     assert (got - plain).abs().max() > 1e-3, "the modulation did not change the output"
+
+
+@pytest.mark.parametrize("mfam_shape", [(16, 16), (24, 16)], ids=["square-map", "transposed-map"])
+def test_aspect_mismatch_is_resized_with_one_warning(mfam_shape):
+    """A square or transposed map on a 16 x 24 latent: every token layer is modulated, the map
+    stretched to the layer's grid as the reference does, with one warning."""
+    model = _unet2d_condition()
+    x, t, context = _inputs(model, size=(16, 24))
+    mfam = torch.rand(mfam_shape)
+    names = srdiff.set_fam_attn_processor(model, lam=LAM)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with srdiff.fam_context(mfam):
+            got = _run(model, x, t, context)
+            _run(model, x, t, context)
+    aspect = [w for w in caught if "aspect ratio" in str(w.message)]
+    assert len(aspect) == 1 and f"{mfam_shape[0]}x{mfam_shape[1]}" in str(aspect[0].message)
+    assert [layer.grid for layer in srdiff.fam_layers(model)] == [(16, 24), (16, 24), (16, 24), (8, 12)]  # down, up, up, mid (module order)
+    with torch.no_grad():
+        want = _reference(model, names, mfam, x, t, context, (16, 24))
+    assert_close(got, want, dtype=torch.float32, reduce_dim=FAN_IN)
 
 
 def test_triton_backend_forward_and_backward():
@@ -168,16 +178,87 @@ def test_triton_backend_forward_and_backward():
         got = _run(model, x, t)
     got.square().sum().backward()
     got_grad, x.grad = x.grad, None
-    for m in model.modules():
-        if isinstance(m, Attention):
-            m.set_processor(AttnProcessor2_0())
-    want = _reference(model, names, mfam, LAM, x, t, None, (8, 8))
+    want = _reference(model, names, mfam, x, t, None, (8, 8))
     want.square().sum().backward()
     assert_close(got, want, dtype=torch.float32, reduce_dim=FAN_IN)
     assert_close(got_grad, x.grad, dtype=torch.float32, pass_="bwd", reduce_dim=FAN_IN, name="dx")
 
 
-def test_projection_is_trained_through_the_processor():
+def _grads(model, x, t, context, mfam, *, backward_inside):
+    model.zero_grad(set_to_none=True)
+    with srdiff.fam_context(mfam):
+        loss = _run(model, x, t, context).square().sum()
+        if backward_inside:
+            loss.backward()
+    if not backward_inside:
+        loss.backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_gradient_checkpointing_recomputes_the_modulation(build):
+    """With enable_gradient_checkpointing, backward inside the context, outside it and inside another
+    one recompute the original forward's modulation: the gradients are those without checkpointing."""
+    model = build().train()
+    x, t, context = _inputs(model, size=(8, 8))
+    mfam = torch.rand(8, 8)
+    srdiff.set_fam_attn_processor(model, lam=LAM, projection="per_layer")
+    want = _grads(model, x, t, context, mfam, backward_inside=True)
+    model.enable_gradient_checkpointing()
+    inside = _grads(model, x, t, context, mfam, backward_inside=True)
+    outside = _grads(model, x, t, context, mfam, backward_inside=False)
+    model.zero_grad(set_to_none=True)
+    with srdiff.fam_context(mfam):
+        loss = _run(model, x, t, context).square().sum()
+    with srdiff.fam_context(torch.rand(8, 8)):
+        loss.backward()
+    other = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert want.keys() == inside.keys() == outside.keys() == other.keys()
+    assert any("fam_projection" in n for n in want)
+    for n in want:
+        assert torch.equal(inside[n], outside[n]) and torch.equal(inside[n], other[n]), n
+        assert_close(inside[n], want[n], dtype=torch.float32, pass_="bwd", reduce_dim=FAN_IN, name=n)
+
+
+@pytest.mark.parametrize("kind", ["per_layer", "shared"])
+def test_projections_are_registered_and_saved(kind):
+    model = _unet2d()
+    names = srdiff.set_fam_attn_processor(model, lam=LAM, projection=kind)
+    modules = dict(model.named_modules())
+    projections = [modules[n].get_processor().projection for n in names]
+    if kind == "per_layer":
+        assert len({id(p) for p in projections}) == 4
+        assert all(modules[n].fam_projection is p for n, p in zip(names, projections))
+    else:
+        assert all(p is model.fam_projection for p in projections)
+    params = srdiff.fam_parameters(model)
+    assert len(params) == len(projections[0].state_dict()) * (4 if kind == "per_layer" else 1)
+    model_params = {id(p) for p in model.parameters()}
+    assert all(id(p) in model_params for p in params)
+    assert sum("fam_projection" in k for k in model.state_dict()) == len(params)
+    assert {layer.projection for layer in srdiff.fam_layers(model)} == {kind}
+
+
+def test_shared_projection_runs_once_per_forward_and_is_fresh_each_step():
+    """Two optimiser steps inside one context: the projection runs once per forward (not once per
+    context), the second backward works, and the second forward sees the updated projection."""
+    model = _unet2d().train()
+    srdiff.set_fam_attn_processor(model, lam=LAM, projection="shared")
+    proj = model.fam_projection
+    calls = []
+    proj.register_forward_hook(lambda m, i, o: calls.append(o.detach().clone()))
+    opt = torch.optim.SGD(srdiff.fam_parameters(model), lr=10.0)
+    x, t, _ = _inputs(model)
+    with srdiff.fam_context(torch.rand(16, 16)):
+        for _ in range(2):
+            opt.zero_grad()
+            _run(model, x, t).square().mean().backward()
+            opt.step()
+    assert len(calls) == 2
+    assert not torch.equal(calls[0], calls[1]), "the second forward reused the first step's projection"
+
+
+def test_external_projection_is_trained_through_the_processor():
     model = _unet2d()
     proj = srdiff.FAMProjection()
     srdiff.set_fam_attn_processor(model, lam=LAM, projection=proj)
@@ -188,6 +269,131 @@ def test_projection_is_trained_through_the_processor():
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in proj.net[-1].parameters())
     assert not any(p is q for p in proj.parameters() for q in model.parameters())
+    assert {id(p) for p in srdiff.fam_parameters(model)} == {id(p) for p in proj.parameters()}
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    """The per-layer projections travel in save_pretrained's state dict; from_pretrained builds the
+    model without them (diffusers logs the unused weights), set_fam_attn_processor + load_state_dict
+    brings them back."""
+    from safetensors.torch import load_file
+
+    model = _unet2d()
+    srdiff.set_fam_attn_processor(model, lam=LAM, projection="per_layer")
+    with torch.no_grad():
+        for p in srdiff.fam_parameters(model):
+            p.add_(0.01 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "diffusion_pytorch_model.safetensors")
+    assert sum("fam_projection" in k for k in state) == len(srdiff.fam_parameters(model))
+    loaded = diffusers.UNet2DModel.from_pretrained(tmp_path).eval()
+    srdiff.set_fam_attn_processor(loaded, lam=LAM, projection="per_layer")
+    loaded.load_state_dict(state)
+    x, t, _ = _inputs(model)
+    mfam = torch.rand(16, 16)
+    with torch.no_grad(), srdiff.fam_context(mfam):
+        assert torch.equal(_run(loaded, x, t), _run(model, x, t))
+
+
+def test_unknown_processor_is_refused_or_skipped_and_reported():
+    model = _unet2d()
+    model.mid_block.attentions[0].set_processor(SlicedAttnProcessor(2))
+    with pytest.raises(ValueError, match=r"layer 'mid_block.attentions.0' runs .*SlicedAttnProcessor, which "
+                                         r"srdiff has no FAM processor for"):
+        srdiff.set_fam_attn_processor(model)
+    assert not any(isinstance(m.processor, srdiff.FAMAttnProcessor) for m in model.modules()
+                   if isinstance(m, Attention))
+    with pytest.warns(UserWarning, match=r"skipped 1 layer.*'mid_block.attentions.0': 'SlicedAttnProcessor'"):
+        names = srdiff.set_fam_attn_processor(model, strict=False)
+    assert len(names) == 3 and "mid_block.attentions.0" not in names
+
+
+def test_replaced_processors_warn_at_the_next_modulated_forward():
+    """set_attention_slice swaps the processors behind the installer's back: the next forward in a
+    context warns instead of silently running unmodulated."""
+    model = _unet2d_condition()
+    srdiff.set_fam_attn_processor(model, lam=LAM)
+    model.set_attention_slice(1)
+    x, t, context = _inputs(model, size=(8, 8))
+    with torch.no_grad(), srdiff.fam_context(torch.rand(8, 8)):
+        with pytest.warns(UserWarning, match=r"4 FAM layer\(s\) now run SlicedAttnProcessor .* NOT modulated"):
+            _run(model, x, t, context)
+
+
+def test_fused_qkv_projections_reinstall_keeps_the_modulation():
+    """fuse_qkv_projections replaces the processors (the next forward warns); installing again puts a
+    FAM processor over FusedAttnProcessor2_0 that projects with the fused to_qkv."""
+    model = _unet2d_condition()
+    x, t, context = _inputs(model, size=(8, 8))
+    mfam = torch.rand(8, 8)
+    names = srdiff.set_fam_attn_processor(model, lam=LAM)
+    with torch.no_grad(), srdiff.fam_context(mfam):
+        want = _run(model, x, t, context)
+    model.fuse_qkv_projections()
+    with torch.no_grad(), srdiff.fam_context(mfam), pytest.warns(UserWarning, match=r"FusedAttnProcessor2_0"):
+        _run(model, x, t, context)
+    assert srdiff.set_fam_attn_processor(model, lam=LAM) == names
+    processor = model.get_submodule(names[0]).get_processor()
+    assert processor.fused and isinstance(processor.original, FusedAttnProcessor2_0)
+    with torch.no_grad(), srdiff.fam_context(mfam):
+        got = _run(model, x, t, context)
+    assert_close(got, want, dtype=torch.float32, reduce_dim=FAN_IN)
+
+
+def test_set_default_attn_processor_raises_until_removed():
+    model = _unet2d_condition()
+    srdiff.set_fam_attn_processor(model)
+    with pytest.raises(ValueError, match=r"FAMAttnProcessor"):
+        model.set_default_attn_processor()
+    srdiff.remove_fam_attn_processor(model)
+    model.set_default_attn_processor()
+
+
+def test_peft_lora_on_the_attention_projections():
+    """LoRA adapters on to_q/to_k/to_v/to_out (added after the install) are used by the modulated path."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    model = _unet2d_condition()
+    names = srdiff.set_fam_attn_processor(model, lam=LAM)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    x, t, context = _inputs(model, size=(8, 8))
+    mfam = torch.rand(8, 8)
+    with torch.no_grad():
+        with srdiff.fam_context(mfam):
+            got = _run(model, x, t, context)
+        want = _reference(model, names, mfam, x, t, context, (8, 8))
+        model.disable_adapters()
+        with srdiff.fam_context(mfam):
+            without = _run(model, x, t, context)
+    assert_close(got, want, dtype=torch.float32, reduce_dim=FAN_IN)
+    assert (got - without).abs().max() > 1e-3, "the LoRA adapters were not used"
+
+
+def test_introspection_and_strict_contexts():
+    model = _unet2d()
+    x, t, _ = _inputs(model)
+    mfam = torch.rand(16, 16)
+    assert srdiff.active_mfam() is None
+    with srdiff.fam_context(mfam):
+        assert srdiff.active_mfam() is mfam
+        with srdiff.fam_context(None):
+            assert srdiff.active_mfam() is None
+    srdiff.set_fam_attn_processor(model, lam=0.0)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match=r"strict=True\): the model's forward modulated no attention layer"):
+            with srdiff.fam_context(mfam, strict=True):
+                _run(model, x, t)
+        with pytest.raises(RuntimeError, match=r"no attention layer was modulated inside the block"):
+            with srdiff.fam_context(mfam, strict=True):
+                pass
+        srdiff.set_fam_attn_processor(model, lam=LAM)
+        with srdiff.fam_context(mfam, strict=True):
+            _run(model, x, t)
+        assert [layer.grid for layer in srdiff.fam_layers(model)] == [(8, 8)] * 4
+        _run(model, x, t)
+        assert all(layer.grid is None for layer in srdiff.fam_layers(model))
 
 
 def test_attention_mask_runs_the_prescaled_path():
@@ -199,13 +405,8 @@ def test_attention_mask_runs_the_prescaled_path():
     with torch.no_grad(), srdiff.fam_context(mfam, grid=(4, 4)):  # a bare layer: no model hook knows its grid
         got = attn(hidden, attention_mask=mask)
     attn.set_processor(AttnProcessor2_0())
-    s = 1 + LAM * F.interpolate(mfam[None, None], size=(4, 4), mode="bilinear", align_corners=False).flatten()
-    hooks = [attn.to_k.register_forward_hook(lambda m, i, o: o * s[:, None]),
-             attn.to_v.register_forward_hook(lambda m, i, o: o * s[:, None])]
-    with torch.no_grad():
+    with torch.no_grad(), prescaled(torch.nn.ModuleDict({"attn": attn}), ["attn"], mfam, LAM, lambda n: (4, 4)):
         want = attn(hidden, attention_mask=mask)
-    for h in hooks:
-        h.remove()
     assert_close(got, want, dtype=torch.float32, reduce_dim=32)
 
 
@@ -229,12 +430,13 @@ def test_autocast_bf16(device):
 
 
 def test_token_grid():
-    assert _token_grid(64, 16, 16) == (8, 8)
-    assert _token_grid(32, 16, 8) == (8, 4)
-    assert _token_grid(8, 64, 32) == (4, 2)
-    assert _token_grid(77, 16, 16) is None
-    assert _token_grid(32, 16, 16) is None
-    assert _token_grid(24, 16, 8) is None
+    """Strided convolutions round up, patch embeddings round down; the smallest factor wins."""
+    assert token_grid(64, (16, 16)) == (16 // 2, 16 // 2)
+    assert token_grid(32, (16, 8)) == (8, 4)
+    assert token_grid(9, (6, 5)) == (3, 3)
+    assert token_grid(6, (7, 9)) == (2, 3)
+    assert token_grid(96, (16, 24)) == (8, 12)
+    assert token_grid(77, (16, 16)) is None
 
 
 def test_contexts_nest_and_restore():
@@ -264,6 +466,9 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"mfam must have 2 or 3 dims, got shape \(16,\)"):
         with srdiff.fam_context(torch.rand(16)):
             pass
+    with pytest.raises(ValueError, match=r"grid must be None or two positive ints \(H, W\), got \(0, 4\)"):
+        with srdiff.fam_context(torch.rand(4, 4), grid=(0, 4)):
+            pass
     with pytest.raises(ValueError, match=r"lam must be >= 0, got -0.1"):
         srdiff.FAMAttnProcessor(-0.1)
     with pytest.raises(ValueError, match=r"mode must be one of .* got 'cubic'"):
@@ -272,9 +477,22 @@ def test_bad_input():
         srdiff.FAMAttnProcessor(projection=torch.nn.Linear(1, 1))
     with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got str"):
         srdiff.set_fam_attn_processor("unet")
+    with pytest.raises(ValueError, match=r"UNet2DModel has no FAM processors installed"):
+        srdiff.remove_fam_attn_processor(_unet2d())
     model = _unet2d()
-    srdiff.set_fam_attn_processor(model)
+    with pytest.raises(ValueError, match=r"projection must be None, 'per_layer', 'shared' or a FAMProjection, "
+                                         r"got 'each'"):
+        srdiff.set_fam_attn_processor(model, projection="each")
+    srdiff.set_fam_attn_processor(model, projection="per_layer")
+    with pytest.raises(ValueError, match=r"model holds FAM projections .* from an earlier projection='per_layer'"):
+        srdiff.set_fam_attn_processor(model, projection="shared")
     x, t, _ = _inputs(model)
     with pytest.raises(ValueError, match=r"mfam holds 3 maps but the layer sees a batch of 2"):
         with torch.no_grad(), srdiff.fam_context(torch.rand(3, 16, 16)):
             _run(model, x, t)
+    attn = Attention(query_dim=32, heads=2, dim_head=16)
+    attn.set_processor(srdiff.FAMAttnProcessor(LAM))
+    with pytest.raises(ValueError, match=r"cannot place its 16 tokens on the image: the model's input grid is "
+                                         r"unknown"):
+        with torch.no_grad(), srdiff.fam_context(torch.rand(4, 4)):
+            attn(torch.randn(1, 16, 32))

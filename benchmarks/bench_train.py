@@ -8,7 +8,9 @@ The diffusers peer is the same UNet, batch, optimiser, clipping and EMA with dif
 noising + loss, the parts srdiff replaces.
 
 Targets (issue 7): refinement step <= 1.10x base step; refresh <= 10% of a cycle's time at the
-default settings (cycle 100). Models: the demo's 16 px UNet (1.2 M parameters, batch 64) on CPU, a
+default settings (cycle 100). The trainer's UNet is diffusers', so every case is reported
+unavailable where diffusers is not installed (the GPU image has no wheel; gpu.sh --prepare carries
+one). Models: the demo's 16 px UNet (1.2 M parameters, batch 64) on CPU, a
 64 px UNet (attention at 16x16 and 8x8, as the authors place it) on GPU.
 """
 
@@ -18,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import DEVICE, QUICK, measure, on_device
+from benchmarks.common import DEVICE, QUICK, measure, on_device, require_module
 from srdiff.trainer import SelfRefiningTrainer, TrainConfig
 
 DEMO = dict(image_size=16, block_out_channels=(32, 64, 64), attention_levels=(False, True, True), batch_size=64)
@@ -45,6 +47,8 @@ def _shape(model: dict) -> dict:
 @pytest.mark.parametrize("phase, mode", PHASES, ids=[f"{p}-{m}" for p, m in PHASES])
 @pytest.mark.parametrize("model", MODELS)
 def test_train_step(benchmark, tmp_path, model, phase, mode):
+    require_module("diffusers", op="train_step", provider=f"{phase}-{mode}", mode="fwd+bwd",
+                   shape=_shape(model))
     trainer = _trainer(model, mode, tmp_path)
     size = model["image_size"]
     if phase == "refine":
@@ -62,6 +66,7 @@ def test_train_step(benchmark, tmp_path, model, phase, mode):
 @pytest.mark.benchmark(group="train_step")
 @pytest.mark.parametrize("model", MODELS)
 def test_train_step_diffusers(benchmark, tmp_path, model):
+    require_module("diffusers", op="train_step", provider="diffusers", mode="fwd+bwd", shape=_shape(model))
     from diffusers import DDPMScheduler
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
@@ -102,6 +107,8 @@ def test_mfam_refresh(benchmark, tmp_path, model, finetune_steps):
     """One refresh at the defaults (64 samples, 20 DDIM steps); ``amortised_ms_per_step`` = refresh / cycle."""
     from srdiff.highlighter import FlawHighlighter
 
+    require_module("diffusers", op="mfam_refresh", provider=f"refresh-{finetune_steps}ft", mode="fwd",
+                   shape=_shape(model))
     trainer = _trainer(model, "combined", tmp_path, highlighter_finetune_steps=finetune_steps)
     cfg = trainer.config
     trainer.highlighter = FlawHighlighter(backbone="small", in_channels=cfg.channels,

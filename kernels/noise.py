@@ -1,9 +1,9 @@
 """Fused noise amplification and ε-loss for self-refining diffusion (arXiv 2512.08774): one pass in, one out.
 
-    ε_sr = ε + λ·M        (amplify="add", the paper)      or   ε·(1 + λ·M)   (amplify="scale", the ADM code)
-    x_t  = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε_sr
-    target = ε_n | √ᾱ_t·ε_n − √(1 − ᾱ_t)·x0 | x0     for epsilon | v_prediction | sample,
-    with ε_n = ε_sr (amplified_target) or ε.
+    x_t    = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε_x
+    target = ε_t | √ᾱ_t·ε_t − √(1 − ᾱ_t)·x0 | x0     for epsilon | v_prediction | sample,
+    ε_x, ε_t ∈ {ε, ε + λ·M, ε·(1 + λ·M)}              as the recipe says (X_NOISE, TARGET_NOISE):
+    paper (add, add), adm (scale, plain), uvit (plain, add); see srdiff.reference.noise.
 
 Layout: x0 is (B, C, H, W) contiguous; a program handles BLOCK elements of one (b, c) plane, viewed
 as [BLOCK // 4, 4] so that one Philox call (tl.randint4x: four 32-bit words) yields the four normals
@@ -30,6 +30,7 @@ from srdiff.kernels.utils import input_guard, new_empty
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SUPPORTED_ALPHA_DTYPES = (torch.float32, torch.float64)
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # the kernels' PREDICTION constexpr indexes this
+AMPLIFICATIONS = ("plain", "add", "scale")  # X_NOISE and TARGET_NOISE index this
 
 MAX_BLOCK = 4096
 MIN_BLOCK = 64
@@ -103,17 +104,25 @@ def _epsilon(noise_ptr, offs, mask, seed, plane, rows, HW, HAS_NOISE: tl.constex
 
 
 @triton.jit
-def _amplify(eps, fam_ptr, b, fam_stride_b, hw, mask, lam, HAS_FAM: tl.constexpr,
-             AMPLIFY_SCALE: tl.constexpr):
+def _lam_map(fam_ptr, b, fam_stride_b, hw, mask, lam, HAS_FAM: tl.constexpr):
+    """λ·M at this block's pixels (0 without a map)."""
     if HAS_FAM:
         m = lam * tl.load(fam_ptr + b * fam_stride_b + hw, mask=mask, other=0.0).to(tl.float32)
-        if AMPLIFY_SCALE:
-            eps_sr = eps * (1.0 + m)
-        else:
-            eps_sr = eps + m
     else:
-        eps_sr = eps
-    return eps_sr
+        m = 0.0
+    return m
+
+
+@triton.jit
+def _amplify(eps, m, HAS_FAM: tl.constexpr, HOW: tl.constexpr):
+    """ε (HOW 0, or no map), ε + λ·M (1) or ε·(1 + λ·M) (2), m = λ·M."""
+    out = eps
+    if HAS_FAM:
+        if HOW == 1:
+            out = eps + m
+        elif HOW == 2:
+            out = eps * (1.0 + m)
+    return out
 
 
 @triton.jit
@@ -130,8 +139,7 @@ def _target(x0, eps_target, sqrt_ab, sqrt_1m_ab, PREDICTION: tl.constexpr):
 @triton.jit
 def _regenerate_target(
     x0, noise_ptr, fam_ptr, t_ptr, ac_ptr, seed, lam, fam_stride_b, T, plane, b, rows, hw, offs, HW, mask,
-    HAS_NOISE: tl.constexpr, HAS_FAM: tl.constexpr, AMPLIFY_SCALE: tl.constexpr,
-    AMPLIFIED_TARGET: tl.constexpr, PREDICTION: tl.constexpr,
+    HAS_NOISE: tl.constexpr, HAS_FAM: tl.constexpr, TARGET_NOISE: tl.constexpr, PREDICTION: tl.constexpr,
 ):
     """The target of the loss, rebuilt from (seed, element index) exactly as the noising kernel had it."""
     sqrt_ab, sqrt_1m_ab = _coefficients(t_ptr, ac_ptr, b, T)
@@ -139,9 +147,9 @@ def _regenerate_target(
         target = x0
     else:
         eps = _epsilon(noise_ptr, offs, mask, seed, plane, rows, HW, HAS_NOISE)
-        if AMPLIFIED_TARGET:
-            eps = _amplify(eps, fam_ptr, b, fam_stride_b, hw, mask, lam, HAS_FAM, AMPLIFY_SCALE)
-        target = _target(x0, eps, sqrt_ab, sqrt_1m_ab, PREDICTION)
+        m = _lam_map(fam_ptr, b, fam_stride_b, hw, mask, lam, HAS_FAM)
+        eps_t = _amplify(eps, m, HAS_FAM, TARGET_NOISE)
+        target = _target(x0, eps_t, sqrt_ab, sqrt_1m_ab, PREDICTION)
     return target
 
 
@@ -149,20 +157,20 @@ def _regenerate_target(
 def _amplified_add_noise_fwd_kernel(
     x0_ptr, noise_ptr, fam_ptr, t_ptr, ac_ptr, xt_ptr, target_ptr,
     seed, lam, C, HW, fam_stride_b, T,
-    HAS_NOISE: tl.constexpr, HAS_FAM: tl.constexpr, AMPLIFY_SCALE: tl.constexpr,
-    AMPLIFIED_TARGET: tl.constexpr, PREDICTION: tl.constexpr, WRITE_TARGET: tl.constexpr,
-    BLOCK: tl.constexpr,
+    HAS_NOISE: tl.constexpr, HAS_FAM: tl.constexpr, X_NOISE: tl.constexpr, TARGET_NOISE: tl.constexpr,
+    PREDICTION: tl.constexpr, WRITE_TARGET: tl.constexpr, BLOCK: tl.constexpr,
 ):
     plane, b, rows, hw, offs, mask = _plane_block(C, HW, BLOCK)
     sqrt_ab, sqrt_1m_ab = _coefficients(t_ptr, ac_ptr, b, T)
     x0 = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     eps = _epsilon(noise_ptr, offs, mask, seed, plane, rows, HW, HAS_NOISE)
-    eps_sr = _amplify(eps, fam_ptr, b, fam_stride_b, hw, mask, lam, HAS_FAM, AMPLIFY_SCALE)
-    x_t = sqrt_ab * x0 + sqrt_1m_ab * eps_sr
+    m = _lam_map(fam_ptr, b, fam_stride_b, hw, mask, lam, HAS_FAM)
+    eps_x = _amplify(eps, m, HAS_FAM, X_NOISE)
+    x_t = sqrt_ab * x0 + sqrt_1m_ab * eps_x
     tl.store(xt_ptr + offs, x_t.to(xt_ptr.dtype.element_ty), mask=mask)
     if WRITE_TARGET:
-        eps_target = eps_sr if AMPLIFIED_TARGET else eps
-        target = _target(x0, eps_target, sqrt_ab, sqrt_1m_ab, PREDICTION)
+        eps_t = _amplify(eps, m, HAS_FAM, TARGET_NOISE)
+        target = _target(x0, eps_t, sqrt_ab, sqrt_1m_ab, PREDICTION)
         tl.store(target_ptr + offs, target.to(target_ptr.dtype.element_ty), mask=mask)
 
 
@@ -170,9 +178,8 @@ def _amplified_add_noise_fwd_kernel(
 def _amplified_noise_loss_fwd_kernel(
     pred_ptr, x0_ptr, noise_ptr, fam_ptr, t_ptr, ac_ptr, out_ptr,
     seed, lam, C, HW, fam_stride_b, T,
-    HAS_NOISE: tl.constexpr, HAS_FAM: tl.constexpr, AMPLIFY_SCALE: tl.constexpr,
-    AMPLIFIED_TARGET: tl.constexpr, PREDICTION: tl.constexpr, ELEMENTWISE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    HAS_NOISE: tl.constexpr, HAS_FAM: tl.constexpr, TARGET_NOISE: tl.constexpr, PREDICTION: tl.constexpr,
+    ELEMENTWISE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """ELEMENTWISE: out[i] = (pred - target)²; else out[program] = its partial sum (stage 1)."""
     plane, b, rows, hw, offs, mask = _plane_block(C, HW, BLOCK)
@@ -180,7 +187,7 @@ def _amplified_noise_loss_fwd_kernel(
     pred = tl.load(pred_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     target = _regenerate_target(
         x0, noise_ptr, fam_ptr, t_ptr, ac_ptr, seed, lam, fam_stride_b, T, plane, b, rows, hw, offs, HW, mask,
-        HAS_NOISE, HAS_FAM, AMPLIFY_SCALE, AMPLIFIED_TARGET, PREDICTION,
+        HAS_NOISE, HAS_FAM, TARGET_NOISE, PREDICTION,
     )
     diff = pred - target
     sq = tl.where(mask, diff * diff, 0.0)
@@ -204,9 +211,8 @@ def _sum_partials_kernel(partials_ptr, out_ptr, n, scale, BLOCK: tl.constexpr):
 def _amplified_noise_loss_bwd_kernel(
     grad_out_ptr, pred_ptr, x0_ptr, noise_ptr, fam_ptr, t_ptr, ac_ptr, grad_pred_ptr,
     seed, lam, coef, C, HW, fam_stride_b, T,
-    HAS_NOISE: tl.constexpr, HAS_FAM: tl.constexpr, AMPLIFY_SCALE: tl.constexpr,
-    AMPLIFIED_TARGET: tl.constexpr, PREDICTION: tl.constexpr, ELEMENTWISE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    HAS_NOISE: tl.constexpr, HAS_FAM: tl.constexpr, TARGET_NOISE: tl.constexpr, PREDICTION: tl.constexpr,
+    ELEMENTWISE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """grad_pred = coef·(pred − target)·grad_out, coef = 2/n (mean) or 2 (sum, none)."""
     plane, b, rows, hw, offs, mask = _plane_block(C, HW, BLOCK)
@@ -214,7 +220,7 @@ def _amplified_noise_loss_bwd_kernel(
     pred = tl.load(pred_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     target = _regenerate_target(
         x0, noise_ptr, fam_ptr, t_ptr, ac_ptr, seed, lam, fam_stride_b, T, plane, b, rows, hw, offs, HW, mask,
-        HAS_NOISE, HAS_FAM, AMPLIFY_SCALE, AMPLIFIED_TARGET, PREDICTION,
+        HAS_NOISE, HAS_FAM, TARGET_NOISE, PREDICTION,
     )
     if ELEMENTWISE:
         g = tl.load(grad_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -236,14 +242,17 @@ def _launch_config(x0: torch.Tensor) -> tuple[tuple[int, int], int, int]:
     return grid, BLOCK, num_warps
 
 
-def _operands(x0, timesteps, noise, fam, amplify, amplified_target, prediction_type):
+def _operands(x0, timesteps, noise, fam, recipe, prediction_type, *, reads_map: bool):
     """Contiguous kernel operands (x0 stands in for an absent noise or map: a pointer never read),
-    the map's batch stride (0: one map for the batch) and the constexpr flags."""
+    the map's batch stride (0: one map for the batch) and the constexpr flags. ``recipe`` is the
+    (x_t, target) amplification pair; a map the launch does not read (``reads_map`` False) is dropped."""
+    how_x, how_target = recipe
+    fam = fam if reads_map else None
     flags = dict(
         HAS_NOISE=noise is not None,
         HAS_FAM=fam is not None,
-        AMPLIFY_SCALE=amplify == "scale",
-        AMPLIFIED_TARGET=bool(amplified_target),
+        X_NOISE=AMPLIFICATIONS.index(how_x),
+        TARGET_NOISE=AMPLIFICATIONS.index(how_target),
         PREDICTION=PREDICTION_TYPES.index(prediction_type),
     )
     x0 = x0.contiguous()
@@ -269,23 +278,24 @@ def amplified_add_noise_fwd(
     lam: float,
     seed: int,
     *,
-    amplify: str = "add",
-    amplified_target: bool = True,
+    recipe: tuple[str, str] = ("add", "add"),
     prediction_type: str = "epsilon",
     return_target: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the noising kernel on validated arguments (see :func:`srdiff.amplified_add_noise`).
 
     x0: (B, C, H, W); timesteps: (B,) integer; alphas_cumprod: (T,) fp32/fp64; noise: None or
-    (B, C, H, W); fam: None (no amplification) or (1 | B, H, W); seed: used when noise is None.
+    (B, C, H, W); fam: None (no amplification) or (1 | B, H, W); seed: used when noise is None;
+    recipe: the (x_t, target) amplification pair, each of :data:`AMPLIFICATIONS`.
     Returns (x_t, target) in x0's dtype, or (x_t, None) without ``return_target``.
 
     Bytes that must move, N = B*C*H*W, s(·) the element size:
     N·(2·s(x0) [read x0, write x_t] + s(x0) [write target, with return_target] + s(noise) [when
     given]) + numel(fam)·s(fam) + B·(s(timesteps) + s(alphas_cumprod)).
     """
+    reads_map = recipe[0] != "plain" or (return_target and recipe[1] != "plain")
     x0, timesteps, noise, fam, fam_stride_b, flags = _operands(
-        x0, timesteps, noise, fam, amplify, amplified_target, prediction_type
+        x0, timesteps, noise, fam, recipe, prediction_type, reads_map=reads_map
     )
     grid, BLOCK, num_warps = _launch_config(x0)
     B, C, H, W = x0.shape
@@ -311,8 +321,7 @@ def amplified_noise_loss_fwd(
     lam: float,
     seed: int,
     *,
-    amplify: str = "add",
-    amplified_target: bool = True,
+    recipe: tuple[str, str] = ("add", "add"),
     prediction_type: str = "epsilon",
     reduction: str = "mean",
 ) -> torch.Tensor:
@@ -326,7 +335,7 @@ def amplified_noise_loss_fwd(
     written and read once) are ≤ 2·4·N/64.
     """
     x0, timesteps, noise, fam, fam_stride_b, flags = _operands(
-        x0, timesteps, noise, fam, amplify, amplified_target, prediction_type
+        x0, timesteps, noise, fam, recipe, prediction_type, reads_map=recipe[1] != "plain"
     )
     grid, BLOCK, num_warps = _launch_config(x0)
     B, C, H, W = x0.shape
@@ -358,8 +367,7 @@ def amplified_noise_loss_bwd(
     lam: float,
     seed: int,
     *,
-    amplify: str = "add",
-    amplified_target: bool = True,
+    recipe: tuple[str, str] = ("add", "add"),
     prediction_type: str = "epsilon",
     reduction: str = "mean",
 ) -> torch.Tensor:
@@ -371,7 +379,7 @@ def amplified_noise_loss_bwd(
     [+ s(noise) when given] [+ 4, the grad_out of "none"]) + numel(fam)·s(fam).
     """
     x0, timesteps, noise, fam, fam_stride_b, flags = _operands(
-        x0, timesteps, noise, fam, amplify, amplified_target, prediction_type
+        x0, timesteps, noise, fam, recipe, prediction_type, reads_map=recipe[1] != "plain"
     )
     grid, BLOCK, num_warps = _launch_config(x0)
     B, C, H, W = x0.shape

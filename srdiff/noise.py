@@ -1,4 +1,5 @@
-"""Forward-process noise amplification (ε_sr = ε + λ·M) and its ε-loss, fused.
+"""Forward-process noise amplification (the paper's, the ADM code's and the U-ViT code's recipes) and
+its ε-loss, fused.
 
 Follow a call: :func:`amplified_add_noise` / :func:`amplified_noise_loss` check their arguments, then
 run the Triton kernels of ``kernels/noise.py`` (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)
@@ -12,19 +13,32 @@ regenerates the same ε in its forward and backward instead of storing ε or the
 """
 
 import math
+import warnings
+import weakref
 
 import torch
+import torch.nn.functional as F
 
 from srdiff._checks import check_choice, check_nonnegative, check_same_device, check_tensor, resolve_backend
-from srdiff.reference.noise import amplified_add_noise_ref, amplified_noise_loss_ref, reference_noise
+from srdiff.reference.noise import (
+    AMPLIFICATIONS,
+    RECIPES,
+    add_noise_from_epsilon,
+    amplified_add_noise_ref,
+    amplified_noise_loss_ref,
+    amplify as amplify_noise,
+    noise_loss_from_target_noise,
+    reference_noise,
+)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SUPPORTED_ALPHA_DTYPES = (torch.float32, torch.float64)
 SUPPORTED_DEVICES = ("cpu", "cuda")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-AMPLIFY_MODES = ("add", "scale")
+AMPLIFY_MODES = ("add", "scale")  # the deprecated amplify= keyword
 REDUCTIONS = ("mean", "sum", "none")
 MAX_SEED = 2**63 - 1
+DEFAULT_RECIPE = "paper"
 
 
 def _check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
@@ -32,18 +46,25 @@ def _check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -
         raise TypeError(f"{name} must be one of {allowed}, got {t.dtype}")
 
 
-def _batch_map(fam: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """fam as a (1 | B, H, W) view; it must broadcast to (B, 1, H, W)."""
+def _batch_map(fam: torch.Tensor, shape: torch.Size, resize: bool) -> torch.Tensor:
+    """fam as a (1 | B, H, W) tensor that broadcasts to (B, 1, H, W); with ``resize`` a map of any
+    (h, w) is first resized bilinearly (half-pixel centres) to (H, W), in float32."""
     B, _, H, W = shape
-    ok = fam.dim() in (2, 3, 4) and tuple(fam.shape[-2:]) == (H, W)
+    ok = fam.dim() in (2, 3, 4) and (resize or tuple(fam.shape[-2:]) == (H, W))
     if ok and fam.dim() >= 3:
         ok = fam.shape[0] in (1, B) and (fam.dim() == 3 or fam.shape[1] == 1)
     if not ok:
-        raise ValueError(
-            f"fam must broadcast to (B, 1, H, W) = {(B, 1, H, W)} as (H, W), (B, H, W) or (B, 1, H, W), "
-            f"got shape {tuple(fam.shape)}"
+        layouts = "(h, w), (B, h, w) or (B, 1, h, w) with resize=True" if resize else (
+            "(H, W), (B, H, W) or (B, 1, H, W); pass resize=True to resize a map of another size to (H, W)"
         )
-    return fam.reshape(-1, H, W)
+        raise ValueError(f"fam must broadcast to (B, 1, H, W) = {(B, 1, H, W)} as {layouts}, got shape {tuple(fam.shape)}")
+    h, w = fam.shape[-2:]
+    if h == 0 or w == 0:
+        raise ValueError(f"fam must be non-empty, got shape {tuple(fam.shape)}")
+    fam = fam.reshape(-1, h, w)
+    if (h, w) != (H, W):
+        fam = F.interpolate(fam[:, None].float(), size=(H, W), mode="bilinear", align_corners=False)[:, 0]
+    return fam
 
 
 def _check_seed(seed) -> None:
@@ -55,28 +76,61 @@ def _check_seed(seed) -> None:
         raise ValueError(f"seed must be in [0, 2**63 - 1], got {seed}")
 
 
+def _check_lam(lam) -> None:
+    if isinstance(lam, (int, float)) and not isinstance(lam, bool) and not math.isfinite(lam):
+        raise ValueError(f"lam must be finite, got {lam}")
+    check_nonnegative("lam", lam)
+
+
+def _resolve_recipe(recipe, amplify_, amplified_target) -> tuple[str, str]:
+    """The (x_t, target) amplification pair of ``recipe``, or of the deprecated keywords."""
+    if amplify_ is None and amplified_target is None:
+        recipe = DEFAULT_RECIPE if recipe is None else recipe
+        if isinstance(recipe, str):
+            check_choice("recipe", recipe, RECIPES)
+            return RECIPES[recipe]
+        if not (isinstance(recipe, tuple) and len(recipe) == 2 and all(r in AMPLIFICATIONS for r in recipe)):
+            raise ValueError(
+                f"recipe must be one of {tuple(RECIPES)} or an (x_t, target) pair of {AMPLIFICATIONS}, got {recipe!r}"
+            )
+        return recipe
+    if recipe is not None:
+        raise ValueError(
+            f"pass recipe= or the deprecated amplify=/amplified_target=, not both (got recipe={recipe!r}, "
+            f"amplify={amplify_!r}, amplified_target={amplified_target!r})"
+        )
+    amplify_ = "add" if amplify_ is None else amplify_
+    check_choice("amplify", amplify_, AMPLIFY_MODES)
+    if not isinstance(amplified_target, (bool, type(None))):
+        raise TypeError(f"amplified_target must be a bool, got {type(amplified_target).__name__}")
+    pair = (amplify_, amplify_ if amplified_target in (None, True) else "plain")
+    name = next((n for n, p in RECIPES.items() if p == pair), None)
+    warnings.warn(
+        f"amplify= and amplified_target= are deprecated: use recipe={name or pair!r}"
+        + ("" if name else " (this combination has no name: the paper's codes use 'paper', 'adm', 'uvit')"),
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return pair
+
+
 def _check_values(timesteps, alphas_cumprod, fam) -> None:
-    """Value checks on device data, read back with one sync (skipped while torch.compile traces)."""
+    """Value checks on device data: three min/max reductions read back with one sync (skipped while
+    torch.compile traces)."""
     if torch.compiler.is_compiling():
         return
     T = alphas_cumprod.numel()
-    timesteps = timesteps.long()  # comparing uint8 with T >= 256 would wrap T
-    checks = [
-        ((timesteps >= 0) & (timesteps < T)).all(),
-        ((alphas_cumprod > 0) & (alphas_cumprod <= 1)).all(),
-    ]
+    ranges = [*torch.aminmax(timesteps), *torch.aminmax(alphas_cumprod)]
     if fam is not None:
-        checks.append(torch.isfinite(fam).all())
-    ok = torch.stack(checks).tolist()
-    if not ok[0]:
-        lo, hi = int(timesteps.min()), int(timesteps.max())
+        ranges += torch.aminmax(fam)  # NaN propagates to both, inf to one
+    t_lo, t_hi, a_lo, a_hi, *fam_range = torch.stack([r.double() for r in ranges]).tolist()
+    if not (t_lo >= 0 and t_hi < T):
         raise ValueError(
-            f"timesteps must lie in [0, {T - 1}] (len(alphas_cumprod) = {T}), got values in [{lo}, {hi}]"
+            f"timesteps must lie in [0, {T - 1}] (len(alphas_cumprod) = {T}), got values in [{int(t_lo)}, {int(t_hi)}]"
         )
-    if not ok[1]:
-        lo, hi = alphas_cumprod.min().item(), alphas_cumprod.max().item()
-        raise ValueError(f"alphas_cumprod must lie in (0, 1], got values in [{lo}, {hi}]")
-    if len(ok) > 2 and not ok[2]:
+    if not (a_lo > 0 and a_hi <= 1):
+        raise ValueError(f"alphas_cumprod must lie in (0, 1], got values in [{a_lo}, {a_hi}]")
+    if fam_range and not all(math.isfinite(v) for v in fam_range):
         bad = int((~torch.isfinite(fam)).sum())
         raise ValueError(f"fam must be finite, found {bad} non-finite value(s) of {fam.numel()}")
 
@@ -89,8 +143,8 @@ def _check_args(
     fam,
     lam,
     seed,
-    amplify,
     prediction_type,
+    resize,
     pred=None,
     reduction="mean",
 ) -> torch.Tensor | None:
@@ -122,19 +176,19 @@ def _check_args(
             raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
         if seed is not None:
             raise ValueError("pass either noise or seed, not both: with noise given, no ε is drawn")
-    check_nonnegative("lam", lam)
-    if not math.isfinite(lam):
-        raise ValueError(f"lam must be finite, got {lam}")
+    _check_lam(lam)
     _check_seed(seed)
-    check_choice("amplify", amplify, AMPLIFY_MODES)
-    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-    check_choice("reduction", reduction, REDUCTIONS)
+    if prediction_type not in PREDICTION_TYPES:
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    if reduction not in REDUCTIONS:
+        check_choice("reduction", reduction, REDUCTIONS)
+    if not isinstance(resize, bool):
+        raise TypeError(f"resize must be a bool, got {type(resize).__name__}")
     if fam is not None:
         check_tensor("fam", fam, floating=True)
-        fam = _batch_map(fam, x0.shape)
-    check_same_device(
-        x0=x0, pred=pred, timesteps=timesteps, alphas_cumprod=alphas_cumprod, noise=noise, fam=fam
-    )
+        check_same_device(x0=x0, fam=fam)
+        fam = _batch_map(fam, x0.shape, resize)
+    check_same_device(x0=x0, pred=pred, timesteps=timesteps, alphas_cumprod=alphas_cumprod, noise=noise)
     return None if fam is None or lam == 0 else fam
 
 
@@ -150,28 +204,49 @@ def _check_no_grad(**tensors: torch.Tensor | None) -> None:
 
 
 class _LastReferenceDraw:
-    """The reference path's ε for one seed, kept from the noising call for the loss call.
+    """The reference path's ε for one seed, and the amplified ε that built x_t, kept from the noising
+    call for the loss call.
 
-    On a CPU, drawing ε costs about as much as the rest of noising + loss. A training step draws it
-    twice with the same seed (noising, then the loss), so the noising call keeps its draw, one
-    tensor keyed by (seed, shape, device), and the next loss call with that key takes it instead
-    of drawing again: the same values the loss would have drawn, bit for bit, one draw saved.
+    On a CPU, drawing ε and amplifying it cost about as much as the rest of noising + loss. A
+    training step needs both twice with the same seed (noising, then the loss), so the noising call
+    keeps its draw, keyed by (seed, shape, device), and its ε_x, keyed by the user's map object (its
+    identity and version counter, so an in-place edit or a new map invalidates it), lam and the
+    amplification. The next loss call with that key takes them instead of recomputing: the same
+    values, bit for bit.
     """
 
     key: tuple | None = None
     noise: torch.Tensor | None = None
+    amplified: tuple | None = None  # (how, lam, weakref to the user's map, its _version, resize, ε_x)
 
     @classmethod
     def draw(cls, x0: torch.Tensor, seed: int) -> torch.Tensor:
-        cls.key, cls.noise = (seed, tuple(x0.shape), x0.device), reference_noise(x0, seed)
+        cls.key, cls.noise, cls.amplified = (seed, tuple(x0.shape), x0.device), reference_noise(x0, seed), None
         return cls.noise
 
     @classmethod
-    def take(cls, x0: torch.Tensor, seed: int | None) -> torch.Tensor | None:
+    def keep_amplified(cls, how: str, lam: float, user_fam, resize: bool, eps_x: torch.Tensor) -> None:
+        if user_fam is not None and not (torch.is_grad_enabled() and user_fam.requires_grad):
+            cls.amplified = (how, lam, weakref.ref(user_fam), user_fam._version, resize, eps_x)
+
+    @classmethod
+    def take(cls, x0: torch.Tensor, seed: int | None):
+        """(ε, the kept amplification record or None), once, if the key matches; else None."""
         if seed is None or cls.key != (seed, tuple(x0.shape), x0.device):
             return None
-        noise, cls.key, cls.noise = cls.noise, None, None
-        return noise
+        kept = cls.noise, cls.amplified
+        cls.key, cls.noise, cls.amplified = None, None, None
+        return kept
+
+    @staticmethod
+    def target_noise(kept, how: str, lam: float, user_fam, resize: bool, fam) -> torch.Tensor:
+        """ε_t from a kept draw: the kept ε_x when it was amplified the same way from the same map."""
+        eps, amplified = kept
+        if amplified is not None and fam is not None:
+            k_how, k_lam, k_ref, k_version, k_resize, eps_x = amplified
+            if (k_how, k_lam, k_resize) == (how, lam, resize) and k_ref() is user_fam and user_fam._version == k_version:
+                return eps_x
+        return amplify_noise(eps, fam, lam, how, torch.float32)
 
 
 def _kernel_seed(seed: int | None) -> int:
@@ -188,20 +263,30 @@ def amplified_add_noise(
     lam: float = 0.0,
     *,
     seed: int | None = None,
-    amplify: str = "add",
-    amplified_target: bool = True,
+    recipe: str | tuple[str, str] | None = None,
     prediction_type: str = "epsilon",
     return_target: bool = True,
+    resize: bool = False,
     check_values: bool = True,
     backend: str | None = None,
+    amplify: str | None = None,
+    amplified_target: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Noise x0 to step t with the noise amplified where the flaw map is high, in one pass.
 
-    ε_sr = ε + lam·fam (``amplify="add"``, the paper) or ε·(1 + lam·fam) (``"scale"``, the authors'
-    ADM code); x_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε_sr. The target is, with ε_n = ε_sr if
-    ``amplified_target`` (the paper, the U-ViT code) else ε (the ADM code): ε_n for
-    ``prediction_type="epsilon"``, √ᾱ_t·ε_n − √(1 − ᾱ_t)·x0 for ``"v_prediction"``, x0 for
-    ``"sample"`` (diffusers' names). ``lam=0`` or ``fam=None`` is plain DDPM noising.
+    x_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε_x; the target is ε_t for ``prediction_type="epsilon"``,
+    √ᾱ_t·ε_t − √(1 − ᾱ_t)·x0 for ``"v_prediction"``, x0 for ``"sample"`` (diffusers' names), where
+    the recipe says which noise is which:
+
+    ========== ================ ============== =====================================
+    recipe     ε_x (in x_t)     ε_t (target)   from
+    ========== ================ ============== =====================================
+    "paper"    ε + λ·M          ε + λ·M        the paper's formula (default)
+    "adm"      ε·(1 + λ·M)      ε              the authors' Guided-Diffusion code
+    "uvit"     ε                ε + λ·M        the authors' U-ViT code
+    ========== ================ ============== =====================================
+
+    ``lam=0`` or ``fam=None`` is plain DDPM noising whatever the recipe.
 
     Args:
         x0: (B, C, H, W) images or latents; float32, float16 or bfloat16, any strides (a
@@ -212,17 +297,26 @@ def amplified_add_noise(
         noise: optional (B, C, H, W) ε, any float dtype; without it ε ~ N(0, 1) is drawn from ``seed``.
         fam: the flaw map M, broadcasting to (B, 1, H, W): (H, W) (one mFAM for the batch, as in
             the trainer), (B, H, W) or (B, 1, H, W); any float dtype; finite.
-        lam: λ ≥ 0.
+        lam: λ ≥ 0, finite.
         seed: int in [0, 2**63): the same seed gives the same ε on the same backend and device
             type. The Triton kernels draw ε with Philox keyed by (seed, element index); the
             reference with a ``torch.Generator`` seeded by ``seed``: the two streams differ.
             ``None``: the reference draws from the global RNG, the kernels from a fresh seed that
             the global CPU generator draws. Do not pass both ``noise`` and ``seed``.
+        recipe: ``"paper"`` (default), ``"adm"`` or ``"uvit"`` (table above), or an explicit
+            (ε_x, ε_t) pair of ``"plain"`` (ε), ``"add"`` (ε + λ·M), ``"scale"`` (ε·(1 + λ·M)).
         return_target: False returns (x_t, None) and writes only x_t (the training step's pass).
-        check_values: check timesteps ∈ [0, T), alphas_cumprod ∈ (0, 1] and fam finite, at the
-            cost of one device sync (skipped under torch.compile). With False, out-of-range
-            timesteps are clamped by the kernels, and other bad values give undefined results.
+        resize: accept a map of any size (h, w) and resize it bilinearly (half-pixel centres,
+            ``F.interpolate(align_corners=False)``) to (H, W), e.g. an image-space mFAM on latents.
+            Without it a map whose (h, w) differs from x0's is refused.
+        check_values: check timesteps ∈ [0, T), alphas_cumprod ∈ (0, 1] and fam finite: three
+            min/max reductions read back with one device sync (skipped under torch.compile). With
+            False, out-of-range timesteps are clamped by the kernels, and other bad values give
+            undefined results.
         backend: None (Triton on CUDA, the reference on CPU), ``"triton"`` or ``"reference"``.
+        amplify, amplified_target: deprecated (a ``DeprecationWarning``): ``amplify="add"`` with
+            ``amplified_target=True`` is ``recipe="paper"``, ``"scale"`` with False is ``"adm"``;
+            the two other combinations are the pairs ``("add", "plain")`` and ``("scale", "scale")``.
 
     Returns:
         (x_t, target), both (B, C, H, W) contiguous in x0's dtype; target is None without
@@ -233,18 +327,26 @@ def amplified_add_noise(
 
         >>> x0, t = torch.rand(8, 3, 32, 32), torch.randint(0, 1000, (8,))
         >>> ac = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
-        >>> x_t, eps_sr = srdiff.amplified_add_noise(x0, t, ac, fam=torch.rand(32, 32), lam=0.01, seed=0)
+        >>> x_t, eps_t = srdiff.amplified_add_noise(x0, t, ac, fam=torch.rand(32, 32), lam=0.01, seed=0)
     """
-    fam = _check_args(x0, timesteps, alphas_cumprod, noise, fam, lam, seed, amplify, prediction_type)
+    pair = _resolve_recipe(recipe, amplify, amplified_target)
+    user_fam = fam
+    fam = _check_args(x0, timesteps, alphas_cumprod, noise, fam, lam, seed, prediction_type, resize)
     if check_values:
         _check_values(timesteps, alphas_cumprod, fam)
-    options = dict(amplify=amplify, amplified_target=amplified_target, prediction_type=prediction_type)
     if resolve_backend(backend, x0.device) == "reference":
-        if noise is None and seed is not None:
-            noise, seed = _LastReferenceDraw.draw(x0, seed), None
-        return amplified_add_noise_ref(
-            x0, timesteps, alphas_cumprod, noise, fam, lam, seed=seed, return_target=return_target, **options
+        if noise is not None or seed is None:
+            return amplified_add_noise_ref(
+                x0, timesteps, alphas_cumprod, noise, fam, lam, seed=seed, recipe=pair,
+                prediction_type=prediction_type, return_target=return_target,
+            )
+        x_t, target, eps_x = add_noise_from_epsilon(
+            x0, timesteps, alphas_cumprod, _LastReferenceDraw.draw(x0, seed), fam, lam, pair, prediction_type,
+            return_target, torch.float32,
         )
+        if fam is not None and pair[0] != "plain":
+            _LastReferenceDraw.keep_amplified(pair[0], lam, user_fam, resize, eps_x)
+        return x_t, target
     from srdiff.kernels.noise import amplified_add_noise_fwd
 
     _check_no_grad(x0=x0, noise=noise, fam=fam)
@@ -256,11 +358,10 @@ def amplified_add_noise(
         fam,
         lam,
         _kernel_seed(seed),
+        recipe=pair,
+        prediction_type=prediction_type,
         return_target=return_target,
-        **options,
     )
-
-
 def amplified_noise_loss(
     pred: torch.Tensor,
     x0: torch.Tensor,
@@ -272,11 +373,13 @@ def amplified_noise_loss(
     seed: int | None = None,
     noise: torch.Tensor | None = None,
     reduction: str = "mean",
-    amplify: str = "add",
-    amplified_target: bool = True,
+    recipe: str | tuple[str, str] | None = None,
     prediction_type: str = "epsilon",
+    resize: bool = False,
     check_values: bool = True,
     backend: str | None = None,
+    amplify: str | None = None,
+    amplified_target: bool | None = None,
 ) -> torch.Tensor:
     """MSE between ``pred`` and the target :func:`amplified_add_noise` builds from the same arguments,
     without ever storing ε or the target: forward and backward regenerate ε from ``seed``.
@@ -285,9 +388,9 @@ def amplified_noise_loss(
         pred: (B, C, H, W) the denoiser's output; float32, float16 or bfloat16 (may differ from
             x0's dtype). The loss is differentiable with respect to pred, exactly:
             grad = 2·(pred − target)·grad_out (÷ B·C·H·W for "mean"), in pred's dtype.
-        x0, timesteps, alphas_cumprod, fam, lam, noise, amplify, amplified_target,
-        prediction_type, check_values, backend: as in :func:`amplified_add_noise`; pass the
-            values the noising call got.
+        x0, timesteps, alphas_cumprod, fam, lam, noise, recipe, prediction_type, resize,
+        check_values, backend, amplify, amplified_target: as in :func:`amplified_add_noise`; pass
+            the values the noising call got.
         seed: the seed the noising call got (required unless ``noise`` is given): the same seed on
             the same backend regenerates the same ε.
         reduction: "mean" (default), "sum" or "none".
@@ -302,18 +405,10 @@ def amplified_noise_loss(
         >>> loss = srdiff.amplified_noise_loss(unet(x_t, t).sample, x0, t, ac, M, 0.01, seed=7)
         >>> loss.backward()
     """
+    pair = _resolve_recipe(recipe, amplify, amplified_target)
+    user_fam = fam
     fam = _check_args(
-        x0,
-        timesteps,
-        alphas_cumprod,
-        noise,
-        fam,
-        lam,
-        seed,
-        amplify,
-        prediction_type,
-        pred=pred,
-        reduction=reduction,
+        x0, timesteps, alphas_cumprod, noise, fam, lam, seed, prediction_type, resize, pred=pred, reduction=reduction
     )
     if seed is None and noise is None:
         raise ValueError(
@@ -322,26 +417,19 @@ def amplified_noise_loss(
         )
     if check_values:
         _check_values(timesteps, alphas_cumprod, fam)
-    options = dict(amplify=amplify, amplified_target=amplified_target, prediction_type=prediction_type)
     if resolve_backend(backend, x0.device) == "reference":
         kept = _LastReferenceDraw.take(x0, seed) if noise is None else None
-        if kept is not None:
-            noise, seed = kept, None
-        return amplified_noise_loss_ref(
-            pred,
-            x0,
-            timesteps,
-            alphas_cumprod,
-            fam,
-            lam,
-            seed=seed,
-            noise=noise,
-            reduction=reduction,
-            **options,
+        if kept is None:
+            return amplified_noise_loss_ref(
+                pred, x0, timesteps, alphas_cumprod, fam, lam, seed=seed, noise=noise, reduction=reduction,
+                recipe=pair, prediction_type=prediction_type,
+            )
+        eps_target = _LastReferenceDraw.target_noise(kept, pair[1], lam, user_fam, resize, fam)
+        return noise_loss_from_target_noise(
+            pred, x0, timesteps, alphas_cumprod, eps_target, prediction_type, reduction, torch.float32
         )
     from srdiff.kernels.noise import AmplifiedNoiseLossFunction
 
     _check_no_grad(x0=x0, noise=noise, fam=fam)
-    return AmplifiedNoiseLossFunction.apply(
-        pred, x0, timesteps, alphas_cumprod, noise, fam, lam, seed, dict(reduction=reduction, **options)
-    )
+    options = dict(reduction=reduction, recipe=pair, prediction_type=prediction_type)
+    return AmplifiedNoiseLossFunction.apply(pred, x0, timesteps, alphas_cumprod, noise, fam, lam, seed, options)

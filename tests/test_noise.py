@@ -9,6 +9,7 @@ pred's dtype (the backward row of that dtype).
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import srdiff
 from srdiff.reference import amplified_add_noise_ref, amplified_noise_loss_ref
@@ -25,6 +26,9 @@ SHAPES = [
 ]
 FAM_SHAPES = ["none", "HW", "1HW", "BHW", "B1HW"]
 LAYOUTS = ["contiguous", "strided", "channels_last"]
+# The three named recipes and the two (x_t, target) pairs only the deprecated keywords spell.
+RECIPES = ["paper", "adm", "uvit", ("add", "plain"), ("scale", "scale")]
+RECIPE_IDS = ["paper", "adm", "uvit", "add-plain", "scale-scale"]
 
 
 def _alphas_cumprod(dtype=torch.float32, device="cpu"):
@@ -63,22 +67,81 @@ def _check_noising(x0, t, ac, noise, fam, dtype, **options):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("amplified_target", [True, False], ids=["amp-target", "plain-target"])
-@pytest.mark.parametrize("amplify", ["add", "scale"])
+@pytest.mark.parametrize("recipe", RECIPES, ids=RECIPE_IDS)
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
-def test_noising_matches_reference(prediction_type, amplify, amplified_target, dtype):
+def test_noising_matches_reference(prediction_type, recipe, dtype):
     x0, t, ac, noise, fam = _inputs(ODD, dtype)
-    _check_noising(
-        x0,
-        t,
-        ac,
-        noise,
-        fam,
-        dtype,
-        amplify=amplify,
-        amplified_target=amplified_target,
-        prediction_type=prediction_type,
+    _check_noising(x0, t, ac, noise, fam, dtype, recipe=recipe, prediction_type=prediction_type)
+
+
+def _recipe_by_hand(x0, t, ac, noise, fam, recipe, prediction_type):
+    """The recipes of docs/noise.md written out in float64, independent of srdiff.reference."""
+    abar = ac.double()[t.long()][:, None, None, None]
+    a, b = abar.sqrt(), (1 - abar).sqrt()
+    x0, eps, m = x0.double(), noise.double(), LAM * fam.double()
+    eps_x, eps_t = {"paper": (eps + m, eps + m), "adm": (eps * (1 + m), eps), "uvit": (eps, eps + m)}[recipe]
+    target = {"epsilon": eps_t, "v_prediction": a * eps_t - b * x0, "sample": x0}[prediction_type]
+    return a * x0 + b * eps_x, target
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("recipe", ["paper", "adm", "uvit"])
+def test_recipes_match_float64_formulas(recipe, prediction_type, backend):
+    """paper: x_t and target from ε + λM; adm: x_t from ε(1 + λM), target ε; uvit: x_t from ε,
+    target ε + λM. Kernel and reference against the formulas in float64 (float32 row of the table:
+    each output is rounded once from float32 arithmetic on exact inputs)."""
+    x0, t, ac, noise, fam = _inputs(ODD, torch.float32)
+    ac = _alphas_cumprod(torch.float64)
+    x_t, target = srdiff.amplified_add_noise(
+        x0, t, ac, noise, fam, LAM, recipe=recipe, prediction_type=prediction_type, backend=backend
     )
+    exp_x_t, exp_target = _recipe_by_hand(x0, t, ac, noise, fam[None, None], recipe, prediction_type)
+    assert_close(x_t, exp_x_t, dtype=torch.float32, name="x_t")
+    assert_close(target, exp_target, dtype=torch.float32, name="target")
+    pred = torch.randn(ODD, dtype=torch.float64)
+    loss = srdiff.amplified_noise_loss(
+        pred.float(), x0, t, ac, fam, LAM, noise=noise, recipe=recipe, prediction_type=prediction_type,
+        backend=backend,
+    )
+    assert_close(loss, ((pred - exp_target) ** 2).mean(), dtype=torch.float32, reduce_dim=x0.numel(), name="loss")
+
+
+@pytest.mark.parametrize(
+    "amplify, amplified_target, recipe",
+    [("add", True, "paper"), ("scale", False, "adm"), ("add", False, ("add", "plain")),
+     ("scale", True, ("scale", "scale")), (None, False, ("add", "plain")), ("scale", None, ("scale", "scale"))],
+)
+def test_deprecated_keywords_map_to_recipes(amplify, amplified_target, recipe):
+    x0, t, ac, noise, fam = _inputs(ODD, torch.float32)
+    legacy = dict(amplify=amplify, amplified_target=amplified_target)
+    with pytest.warns(DeprecationWarning, match=f"use recipe={recipe!r}".replace("(", r"\(").replace(")", r"\)")):
+        old = srdiff.amplified_add_noise(x0, t, ac, noise, fam, LAM, **legacy)
+    new = srdiff.amplified_add_noise(x0, t, ac, noise, fam, LAM, recipe=recipe)
+    assert torch.equal(old[0], new[0]) and torch.equal(old[1], new[1])
+    pred = torch.randn(ODD)
+    with pytest.warns(DeprecationWarning):
+        old_loss = srdiff.amplified_noise_loss(pred, x0, t, ac, fam, LAM, noise=noise, **legacy)
+    assert torch.equal(old_loss, srdiff.amplified_noise_loss(pred, x0, t, ac, fam, LAM, noise=noise, recipe=recipe))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("fam_shape", [(4, 3), (1, 12, 10), (3, 1, 7, 5), (3, 20, 2)], ids=str)
+def test_resize_brings_any_map_to_the_image_size(fam_shape, backend):
+    """resize=True: the map is resized bilinearly (half-pixel centres) to (H, W) before use, in
+    the noising and in the loss; the same map of the right size passes through unchanged."""
+    x0, t, ac, noise, _ = _inputs(ODD, torch.float32)
+    fam = torch.rand(fam_shape)
+    as_image = F.interpolate(fam.reshape(-1, 1, *fam_shape[-2:]), size=ODD[2:], mode="bilinear", align_corners=False)
+    kwargs = dict(recipe="paper", prediction_type="v_prediction", backend=backend)
+    x_t, target = srdiff.amplified_add_noise(x0, t, ac, noise, fam, LAM, resize=True, **kwargs)
+    exp_x_t, exp_target = srdiff.amplified_add_noise(x0, t, ac, noise, as_image, LAM, **kwargs)
+    assert_close(x_t, exp_x_t, dtype=torch.float32, name="x_t")
+    assert_close(target, exp_target, dtype=torch.float32, name="target")
+    loss = srdiff.amplified_noise_loss(target, x0, t, ac, fam, LAM, noise=noise, resize=True, **kwargs)
+    # pred = the stored target: only the rounding of the target (a few float32 ulps) may remain; a
+    # map resized otherwise (or not at all) leaves differences of order LAM.
+    assert loss.item() <= (4 * 2**-24 * target.abs().max().item()) ** 2
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -162,7 +225,14 @@ def _check_loss(pred, x0, t, ac, noise, fam, reduction, **options):
 def test_loss_matches_reference(reduction, prediction_type, dtype):
     x0, t, ac, noise, fam = _inputs(ODD, dtype, fam="B1HW")
     pred = torch.randn(ODD).to(dtype).requires_grad_()
-    _check_loss(pred, x0, t, ac, noise, fam, reduction, amplify="scale", prediction_type=prediction_type)
+    _check_loss(pred, x0, t, ac, noise, fam, reduction, recipe=("scale", "scale"), prediction_type=prediction_type)
+
+
+@pytest.mark.parametrize("recipe", ["paper", "adm", "uvit"])
+def test_loss_recipes_match_reference(recipe):
+    x0, t, ac, noise, fam = _inputs(ODD, torch.float32, fam="BHW")
+    pred = torch.randn(ODD).requires_grad_()
+    _check_loss(pred, x0, t, ac, noise, fam, "sum", recipe=recipe, prediction_type="v_prediction")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -170,7 +240,7 @@ def test_loss_matches_reference(reduction, prediction_type, dtype):
 def test_loss_layouts(shape, layout):
     x0, t, ac, noise, fam = _inputs(shape, torch.float16, layout=layout)
     pred = _layout(torch.randn(shape), layout).requires_grad_()
-    _check_loss(pred, x0, t, ac, noise, fam, "mean", amplified_target=False, prediction_type="v_prediction")
+    _check_loss(pred, x0, t, ac, noise, fam, "mean", recipe="adm", prediction_type="v_prediction")
 
 
 def test_loss_pred_dtype_differs_from_x0():
@@ -291,8 +361,19 @@ BAD_INPUTS = [
     pytest.param(
         dict(fam=torch.rand(7, 6)),
         ValueError,
-        r"fam must broadcast to \(B, 1, H, W\) = \(3, 1, 7, 5\) .* got shape \(7, 6\)",
+        r"fam must broadcast to \(B, 1, H, W\) = \(3, 1, 7, 5\) .* pass resize=True .* got shape \(7, 6\)",
         id="fam-hw",
+    ),
+    pytest.param(
+        dict(fam=torch.rand(2, 9, 9), resize=True),
+        ValueError,
+        r"fam must broadcast .* with resize=True, got shape \(2, 9, 9\)",
+        id="fam-batch-resize",
+    ),
+    pytest.param(dict(fam=torch.rand(0, 5), resize=True), ValueError, "fam must be non-empty", id="fam-empty"),
+    pytest.param(dict(resize=1), TypeError, "resize must be a bool, got int", id="resize-int"),
+    pytest.param(
+        dict(fam=torch.rand(7, 5, device="meta")), ValueError, "fam is on meta but x0 is on cpu", id="fam-device"
     ),
     pytest.param(
         dict(fam=torch.rand(2, 7, 5)),
@@ -320,6 +401,8 @@ BAD_INPUTS = [
     ),
     pytest.param(dict(lam=-0.1), ValueError, "lam must be >= 0, got -0.1", id="lam-negative"),
     pytest.param(dict(lam=float("inf")), ValueError, "lam must be finite, got inf", id="lam-inf"),
+    pytest.param(dict(lam=float("nan")), ValueError, "lam must be finite, got nan", id="lam-nan"),
+    pytest.param(dict(lam=True), TypeError, "lam must be a real number, got bool", id="lam-bool"),
     pytest.param(dict(lam=torch.tensor(0.1)), TypeError, "lam must be a real number", id="lam-tensor"),
     pytest.param(
         dict(seed=-1), ValueError, r"seed must be in \[0, 2\*\*63 - 1\], got -1", id="seed-negative"
@@ -339,6 +422,18 @@ BAD_INPUTS = [
     ),
     pytest.param(
         dict(amplify="mul"), ValueError, r"amplify must be one of \('add', 'scale'\), got 'mul'", id="amplify"
+    ),
+    pytest.param(
+        dict(recipe="ddpm"), ValueError, r"recipe must be one of \('paper', 'adm', 'uvit'\), got 'ddpm'", id="recipe"
+    ),
+    pytest.param(
+        dict(recipe=("add", "mul")),
+        ValueError,
+        r"recipe must be one of .* or an \(x_t, target\) pair of \('plain', 'add', 'scale'\), got \('add', 'mul'\)",
+        id="recipe-pair",
+    ),
+    pytest.param(
+        dict(recipe="adm", amplify="scale"), ValueError, "pass recipe= or the deprecated amplify=", id="recipe-and-amplify"
     ),
     pytest.param(
         dict(prediction_type="x0"),

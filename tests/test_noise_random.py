@@ -31,9 +31,7 @@ def _epsilon(shape, seed, device, dtype=torch.float32, backend="triton"):
     """The drawn ε itself: the plain target of ε-prediction."""
     x0 = torch.zeros(shape, device=device, dtype=dtype)
     t = torch.zeros(shape[0], dtype=torch.long, device=device)
-    _, eps = srdiff.amplified_add_noise(
-        x0, t, _schedule(device), seed=seed, amplified_target=False, backend=backend
-    )
+    _, eps = srdiff.amplified_add_noise(x0, t, _schedule(device), seed=seed, recipe="adm", backend=backend)
     return eps
 
 
@@ -122,31 +120,42 @@ def test_noise_is_keyed_by_seed_and_element_index(device):
     assert torch.equal(half, eps.half()), "drawn in float32 whatever x0's dtype"
 
 
+def _rounding_bound(x0: torch.Tensor, lam: float) -> torch.Tensor:
+    """How far the loss's regenerated target may sit from the noising's stored one when both hold
+    the same ε: the two kernels compute it with the same operations, but the compiler may contract
+    a different subset into FMAs, so each differs from the exact value by a few float32 ulps of
+    its terms (|√ᾱ·ε_t|, |√(1 − ᾱ)·x0| with |ε| ≤ 5.77, so |ε_t| ≤ 5.77·(1 + λ) + λ). A different ε,
+    or ε of another element, misses by O(1)."""
+    eps_bound = 5.77 * (1 + lam) + lam
+    return 4 * 2**-24 * (x0.abs() + eps_bound)
+
+
 @pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize(
-    "lam, amplify, amplified_target",
-    [(0.0, "add", True), (0.3, "add", True), (0.3, "scale", True), (0.3, "add", False)],
-    ids=["plain", "add", "scale", "plain-target"],
+    "lam, recipe",
+    [(0.0, "paper"), (0.3, "paper"), (0.3, "adm"), (0.3, "uvit"), (0.3, ("scale", "scale"))],
+    ids=["plain", "paper", "adm", "uvit", "scale-scale"],
 )
-def test_loss_regenerates_the_noising_epsilon(lam, amplify, amplified_target, backend, device):
-    """The trainer's two calls: pred == the noising's target gives exactly zero loss and gradient."""
+def test_loss_regenerates_the_noising_epsilon(lam, recipe, backend, device):
+    """The trainer's two calls: with pred = the noising's target, the loss's own target (rebuilt
+    from the seed) is the same to within rounding, element by element, and so is the gradient."""
     x0 = torch.rand(ODD, device=device)
     t, ac = torch.tensor([0, 500, T - 1], device=device), _schedule(device)
-    fam, options = (
-        torch.rand(ODD[2:], device=device),
-        dict(amplify=amplify, amplified_target=amplified_target),
-    )
-    _, target = srdiff.amplified_add_noise(x0, t, ac, fam=fam, lam=lam, seed=99, backend=backend, **options)
+    fam = torch.rand(ODD[2:], device=device)
+    _, target = srdiff.amplified_add_noise(x0, t, ac, fam=fam, lam=lam, seed=99, backend=backend, recipe=recipe)
+    bound = _rounding_bound(x0, lam)
     pred = target.clone().requires_grad_()
-    loss = srdiff.amplified_noise_loss(pred, x0, t, ac, fam, lam, seed=99, backend=backend, **options)
-    loss.backward()
-    assert loss.item() == 0.0 and not pred.grad.any()
-    pred = torch.randn(ODD, device=device, requires_grad=True)
     loss = srdiff.amplified_noise_loss(
-        pred, x0, t, ac, fam, lam, seed=99, reduction="none", backend=backend, **options
+        pred, x0, t, ac, fam, lam, seed=99, reduction="none", backend=backend, recipe=recipe
     )
-    assert torch.equal(loss, (pred - target) ** 2)
+    assert bool((loss.sqrt() <= bound).all()), f"max |pred - target| {loss.sqrt().max().item():.3g}"
+    loss.sum().backward()
+    assert bool((pred.grad.abs() <= 2 * bound).all())
+    pred = torch.randn(ODD, device=device)
+    loss = srdiff.amplified_noise_loss(pred, x0, t, ac, fam, lam, seed=99, reduction="none", backend=backend,
+                                       recipe=recipe)
+    assert bool(((loss.sqrt() - (pred - target).abs()).abs() <= bound).all())
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -162,9 +171,9 @@ def test_loss_regenerates_every_target(prediction_type, device):
         x0, t, ac, fam=fam, lam=0.3, seed=5, prediction_type=prediction_type, backend="triton"
     )
     loss = srdiff.amplified_noise_loss(
-        target, x0, t, ac, fam, 0.3, seed=5, prediction_type=prediction_type, backend="triton"
+        target, x0, t, ac, fam, 0.3, seed=5, reduction="none", prediction_type=prediction_type, backend="triton"
     )
-    assert loss.item() == 0.0
+    assert bool((loss.sqrt() <= _rounding_bound(x0, 0.3)).all())
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())

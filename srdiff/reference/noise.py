@@ -2,10 +2,16 @@
 CPU path of :func:`srdiff.amplified_add_noise` / :func:`srdiff.amplified_noise_loss`, and the eager
 baseline of the benchmarks.
 
-    ε_sr = ε + λ·M (amplify="add")  or  ε·(1 + λ·M) (amplify="scale")
-    x_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε_sr
-    target = ε_n (epsilon) | √ᾱ_t·ε_n − √(1 − ᾱ_t)·x0 (v_prediction) | x0 (sample),
-    ε_n = ε_sr if amplified_target else ε.
+A recipe says which noise builds x_t and which one the model learns, each ε amplified by the map M
+in one of three ways: "plain" (ε), "add" (ε + λ·M) or "scale" (ε·(1 + λ·M)):
+
+    recipe    x_t from      target from
+    paper     ε + λ·M       ε + λ·M      (the paper's formula)
+    adm       ε·(1 + λ·M)   ε            (the authors' Guided-Diffusion code)
+    uvit      ε             ε + λ·M      (the authors' U-ViT code)
+
+    x_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε_x
+    target = ε_t (epsilon) | √ᾱ_t·ε_t − √(1 − ᾱ_t)·x0 (v_prediction) | x0 (sample).
 
 Without ``noise``, ε is drawn with a ``torch.Generator`` seeded by ``seed`` (the global RNG when seed
 is None), in float32 on x0's device: a different stream from the Triton kernels' Philox noise.
@@ -13,6 +19,14 @@ is None), in float32 on x0's device: a different stream from the Triton kernels'
 
 import torch
 import torch.nn.functional as F
+
+AMPLIFICATIONS = ("plain", "add", "scale")
+RECIPES = {"paper": ("add", "add"), "adm": ("scale", "plain"), "uvit": ("plain", "add")}
+
+
+def recipe_pair(recipe: str | tuple[str, str]) -> tuple[str, str]:
+    """(x_t amplification, target amplification) of a recipe name, or of an explicit pair."""
+    return RECIPES[recipe] if isinstance(recipe, str) else tuple(recipe)
 
 
 def reference_noise(x0: torch.Tensor, seed: int | None) -> torch.Tensor:
@@ -26,7 +40,7 @@ def _epsilon(x0: torch.Tensor, noise: torch.Tensor | None, seed: int | None, dty
     return (reference_noise(x0, seed) if noise is None else noise).to(dtype)
 
 
-def _coefficients(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, dtype: torch.dtype):
+def coefficients(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, dtype: torch.dtype):
     """(√ᾱ_t, √(1 − ᾱ_t)) as (B, 1, 1, 1), computed in alphas_cumprod's dtype, then cast to ``dtype``."""
     abar = alphas_cumprod[timesteps.long()][:, None, None, None]
     return abar.sqrt().to(dtype), (1 - abar).sqrt().to(dtype)
@@ -37,24 +51,46 @@ def _as_batch_map(fam: torch.Tensor) -> torch.Tensor:
     return fam[:, None] if fam.dim() == 3 else fam
 
 
-def _amplify(eps: torch.Tensor, fam: torch.Tensor | None, lam: float, amplify: str, dtype: torch.dtype):
-    """ε_sr = ε + λ·M ("add") or ε·(1 + λ·M) ("scale"), in ``dtype``; ε itself when there is no map."""
-    if fam is None or lam == 0:
+def amplify(eps: torch.Tensor, fam: torch.Tensor | None, lam: float, how: str, dtype: torch.dtype):
+    """ε ("plain", or no map, or lam = 0), ε + λ·M ("add") or ε·(1 + λ·M) ("scale"), in ``dtype``."""
+    if fam is None or lam == 0 or how == "plain":
         return eps
     m = lam * _as_batch_map(fam).to(dtype)
-    return eps * (1 + m) if amplify == "scale" else eps + m
+    return eps * (1 + m) if how == "scale" else eps + m
 
 
-def _target(x0, timesteps, alphas_cumprod, eps, eps_sr, prediction_type: str, amplified_target: bool, dtype,
-            coefficients=None):
-    """The regression target in ``dtype``; √ᾱ_t and √(1 − ᾱ_t) are gathered only if it needs them."""
-    eps_target = eps_sr if amplified_target else eps
+def target_from_noise(x0, eps_target, prediction_type: str, dtype, coefficients_=None,
+                      timesteps=None, alphas_cumprod=None):
+    """The regression target in ``dtype`` from the target's noise ε_t; √ᾱ_t and √(1 − ᾱ_t) are
+    gathered (from timesteps and alphas_cumprod, unless given) only for v_prediction."""
     if prediction_type == "epsilon":
         return eps_target
     if prediction_type == "sample":
         return x0.to(dtype)
-    sqrt_ab, sqrt_1m_ab = coefficients or _coefficients(timesteps, alphas_cumprod, dtype)
+    sqrt_ab, sqrt_1m_ab = coefficients_ or coefficients(timesteps, alphas_cumprod, dtype)
     return torch.addcmul(sqrt_ab * eps_target, -sqrt_1m_ab, x0.to(dtype))  # v_prediction
+
+
+def add_noise_from_epsilon(x0, timesteps, alphas_cumprod, eps, fam, lam, recipe, prediction_type: str,
+                           return_target: bool, dtype: torch.dtype):
+    """(x_t, target or None, ε_x) from a given ε in ``dtype``; x_t and target in x0's dtype."""
+    how_x, how_target = recipe_pair(recipe)
+    eps_x = amplify(eps, fam, lam, how_x, dtype)
+    coefficients_ = coefficients(timesteps, alphas_cumprod, dtype)
+    sqrt_ab, sqrt_1m_ab = coefficients_
+    x_t = torch.addcmul(sqrt_ab * x0.to(dtype), sqrt_1m_ab, eps_x).to(x0.dtype)
+    if not return_target:
+        return x_t, None, eps_x
+    eps_target = eps_x if how_target == how_x else amplify(eps, fam, lam, how_target, dtype)
+    target = target_from_noise(x0, eps_target, prediction_type, dtype, coefficients_)
+    return x_t, target.to(x0.dtype), eps_x
+
+
+def noise_loss_from_target_noise(pred, x0, timesteps, alphas_cumprod, eps_target, prediction_type: str,
+                                 reduction: str, dtype: torch.dtype) -> torch.Tensor:
+    """MSE of ``pred`` against the target built from its noise ε_t (unused for "sample"), in ``dtype``."""
+    target = target_from_noise(x0, eps_target, prediction_type, dtype, None, timesteps, alphas_cumprod)
+    return F.mse_loss(pred.to(dtype), target, reduction=reduction)
 
 
 def amplified_add_noise_ref(
@@ -66,8 +102,7 @@ def amplified_add_noise_ref(
     lam: float = 0.0,
     *,
     seed: int | None = None,
-    amplify: str = "add",
-    amplified_target: bool = True,
+    recipe: str | tuple[str, str] = "paper",
     prediction_type: str = "epsilon",
     return_target: bool = True,
     upcast: bool = True,
@@ -75,21 +110,17 @@ def amplified_add_noise_ref(
     """Forward-process noising with flaw-map amplification.
 
     x0: (B, C, H, W); timesteps: (B,) integer; alphas_cumprod: (T,); noise: None or (B, C, H, W);
-    fam: None or a map broadcasting to (B, 1, H, W): (H, W), (B, H, W) or (B, 1, H, W). Computes in
-    float32 when ``upcast`` (else in x0's dtype) and returns (x_t, target) in x0's dtype, or
-    (x_t, None) without ``return_target``. Differentiable by autograd.
+    fam: None or a map broadcasting to (B, 1, H, W): (H, W), (B, H, W) or (B, 1, H, W); recipe: a
+    name of :data:`RECIPES` or an (x_t, target) pair of :data:`AMPLIFICATIONS`. Computes in float32
+    when ``upcast`` (else in x0's dtype) and returns (x_t, target) in x0's dtype, or (x_t, None)
+    without ``return_target``. Differentiable by autograd.
     """
     dtype = torch.float32 if upcast else x0.dtype
     eps = _epsilon(x0, noise, seed, dtype)
-    eps_sr = _amplify(eps, fam, lam, amplify, dtype)
-    coefficients = _coefficients(timesteps, alphas_cumprod, dtype)
-    sqrt_ab, sqrt_1m_ab = coefficients
-    x_t = torch.addcmul(sqrt_ab * x0.to(dtype), sqrt_1m_ab, eps_sr).to(x0.dtype)
-    if not return_target:
-        return x_t, None
-    target = _target(x0, timesteps, alphas_cumprod, eps, eps_sr, prediction_type, amplified_target, dtype,
-                     coefficients)
-    return x_t, target.to(x0.dtype)
+    x_t, target, _ = add_noise_from_epsilon(
+        x0, timesteps, alphas_cumprod, eps, fam, lam, recipe, prediction_type, return_target, dtype
+    )
+    return x_t, target
 
 
 def amplified_noise_loss_ref(
@@ -103,8 +134,7 @@ def amplified_noise_loss_ref(
     seed: int | None = None,
     noise: torch.Tensor | None = None,
     reduction: str = "mean",
-    amplify: str = "add",
-    amplified_target: bool = True,
+    recipe: str | tuple[str, str] = "paper",
     prediction_type: str = "epsilon",
     upcast: bool = True,
 ) -> torch.Tensor:
@@ -114,10 +144,8 @@ def amplified_noise_loss_ref(
     autograd.
     """
     dtype = torch.float32 if upcast else pred.dtype
-    if prediction_type == "sample":  # the target holds no noise: nothing to draw
-        target = x0.to(dtype)
-    else:
-        eps = _epsilon(x0, noise, seed, dtype)
-        eps_sr = _amplify(eps, fam, lam, amplify, dtype) if amplified_target else eps  # else unused
-        target = _target(x0, timesteps, alphas_cumprod, eps, eps_sr, prediction_type, amplified_target, dtype)
-    return F.mse_loss(pred.to(dtype), target, reduction=reduction)
+    eps_target = None
+    if prediction_type != "sample":  # the target holds no noise: nothing to draw
+        eps_target = amplify(_epsilon(x0, noise, seed, dtype), fam, lam, recipe_pair(recipe)[1], dtype)
+    return noise_loss_from_target_noise(pred, x0, timesteps, alphas_cumprod, eps_target, prediction_type,
+                                        reduction, dtype)

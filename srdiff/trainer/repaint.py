@@ -8,6 +8,7 @@ step arithmetic; this module runs it over batches, seeded per image as :mod:`srd
 import torch
 
 from srdiff.trainer.sampling import image_seed, initial_noise
+from srdiff.trainer.task import Batch
 
 
 def make_repaint_scheduler(config, steps: int, jump_length: int, resamplings: int):
@@ -59,3 +60,29 @@ def repaint(predict, images: torch.Tensor, masks: torch.Tensor, config, *, steps
             t_last = t
         out.append(keep * known + (1 - keep) * x)
     return ((torch.cat(out) + 1) / 2).clamp(0, 1) if out else images.clone()
+
+
+def inpaint(trained, images: torch.Tensor, masks: torch.Tensor, *, steps: int, jump_length: int = 10,
+            resamplings: int = 10, seed: int = 0, sampler: str = "ddim", batch_size: int = 64,
+            progress: bool = False) -> torch.Tensor:
+    """Fill ``masks``' holes (1 = hole) of ``images`` (N, C, H, W) in [0, 1] with a trained model
+    (:func:`srdiff.trainer.trained.load_trained`): an ``inpaint`` checkpoint through its mask-conditioned
+    sampler (``steps`` of ``sampler``), an unconditional one through :func:`repaint`."""
+    from srdiff.trainer.masks import check_masks
+
+    masks = check_masks(masks, images)
+    task = trained.task
+    if task.name == "inpaint":
+        return task.sample(trained.model, len(images), seed=seed, steps=steps, sampler=sampler, images=images,
+                           masks=masks, batch_size=batch_size, progress=progress)
+    if task.condition is not None:
+        raise ValueError(f"RePaint needs an unconditional model or an 'inpaint' one; this checkpoint is task "
+                         f"{task.name!r}")
+    model = trained.model
+
+    def predict(x, t):
+        return task.predict(model, x, t, Batch(x0=x))
+
+    return repaint(predict, images.to(next(model.parameters()).device), masks, trained.config, steps=steps,
+                   jump_length=jump_length, resamplings=resamplings, seed=seed, batch_size=batch_size,
+                   progress=progress)

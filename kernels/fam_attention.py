@@ -26,6 +26,7 @@ The dK/dV pass already holds both sums of ds_j in its accumulators, so d(s) cost
 products per key in its epilogue.
 """
 
+import contextlib
 import math
 import os
 
@@ -45,13 +46,14 @@ _SMEM_BUDGET = 192 * 1024
 
 def _configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) -> Configs, then the fallback (32 x 32 tiles, four
-    warps, one stage), which fits every head dim and dtype (float32 at D = 256 included).
-    The interpreter gets one config: 16 x 16 blocks make the test shapes (N = 17, 20, 33) span
-    several blocks with ragged tails."""
-    if triton_interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    warps, one stage), which fits every head dim and dtype (float32 at D = 256 included)."""
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for m, n, w, s in [*gpu, (32, 32, 4, 1)]]
+
+
+# What the interpreter runs unless a test pins another config: 16 x 16 blocks make the test shapes
+# (N = 17, 20, 33) span several blocks with ragged tails.
+INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
 
 
 def _prune(resident: str, tiles_in: int, tiles_acc: int):
@@ -62,9 +64,7 @@ def _prune(resident: str, tiles_in: int, tiles_acc: int):
     block size per pipeline stage. Budgets: 128 registers a thread for the resident tiles and
     192 KiB of shared memory (checked against ptxas for sm_90: the kept configs compile, and their
     main loops do not spill, or barely). float32 inputs multiply exactly with FMAs, not tensor
-    cores; beyond 32 x 32 tiles those dots spill heavily, so float32 always takes the fallback.
-    With SRDIFF_AUTOTUNE=0 the smallest kept config runs: no tuning, one compile per kernel (fast
-    start-up; the CUDA tests use it)."""
+    cores; beyond 32 x 32 tiles those dots spill heavily, so float32 always takes the fallback."""
     streamed = "BLOCK_N" if resident == "BLOCK_M" else "BLOCK_M"
 
     def prune(configs, named_args, **kwargs):
@@ -80,8 +80,7 @@ def _prune(resident: str, tiles_in: int, tiles_acc: int):
             smem = elsize * block_d * (rows + 2 * max(c.num_stages - 1, 1) * rows_streamed)
             if registers <= 128 and smem <= _SMEM_BUDGET:
                 kept.append(c)
-        kept = kept or [fallback]
-        return kept[-1:] if os.environ.get("SRDIFF_AUTOTUNE") == "0" else kept
+        return kept or [fallback]
 
     return prune
 
@@ -94,6 +93,15 @@ _BWD_DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 2), 
                               (32, 32, 8, 2)])
 _BWD_DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
                             (32, 32, 8, 2)])
+
+
+@triton.jit
+def _program_tile(n, BLOCK: tl.constexpr):
+    """This program's (tile along the sequence, batch * head) on the folded 1-D grid (see
+    :func:`fold_grid`): consecutive programs take consecutive tiles of one head."""
+    pid = tl.program_id(0)
+    tiles = tl.cdiv(n, BLOCK)
+    return pid % tiles, (pid // tiles).to(tl.int64)
 
 
 @triton.jit
@@ -171,20 +179,19 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, fam_base, start_n, end_n, Nk, l
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["Nq", "Nk", "HEAD_DIM", "HAS_FAM", "DOT_UPCAST"],
+@triton.autotune(configs=_FWD_CONFIGS, key=["Nq_bucket", "Nk_bucket", "HEAD_DIM", "HAS_FAM", "DOT_UPCAST"],
                  prune_configs_by={"early_config_prune": _prune("BLOCK_M", tiles_in=1, tiles_acc=1)})
-@triton.jit(do_not_specialize=["Nq", "Nk"])
+@triton.jit(do_not_specialize=["Nq", "Nk", "Nq_bucket", "Nk_bucket"])
 def _fam_attention_fwd_kernel(
     Q, K, V, FAM, O, LSE2,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_fb, stride_fh, stride_ob, stride_oh, stride_on,
-    H, Nq, Nk, lam, qk_scale,
+    H, Nq, Nk, Nq_bucket, Nk_bucket, lam, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_FAM: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_m, pid_bh = _program_tile(Nq, BLOCK_M)
     b, h = pid_bh // H, pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -222,8 +229,7 @@ def _fam_attention_bwd_preprocess_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """delta_i = rowsum(dO_i * O_i) in float32."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_m, pid_bh = _program_tile(Nq, BLOCK_M)
     b, h = pid_bh // H, pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -236,13 +242,15 @@ def _fam_attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk_acc, dv_acc, k, v, s, q_base, do_base, lse2_base, delta_base, start_m, end_m, Nq,
-                    qk_scale, stride_qn, stride_don, offs_m0, offs_d,
+def _bwd_dkdv_inner(dk_acc, dv_acc, k, v, s, q_base, do_base, lse2_base, delta_base, dq_base, start_m, end_m, Nq,
+                    scale, qk_scale, stride_qn, stride_don, stride_dqn, offs_m0, offs_d,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    MASK_M: tl.constexpr,
+                    MASK_M: tl.constexpr, DQ_ATOMIC: tl.constexpr,
                     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate sum_i dx_ij q_i and sum_i P_ij dO_i over query blocks, in transposed (key-major)
-    tiles. Padded query rows load q = dO = 0 and lse2 = delta = 0, so they contribute exactly 0."""
+    tiles. Padded query rows load q = dO = 0 and lse2 = delta = 0, so they contribute exactly 0.
+    DQ_ATOMIC: also add this key block's share of dq_i = scale sum_j (dx_ij s_j) k_j to the float32
+    dq accumulator (a fifth GEMM and an atomic add instead of the dQ pass's three GEMMs)."""
     for m in range(start_m, end_m, BLOCK_M):
         offs_m = m + offs_m0
         q = _load_rows(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], offs_m, Nq, offs_d,
@@ -257,24 +265,27 @@ def _bwd_dkdv_inner(dk_acc, dv_acc, k, v, s, q_base, do_base, lse2_base, delta_b
         dpT = _mma(v, tl.trans(do), None, DOT_UPCAST, DOT_PRECISION) * s[:, None]
         dxT = pT * (dpT - delta[None, :])
         dk_acc = _mma(dxT.to(q.dtype), q, dk_acc, DOT_UPCAST, DOT_PRECISION)
+        if DQ_ATOMIC:
+            dq = _mma(tl.trans((dxT * s[:, None]).to(k.dtype)), k, None, DOT_UPCAST, DOT_PRECISION)
+            tl.atomic_add(dq_base + offs_m[:, None] * stride_dqn + offs_d[None, :], dq * scale,
+                          mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
     return dk_acc, dv_acc
 
 
-@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=["Nq", "Nk", "HEAD_DIM", "HAS_FAM", "FAM_GRAD", "DOT_UPCAST"],
+@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=["Nq_bucket", "Nk_bucket", "HEAD_DIM", "HAS_FAM", "FAM_GRAD", "DQ_ATOMIC", "DOT_UPCAST"],
                  prune_configs_by={"early_config_prune": _prune("BLOCK_N", tiles_in=2, tiles_acc=2)})
-@triton.jit(do_not_specialize=["Nq", "Nk"])
+@triton.jit(do_not_specialize=["Nq", "Nk", "Nq_bucket", "Nk_bucket"])
 def _fam_attention_bwd_dkdv_kernel(
-    Q, K, V, FAM, DO, LSE2, DELTA, DK, DV, DS,
+    Q, K, V, FAM, DO, LSE2, DELTA, DK, DV, DS, DQ_ACC,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_fb, stride_fh, stride_dob, stride_doh, stride_don,
-    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-    H, Nq, Nk, lam, scale, qk_scale,
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_dqb, stride_dqh, stride_dqn,
+    H, Nq, Nk, Nq_bucket, Nk_bucket, lam, scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_FAM: tl.constexpr, FAM_GRAD: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_n, pid_bh = _program_tile(Nk, BLOCK_N)
     b, h = pid_bh // H, pid_bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -289,16 +300,18 @@ def _fam_attention_bwd_dkdv_kernel(
     do_base = DO + b * stride_dob + h * stride_doh
     lse2_base = LSE2 + pid_bh * Nq
     delta_base = DELTA + pid_bh * Nq
+    dq_base = DQ_ACC + b * stride_dqb + h * stride_dqh
     dk_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     m_full = (Nq // BLOCK_M) * BLOCK_M
-    dk_acc, dv_acc = _bwd_dkdv_inner(dk_acc, dv_acc, k, v, s, q_base, do_base, lse2_base, delta_base,
-                                     0, m_full, Nq, qk_scale, stride_qn, stride_don, offs_m0, offs_d,
-                                     HEAD_DIM, BLOCK_D, BLOCK_M, False, DOT_UPCAST, DOT_PRECISION)
+    dk_acc, dv_acc = _bwd_dkdv_inner(dk_acc, dv_acc, k, v, s, q_base, do_base, lse2_base, delta_base, dq_base,
+                                     0, m_full, Nq, scale, qk_scale, stride_qn, stride_don, stride_dqn, offs_m0,
+                                     offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, False, DQ_ATOMIC, DOT_UPCAST, DOT_PRECISION)
     if m_full < Nq:
-        dk_acc, dv_acc = _bwd_dkdv_inner(dk_acc, dv_acc, k, v, s, q_base, do_base, lse2_base, delta_base,
-                                         m_full, Nq, Nq, qk_scale, stride_qn, stride_don, offs_m0, offs_d,
-                                         HEAD_DIM, BLOCK_D, BLOCK_M, True, DOT_UPCAST, DOT_PRECISION)
+        dk_acc, dv_acc = _bwd_dkdv_inner(dk_acc, dv_acc, k, v, s, q_base, do_base, lse2_base, delta_base, dq_base,
+                                         m_full, Nq, Nq, scale, qk_scale, stride_qn, stride_don, stride_dqn, offs_m0,
+                                         offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, True, DQ_ATOMIC, DOT_UPCAST,
+                                         DOT_PRECISION)
 
     # One accumulator at a time: its d(s) term, then its store, so that it dies before the next.
     key_ok = offs_n < Nk
@@ -339,20 +352,19 @@ def _bwd_dq_inner(dq_acc, q, do, lse2, delta, k_base, v_base, fam_base, start_n,
     return dq_acc
 
 
-@triton.autotune(configs=_BWD_DQ_CONFIGS, key=["Nq", "Nk", "HEAD_DIM", "HAS_FAM", "DOT_UPCAST"],
+@triton.autotune(configs=_BWD_DQ_CONFIGS, key=["Nq_bucket", "Nk_bucket", "HEAD_DIM", "HAS_FAM", "DOT_UPCAST"],
                  prune_configs_by={"early_config_prune": _prune("BLOCK_M", tiles_in=2, tiles_acc=1)})
-@triton.jit(do_not_specialize=["Nq", "Nk"])
+@triton.jit(do_not_specialize=["Nq", "Nk", "Nq_bucket", "Nk_bucket"])
 def _fam_attention_bwd_dq_kernel(
     Q, K, V, FAM, DO, LSE2, DELTA, DQ,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_fb, stride_fh, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
-    H, Nq, Nk, lam, scale, qk_scale,
+    H, Nq, Nk, Nq_bucket, Nk_bucket, lam, scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_FAM: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_m, pid_bh = _program_tile(Nq, BLOCK_M)
     b, h = pid_bh // H, pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -390,11 +402,75 @@ def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
     return new_empty((B, H, N, D), dtype=x.dtype, device=x.device)
 
 
+# CUDA's limit on grid axis 0 (axes 1 and 2 stop at 65,535, which B * H alone can pass).
+MAX_GRID_X = 2**31 - 1
+
+
+def fold_grid(n: int, block: int, bh: int) -> tuple[int]:
+    """The 1-D launch grid of ``cdiv(n, block)`` tiles for each of ``bh`` (batch, head) pairs, folded
+    into axis 0 (:func:`_program_tile` unfolds it), so B * H is not bound by axis 1's 65,535."""
+    programs = triton.cdiv(n, block) * bh
+    if programs > MAX_GRID_X:
+        raise ValueError(
+            f"B * H * cdiv(N, {block}) must be <= {MAX_GRID_X} programs, got {bh} * cdiv({n}, {block}) = {programs}"
+        )
+    return (programs,)
+
+
+def _block_d(head_dim: int) -> int:
+    return max(triton.next_power_of_2(head_dim), 16)
+
+
+def kept_configs(kernel, dtype: torch.dtype, head_dim: int) -> list[triton.Config]:
+    """The configs of an autotuned kernel that its prune keeps for ``dtype`` at ``head_dim``, largest
+    first: what the autotuner times on a GPU (the last is what ``SRDIFF_AUTOTUNE=0`` runs)."""
+    return kernel.early_config_prune(kernel.configs, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=_block_d(head_dim))
+
+
+_PINNED: dict = {}
+
+
+@contextlib.contextmanager
+def pinned_config(kernel, config: triton.Config):
+    """Inside the block, launches of the autotuned ``kernel`` run ``config`` (no tuning): how the
+    tests compare every kept config with the reference."""
+    previous = _PINNED.get(kernel)
+    _PINNED[kernel] = config
+    try:
+        yield
+    finally:
+        if previous is None:
+            del _PINNED[kernel]
+        else:
+            _PINNED[kernel] = previous
+
+
+def _launch(kernel, grid, args: tuple, meta: dict, dtype: torch.dtype) -> None:
+    """Launch an autotuned kernel. The autotuner picks among the kept configs (keyed on the next
+    powers of two of Nq and Nk, so a new sequence length in the same bucket does not re-tune),
+    unless one config is fixed: a pinned one, the interpreter's, or with ``SRDIFF_AUTOTUNE=0`` the
+    smallest kept one. A fixed config launches the JIT function itself: nothing is benchmarked."""
+    config = _PINNED.get(kernel)
+    if config is None and triton_interpreting():
+        config = INTERPRETER_CONFIG
+    if config is None and os.environ.get("SRDIFF_AUTOTUNE") == "0":
+        config = kept_configs(kernel, dtype, meta["HEAD_DIM"])[-1]
+    if config is None:
+        torch.library.wrap_triton(kernel)[grid](*args, **meta)
+    else:
+        torch.library.wrap_triton(kernel.fn)[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps,
+                                                   num_stages=config.num_stages)
+
+
+def _sequence_buckets(Nq: int, Nk: int) -> tuple[int, int]:
+    return triton.next_power_of_2(Nq), triton.next_power_of_2(Nk)
+
+
 def _kernel_flags(q: torch.Tensor) -> dict:
     head_dim = q.shape[-1]
     return {
         "HEAD_DIM": head_dim,
-        "BLOCK_D": max(triton.next_power_of_2(head_dim), 16),
+        "BLOCK_D": _block_d(head_dim),
         # Only the interpreter needs the upcast (its bf16 tl.dot is broken); GPUs run bf16 MMAs.
         "DOT_UPCAST": triton_interpreting() and q.dtype == torch.bfloat16,
         # float32 inputs get exact float32 products, never TF32.
@@ -426,15 +502,14 @@ def fam_attention_fwd(
     lse2 = new_empty((B, H, Nq), dtype=torch.float32, device=q.device)
 
     def grid(meta):
-        return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
+        return fold_grid(Nq, meta["BLOCK_M"], B * H)
 
-    torch.library.wrap_triton(_fam_attention_fwd_kernel)[grid](
+    _launch(_fam_attention_fwd_kernel, grid, (
         q, k, v, fam_t, o, lse2,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), stride_fb, stride_fh, o.stride(0), o.stride(1), o.stride(2),
-        H, Nq, Nk, float(lam), scale * LOG2E,
-        HAS_FAM=has_fam, **_kernel_flags(q),
-    )
+        H, Nq, Nk, *_sequence_buckets(Nq, Nk), float(lam), scale * LOG2E,
+    ), dict(HAS_FAM=has_fam, **_kernel_flags(q)), q.dtype)
     return o, lse2
 
 
@@ -442,10 +517,14 @@ def fam_attention_fwd(
 @input_guard
 def fam_attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fam: torch.Tensor | None,
-    o: torch.Tensor, lse2: torch.Tensor, lam: float, scale: float, fam_grad: bool,
+    o: torch.Tensor, lse2: torch.Tensor, lam: float, scale: float, fam_grad: bool, dq_atomic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward launcher: returns dq, dk, dv (the inputs' shapes and dtypes) and ds = dL/ds
-    (B, H, Nk) float32 per (batch, head), or an empty tensor unless ``fam_grad``."""
+    (B, H, Nk) float32 per (batch, head), or an empty tensor unless ``fam_grad``.
+
+    ``dq_atomic=False``: the deterministic backward, a dK/dV pass and a dQ pass (7 GEMMs per tile
+    pair). ``True``: one pass, the dK/dV kernel also adding dq into a float32 accumulator with
+    atomics (5 GEMMs; the order of the float32 additions, hence dq's last bits, varies run to run)."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     has_fam = fam is not None and lam != 0.0
@@ -457,58 +536,65 @@ def fam_attention_bwd(
     ds = new_empty((B, H, Nk) if fam_grad else (0,), dtype=torch.float32, device=q.device)
 
     block_m = min(128, 8192 // flags["BLOCK_D"])  # two (BLOCK_M, BLOCK_D) tiles, ~64 registers a thread
-    torch.library.wrap_triton(_fam_attention_bwd_preprocess_kernel)[(triton.cdiv(Nq, block_m), B * H)](
+    torch.library.wrap_triton(_fam_attention_bwd_preprocess_kernel)[fold_grid(Nq, block_m, B * H)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, Nq, HEAD_DIM=flags["HEAD_DIM"], BLOCK_D=flags["BLOCK_D"], BLOCK_M=block_m,
     )
+    buckets = _sequence_buckets(Nq, Nk)
+    # dq_atomic: the dK/dV pass adds dq in float32 (zeroed: atomics accumulate into it); else a dummy.
+    dq_acc = torch.zeros((B, H, Nq, D), dtype=torch.float32, device=q.device) if dq_atomic else delta[..., None]
 
     def grid_dkdv(meta):
-        return (triton.cdiv(Nk, meta["BLOCK_N"]), B * H)
+        return fold_grid(Nk, meta["BLOCK_N"], B * H)
 
-    torch.library.wrap_triton(_fam_attention_bwd_dkdv_kernel)[grid_dkdv](
-        q, k, v, fam_t, do, lse2, delta, dk, dv, ds if fam_grad else lse2,
+    _launch(_fam_attention_bwd_dkdv_kernel, grid_dkdv, (
+        q, k, v, fam_t, do, lse2, delta, dk, dv, ds if fam_grad else lse2, dq_acc,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), stride_fb, stride_fh, do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        H, Nq, Nk, float(lam), scale, scale * LOG2E,
-        HAS_FAM=has_fam, FAM_GRAD=fam_grad, **flags,
-    )
+        dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2),
+        H, Nq, Nk, *buckets, float(lam), scale, scale * LOG2E,
+    ), dict(HAS_FAM=has_fam, FAM_GRAD=fam_grad, DQ_ATOMIC=dq_atomic, **flags), q.dtype)
+    if dq_atomic:
+        dq.copy_(dq_acc)
+        return dq, dk, dv, ds
 
     def grid_dq(meta):
-        return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
+        return fold_grid(Nq, meta["BLOCK_M"], B * H)
 
-    torch.library.wrap_triton(_fam_attention_bwd_dq_kernel)[grid_dq](
+    _launch(_fam_attention_bwd_dq_kernel, grid_dq, (
         q, k, v, fam_t, do, lse2, delta, dq,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), stride_fb, stride_fh, do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        H, Nq, Nk, float(lam), scale, scale * LOG2E,
-        HAS_FAM=has_fam, **flags,
-    )
+        H, Nq, Nk, *buckets, float(lam), scale, scale * LOG2E,
+    ), dict(HAS_FAM=has_fam, **flags), q.dtype)
     return dq, dk, dv, ds
 
 
 class FAMAttentionFunction(torch.autograd.Function):
     """Autograd for the fused kernels. Inputs as :func:`fam_attention_fwd`; q, k, v checked by the
-    caller (:func:`srdiff.fam_attention`). d(fam) is lam * ds summed down to fam's (B|1, H|1, Nk)."""
+    caller (:func:`srdiff.fam_attention`). d(fam) is lam * ds summed down to fam's (B|1, H|1, Nk).
+    ``deterministic=False`` takes the dq-by-atomics backward (see :func:`fam_attention_bwd`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, fam, lam: float, scale: float | None):
+    def forward(ctx, q, k, v, fam, lam: float, scale: float | None, deterministic: bool = True):
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         o, lse2 = fam_attention_fwd(q, k, v, fam, lam, scale)
         ctx.save_for_backward(q, k, v, fam, o, lse2)
-        ctx.lam, ctx.scale = lam, scale
+        ctx.lam, ctx.scale, ctx.deterministic = lam, scale, deterministic
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, fam, o, lse2 = ctx.saved_tensors
         fam_grad = ctx.needs_input_grad[3]
-        dq, dk, dv, ds = fam_attention_bwd(do, q, k, v, fam, o, lse2, ctx.lam, ctx.scale, fam_grad)
+        dq, dk, dv, ds = fam_attention_bwd(do, q, k, v, fam, o, lse2, ctx.lam, ctx.scale, fam_grad,
+                                           not ctx.deterministic)
         dfam = None
         if fam_grad:
             if ctx.lam == 0.0:
                 dfam = torch.zeros_like(fam)
             else:
                 dfam = (ctx.lam * ds).sum_to_size(fam.shape).to(fam.dtype)
-        return dq, dk, dv, dfam, None, None
+        return dq, dk, dv, dfam, None, None, None

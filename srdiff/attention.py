@@ -22,6 +22,20 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_HEAD_DIMS = (16, 256)
 
 
+def check_lam(lam) -> None:
+    """lam must be a finite real number >= 0 (lam = inf or NaN would make every output non-finite)."""
+    check_nonnegative("lam", lam)
+    if not math.isfinite(lam):
+        raise ValueError(f"lam must be finite, got {lam}")
+
+
+# Appended to shape errors when the tensors look like (B, N, H, D) (diffusers' buffer before its
+# transpose) where (B, H, N, D) is expected.
+_LAYOUT_HINT = (
+    "; q, k and v look like (B, N, H, D) tensors: fam_attention takes (B, H, N, D), e.g. q.transpose(1, 2)"
+)
+
+
 def _check_args(q, k, v, fam, lam, scale) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=4)
@@ -32,15 +46,17 @@ def _check_args(q, k, v, fam, lam, scale) -> None:
         if t.dtype != q.dtype:
             raise ValueError(f"{name} dtype {t.dtype} must equal q dtype {q.dtype}")
     if k.shape[:2] != (B, H) or k.shape[3] != D:
+        swapped = k.shape[0] == B and k.shape[2] == H and k.shape[3] == D
         raise ValueError(
             f"k must have shape (B, H, Nk, D) = ({B}, {H}, Nk, {D}) like q, got {tuple(k.shape)}"
+            + (_LAYOUT_HINT if swapped else "")
         )
     if v.shape != k.shape:
         raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     if min(q.shape) == 0 or k.shape[2] == 0:
         raise ValueError(f"q and k must be non-empty, got q {tuple(q.shape)} and k {tuple(k.shape)}")
     check_same_device(q=q, k=k, v=v, fam=fam)
-    check_nonnegative("lam", lam)
+    check_lam(lam)
     if scale is not None and not (isinstance(scale, (int, float)) and scale > 0 and math.isfinite(scale)):
         raise ValueError(f"scale must be None or a positive finite number, got {scale!r}")
     if fam is None:
@@ -49,9 +65,11 @@ def _check_args(q, k, v, fam, lam, scale) -> None:
     Nk = k.shape[2]
     allowed = {1: [(Nk,)], 2: [(B, Nk), (1, Nk)], 3: [(b, h, Nk) for b in (B, 1) for h in (H, 1)]}[fam.dim()]
     if tuple(fam.shape) not in allowed:
+        # A fam with one value per token of dim 1 of k: k is a (B, N, H, D) tensor taken as (B, H, N, D).
+        swapped = fam.shape[-1] == k.shape[1] != Nk
         raise ValueError(
             f"fam must have shape (Nk,), (B, Nk) or (B, H, Nk) = ({Nk},), ({B}, {Nk}) or ({B}, {H}, {Nk}) "
-            f"(B or H may be 1), got {tuple(fam.shape)}"
+            f"(B or H may be 1), got {tuple(fam.shape)}" + (_LAYOUT_HINT if swapped else "")
         )
 
 
@@ -83,6 +101,7 @@ def fam_attention(
     scale: float | None = None,
     backend: str | None = None,
     check_fam: bool = True,
+    deterministic: bool = True,
 ) -> torch.Tensor:
     """Scaled dot-product attention whose keys and values are modulated per key by a flaw map.
 
@@ -96,13 +115,23 @@ def fam_attention(
         fam: per-key modulation M_emb, broadcast over what it lacks: (Nk,), (B, Nk) or (B, H, Nk)
             (B or H may also be 1); any floating dtype. None means no modulation. Differentiable:
             the backward returns d(fam) (e.g. to train :class:`srdiff.FAMProjection`).
-        lam: modulation strength lam >= 0 (the paper uses 0.025). Every 1 + lam * fam must be > 0.
+        lam: modulation strength, finite, lam >= 0 (the paper uses 0.025). Every 1 + lam * fam must
+            be > 0.
         scale: softmax scale, default 1 / sqrt(D) as in SDPA.
         backend: None (Triton on CUDA when D is in [16, 256], else the SDPA path), ``"triton"`` (the
             fused kernels; on CPU tensors only under TRITON_INTERPRET=1) or ``"reference"``
             (:func:`srdiff.reference.fam_attention_sdpa`: K and V scaled once, then SDPA).
         check_fam: verify that fam is finite and 1 + lam * fam > 0 (one device sync; skipped under
             torch.compile). Callers that validated the map already (the processor) turn it off.
+        deterministic: True (default): the Triton backward is bitwise reproducible (separate dK/dV
+            and dQ passes, no atomics). False: dq is accumulated with float32 atomics in the dK/dV
+            pass (5 GEMMs per tile pair instead of 7; dq's last bits vary between runs). The SDPA
+            path is unaffected.
+
+    Raises:
+        TypeError / ValueError naming the argument and its value: ranks, shapes (with a hint when
+        q, k, v look like (B, N, H, D)), dtypes, devices, a non-finite or negative lam, a bad scale,
+        backend or head dim, a non-finite fam or a 1 + lam * fam <= 0.
 
     Returns:
         (B, H, Nq, D) in q's dtype. Accumulation is float32; float32 inputs use exact float32
@@ -120,6 +149,8 @@ def fam_attention(
         torch.Size([2, 8, 256, 64])
     """
     _check_args(q, k, v, fam, lam, scale)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     if backend is None:
         path = "triton" if q.is_cuda and _triton_supports(q) else "reference"
     else:
@@ -138,7 +169,7 @@ def fam_attention(
 
     if fam is not None and lam == 0.0 and not fam.requires_grad:
         fam = None
-    return FAMAttentionFunction.apply(q, k, v, None if fam is None else fam_as_bhn(fam), lam, scale)
+    return FAMAttentionFunction.apply(q, k, v, None if fam is None else fam_as_bhn(fam), lam, scale, deterministic)
 
 
 class FAMAttention(nn.Module):
@@ -146,8 +177,8 @@ class FAMAttention(nn.Module):
 
     Args:
         dim: token width C.
-        heads: number of heads H; ``dim_head`` (default dim // heads) is D.
-        lam: modulation strength used when ``forward`` gets a fam.
+        heads: number of heads H; ``dim_head`` (default dim // heads, then heads must divide dim) is D.
+        lam: modulation strength (finite, >= 0) used when ``forward`` gets a fam.
         bias: biases on the q/k/v projections; the output projection always has one.
         backend: passed to :func:`fam_attention`.
 
@@ -165,12 +196,13 @@ class FAMAttention(nn.Module):
     def __init__(self, dim: int, heads: int = 8, dim_head: int | None = None, *, lam: float = 0.025,
                  bias: bool = False, backend: str | None = None):
         super().__init__()
-        dim_head = dim // heads if dim_head is None else dim_head
-        if dim_head < 1 or heads < 1:
+        if heads < 1 or (dim_head is None and dim % heads != 0) or (dim_head is not None and dim_head < 1):
             raise ValueError(
-                f"heads must divide dim into heads of >= 1 channel, got dim={dim}, heads={heads}"
+                f"heads must divide dim into heads of >= 1 channel (or pass dim_head), got dim={dim}, "
+                f"heads={heads}, dim_head={dim_head}"
             )
-        check_nonnegative("lam", lam)
+        dim_head = dim // heads if dim_head is None else dim_head
+        check_lam(lam)
         self.heads, self.dim_head, self.lam, self.backend = heads, dim_head, lam, backend
         inner = heads * dim_head
         self.to_q = nn.Linear(dim, inner, bias=bias)

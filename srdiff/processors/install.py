@@ -152,7 +152,7 @@ def set_fam_attn_processor(
 ) -> list[str]:
     """Install FAM processors on the self-attention layers of a diffusers model.
 
-    Walks ``model.named_modules()`` for diffusers ``Attention`` modules (so it works on models without
+    Walks ``model.named_modules()`` for diffusers attention modules (so it works on models without
     ``set_attn_processor``, e.g. ``UNet2DModel``), leaves cross-attention layers and those
     ``layer_filter(name, module)`` rejects as they are, and gives every other one the FAM processor
     that :data:`srdiff.processors.table.FAM_PROCESSORS` names for its current processor
@@ -188,6 +188,7 @@ def set_fam_attn_processor(
         >>> srdiff.set_fam_attn_processor(unet, lam=0.025, projection="per_layer")
         ['down_blocks.1.attentions.0', 'mid_block.attentions.0', ...]
     """
+    from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models.attention_processor import Attention
 
     if not isinstance(model, nn.Module):
@@ -212,7 +213,8 @@ def set_fam_attn_processor(
 
     chosen, skipped = [], {}
     for name, module in model.named_modules():
-        if not isinstance(module, Attention) or module.is_cross_attention:
+        # Attention: the classic layers; AttentionModuleMixin: the newer per-model ones (FluxAttention, ...)
+        if not isinstance(module, (Attention, AttentionModuleMixin)) or getattr(module, "is_cross_attention", False):
             continue
         if layer_filter is not None and not layer_filter(name, module):
             continue

@@ -117,6 +117,12 @@ def test_text_task_end_to_end_pixels(tmp_path):
                                    trained.model(x, t, encoder_hidden_states=prompt.encoder_hidden_states).sample,
                                    rtol=0, atol=0)
     assert json.loads((out / "srdiff_task.json").read_text())["latent"] is False
+    from srdiff.cli import main
+
+    tensor = tmp_path / "sevens.pt"
+    assert main(["sample", "--ckpt", summary["checkpoint"], "--n", "3", "--steps", "2", "--no-pngs", "--out",
+                 str(tmp_path / "sevens.png"), "--tensor-out", str(tensor), "--prompt", "a handwritten digit seven"]) == 0
+    torch.testing.assert_close(torch.load(tensor), images, rtol=0, atol=0)
     resumed = SelfRefiningTrainer(cfg)
     assert resumed.resume() and resumed.step == 4 and resumed.mfam is not None
     torch.testing.assert_close(resumed.task.table, trainer.task.table, rtol=0, atol=0)

@@ -44,8 +44,9 @@ def prescaled(model, names, mfam, lam, grid_of, leading: int = 0):
     hooks = []
     for name in names:
         attn = modules[name]
-        key_out = attn.norm_k if attn.norm_k is not None else attn.to_k
-        hooks.append(key_out.register_forward_hook(_scale(grid_of, mfam, lam, leading, attn.norm_k is not None)))
+        norm_k = getattr(attn, "norm_k", None)
+        key_out = attn.to_k if norm_k is None else norm_k
+        hooks.append(key_out.register_forward_hook(_scale(grid_of, mfam, lam, leading, norm_k is not None)))
         hooks.append(attn.to_v.register_forward_hook(_scale(grid_of, mfam, lam, leading, False)))
     try:
         yield

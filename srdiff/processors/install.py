@@ -296,12 +296,12 @@ def remove_fam_attn_processor(model: nn.Module) -> list[str]:
 
 
 def _layer_objects(model: nn.Module):
+    """FAM layers: diffusers layers' processors and srdiff blocks' ``fam_layer`` (srdiff.UViT)."""
     for module in model.modules():
-        processor = getattr(module, "processor", None)
-        if isinstance(processor, FAMLayer):
-            yield processor
-        elif isinstance(module, FAMLayer):
-            yield module
+        for attr in ("processor", "fam_layer"):
+            layer = getattr(module, attr, None)
+            if isinstance(layer, FAMLayer):
+                yield layer
 
 
 def fam_layers(model: nn.Module) -> list[FAMLayerInfo]:

@@ -195,11 +195,53 @@ def save_rows(rows: list[torch.Tensor], path: Path, upscale: int = 6) -> None:
     viz.save_grid(torch.cat(rows), path, nrow=len(rows[0]), upscale=upscale)
 
 
+def markdown(result: dict) -> str:
+    """The docs/repair.md tables from a stored result."""
+    lines = []
+    planted = result["planted"]
+    for strength in result["settings"]["strengths"]:
+        key = f"strength_{strength}"
+        if not all(key in rec for rec in planted["kinds"].values()):
+            continue
+        lines += [f"\nPlanted, strength {strength} (flagged fakes only; box error: mean |x - clean| in the box, "
+                  "paired difference with 95% CI):\n",
+                  "| kind | flagged | repair: no longer flagged | box error before | repair: after (diff ± CI) "
+                  "| outside mask: max change | SDEdit: no longer flagged | SDEdit: box error after (diff ± CI) "
+                  "| SDEdit: mean change outside the box | repair: mean change outside the box | mask area | "
+                  "box covered | empty masks |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for kind, rec in planted["kinds"].items():
+            r, e = rec[key]["repair"], rec[key]["sdedit"]
+            lines.append(
+                f"| {kind} | {rec['flagged_before']:.3f} | **{r['unflagged_share_of_flagged']:.3f}** | "
+                f"{r['box_error']['before']:.4f} | {r['box_error']['after']:.4f} ({r['box_error']['diff']:+.4f} ± "
+                f"{r['box_error']['ci95']:.4f}) | {r['outside_mask_max_abs_change']:.1f} | "
+                f"{e['unflagged_share_of_flagged']:.3f} | {e['box_error']['after']:.4f} ({e['box_error']['diff']:+.4f} "
+                f"± {e['box_error']['ci95']:.4f}) | {e['outside_box_change']:.4f} | {r['outside_box_change']:.4f} | "
+                f"{r['mask_area']:.3f} | {r['box_covered_by_mask']:.3f} | {r['empty_mask_share_of_flagged']:.3f} |")
+    gen = result["generated"]
+    lines += [f"\nGenerated samples ({gen['n']}, flagged {gen['flagged_before']:.3f}; FID before "
+              f"{gen['fid_before']:.3f}; FID difference CI: paired bootstrap over images):\n",
+              "| strength | method | FID | FID − before (95% CI) | flagged after | flagged ones no longer flagged "
+              "| mean abs change | pixels changed | FID gained per unit mean abs change |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for strength, rec in gen["strengths"].items():
+        for name in ("repair", "repair_rounds3", "sdedit", "resample"):
+            m = rec[name]
+            gain = m["fid_gain_per_mean_abs_change"]
+            lines.append(
+                f"| {strength} | {name} | {m['fid']:.3f} | {m['fid_minus_before']:+.3f} ({m['fid_diff_ci95'][0]:+.3f}, "
+                f"{m['fid_diff_ci95'][1]:+.3f}) | {m['flagged_after']:.3f} | {m['unflagged_share_of_flagged']:.3f} | "
+                f"{m['mean_abs_change']:.4f} | {m['pixels_changed']:.4f} | "
+                f"{'–' if gain is None else f'{gain:+.2f}'} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--pipeline", required=True, help="the same model's exported diffusers pipeline folder")
-    p.add_argument("--highlighter", required=True, help="the trainer's highlighter (real vs this model's samples)")
+    p.add_argument("--ckpt")
+    p.add_argument("--pipeline", help="the same model's exported diffusers pipeline folder")
+    p.add_argument("--highlighter", help="the trainer's highlighter (real vs this model's samples)")
     p.add_argument("--out", default="docs/repair-results.json")
     p.add_argument("--figures", default="docs/figures/repair")
     p.add_argument("--planted-images", type=int, default=200)
@@ -212,11 +254,18 @@ def main() -> None:
     p.add_argument("--dilate", type=int, default=1)
     p.add_argument("--feather", type=int, default=1)
     p.add_argument("--bootstrap", type=int, default=200)
+    p.add_argument("--tables", metavar="JSON", help="print the markdown tables of a stored result and exit")
     args = p.parse_args()
+    if args.tables:
+        print(markdown(json.loads(Path(args.tables).read_text())))
+        return
+    if not (args.ckpt and args.pipeline and args.highlighter):
+        p.error("--ckpt, --pipeline and --highlighter are needed (or --tables)")
     from diffusers import DDIMPipeline
 
     from srdiff.repair_pipeline import FlawRepairPipeline
-    from srdiff.trainer.sampling import load_ema_unet, make_scheduler
+    from srdiff.trainer.sampling import make_scheduler
+    from srdiff.trainer.trained import load_ema_unet
 
     start = time.perf_counter()
     unet, config, _ = load_ema_unet(args.ckpt, "cpu")

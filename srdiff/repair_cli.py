@@ -45,7 +45,8 @@ def add_commands(sub) -> None:
 def _load_model(args, device):
     """(model, scheduler, vae, image size, channels) from --ckpt or --pipeline."""
     if args.ckpt:
-        from srdiff.trainer.sampling import load_ema_unet, make_scheduler
+        from srdiff.trainer.sampling import make_scheduler
+        from srdiff.trainer.trained import load_ema_unet
 
         unet, config, vae = load_ema_unet(args.ckpt, device)
         return unet, make_scheduler(config, args.sampler), vae, config.image_size, config.channels
@@ -74,7 +75,7 @@ def _repair(args) -> None:
     from srdiff.data import read_images
     from srdiff.highlighter import FlawHighlighter
     from srdiff.repair import repair_flaws
-    from srdiff.trainer.run_dir import refuse_existing
+    from srdiff.run_dir import refuse_existing
     from srdiff.viz import save_grid
 
     out = Path(args.out)

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from srdiff import cli
-from srdiff.trainer import run_dir
-from srdiff.trainer.run_dir import OutDirError, prepare_out_dir
+from srdiff import run_dir
+from srdiff.run_dir import OutDirError, prepare_out_dir
 
 TINY_TRAIN = ["--data", "digits", "--image-size", "8", "--block-out-channels", "8", "16", "--attention-levels",
               "false", "true", "--norm-num-groups", "4", "--attention-head-dim", "8", "--batch-size", "8",

@@ -7,7 +7,8 @@ import torch
 import srdiff
 from srdiff.trainer import SelfRefiningTrainer, TrainConfig
 from srdiff.trainer.backbones import BACKBONES, Condition, DenoiserSpec, get_backbone
-from srdiff.trainer.task import TASKS, get_task, task_names
+from srdiff.trainer.task import TASKS
+from srdiff.trainer.tasks import get_task, task_names
 from srdiff.trainer.trained import load_trained
 from utils import tiny_config
 
@@ -149,3 +150,31 @@ def test_unconditional_task_is_the_default(tmp_path):
     with pytest.raises(NotImplementedError, match="no condition to guide"):
         trainer.task.null_condition(2)
     assert srdiff.TrainConfig is TrainConfig
+
+
+@pytest.mark.parametrize("task, backbone", [("class", "dit"), ("unconditional", "dit"), ("text", "sd3")])
+def test_transformer_backbones_refine_and_export(tmp_path, task, backbone):
+    """DiT and SD3 train through the base phase and a modulated refinement phase, and export to folders
+    whose model reloads with the same predictions."""
+    cfg = tiny_config(tmp_path, task=task, backbone=backbone, steps=4, ratio="1:1", cycle=2, mode="combined",
+                      hidden_size=16, depth=1, attention_head_dim=8)
+    trainer = SelfRefiningTrainer(cfg)
+    assert trainer.fam_layers, "no attention layer is modulated"
+    summary = trainer.train()
+    assert trainer.mfam is not None
+    trained = load_trained(summary["checkpoint"])
+    exported = type(trained.model).from_pretrained(f"{summary['pipeline']}/transformer").eval()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 60])
+    cond = trained.task.sample_conditions(torch.arange(2), seed=0) or Condition()
+    with torch.no_grad():
+        ours = trained.task.predict(trained.model, x, t, _batch_of(x, cond))
+        theirs = trained.task.predict(exported, x, t, _batch_of(x, cond))
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=0)
+    images = trained.sample(2, seed=0, steps=2)
+    assert images.shape == (2, 1, 8, 8)
+
+
+def _batch_of(x, cond):
+    from srdiff.trainer.task import Batch
+
+    return Batch(x0=x, cond=cond)

@@ -99,7 +99,7 @@ def _train(args) -> None:
 
     from srdiff.data import load_images
     from srdiff.highlighter import FlawHighlighter, planted
-    from srdiff.trainer.run_dir import refuse_existing
+    from srdiff.run_dir import refuse_existing
 
     refuse_existing([args.out, *([args.history] if args.history else [])], overwrite=args.overwrite)
     torch.manual_seed(args.seed)
@@ -143,7 +143,7 @@ def _eval_planted(args) -> None:
     import torch
 
     from srdiff.highlighter import planted
-    from srdiff.trainer.run_dir import refuse_existing
+    from srdiff.run_dir import refuse_existing
     from srdiff.viz import save_grid
 
     kinds = args.kinds or list(planted.KINDS)
@@ -179,7 +179,7 @@ def _fam(args) -> None:
 
     from srdiff.data import read_images
     from srdiff.highlighter import FlawHighlighter
-    from srdiff.trainer.run_dir import refuse_existing
+    from srdiff.run_dir import refuse_existing
     from srdiff.viz import colormap, overlay, save_grid, save_png
 
     if args.scale < 1:

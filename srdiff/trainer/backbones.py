@@ -184,3 +184,101 @@ class ConditionUNet(Backbone):
         if context is None:
             context = x.new_zeros(x.shape[0], 1, model.config.cross_attention_dim)
         return model(x, t, encoder_hidden_states=context, class_labels=cond.class_labels).sample
+
+
+def _heads(config) -> int:
+    if config.hidden_size % config.attention_head_dim:
+        raise ValueError(f"hidden_size {config.hidden_size} must be a multiple of attention_head_dim "
+                         f"{config.attention_head_dim} (heads = hidden_size / attention_head_dim)")
+    return config.hidden_size // config.attention_head_dim
+
+
+@register_backbone
+class DiT(Backbone):
+    """diffusers ``DiTTransformer2DModel`` (Peebles & Xie 2023): patch tokens (``patch_size``), ``depth``
+    blocks of width ``hidden_size``, adaLN-Zero conditioning on timestep and class.
+
+    DiT always takes a class: an unconditional task trains it with one class (label 0). Its label
+    embedding's own dropout (10 %, drawn from the global RNG in train mode) is switched off, because the
+    class task drops labels itself, keyed by (seed, step): the embedding table keeps its null row, which
+    is the null class ``num_classes``.
+    """
+
+    name = "dit"
+    conditions = frozenset({"class"})
+
+    def build(self, config, spec: DenoiserSpec) -> nn.Module:
+        from diffusers import DiTTransformer2DModel
+
+        self.check(spec)
+        model = DiTTransformer2DModel(
+            num_attention_heads=_heads(config),
+            attention_head_dim=config.attention_head_dim,
+            in_channels=spec.in_channels,
+            out_channels=spec.out_channels,
+            num_layers=config.depth,
+            sample_size=spec.sample_size,
+            patch_size=config.patch_size,
+            num_embeds_ada_norm=spec.num_classes or 1,
+            norm_num_groups=1,
+        )
+        for module in model.modules():
+            if type(module).__name__ == "LabelEmbedding":
+                module.dropout_prob = 0.0
+        return model
+
+    def forward(self, model, x, t, cond):
+        labels = cond.class_labels
+        if labels is None:
+            labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        return model(x, timestep=_batched(t, x), class_labels=labels).sample
+
+    def plain_copy(self, model: nn.Module) -> nn.Module:
+        clean = super().plain_copy(model)
+        for module in clean.modules():
+            if type(module).__name__ == "LabelEmbedding":
+                module.dropout_prob = 0.0
+        return clean
+
+
+@register_backbone
+class SD3(Backbone):
+    """diffusers ``SD3Transformer2DModel`` (MM-DiT, Esser et al. 2024): joint attention over caption and
+    patch tokens. Only the patch tokens carry the map (the joint FAM processor gives the caption tokens
+    0). SD3 reads a pooled caption embedding too; where the task's text encoder gives none, the mean of
+    the caption tokens serves (srdiff's choice for tiny CLIP encoders, not SD3's CLIP-L + CLIP-G pool)."""
+
+    name = "sd3"
+    conditions = frozenset({"text"})
+
+    def build(self, config, spec: DenoiserSpec) -> nn.Module:
+        from diffusers import SD3Transformer2DModel
+
+        self.check(spec)
+        if not spec.cross_attention_dim:
+            raise ValueError("backbone 'sd3' needs caption embeddings: use it with task 'text'")
+        return SD3Transformer2DModel(
+            sample_size=spec.sample_size,
+            patch_size=config.patch_size,
+            in_channels=spec.in_channels,
+            out_channels=spec.out_channels,
+            num_layers=config.depth,
+            attention_head_dim=config.attention_head_dim,
+            num_attention_heads=_heads(config),
+            joint_attention_dim=spec.cross_attention_dim,
+            caption_projection_dim=config.hidden_size,
+            pooled_projection_dim=spec.cross_attention_dim,
+            pos_embed_max_size=spec.sample_size // config.patch_size,
+        )
+
+    def forward(self, model, x, t, cond):
+        context = cond.encoder_hidden_states
+        pooled = cond.pooled if cond.pooled is not None else context.mean(dim=1)
+        return model(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,
+                     timestep=_batched(t, x)).sample
+
+
+def _batched(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Timesteps as a (B,) tensor (the samplers pass one scalar for the whole batch)."""
+    t = torch.as_tensor(t, device=x.device)
+    return t.expand(x.shape[0]) if t.ndim == 0 else t

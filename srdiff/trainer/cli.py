@@ -1,4 +1,4 @@
-"""``srdiff train | sample | eval | ablate | demo``."""
+"""``srdiff train | sample | inpaint | eval | ablate | demo``."""
 
 import argparse
 import json
@@ -26,7 +26,7 @@ def _run_training(config, args) -> tuple[dict | None, bool]:
     stderr) and whether this is rank 0. After Ctrl-C the ``KeyboardInterrupt`` says where the last
     checkpoint is."""
     from srdiff.trainer import distributed
-    from srdiff.trainer.run_dir import prepare_out_dir
+    from srdiff.run_dir import prepare_out_dir
     from srdiff.trainer.trainer import NonFiniteLossError, SelfRefiningTrainer
 
     prepare_out_dir(config.out_dir, resume=args.resume, overwrite=args.overwrite)
@@ -67,7 +67,7 @@ def _sample_outputs(args) -> dict:
     """Where ``srdiff sample`` writes (checked before sampling): the grid, the PNG folder and one name per
     image in it (None with --no-pngs), the tensor file. Existing files are refused unless --overwrite."""
     from srdiff import viz
-    from srdiff.trainer.run_dir import refuse_existing
+    from srdiff.run_dir import refuse_existing
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
@@ -114,7 +114,28 @@ def _sampling_kwargs(args, trained) -> dict:
             raise ValueError(f"--class needs a class-conditional checkpoint; {args.ckpt} is task {trained.config.task!r}")
         labels = torch.tensor(args.class_labels).repeat(-(-args.n // len(args.class_labels)))[: args.n]
         kwargs["conditions"] = trained.task.labels_condition(labels)
+    if getattr(args, "prompt", None) is not None:
+        if trained.task.condition != "text":
+            raise ValueError(f"--prompt needs a text-to-image checkpoint; {args.ckpt} is task {trained.config.task!r}")
+        kwargs["conditions"] = trained.task.prompt_condition((args.prompt * args.n)[: args.n])
     return kwargs
+
+
+def _inpaint(args) -> int:
+    from srdiff import data as srdata
+    from srdiff.trainer.masks import check_masks, read_masks
+    from srdiff.trainer.repaint import inpaint
+    from srdiff.trainer.trained import load_trained
+
+    trained = load_trained(args.ckpt, args.device)
+    images, _ = srdata.read_images(args.images, trained.config.image_size, trained.config.channels)
+    masks = check_masks(read_masks(args.masks), images, name="--masks")
+    args.n, args.export = len(images), None
+    outputs = _sample_outputs(args)
+    filled = inpaint(trained, images, masks, steps=args.steps, jump_length=args.jump_length,
+                     resamplings=args.resamplings, seed=args.seed, sampler=args.sampler, progress=True)
+    _write_samples(filled, args, outputs)
+    return 0
 
 
 def _eval(args) -> int:
@@ -122,7 +143,7 @@ def _eval(args) -> int:
 
     from srdiff.trainer.dataset import load_dataset
     from srdiff.trainer.metrics import evaluate_generator
-    from srdiff.trainer.run_dir import refuse_existing
+    from srdiff.run_dir import refuse_existing
     from srdiff.trainer.trained import load_trained
 
     refuse_existing([args.out] if args.out else [], overwrite=args.overwrite)
@@ -144,7 +165,7 @@ def _eval(args) -> int:
 def _ablate(args) -> int:
     from srdiff.trainer.ablation import command
 
-    print(command(args, config_from_args))
+    print(command(args))
     return 0
 
 
@@ -217,8 +238,29 @@ def add_commands(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace output files that exist (refused otherwise)")
     p.add_argument("--class", dest="class_labels", type=int, nargs="+",
                    help="class-conditional checkpoints: the classes to sample (cycled over --n)")
+    p.add_argument("--prompt", nargs="+", help="text-to-image checkpoints: the captions to sample (cycled over --n)")
     p.add_argument("--export", help="directory for the task's diffusers pipeline (save_pretrained)")
     p.set_defaults(func=_sample)
+
+    p = sub.add_parser("inpaint", help="fill holes: RePaint with an unconditional checkpoint, or an 'inpaint' one",
+                       description="Images are resized to the model's resolution; masks (white/1 = hole, "
+                                   "binarised at 0.5) must be at that resolution already.")
+    p.add_argument("--ckpt", required=True, help="a trainer checkpoint (checkpoints/last.pt)")
+    p.add_argument("--images", required=True, help="a folder of images, an image file or a tensor file")
+    p.add_argument("--masks", required=True, help="one mask per image (or one for all): a folder, image or tensor file")
+    p.add_argument("--out", default="inpainted.png", help="grid PNG")
+    p.add_argument("--steps", type=int, default=250, help="reverse steps (RePaint: before jumps)")
+    p.add_argument("--jump-length", type=int, default=10, help="RePaint: steps between jumps back")
+    p.add_argument("--resamplings", type=int, default=10, help="RePaint: resamplings per jump")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddpm", help="'inpaint' checkpoints: the sampler")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--upscale", type=int, default=4, help="nearest-neighbour upscaling of the grid")
+    p.add_argument("--png-dir", help="folder for one PNG per image (default: the grid's name without .png)")
+    p.add_argument("--no-pngs", action="store_true", help="write the grid only, no PNG per image")
+    p.add_argument("--tensor-out", help="also save the images as a (N, C, H, W) tensor file")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that exist (refused otherwise)")
+    p.set_defaults(func=_inpaint)
 
     p = sub.add_parser("eval", help="FID, KID, precision/recall of a checkpoint vs held-out data")
     _common_sampling(p, 50)

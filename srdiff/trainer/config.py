@@ -62,6 +62,9 @@ class TrainConfig:
     layers_per_block: int = _f(1, "model", "ResNet layers per UNet block")
     attention_head_dim: int = _f(8, "model", "channels per attention head")
     norm_num_groups: int = _f(8, "model", "GroupNorm groups (must divide every entry of block_out_channels)")
+    patch_size: int = _f(2, "model", "transformer backbones (dit, uvit, sd3): pixels (or latents) per patch side")
+    depth: int = _f(4, "model", "transformer backbones: blocks")
+    hidden_size: int = _f(64, "model", "transformer backbones: token width (heads = hidden_size / attention_head_dim)")
     vae: str | None = _f(None, "model", "local diffusers AutoencoderKL directory: train on its latents")
     # diffusion
     num_train_timesteps: int = _f(1000, "diffusion", "diffusion steps T")
@@ -213,8 +216,8 @@ class TrainConfig:
             choices = f.metadata["choices"]
             if choices is not None and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
-        for name in ("image_size", "steps", "cycle", "mfam_samples", "mfam_sampler_steps", "batch_size",
-                     "grad_accum", "layers_per_block", "attention_head_dim", "norm_num_groups",
+        for name in ("patch_size", "depth", "hidden_size", "image_size", "steps", "cycle", "mfam_samples",
+                     "mfam_sampler_steps", "batch_size", "grad_accum", "layers_per_block", "attention_head_dim", "norm_num_groups",
                      "num_train_timesteps", "checkpoint_every", "sample_steps", "highlighter_samples"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
@@ -230,7 +233,7 @@ class TrainConfig:
         if not 0.0 <= self.condition_dropout < 1.0:
             bad("condition_dropout", "must be in [0, 1)")
         from srdiff.trainer.backbones import BACKBONES
-        from srdiff.trainer.task import task_names
+        from srdiff.trainer.tasks import task_names
 
         if self.task not in task_names():
             raise ValueError(f"task must be one of {task_names()}, got {self.task!r}")

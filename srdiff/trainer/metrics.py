@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from srdiff.trainer.checkpoint import save_atomic
+from srdiff._io import save_atomic
 
 FEATURES = ("inception", "local")
 

@@ -139,12 +139,3 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
-
-
-def load_ema_unet(path, device: torch.device | str = "cpu"):
-    """(EMA denoiser with plain attention, its TrainConfig, the VAE or None) from a trainer checkpoint;
-    :func:`srdiff.trainer.trained.load_trained` also returns the task (conditions, export)."""
-    from srdiff.trainer.trained import load_trained
-
-    trained = load_trained(path, device)
-    return trained.model, trained.config, trained.vae

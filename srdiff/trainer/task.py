@@ -9,8 +9,8 @@ diffusers pipeline. The training loop (``srdiff/trainer/trainer.py``) calls a ta
 the loop.
 
 Add a task: subclass :class:`DenoisingTask` in ``srdiff/trainer/tasks/<name>.py``, decorate it with
-:func:`register_task`, and import the module in ``srdiff/trainer/tasks/__init__.py``;
-``TrainConfig(task=...)`` accepts it from then on.
+:func:`register_task`, and import the module in ``srdiff/trainer/tasks/__init__.py`` (which builds tasks:
+``get_task(config)``); ``TrainConfig(task=...)`` accepts it from then on.
 """
 
 import os
@@ -33,20 +33,6 @@ def register_task(cls: type["DenoisingTask"]) -> type["DenoisingTask"]:
         raise ValueError(f"task {cls.name!r} is registered twice")
     TASKS[cls.name] = cls
     return cls
-
-
-def task_names() -> tuple[str, ...]:
-    """The registered tasks' names (importing the built-in ones first)."""
-    import srdiff.trainer.tasks  # noqa: F401  (registers the built-in tasks)
-
-    return tuple(sorted(TASKS))
-
-
-def get_task(config, device: torch.device | str = "cpu") -> "DenoisingTask":
-    """The task ``config.task`` names, for ``config`` on ``device``."""
-    if config.task not in task_names():
-        raise ValueError(f"task must be one of {task_names()}, got {config.task!r}")
-    return TASKS[config.task](config, torch.device(device))
 
 
 @dataclass
@@ -172,9 +158,13 @@ class DenoisingTask:
 
     # ------------------------------------------------------------------ export
     def export(self, model: nn.Module, out_dir: str | os.PathLike) -> Path:
-        """Write ``model`` (plain attention) as the matching diffusers pipeline."""
+        """Write ``model`` (plain attention) as the matching diffusers pipeline: ``DDPMPipeline`` for a
+        pixel ``UNet2DModel``, ``LDMPipeline`` with the VAE for a latent one; other backbones (no diffusers
+        pipeline samples a pixel DiT or U-ViT) as :meth:`export_folders`."""
         from diffusers import DDPMPipeline, LDMPipeline
 
+        if self.backbone_name != "unet":
+            return self.export_folders(model, out_dir)
         out_dir = Path(out_dir)
         clean = self.backbone.plain_copy(model).cpu()
         if self.vae is None:
@@ -184,4 +174,22 @@ class DenoisingTask:
         pipe.save_pretrained(out_dir)
         if self.vae is not None:
             self.vae.to(self.device)
+        return out_dir
+
+    def export_folders(self, model: nn.Module, out_dir: str | os.PathLike, **info) -> Path:
+        """``<denoiser>/`` (``save_pretrained``: ``unet/`` or ``transformer/``), ``scheduler/``, ``vae/`` in latent
+        mode, and ``srdiff_task.json`` (the task, its backbone and ``info``: how to call the model), for
+        models no diffusers pipeline runs. Load with ``<ModelClass>.from_pretrained(out_dir, subfolder=...)``."""
+        import json
+
+        out_dir = Path(out_dir)
+        clean = self.backbone.plain_copy(model).cpu()
+        folder = "unet" if "UNet" in type(clean).__name__ else "transformer"
+        clean.save_pretrained(out_dir / folder)
+        sampling.make_scheduler(self.config, "ddim").save_pretrained(out_dir / "scheduler")
+        if self.vae is not None:
+            self.vae.save_pretrained(out_dir / "vae")
+        meta = {"task": self.name, "backbone": self.backbone_name, "model_class": type(clean).__name__,
+                "subfolder": folder, **info}
+        (out_dir / "srdiff_task.json").write_text(json.dumps(meta, indent=2) + "\n")
         return out_dir

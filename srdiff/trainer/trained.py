@@ -11,7 +11,8 @@ from srdiff.trainer import checkpoint
 from srdiff.trainer.backbones import DenoiserSpec
 from srdiff.trainer.config import TrainConfig
 from srdiff.trainer.dataset import latent_shape, load_vae
-from srdiff.trainer.task import DenoisingTask, get_task
+from srdiff.trainer.task import DenoisingTask
+from srdiff.trainer.tasks import get_task
 
 
 @dataclass
@@ -46,3 +47,10 @@ def load_trained(path: str | os.PathLike, device: torch.device | str = "cpu") ->
     model = task.build_denoiser()
     model.load_state_dict(state["ema"]["model"])
     return TrainedModel(model.to(device).eval().requires_grad_(False), config, task, vae)
+
+
+def load_ema_unet(path: str | os.PathLike, device: torch.device | str = "cpu"):
+    """(EMA denoiser with plain attention, its TrainConfig, the VAE or None) from a trainer checkpoint;
+    :func:`load_trained` also returns the task (conditions, export)."""
+    trained = load_trained(path, device)
+    return trained.model, trained.config, trained.vae

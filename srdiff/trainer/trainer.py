@@ -29,11 +29,11 @@ from srdiff.trainer.dataset import load_dataset
 from srdiff.trainer.ema import EMA
 from srdiff.trainer.metrics import evaluate_generator
 from srdiff.trainer.refinement import RefinementCycle
-from srdiff.trainer.run_dir import OutDirError, prepare_out_dir
+from srdiff.run_dir import OutDirError, prepare_out_dir
 from srdiff.trainer.run_log import RunLog
 from srdiff.trainer.sampling import make_scheduler
 from srdiff.trainer.seeding import DATA, FINAL, NOISE, TIMESTEPS, key
-from srdiff.trainer.task import get_task
+from srdiff.trainer.tasks import get_task
 
 # Config fields a resumed run may change: they do not alter the trajectory.
 RESUMABLE_CHANGES = ("out_dir", "progress", "checkpoint_every", "eval_samples", "sample_steps",
@@ -341,8 +341,8 @@ class SelfRefiningTrainer:
         A new run (no ``resume``) refuses an out dir that is not empty (:class:`OutDirError`): nothing of an
         earlier run is overwritten. ``srdiff train --overwrite`` moves such a run aside first."""
         c = self.config
-        if self.dist.is_main:
-            prepare_out_dir(self.out_dir, resume=resume, overwrite=False)
+        prepare_out_dir(self.out_dir, resume=resume, overwrite=False)  # reads only: safe on every rank
+        distributed.barrier(self.dist)  # every rank has checked before rank 0 writes
         resumed = self.resume() if resume else False
         if init_from is not None and not resumed:
             self.init_from(init_from)

@@ -6,7 +6,6 @@ prediction; sampling mixes them as ``ε_u + s (ε_c - ε_u)`` with ``s = config.
 The mFAM is refreshed from guided samples of uniformly drawn classes.
 """
 
-import json
 import os
 from pathlib import Path
 
@@ -68,18 +67,9 @@ class ClassConditional(DenoisingTask):
         return Condition(class_labels=torch.full((n,), self.num_classes, dtype=torch.long, device=self.device))
 
     def export(self, model, out_dir: str | os.PathLike) -> Path:
-        """``unet/`` (``save_pretrained``) and ``scheduler/`` folders plus ``srdiff_task.json`` (classes,
-        null class, guidance scale): diffusers has no pipeline for class-conditional pixel UNets, so load
-        them with ``UNet2DModel.from_pretrained(out_dir, subfolder="unet")`` and sample with
-        ``class_labels=`` (the null class is ``num_classes``)."""
-        from srdiff.trainer import sampling
-
-        out_dir = Path(out_dir)
-        self.backbone.plain_copy(model).cpu().save_pretrained(out_dir / "unet")
-        sampling.make_scheduler(self.config, "ddim").save_pretrained(out_dir / "scheduler")
-        if self.vae is not None:
-            self.vae.save_pretrained(out_dir / "vae")
-        (out_dir / "srdiff_task.json").write_text(json.dumps(
-            {"task": self.name, "num_classes": self.num_classes, "null_class": self.num_classes,
-             "guidance_scale": self.config.guidance_scale, "backbone": self.backbone_name}, indent=2) + "\n")
-        return out_dir
+        """Folders (:meth:`export_folders`) with ``num_classes``, ``null_class`` and ``guidance_scale`` in
+        ``srdiff_task.json``: diffusers has no pipeline for class-conditional pixel models, so load the
+        model with ``<ModelClass>.from_pretrained(out_dir, subfolder=...)`` and sample with ``class_labels=``
+        (the null class is ``num_classes``)."""
+        return self.export_folders(model, out_dir, num_classes=self.num_classes, null_class=self.num_classes,
+                                   guidance_scale=self.config.guidance_scale)

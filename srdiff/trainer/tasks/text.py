@@ -34,8 +34,9 @@ class TextToImage(DenoisingTask):
 
     def __init__(self, config, device):
         super().__init__(config, device)
-        if self.backbone_name != "unet-cond":
-            raise ValueError(f"task 'text' needs backbone 'unet-cond' (cross-attention), got {self.backbone_name!r}")
+        if "text" not in self.backbone.conditions:
+            raise ValueError(f"task 'text' needs a backbone that reads caption embeddings ('unet-cond': "
+                             f"cross-attention, 'sd3': joint attention), got {self.backbone_name!r}")
         self.encoder = None
         self.captions: list[str] = []  # the unique training captions
         self.caption_ids: torch.Tensor | None = None  # (N,) each training image's index into captions
@@ -122,8 +123,9 @@ class TextToImage(DenoisingTask):
         """Latent models: a ``StableDiffusionPipeline`` folder (``from_pretrained`` loads it; no safety
         checker). With LoRA the adapters alone go to ``pytorch_lora_weights.safetensors``
         (``pipe.load_lora_weights(out_dir)``); on a ``pretrained`` base that file is all that is written
-        besides ``srdiff_task.json``, which names the base folder. Pixel models (no VAE): ``unet/``,
-        ``text_encoder/``, ``tokenizer/``, ``scheduler/`` folders and ``srdiff_task.json``."""
+        besides ``srdiff_task.json``, which names the base folder. Pixel models (no VAE) and the ``sd3``
+        backbone (diffusers' SD3 pipeline wants three text encoders): ``unet/`` (``transformer/``),
+        ``text_encoder/``, ``tokenizer/``, ``scheduler/`` (``vae/``) folders and ``srdiff_task.json``."""
         import copy
 
         from diffusers import StableDiffusionPipeline
@@ -141,13 +143,15 @@ class TextToImage(DenoisingTask):
             tokenizer.model_max_length = self.encoder.max_length
             text_encoder = copy.deepcopy(self.encoder.model).cpu()
             scheduler = sampling.make_scheduler(c, "ddim")
-            if self.vae is not None:
+            if self.vae is not None and self.backbone_name == "unet-cond":
                 StableDiffusionPipeline(vae=copy.deepcopy(self.vae).cpu(), text_encoder=text_encoder,
                                         tokenizer=tokenizer, unet=unet, scheduler=scheduler, safety_checker=None,
                                         feature_extractor=None, requires_safety_checker=False).save_pretrained(out_dir)
             else:
-                for name, part in (("unet", unet), ("text_encoder", text_encoder), ("tokenizer", tokenizer),
-                                   ("scheduler", scheduler)):
+                denoiser = "unet" if self.backbone_name == "unet-cond" else "transformer"
+                vae = [("vae", self.vae)] if self.vae is not None else []
+                for name, part in ((denoiser, unet), ("text_encoder", text_encoder), ("tokenizer", tokenizer),
+                                   ("scheduler", scheduler), *vae):
                     part.save_pretrained(out_dir / name)
         (out_dir / "srdiff_task.json").write_text(json.dumps(info, indent=2) + "\n")
         return out_dir

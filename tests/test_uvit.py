@@ -121,13 +121,16 @@ def test_projections_train_and_are_saved(kind, tmp_path):
     saved = torch.load(tmp_path / "uvit.pt")
     loaded = UViT.from_config(saved["config"]).eval()
     loaded.load_state_dict(saved["state_dict"])
+    model.save_pretrained(tmp_path / "pretrained")
+    pretrained = UViT.from_pretrained(tmp_path / "pretrained").eval()
+    assert pretrained.config == model.config
     ema = copy.deepcopy(model).eval()
     model.eval()
     mfam = torch.rand(8, 12)
     with torch.no_grad(), srdiff.fam_context(mfam):
         want = model(x, t).sample
-        assert torch.equal(loaded(x, t).sample, want)
-        assert torch.equal(ema(x, t).sample, want)
+        for other in (loaded, pretrained, ema):
+            assert torch.equal(other(x, t).sample, want)
 
 
 def test_gradient_checkpointing_in_and_out_of_context():
@@ -168,3 +171,25 @@ def test_compile_fullgraph_no_recompile_per_map():
                 want = model(x, t).sample
             assert_close(got, want, dtype=torch.float32, reduce_dim=FAN_IN)
     torch._dynamo.reset()
+
+
+def test_set_fam_attn_processor_resets_lam_and_projection():
+    """The trainer's one call works on UViT too: it re-sets the blocks' lam and projection (here an
+    external one) and remove_fam_attn_processor puts the model's own FAM layers back."""
+    model = _uvit(lam=0.1)
+    x, t = torch.randn(2, 3, 8, 12), torch.tensor([3, 700])
+    mfam = torch.rand(8, 12)
+    with torch.no_grad(), srdiff.fam_context(mfam):
+        own = model(x, t).sample
+    projection = srdiff.FAMProjection()
+    names = srdiff.set_fam_attn_processor(model, lam=LAM, projection=projection)
+    assert names == _modulated_names(model)
+    assert {(layer.lam, layer.projection) for layer in srdiff.fam_layers(model)} == {(LAM, "external")}
+    with torch.no_grad():
+        with srdiff.fam_context(mfam):
+            got = model(x, t).sample
+        want = _reference(model, mfam, x, t)
+    assert_close(got, want, dtype=torch.float32, reduce_dim=FAN_IN)
+    assert srdiff.remove_fam_attn_processor(model) == names
+    with torch.no_grad(), srdiff.fam_context(mfam):
+        assert torch.equal(model(x, t).sample, own)

@@ -20,8 +20,10 @@ no projection there; ``fam_projection="per_layer"`` or ``"shared"`` adds srdiff'
         eps = model(x_t, t, class_labels=y).sample            # called like a diffusers UNet
 """
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.utils.checkpoint
@@ -31,9 +33,10 @@ from srdiff._checks import check_choice, check_nonnegative, check_tensor
 from srdiff.attention import FAMAttention
 from srdiff.fam_embedding import FAMProjection
 from srdiff.processors import context as fam_state
-from srdiff.processors.base import FAMLayer
+from srdiff.processors.base import FAMLayer, merge_heads, split_heads
 
 PROJECTIONS = (None, "per_layer", "shared")
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -120,10 +123,21 @@ class UViTBlock(nn.Module):
         hidden = int(c * config.mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(c, hidden), nn.GELU(), nn.Linear(hidden, c))
 
-    def forward(self, x: torch.Tensor, fam: torch.Tensor | None = None, skip: torch.Tensor | None = None):
+    def _attention(self, x: torch.Tensor, fam: torch.Tensor | None, layer: FAMLayer | None) -> torch.Tensor:
+        """Plain attention (``self.attn``) without a map; with one, ``self.attn``'s projections around
+        ``layer.attend`` (the layer's lam and backend: what set_fam_attn_processor set)."""
+        if fam is None:
+            return self.attn(x)
+        a = self.attn
+        q, k, v = (split_heads(proj(x), a.heads) for proj in (a.to_q, a.to_k, a.to_v))
+        return a.to_out(merge_heads(layer.attend(q, k, v, fam)))
+
+    def forward(self, x: torch.Tensor, fam: torch.Tensor | None = None, skip: torch.Tensor | None = None,
+                layer: FAMLayer | None = None):
+        """x, skip (B, N, C); fam (N,) or (B, N) with ``layer`` the FAM layer it came from, or None."""
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
-        x = x + self.attn(self.norm1(x), fam)
+        x = x + self._attention(self.norm1(x), fam, layer)
         return x + self.mlp(self.norm2(x))
 
 
@@ -132,8 +146,8 @@ class UViT(nn.Module):
     with (H, W) = ``config.sample_size``, timestep a scalar or (B,), class_labels (B,) ints or None;
     returns :class:`UViTOutput` with ``.sample`` (B, out_channels, H, W), like diffusers models.
 
-    Save and load: ``torch.save({"config": asdict(model.config), "state_dict": model.state_dict()})``,
-    then ``UViT.from_config(d["config"]).load_state_dict(d["state_dict"])``.
+    Save and load: ``model.save_pretrained(folder)`` / ``UViT.from_pretrained(folder)``, or the
+    config and state dict yourself: ``UViT.from_config(asdict(model.config))`` then ``load_state_dict``.
     """
 
     def __init__(self, config: UViTConfig | None = None, **kwargs):
@@ -167,6 +181,33 @@ class UViT(nn.Module):
     @classmethod
     def from_config(cls, config: dict | UViTConfig) -> "UViT":
         return cls(config if isinstance(config, UViTConfig) else UViTConfig(**config))
+
+    def save_pretrained(self, folder) -> None:
+        """Write ``config.json`` and ``model.safetensors`` to ``folder`` (created; existing files of
+        those names are replaced), as diffusers models do."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.config).items()}
+        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, folder / WEIGHTS_NAME)
+
+    @classmethod
+    def from_pretrained(cls, folder) -> "UViT":
+        """The model :meth:`save_pretrained` wrote to ``folder``."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder / name} does not exist (written by UViT.save_pretrained)")
+        config = json.loads((folder / CONFIG_NAME).read_text())
+        if isinstance(config.get("sample_size"), list):
+            config["sample_size"] = tuple(config["sample_size"])
+        model = cls.from_config(config)
+        model.load_state_dict(load_file(folder / WEIGHTS_NAME))
+        return model
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -210,8 +251,8 @@ class UViT(nn.Module):
         elif layer is not None:
             layer.last_grid = None
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, x, fam, skip, use_reentrant=False)
-        return block(x, fam, skip)
+            return torch.utils.checkpoint.checkpoint(block, x, fam, skip, layer, use_reentrant=False)
+        return block(x, fam, skip, layer)
 
     def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None) -> UViTOutput:
         check_tensor("sample", sample, ndim=4, floating=True)

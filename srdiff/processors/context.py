@@ -132,9 +132,13 @@ def push_forward(input_hw: tuple[int, int] | None) -> ForwardRecord:
 
 
 def pop_forward(record: ForwardRecord) -> None:
+    """End ``record``; the layers it modulated count for the enclosing forward too (a model whose
+    forward runs another that pushes its own record)."""
     global _FORWARD
     if _FORWARD is record:
         _FORWARD = record.previous
+        if record.previous is not None:
+            record.previous.modulated.extend(record.modulated)
 
 
 @contextlib.contextmanager

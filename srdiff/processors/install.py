@@ -55,7 +55,7 @@ class _Installation:
     """What one :func:`set_fam_attn_processor` call put on a model (kept on the model, so that
     ``copy.deepcopy`` (an EMA copy) carries a consistent one)."""
 
-    def __init__(self, layers: dict[str, tuple[nn.Module, FAMLayer]], projection: str | None,
+    def __init__(self, layers: dict[str, tuple[nn.Module, str, FAMLayer]], projection: str | None,
                  checkpointing: list[nn.Module]):
         self.layers, self.projection, self.checkpointing = layers, projection, checkpointing
         self.warned: set = set()
@@ -65,13 +65,13 @@ class _Installation:
             func = getattr(module, "_gradient_checkpointing_func", None)
             if func is not None and not isinstance(func, ReplayingCheckpoint):
                 module._gradient_checkpointing_func = ReplayingCheckpoint(func)
-        for _, processor in self.layers.values():
-            processor.last_grid = None
+        for _, _, layer in self.layers.values():
+            layer.last_grid = None
         context = fam_state.active_context()
         if context is None:
             return
-        replaced = {name: type(module.processor).__name__ for name, (module, processor) in self.layers.items()
-                    if module.processor is not processor and not isinstance(module.processor, FAMLayer)}
+        replaced = {name: type(getattr(module, attr)).__name__ for name, (module, attr, layer) in self.layers.items()
+                    if getattr(module, attr) is not layer and not isinstance(getattr(module, attr), FAMLayer)}
         key = tuple(sorted(replaced.items()))
         if replaced and key not in self.warned:
             self.warned.add(key)
@@ -91,7 +91,7 @@ class _Installation:
         if context.strict:
             raise RuntimeError("fam_context(strict=True): the model's forward modulated no attention layer "
                                f"(FAM layers: {list(self.layers)[:4]}...)")
-        if any(p.lam > 0 for _, p in self.layers.values()) and "nothing modulated" not in self.warned:
+        if any(layer.lam > 0 for _, _, layer in self.layers.values()) and "nothing modulated" not in self.warned:
             self.warned.add("nothing modulated")
             warnings.warn("a forward inside fam_context with a map modulated no attention layer of this model "
                           "(see srdiff.fam_layers(model))", stacklevel=3)
@@ -157,8 +157,10 @@ def set_fam_attn_processor(
     ``layer_filter(name, module)`` rejects as they are, and gives every other one the FAM processor
     that :data:`srdiff.processors.table.FAM_PROCESSORS` names for its current processor
     (``AttnProcessor2_0``, ``FusedAttnProcessor2_0``: :class:`srdiff.FAMAttnProcessor`;
-    ``JointAttnProcessor2_0``: :class:`srdiff.FAMJointAttnProcessor`). Calling it again replaces
-    the earlier installation (same originals, same registered projections).
+    ``JointAttnProcessor2_0``: :class:`srdiff.FAMJointAttnProcessor`). On srdiff's own models
+    (:class:`srdiff.UViT`) it re-sets the modulated blocks' lam, projection, mode and backend (their
+    leading tokens are the model's). Calling it again replaces the earlier installation (same
+    originals, same registered projections).
 
     Args:
         model: a diffusers model (``UNet2DModel``, ``UNet2DConditionModel``, ``DiTTransformer2DModel``,
@@ -202,9 +204,11 @@ def set_fam_attn_processor(
     mode_name = projection if isinstance(projection, str) else None
     registered = _registered_projections(model)
     previous = getattr(model, _INSTALLATION_ATTR, None)
-    if registered and (previous is None or previous.projection != mode_name):
+    # srdiff's own models (UViT) may declare their projections in their config
+    declared = previous.projection if previous else getattr(getattr(model, "config", None), "fam_projection", None)
+    if registered and declared != mode_name:
         raise ValueError(f"model holds FAM projections {registered[:3]} from an earlier projection="
-                         f"{None if previous is None else previous.projection!r} install; pass that again, or "
+                         f"{declared!r} install; pass that again, or "
                          "call srdiff.remove_fam_attn_processor(model) first (it deletes them)")
     # Validates lam, mode, leading_tokens before anything changes.
     FAMLayer(lam, mode=mode, backend=backend, leading_tokens=leading_tokens)
@@ -213,6 +217,10 @@ def set_fam_attn_processor(
 
     chosen, skipped = [], {}
     for name, module in model.named_modules():
+        if isinstance(getattr(module, "fam_layer", None), FAMLayer):  # srdiff's own FAM blocks (UViT)
+            if layer_filter is None or layer_filter(name, module):
+                chosen.append((module.fam_layer.fam_name, module, "fam_layer", None))
+            continue
         # Attention: the classic layers; AttentionModuleMixin: the newer per-model ones (FluxAttention, ...)
         if not isinstance(module, (Attention, AttentionModuleMixin)) or getattr(module, "is_cross_attention", False):
             continue
@@ -229,20 +237,26 @@ def set_fam_attn_processor(
                 )
             skipped[name] = cls.rsplit(".", 1)[-1]
             continue
-        chosen.append((name, module, fam_class))
+        chosen.append((name, module, "processor", fam_class))
 
     shared = _projection_for(model, "model") if projection == "shared" and chosen else None
     layers = {}
-    for name, module, fam_class in chosen:
+    for name, module, attr, fam_class in chosen:
         if projection == "per_layer":
             layer_projection = _projection_for(module, f"layer {name!r}")
         else:
             layer_projection = shared if projection == "shared" else projection
-        processor = fam_class(lam, original=module.processor, projection=layer_projection, mode=mode,
-                              backend=backend, leading_tokens=leading_tokens, name=name)
-        processor.projection_kind = mode_name or (None if projection is None else "external")
-        module.set_processor(processor)
-        layers[name] = (module, processor)
+        options = dict(projection=layer_projection, mode=mode, backend=backend, name=name)
+        if attr == "processor":
+            layer = fam_class(lam, original=module.processor, leading_tokens=leading_tokens, **options)
+            module.set_processor(layer)
+        else:
+            original = module.fam_layer
+            layer = FAMLayer(lam, leading_tokens=original.leading_tokens, **options)
+            layer.family, layer.original = original.family, original
+            module.fam_layer = layer
+        layer.projection_kind = mode_name or (None if projection is None else "external")
+        layers[name] = (module, attr, layer)
 
     checkpointing = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
     setattr(model, _INSTALLATION_ATTR, _Installation(layers, mode_name, checkpointing))
@@ -260,9 +274,12 @@ def set_fam_attn_processor(
 def _uninstall(model: nn.Module, *, keep_projections: bool) -> list[str]:
     installation = getattr(model, _INSTALLATION_ATTR)
     restored = []
-    for name, (module, processor) in installation.layers.items():
-        if module.processor is processor:
-            module.set_processor(processor.original)
+    for name, (module, attr, layer) in installation.layers.items():
+        if getattr(module, attr) is layer:
+            if attr == "processor":
+                module.set_processor(layer.original)
+            else:
+                setattr(module, attr, layer.original)
             restored.append(name)
     for module in installation.checkpointing:
         func = getattr(module, "_gradient_checkpointing_func", None)
@@ -273,7 +290,7 @@ def _uninstall(model: nn.Module, *, keep_projections: bool) -> list[str]:
             del hooks[key]
             model._forward_hooks_always_called.pop(key, None)
             model._forward_pre_hooks_with_kwargs.pop(key, None)
-    if not keep_projections:
+    if not keep_projections and getattr(getattr(model, "config", None), "fam_projection", None) is None:
         for name in _registered_projections(model):
             owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
             delattr(owner, PROJECTION_ATTR)

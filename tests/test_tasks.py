@@ -152,18 +152,19 @@ def test_unconditional_task_is_the_default(tmp_path):
     assert srdiff.TrainConfig is TrainConfig
 
 
-@pytest.mark.parametrize("task, backbone", [("class", "dit"), ("unconditional", "dit"), ("text", "sd3")])
+@pytest.mark.parametrize("task, backbone", [("class", "dit"), ("unconditional", "dit"), ("text", "sd3"),
+                                           ("class", "uvit"), ("unconditional", "uvit")])
 def test_transformer_backbones_refine_and_export(tmp_path, task, backbone):
     """DiT and SD3 train through the base phase and a modulated refinement phase, and export to folders
     whose model reloads with the same predictions."""
     cfg = tiny_config(tmp_path, task=task, backbone=backbone, steps=4, ratio="1:1", cycle=2, mode="combined",
-                      hidden_size=16, depth=1, attention_head_dim=8)
+                      hidden_size=16, depth=2, attention_head_dim=8)
     trainer = SelfRefiningTrainer(cfg)
     assert trainer.fam_layers, "no attention layer is modulated"
     summary = trainer.train()
     assert trainer.mfam is not None
     trained = load_trained(summary["checkpoint"])
-    exported = type(trained.model).from_pretrained(f"{summary['pipeline']}/transformer").eval()
+    exported = _reload(type(trained.model), f"{summary['pipeline']}/transformer").eval()
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 60])
     cond = trained.task.sample_conditions(torch.arange(2), seed=0) or Condition()
     with torch.no_grad():
@@ -178,3 +179,31 @@ def _batch_of(x, cond):
     from srdiff.trainer.task import Batch
 
     return Batch(x0=x, cond=cond)
+
+
+def _reload(model_class, folder):
+    import os
+
+    if os.path.isfile(f"{folder}/uvit.pt"):
+        saved = torch.load(f"{folder}/uvit.pt", weights_only=True)
+        model = model_class.from_config(saved["config"])
+        model.load_state_dict(saved["state_dict"])
+        return model
+    return model_class.from_pretrained(folder)
+
+
+def test_per_layer_projections_train_with_the_denoiser(tmp_path):
+    """fam_projection='per_layer': one learned M_emb per attention layer, registered in the denoiser, so the
+    optimiser, the EMA, checkpoints and DDP see them; export drops them (sampling needs no map)."""
+    cfg = tiny_config(tmp_path, mode="reverse", fam_projection="per_layer", steps=4, ratio="1:1", cycle=2)
+    trainer = SelfRefiningTrainer(cfg)
+    projections = srdiff.fam_parameters(trainer.denoiser)
+    assert len(trainer.fam_layers) >= 1 and projections
+    before = [p.detach().clone() for p in projections]
+    summary = trainer.train()
+    assert any(not torch.equal(a, b) for a, b in zip(before, projections)), "the projections were not trained"
+    state = torch.load(summary["checkpoint"], weights_only=True)
+    assert sum("fam_projection" in k for k in state["model"]) == len(projections)
+    assert TrainConfig.from_dict({**cfg.to_dict(), "fam_projection": True}).fam_projection == "shared"
+    exported = __import__("diffusers").DDPMPipeline.from_pretrained(summary["pipeline"]).unet
+    assert not any("fam_projection" in k for k in exported.state_dict())

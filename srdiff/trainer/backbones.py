@@ -88,10 +88,16 @@ class Backbone:
 
     def plain_copy(self, model: nn.Module) -> nn.Module:
         """A fresh model with ``model``'s config and weights and the library's default attention
-        processors (the FAM processors are a training-time device), for export."""
+        processors (the FAM processors are a training-time device), for export. Learned mFAM
+        projections are dropped: sampling needs no map."""
         clean = type(model).from_config(model.config)
-        clean.load_state_dict(model.state_dict())
+        state = {k: v for k, v in model.state_dict().items() if "fam_projection" not in k}
+        clean.load_state_dict(state)
         return clean
+
+    def save(self, model: nn.Module, folder) -> None:
+        """Write ``model`` to ``folder`` so that its class loads it back (diffusers: ``save_pretrained``)."""
+        model.save_pretrained(folder)
 
 
 BACKBONES: dict[str, type[Backbone]] = {}
@@ -282,3 +288,35 @@ def _batched(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Timesteps as a (B,) tensor (the samplers pass one scalar for the whole batch)."""
     t = torch.as_tensor(t, device=x.device)
     return t.expand(x.shape[0]) if t.ndim == 0 else t
+
+
+@register_backbone
+class UViT(Backbone):
+    """:class:`srdiff.UViT` (Bao et al. 2023, "All are Worth Words"): time (and class) as tokens, long
+    skips between in- and out-blocks, patch embedding; ``depth`` (even) blocks besides the middle one,
+    width ``hidden_size``. Its in- and out-blocks are modulated, the middle block not, the leading
+    tokens get 0, as in the authors' code."""
+
+    name = "uvit"
+    conditions = frozenset({"class"})
+
+    def build(self, config, spec: DenoiserSpec) -> nn.Module:
+        from srdiff.models.uvit import UViT as UViTModel
+
+        self.check(spec)
+        return UViTModel(sample_size=spec.sample_size, in_channels=spec.in_channels, out_channels=spec.out_channels,
+                         patch_size=config.patch_size, width=config.hidden_size, depth=config.depth,
+                         heads=_heads(config), num_classes=spec.num_classes or 0, lam=config.lam_r)
+
+    def forward(self, model, x, t, cond):
+        return model(x, _batched(t, x), class_labels=cond.class_labels).sample
+
+    def save(self, model: nn.Module, folder) -> None:
+        """``uvit.pt``: ``{"config", "state_dict"}``; ``UViT.from_config(d["config"]).load_state_dict(...)``."""
+        import dataclasses
+        from pathlib import Path
+
+        from srdiff._io import save_atomic
+
+        save_atomic({"config": dataclasses.asdict(model.config), "state_dict": model.state_dict()},
+                    Path(folder) / "uvit.pt")

@@ -82,7 +82,9 @@ class TrainConfig:
     recipe: str = _f("paper", "refine", "noise amplification: 'paper' (x_t and target from eps + lam*M), 'adm' "
                      "(x_t from eps*(1 + lam*M), target eps), 'uvit' (x_t from eps, target eps + lam*M)",
                      choices=RECIPES)
-    fam_projection: bool = _f(False, "refine", "learn the small convolutional mFAM projection (M_emb)")
+    fam_projection: str = _f("none", "refine", "learned M_emb (3x3 conv 1-8-8-1): 'none' (the map itself, U-ViT code), "
+                             "'per_layer' (one per attention layer, the authors' ADM code) or 'shared' (one)",
+                             choices=("none", "per_layer", "shared"))
     mfam_samples: int = _f(64, "refine", "EMA samples drawn per mFAM refresh (over all ranks)")
     mfam_sampler_steps: int = _f(20, "refine", "DDIM steps for the refresh samples")
     # highlighter
@@ -282,6 +284,8 @@ class TrainConfig:
 def _upgrade(data: dict, where: str) -> dict:
     """Configs saved before the named recipes and the task seam (checkpoints of version 0.1)."""
     section = data.get("refine") if isinstance(data.get("refine"), dict) else data
+    if isinstance(section.get("fam_projection"), bool):  # 0.1: one projection outside the model, or none
+        section["fam_projection"] = "shared" if section["fam_projection"] else "none"
     if "amplify" in section or "amplified_target" in section:
         pair = (section.pop("amplify", "add"), section.pop("amplified_target", True))
         if pair not in _LEGACY_RECIPES:

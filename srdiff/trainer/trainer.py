@@ -40,7 +40,7 @@ RESUMABLE_CHANGES = ("out_dir", "progress", "checkpoint_every", "eval_samples", 
                      "sampler", "feature_epochs", "inception_weights", "cache_dir", "device")
 # Fields a run started from another run's base checkpoint (``init_from``) may change: what only the
 # refinement phase reads.
-REFINE_FIELDS = ("mode", "cycle", "lam_f", "lam_r", "recipe", "fam_projection", "mfam_samples",
+REFINE_FIELDS = ("mode", "cycle", "lam_f", "lam_r", "recipe", "mfam_samples",
                  "mfam_sampler_steps", "highlighter", "highlighter_backbone", "highlighter_epochs",
                  "highlighter_samples", "highlighter_finetune_steps")
 
@@ -100,9 +100,10 @@ class SelfRefiningTrainer:
         torch.manual_seed(config.seed)
         self.denoiser = self.task.build_denoiser().to(self.device)
         self.fam_layers: list[str] = []
-        self.projection = srdiff.FAMProjection().to(self.device) if config.fam_projection else None
         if config.refine_reverse:
-            self.fam_layers = srdiff.set_fam_attn_processor(self.denoiser, lam=config.lam_r, projection=self.projection)
+            projection = None if config.fam_projection == "none" else config.fam_projection
+            self.fam_layers = srdiff.set_fam_attn_processor(self.denoiser, lam=config.lam_r, projection=projection)
+            self.denoiser.to(self.device)  # the learned projections the processors registered
         self.ema = EMA(self.denoiser, config.ema_decay)
         self.model = self.denoiser
         if self.dist.enabled:
@@ -129,10 +130,9 @@ class SelfRefiningTrainer:
         return self.refinement.mfam
 
     def parameters(self) -> list[nn.Parameter]:
-        """What the optimiser trains: the denoiser's parameters and the learned mFAM projection's, if any
-        (the FAM processors do not register it in the denoiser)."""
-        extra = list(self.projection.parameters()) if self.projection is not None else []
-        return [*self.denoiser.parameters(), *extra]
+        """What the optimiser trains: the denoiser's parameters (the learned mFAM projections included:
+        the FAM processors register them in the denoiser)."""
+        return list(self.denoiser.parameters())
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -214,11 +214,6 @@ class SelfRefiningTrainer:
                 loss = self._micro_loss(step, j, indices[sl], timesteps[sl].to(self.device))
                 (loss / c.grad_accum).backward()
             loss_sum += loss.detach()
-        if self.projection is not None and self.dist.enabled:
-            # DDP averages the denoiser's gradients only; the projection lives outside it.
-            for p in self.projection.parameters():
-                if p.grad is not None:
-                    distributed.all_reduce_sum(p.grad, self.dist).div_(self.dist.world_size)
         loss_sum = distributed.all_reduce_sum(loss_sum, self.dist)
         loss_value = loss_sum.item() / (c.grad_accum * self.dist.world_size)
         if not math.isfinite(loss_value):
@@ -267,7 +262,6 @@ class SelfRefiningTrainer:
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
-            "projection": self.projection.state_dict() if self.projection is not None else None,
             **self.refinement.state_dict(),
             "rng": checkpoint.rng_state(),
             "world_size": self.dist.world_size,
@@ -279,8 +273,6 @@ class SelfRefiningTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.step = int(state["step"])
-        if self.projection is not None and state["projection"] is not None:
-            self.projection.load_state_dict(state["projection"])
         self.refinement.load_state_dict(state)
         if restore_rng:
             checkpoint.set_rng_state(state["rng"])
@@ -321,7 +313,7 @@ class SelfRefiningTrainer:
         if state["step"] != self.config.base_steps:
             raise ValueError(f"{path} is at step {state['step']}, not at the end of the base phase "
                              f"({self.config.base_steps})")
-        self.load_state_dict({**state, "mfam": None, "highlighter": None, "projection": None})
+        self.load_state_dict({**state, "mfam": None, "highlighter": None})
 
     def evaluate(self, n: int) -> dict:
         """FID, KID and k-NN precision/recall of ``n`` EMA samples against the held-out images."""

@@ -164,7 +164,7 @@ def test_transformer_backbones_refine_and_export(tmp_path, task, backbone):
     summary = trainer.train()
     assert trainer.mfam is not None
     trained = load_trained(summary["checkpoint"])
-    exported = _reload(type(trained.model), f"{summary['pipeline']}/transformer").eval()
+    exported = type(trained.model).from_pretrained(f"{summary['pipeline']}/transformer").eval()
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 60])
     cond = trained.task.sample_conditions(torch.arange(2), seed=0) or Condition()
     with torch.no_grad():
@@ -179,17 +179,6 @@ def _batch_of(x, cond):
     from srdiff.trainer.task import Batch
 
     return Batch(x0=x, cond=cond)
-
-
-def _reload(model_class, folder):
-    import os
-
-    if os.path.isfile(f"{folder}/uvit.pt"):
-        saved = torch.load(f"{folder}/uvit.pt", weights_only=True)
-        model = model_class.from_config(saved["config"])
-        model.load_state_dict(saved["state_dict"])
-        return model
-    return model_class.from_pretrained(folder)
 
 
 def test_per_layer_projections_train_with_the_denoiser(tmp_path):

@@ -95,9 +95,6 @@ class Backbone:
         clean.load_state_dict(state)
         return clean
 
-    def save(self, model: nn.Module, folder) -> None:
-        """Write ``model`` to ``folder`` so that its class loads it back (diffusers: ``save_pretrained``)."""
-        model.save_pretrained(folder)
 
 
 BACKBONES: dict[str, type[Backbone]] = {}
@@ -310,13 +307,3 @@ class UViT(Backbone):
 
     def forward(self, model, x, t, cond):
         return model(x, _batched(t, x), class_labels=cond.class_labels).sample
-
-    def save(self, model: nn.Module, folder) -> None:
-        """``uvit.pt``: ``{"config", "state_dict"}``; ``UViT.from_config(d["config"]).load_state_dict(...)``."""
-        import dataclasses
-        from pathlib import Path
-
-        from srdiff._io import save_atomic
-
-        save_atomic({"config": dataclasses.asdict(model.config), "state_dict": model.state_dict()},
-                    Path(folder) / "uvit.pt")

@@ -185,7 +185,7 @@ class DenoisingTask:
         out_dir = Path(out_dir)
         clean = self.backbone.plain_copy(model).cpu()
         folder = "unet" if "UNet" in type(clean).__name__ else "transformer"
-        self.backbone.save(clean, out_dir / folder)
+        clean.save_pretrained(out_dir / folder)
         sampling.make_scheduler(self.config, "ddim").save_pretrained(out_dir / "scheduler")
         if self.vae is not None:
             self.vae.save_pretrained(out_dir / "vae")

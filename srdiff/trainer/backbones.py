@@ -113,11 +113,20 @@ def get_backbone(name: str) -> Backbone:
     return BACKBONES[name]()
 
 
-def _block_types(config, attn: str, plain: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(down, up) block types: ``{attn}DownBlock2D`` at the levels ``config.attention_levels`` marks."""
-    down = tuple(f"{attn if a else plain}DownBlock2D" for a in config.attention_levels)
-    up = tuple(f"{attn if a else plain}UpBlock2D" for a in reversed(config.attention_levels))
-    return down, up
+def _unet_kwargs(config, spec: DenoiserSpec, attention: str) -> dict:
+    """What both diffusers U-Nets take from the config and the spec; ``{attention}DownBlock2D`` /
+    ``{attention}UpBlock2D`` at the levels ``config.attention_levels`` marks, plain blocks elsewhere."""
+    return dict(
+        sample_size=spec.sample_size,
+        in_channels=spec.in_channels,
+        out_channels=spec.out_channels,
+        block_out_channels=config.block_out_channels,
+        down_block_types=tuple(f"{attention if a else ''}DownBlock2D" for a in config.attention_levels),
+        up_block_types=tuple(f"{attention if a else ''}UpBlock2D" for a in reversed(config.attention_levels)),
+        layers_per_block=config.layers_per_block,
+        norm_num_groups=config.norm_num_groups,
+        num_class_embeds=spec.num_classes + 1 if spec.num_classes else None,
+    )
 
 
 @register_backbone
@@ -132,19 +141,7 @@ class UNet(Backbone):
         from diffusers import UNet2DModel
 
         self.check(spec)
-        down, up = _block_types(config, "Attn", "")
-        return UNet2DModel(
-            sample_size=spec.sample_size,
-            in_channels=spec.in_channels,
-            out_channels=spec.out_channels,
-            block_out_channels=config.block_out_channels,
-            down_block_types=down,
-            up_block_types=up,
-            layers_per_block=config.layers_per_block,
-            attention_head_dim=config.attention_head_dim,
-            norm_num_groups=config.norm_num_groups,
-            num_class_embeds=spec.num_classes + 1 if spec.num_classes else None,
-        )
+        return UNet2DModel(**_unet_kwargs(config, spec, "Attn"), attention_head_dim=config.attention_head_dim)
 
     def forward(self, model, x, t, cond):
         if cond.class_labels is None:
@@ -165,21 +162,12 @@ class ConditionUNet(Backbone):
         from diffusers import UNet2DConditionModel
 
         self.check(spec)
-        down, up = _block_types(config, "CrossAttn", "")
         head_dim = config.attention_head_dim
         return UNet2DConditionModel(
-            sample_size=spec.sample_size,
-            in_channels=spec.in_channels,
-            out_channels=spec.out_channels,
-            block_out_channels=config.block_out_channels,
-            down_block_types=down,
-            up_block_types=up,
+            **_unet_kwargs(config, spec, "CrossAttn"),
             mid_block_type="UNetMidBlock2DCrossAttn",
-            layers_per_block=config.layers_per_block,
-            attention_head_dim=tuple(c // head_dim for c in config.block_out_channels),
-            norm_num_groups=config.norm_num_groups,
+            attention_head_dim=tuple(c // head_dim for c in config.block_out_channels),  # diffusers: heads
             cross_attention_dim=spec.cross_attention_dim or head_dim,
-            num_class_embeds=spec.num_classes + 1 if spec.num_classes else None,
         )
 
     def forward(self, model, x, t, cond):

@@ -27,27 +27,30 @@ def token_scale(mfam: torch.Tensor, grid: tuple[int, int], lam: float, leading: 
     return 1 + lam * F.pad(m, (leading, 0))
 
 
-def _scale(grid_of, mfam, lam, leading, heads_layout):
+def _scale(grid_of, mfam, lam, leading, token_dim):
     def hook(module, inputs, out):
-        n = out.shape[2] if heads_layout else out.shape[1]
+        n = out.shape[token_dim]
         s = token_scale(mfam, grid_of(n - leading), lam, leading).to(out.dtype)
-        return out * (s[:, None, :, None] if heads_layout else s[..., None])
+        return out * s.view(*s.shape[:1], *[1] * (token_dim - 1), n, *[1] * (out.dim() - token_dim - 1))
 
     return hook
 
 
 @contextlib.contextmanager
-def prescaled(model, names, mfam, lam, grid_of, leading: int = 0):
+def prescaled(model, names, mfam, lam, grid_of, leading: int = 0, key_token_dim: int | None = None):
     """Inside the block, the named layers of ``model`` (running their original processors) scale K
-    and V; ``grid_of(n_spatial_tokens) -> (h, w)``."""
+    and V; ``grid_of(n_spatial_tokens) -> (h, w)``. ``key_token_dim``: the token dim of the key
+    output hooked (``norm_k``'s where the layer has one: 2 for (B, H, N, D), Attention's layout;
+    Flux's is (B, N, H, D): 1)."""
     modules = dict(model.named_modules())
     hooks = []
     for name in names:
         attn = modules[name]
         norm_k = getattr(attn, "norm_k", None)
         key_out = attn.to_k if norm_k is None else norm_k
-        hooks.append(key_out.register_forward_hook(_scale(grid_of, mfam, lam, leading, norm_k is not None)))
-        hooks.append(attn.to_v.register_forward_hook(_scale(grid_of, mfam, lam, leading, False)))
+        token_dim = key_token_dim or (1 if norm_k is None else 2)
+        hooks.append(key_out.register_forward_hook(_scale(grid_of, mfam, lam, leading, token_dim)))
+        hooks.append(attn.to_v.register_forward_hook(_scale(grid_of, mfam, lam, leading, 1)))
     try:
         yield
     finally:

@@ -1,6 +1,7 @@
 """FAM processors on small randomly initialised diffusers transformers: DiT (class-conditional,
-AttnProcessor2_0 on patch tokens) and SD3 (JointAttnProcessor2_0: image tokens first, text tokens
-after them, plus SD3.5's image-only second attention). Each layer's grid is the patch grid
+AttnProcessor2_0 on patch tokens), SD3 (JointAttnProcessor2_0: image tokens first, text tokens
+after them, plus SD3.5's image-only second attention) and Flux (FluxAttnProcessor: packed image
+tokens, text first; single-stream blocks see both concatenated). Each layer's grid is the patch grid
 (H // p, W // p) of the input, given to the reference independently of the processors' search.
 
 Outputs are compared with the forward table at reduce_dim = the widest linear layer's fan-in (the
@@ -186,3 +187,51 @@ def test_compile_fullgraph_no_recompile_per_map():
                 want = model(**inputs).sample
             assert_close(got, want, dtype=torch.float32, reduce_dim=FAN_IN)
     torch._dynamo.reset()
+
+
+def _flux():
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4),
+    ).eval()
+
+
+def _flux_inputs(grid, batch=2, n_text=5):
+    h, w = grid
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1], ids[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None]
+    return {"hidden_states": torch.randn(batch, h * w, 4), "encoder_hidden_states": torch.randn(batch, n_text, 16),
+            "pooled_projections": torch.randn(batch, 8), "timestep": torch.tensor([0.1, 0.5][:batch]),
+            "img_ids": ids.reshape(-1, 3), "txt_ids": torch.zeros(n_text, 3)}
+
+
+def test_flux_dual_and_single_stream_blocks():
+    """Unmodulated exactly FluxAttnProcessor; modulated equal to the reference, in which the dual
+    block's image keys (norm_k output, (B, N, H, D)) and values are scaled and the single block's
+    text+image keys get 1 for the 5 text tokens in front; the grid comes from img_ids."""
+    model = _flux()
+    grid = (4, 6)
+    inputs = _flux_inputs(grid)
+    inputs["hidden_states"].requires_grad_()
+    mfam = torch.rand(8, 12)
+    with torch.no_grad():
+        want_plain = model(**inputs).sample
+    names = srdiff.set_fam_attn_processor(model, lam=LAM)
+    assert names == ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).sample, want_plain)
+    with srdiff.fam_context(mfam):
+        got = model(**inputs).sample
+    assert [layer.grid for layer in srdiff.fam_layers(model)] == [grid, grid]
+    got.square().sum().backward()
+    x = inputs["hidden_states"]
+    got_grad, x.grad = x.grad, None
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(original_processors(model, names))
+        stack.enter_context(prescaled(model, names[:1], mfam, LAM, lambda n: grid, key_token_dim=1))
+        stack.enter_context(prescaled(model, names[1:], mfam, LAM, lambda n: grid, leading=5, key_token_dim=1))
+        want = model(**inputs).sample
+    want.square().sum().backward()
+    assert_close(got, want, dtype=torch.float32, reduce_dim=FAN_IN)
+    assert_close(got_grad, x.grad, dtype=torch.float32, pass_="bwd", reduce_dim=FAN_IN, name="dx")
+    assert (got - want_plain).abs().max() > 1e-3, "the modulation did not change the output"

@@ -7,17 +7,18 @@ family, installed by a table, and the context that holds the active mFAM.
     loss(eps).backward()                                     # outside the context: fine
 
 Modules: :mod:`.context` (fam_context, the per-forward record), :mod:`.base` (what every FAM layer
-shares), :mod:`.self_attention` and :mod:`.joint` (the processors), :mod:`.table` (which replaces
+shares), :mod:`.self_attention`, :mod:`.joint` and :mod:`.flux` (the processors), :mod:`.table` (which replaces
 which), :mod:`.install` (set/remove/introspect). See docs/processors.md.
 """
 
 from srdiff.processors.base import FAMLayer, FAMLayerInfo
 from srdiff.processors.context import active_mfam, fam_context
+from srdiff.processors.flux import FAMFluxAttnProcessor
 from srdiff.processors.install import fam_layers, fam_parameters, remove_fam_attn_processor, set_fam_attn_processor
 from srdiff.processors.joint import FAMJointAttnProcessor
 from srdiff.processors.self_attention import FAMAttnProcessor
 from srdiff.processors.table import FAM_PROCESSORS
 
-__all__ = ["FAM_PROCESSORS", "FAMAttnProcessor", "FAMJointAttnProcessor", "FAMLayer", "FAMLayerInfo",
+__all__ = ["FAM_PROCESSORS", "FAMAttnProcessor", "FAMFluxAttnProcessor", "FAMJointAttnProcessor", "FAMLayer", "FAMLayerInfo",
            "active_mfam", "fam_context", "fam_layers", "fam_parameters", "remove_fam_attn_processor",
            "set_fam_attn_processor"]

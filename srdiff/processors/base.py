@@ -84,10 +84,12 @@ class FAMLayer:
         return grid
 
     def token_fam(self, context: "fam_state.FAMContext", grid: tuple[int, int], batch_size: int,
-                  trailing: int = 0) -> torch.Tensor:
-        """This layer's per-key map: leading zeros, the resized M_emb, ``trailing`` zeros."""
-        fam = fam_state.layer_fam(context, self.projection, self.lam, grid, self.mode, self.leading_tokens,
-                                  trailing, batch_size)
+                  trailing: int = 0, leading: int | None = None) -> torch.Tensor:
+        """This layer's per-key map: ``leading`` zeros (default ``leading_tokens``), the resized M_emb,
+        ``trailing`` zeros (text tokens after the image)."""
+        leading = self.leading_tokens if leading is None else leading
+        fam = fam_state.layer_fam(context, self.projection, self.lam, grid, self.mode, leading, trailing,
+                                  batch_size)
         self.last_grid = grid
         fam_state.note_modulated(self.fam_name)
         return fam

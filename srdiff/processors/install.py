@@ -98,9 +98,15 @@ class _Installation:
 
 
 def _input_hw(args: tuple, kwargs: dict) -> tuple[int, int] | None:
+    """The input's (H, W): a 4-d sample's, or for packed tokens (Flux) the grid that ``img_ids``
+    (N, 3) spans (rows and columns in columns 1 and 2: one device sync)."""
     sample = args[0] if args else next((kwargs[n] for n in _INPUT_NAMES if n in kwargs), None)
     if isinstance(sample, torch.Tensor) and sample.dim() == 4:
         return tuple(sample.shape[-2:])
+    img_ids = kwargs.get("img_ids")
+    if isinstance(img_ids, torch.Tensor) and img_ids.shape[-1] == 3:
+        ids = img_ids.reshape(-1, 3)[:, 1:].amax(dim=0)
+        return int(ids[0]) + 1, int(ids[1]) + 1
     return None
 
 

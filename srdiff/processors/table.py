@@ -2,6 +2,7 @@
 refused by :func:`srdiff.set_fam_attn_processor` (or skipped and reported with ``strict=False``):
 installing something that behaves differently outside the modulation is never an option."""
 
+from srdiff.processors.flux import FAMFluxAttnProcessor
 from srdiff.processors.joint import FAMJointAttnProcessor
 from srdiff.processors.self_attention import FAMAttnProcessor
 
@@ -12,6 +13,7 @@ FAM_PROCESSORS: dict[str, type] = {
     _DIFFUSERS + "AttnProcessor2_0": FAMAttnProcessor,
     _DIFFUSERS + "FusedAttnProcessor2_0": FAMAttnProcessor,
     _DIFFUSERS + "JointAttnProcessor2_0": FAMJointAttnProcessor,
+    "diffusers.models.transformers.transformer_flux.FluxAttnProcessor": FAMFluxAttnProcessor,
 }
 
 

@@ -1,0 +1,75 @@
+"""FAM processor for Flux's ``FluxAttnProcessor`` (``FluxTransformer2DModel``): packed image tokens,
+text tokens first. Dual-stream blocks get the text as ``encoder_hidden_states``; single-stream
+blocks see ``[text, image]`` already concatenated. Either way the text tokens get 0 and the image
+tokens the map on the packed token grid, which the model hook reads from ``img_ids`` (rows and
+columns in its columns 1 and 2) or ``fam_context(mfam, grid=(h, w))`` gives."""
+
+import torch
+
+from srdiff.processors.base import FAMLayer
+
+
+class FAMFluxAttnProcessor(FAMLayer):
+    """The modulated ``FluxAttnProcessor`` (projections, RMS norms and rotary embeddings as there, the
+    attention by :func:`srdiff.fam_attention`). Unmodulated calls run the original unchanged.
+    Arguments: see :class:`srdiff.FAMAttnProcessor`."""
+
+    family = "FluxAttnProcessor"
+
+    def __init__(self, lam: float = 0.025, *, original=None, **kwargs):
+        super().__init__(lam, **kwargs)
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        self.original = FluxAttnProcessor() if original is None else original
+
+    def __repr__(self) -> str:
+        return f"FAMFluxAttnProcessor(lam={self.lam}, projection={self.projection_kind}, mode={self.mode!r})"
+
+    def _image_grid(self, context) -> tuple[int, int]:
+        from srdiff.processors.context import current_forward
+
+        record = current_forward()
+        grid = context.grid or (None if record is None else record.input_hw)
+        if grid is None:
+            raise ValueError(f"layer {self.fam_name!r}: Flux's packed token grid is unknown: call the model with "
+                             "img_ids (the hook reads it) or pass srdiff.fam_context(mfam, grid=(h, w))")
+        return grid
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None):
+        context = self.active()
+        if context is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        query, key, value, text_query, text_key, text_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states)
+        query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in (query, key, value))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if attn.added_kv_proj_dim is not None:
+            text_query, text_key, text_value = (x.unflatten(-1, (-1, attn.head_dim))
+                                                for x in (text_query, text_key, text_value))
+            text_query, text_key = attn.norm_added_q(text_query), attn.norm_added_k(text_key)
+            query, key, value = (torch.cat([a, b], dim=1) for a, b in
+                                 zip((text_query, text_key, text_value), (query, key, value)))
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        grid = self._image_grid(context)
+        n_text = key.shape[1] - grid[0] * grid[1]
+        if n_text < 0:
+            raise ValueError(f"layer {self.fam_name!r}: {key.shape[1]} tokens cannot hold the {grid[0]}x{grid[1]} "
+                             "image grid")
+        fam = self.token_fam(context, grid, query.shape[0], leading=n_text)
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+        hidden_states = self.attend(q, k, v, fam, attention_mask).transpose(1, 2).flatten(2, 3).to(query.dtype)
+
+        if encoder_hidden_states is not None:
+            n_enc = encoder_hidden_states.shape[1]
+            encoder_hidden_states, hidden_states = hidden_states[:, :n_enc], hidden_states[:, n_enc:]
+            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+            return hidden_states, encoder_hidden_states
+        return hidden_states

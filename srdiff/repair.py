@@ -372,7 +372,8 @@ def repair_flaws(
         images: (B, C, H, W) in [0, 1], e.g. a model's samples.
         model: the denoiser, called ``model(x_t, t, **model_kwargs)`` with ``t`` a 0-dim tensor: a
             diffusers UNet (``.sample`` of its output is used) or a plain callable returning the
-            prediction ``scheduler`` expects (ε for the trainer's models). Runs on its parameters' device.
+            prediction ``scheduler`` expects (ε for the trainer's models). Runs on its parameters' device
+            (the highlighter on its own).
         highlighter: a :class:`srdiff.FlawHighlighter` for C-channel images; masks come from
             ``highlighter.fam`` and flags from ``highlighter.predict`` (P(fake) >= ``flag_threshold``).
             Optional when ``masks`` is given and ``rounds == 1``.
@@ -388,7 +389,8 @@ def repair_flaws(
         resample, jump: RePaint's resampling (:func:`jump_schedule`); 1: none.
         seed: the noise of image i in round r comes from its own generator seeded by (seed, r, i):
             results do not depend on ``batch_size`` or the device's RNG.
-        masks: (B, H, W) or (B, 1, H, W) in [0, 1] to use instead of the highlighter's (round 1).
+        masks: (B, H, W) or (B, 1, H, W) in [0, 1] to use instead of the highlighter's (one round);
+            every image with a non-empty mask is repaired, flagged or not.
         vae: for latent models: images are encoded (``latent_dist.mode()`` x ``scaling_factor``), the
             mask is brought to the latent grid (a cell's largest pixel value), composition runs in
             latent space, the result is decoded and pasted into the input through the pixel mask.
@@ -428,8 +430,12 @@ def repair_flaws(
     union = torch.zeros(B, *current.shape[-2:], device=device)
     rounds_run = torch.zeros(B, dtype=torch.long)
 
+    hl_device = _device(highlighter, current) if highlighter is not None else device
+
     def p_fake(x):
-        return highlighter.predict(x).float().cpu() if highlighter is not None else torch.full((len(x),), float("nan"))
+        if highlighter is None:
+            return torch.full((len(x),), float("nan"))
+        return highlighter.predict(x.to(hl_device)).float().cpu()
 
     p_before = p_fake(current) if B else torch.zeros(0)
     flagged = p_before >= flag_threshold
@@ -440,8 +446,8 @@ def repair_flaws(
         if given is not None:
             m = given.to(device)[active]
         else:
-            m = flaw_masks(highlighter.fam(current[active]), threshold=threshold, threshold_mode=threshold_mode,
-                           dilate=dilate, feather=feather)
+            fams = highlighter.fam(current[active.to(device)].to(hl_device)).to(device)
+            m = flaw_masks(fams, threshold=threshold, threshold_mode=threshold_mode, dilate=dilate, feather=feather)
         keep = m.flatten(1).amax(dim=1).cpu() > 0
         active, m = active[keep], m[keep.to(device)]
         if len(active) == 0:

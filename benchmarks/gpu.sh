@@ -10,7 +10,7 @@
 #
 # Everything is written to $OUT as it happens (at most 8 files come back), named <stamp>_<commit>_<what>:
 #   _log.txt      every step's output, the plan, the environment
-#   _tests.jsonl  one line per test result as it finishes (benchmarks/live_log.py): survives a kill
+#   _tests.jsonl  one line per pytest result of every step as it finishes (benchmarks/live_log.py)
 #   _tests.xml    junit of the test step (written when pytest ends, also on its timeout's SIGINT)
 #   _bench.jsonl  one line per finished benchmark case, per unavailable provider, per chunk start
 #   _extra.tgz    what chunks leave under $WORK/extra (ablation results), packed after every step

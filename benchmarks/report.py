@@ -14,6 +14,7 @@ import argparse
 import glob
 import json
 import os
+import re
 from collections import defaultdict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -50,18 +51,32 @@ def read_jsonl_run(path: str) -> dict:
     }
 
 
+def _merge(runs: list[dict]) -> dict:
+    """One run from the chunks of one gpu.sh call: the first chunk's header, every chunk's rows."""
+    merged = dict(runs[0])
+    merged["benchmarks"] = [b for r in runs for b in r["benchmarks"]]
+    merged["unavailable"] = [u for r in runs for u in r["unavailable"]]
+    return merged
+
+
 def load_runs(results_dir: str) -> list[dict]:
-    """Every stored run: pytest-benchmark ``*.json`` and gpu.sh's ``*.jsonl`` under <results>/<machine>/."""
-    runs = []
+    """Every stored run: pytest-benchmark ``*.json``, and gpu.sh's ``*.jsonl`` where the chunks of one
+    call (``<stamp>_<commit>_<chunk>.jsonl``, benchmarks/store.py) make one run."""
+    runs, calls = [], defaultdict(list)
     for path in sorted(glob.glob(os.path.join(results_dir, "*", "*.json*"))):
         if path.endswith(".jsonl"):
-            run = read_jsonl_run(path)
-        elif path.endswith(".json"):
-            with open(path) as f:
-                run = json.load(f)
-        else:
+            call = re.match(r"(\d{8}T\d{6}Z_[^_]+)_", os.path.basename(path))
+            calls[os.path.join(os.path.dirname(path), call.group(1) if call else os.path.basename(path))].append(path)
             continue
+        if not path.endswith(".json"):
+            continue
+        with open(path) as f:
+            run = json.load(f)
         run["_path"] = os.path.relpath(path, ROOT)
+        runs.append(run)
+    for key, paths in calls.items():
+        run = _merge([read_jsonl_run(p) for p in paths])
+        run["_path"] = os.path.relpath(paths[0] if len(paths) == 1 else key + "_*.jsonl", ROOT)
         runs.append(run)
     return runs
 

@@ -133,6 +133,8 @@ def test_store_writes_one_file_per_chunk_and_never_replaces(tmp_path):
     noise = report.read_jsonl_run(str(results / names[1]))
     assert len(noise["benchmarks"]) == 1 and len(noise["unavailable"]) == 1
     assert len(report.read_jsonl_run(str(results / names[0]))["benchmarks"]) == 2
+    (run,) = report.load_runs(str(results))  # the chunks of one call read back as one run
+    assert len(run["benchmarks"]) == 3 and len(run["unavailable"]) == 1
     with pytest.raises(SystemExit, match="refusing to replace"):
         store.store(str(files_at), str(results))
 

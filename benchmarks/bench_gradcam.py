@@ -45,7 +45,7 @@ def test_gradcam_reduce(benchmark, provider, dtype, shape, size):
     if provider == "srdiff":
         if not _extension.HAS_EXT:
             unavailable(reason=f"srdiff._C unavailable: {_extension.WHY_NOT}", **case)
-        fn = lambda: srdiff.gradcam_reduce(acts, grads, size, check_finite_grads=False)  # noqa: E731
+        fn = lambda: srdiff.gradcam_reduce(acts, grads, size)  # noqa: E731  (default args: checks on)
     elif provider == "reference":
         fn = lambda: gradcam_reduce_ref(acts, grads, size)  # noqa: E731
     else:

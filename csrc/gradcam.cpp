@@ -22,7 +22,10 @@ std::string build_info() {
 
 TORCH_LIBRARY(srdiff, m) {
   // activations, gradients: (B, C, h, w) -> (B, h, w) or (B, H, W) with size=(H, W); float32 out.
-  m.def("gradcam_reduce(Tensor activations, Tensor gradients, int[]? size=None, bool normalize=True) -> Tensor");
+  // check_finite: raise ValueError if gradients hold NaN/inf (tested on the kernels' own pass).
+  m.def(
+      "gradcam_reduce(Tensor activations, Tensor gradients, int[]? size=None, bool normalize=True, "
+      "bool check_finite=True) -> Tensor");
   m.def("_build_info() -> str", &build_info);
 }
 

@@ -1,6 +1,6 @@
 // Shared pieces of the Grad-CAM reduction: argument checks (used by every backend, so a direct
-// torch.ops.srdiff.gradcam_reduce call gets the same ValueError/TypeError as the Python wrapper)
-// and the per-image normalisation epsilon.
+// torch.ops.srdiff.gradcam_reduce call gets the same ValueError/TypeError as the Python wrapper),
+// the error for non-finite gradients and the per-image normalisation epsilon.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -29,6 +29,23 @@ inline void check_gradcam_args(const at::Tensor& activations, const at::Tensor& 
     TORCH_CHECK_VALUE(size->size() == 2 && (*size)[0] > 0 && (*size)[1] > 0,
                       "gradcam_reduce: size must be two positive ints (H, W), got ", *size);
   }
+}
+
+// The backends flag an image whose gradient channel sums are not finite during their own pass over
+// the gradients; only then is this called, to say what is wrong: non-finite values (how many, the
+// first image holding one) or finite values whose float32 sum overflows.
+[[noreturn]] inline void raise_nonfinite_gradients(const at::Tensor& gradients) {
+  const at::Tensor nonfinite = gradients.isfinite().logical_not();
+  const int64_t count = nonfinite.sum().item<int64_t>();
+  if (count > 0) {
+    const int64_t image = nonfinite.flatten(1).any(1).to(at::kInt).argmax().item<int64_t>();
+    TORCH_CHECK_VALUE(false, "gradcam_reduce: gradients must be finite, found ", count, " non-finite value(s) of ",
+                      gradients.numel(), " (the first in image ", image,
+                      "): the classifier's score diverged, a map made from it would point anywhere");
+  }
+  TORCH_CHECK_VALUE(false, "gradcam_reduce: gradients must be finite after averaging, but a float32 sum over (h, w) ",
+                    "overflows (largest |gradient| ", gradients.abs().max().item<double>(),
+                    "): scale the target score down");
 }
 
 }  // namespace srdiff

@@ -60,10 +60,12 @@ def gradcam_reduce(
         normalize: scale each map to [0, 1] by (x - min) / (1e-7 + max - min); a constant map becomes
             zeros, never NaN. With ``size`` the resized map is scaled once more, exactly the sequence
             of pytorch-grad-cam's ``GradCAM``, whose maps this reproduces.
-        check_finite_grads: raise ``ValueError`` if ``gradients`` holds NaN or inf (this costs one
-            device sync; skipped under ``torch.compile``, where non-finite values propagate as NaN
-            into that image's map). A non-finite gradient means the classifier diverged: a map made
-            from it would point anywhere, so srdiff refuses it rather than guess.
+        check_finite_grads: raise ``ValueError`` if ``gradients`` holds NaN or inf, or values whose
+            float32 mean over (h, w) overflows. A non-finite gradient means the classifier
+            diverged: a map made from it would point anywhere, so srdiff refuses it rather than
+            guess. The extension tests each channel's sum on the pass that averages it (no extra
+            read; on CUDA one device sync to read the flag back, also under ``torch.compile``);
+            the reference path pays a separate ``torch.isfinite`` pass.
         backend: ``None`` (the extension when built, else the reference), ``"extension"`` or
             ``"reference"`` (:func:`srdiff.reference.gradcam_reduce_ref`).
 
@@ -80,24 +82,26 @@ def gradcam_reduce(
         torch.Size([4, 32, 32])
     """
     _check_args(activations, gradients, size)
-    if check_finite_grads:
-        check_finite("gradients", gradients)
     if backend is not None:
         check_choice("backend", backend, BACKENDS)
     if backend == "extension" and not _extension.HAS_EXT:
         raise RuntimeError(f"backend='extension' but srdiff._C is unavailable: {_extension.WHY_NOT}")
-    if backend == "reference" or not _extension.HAS_EXT:
-        return gradcam_reduce_ref(activations, gradients, size, normalize)
+    use_reference = backend == "reference" or not _extension.HAS_EXT
     if activations.is_cuda and not _extension.has_cuda_backend():
+        use_reference = True
+    if use_reference:
+        if check_finite_grads:
+            check_finite("gradients", gradients)
         return gradcam_reduce_ref(activations, gradients, size, normalize)
-    return _gradcam_reduce_op(activations, gradients, None if size is None else list(size), normalize)
+    size = None if size is None else list(size)
+    return _gradcam_reduce_op(activations, gradients, size, normalize, check_finite_grads)
 
 
 if _extension.HAS_EXT:
     _gradcam_reduce_op = torch.ops.srdiff.gradcam_reduce.default
 
     @torch.library.register_fake("srdiff::gradcam_reduce")
-    def _gradcam_reduce_fake(activations, gradients, size=None, normalize=True):
+    def _gradcam_reduce_fake(activations, gradients, size=None, normalize=True, check_finite=True):
         _check_args(activations, gradients, None if size is None else tuple(size))
         H, W = activations.shape[2:] if size is None else size
         return activations.new_empty((activations.shape[0], H, W), dtype=torch.float32)

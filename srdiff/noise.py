@@ -148,7 +148,7 @@ def _check_args(
     pred=None,
     reduction="mean",
 ) -> torch.Tensor | None:
-    """Checks shared by both functions; returns the map as (1 | B, H, W), or None when it has no effect."""
+    """Checks shared by both functions; returns the map as (1 | B, H, W) (None without one)."""
     check_tensor("x0", x0, ndim=4)
     _check_dtype("x0", x0, SUPPORTED_DTYPES)
     if x0.numel() == 0:
@@ -189,7 +189,7 @@ def _check_args(
         check_same_device(x0=x0, fam=fam)
         fam = _batch_map(fam, x0.shape, resize)
     check_same_device(x0=x0, pred=pred, timesteps=timesteps, alphas_cumprod=alphas_cumprod, noise=noise)
-    return None if fam is None or lam == 0 else fam
+    return fam
 
 
 def _check_no_grad(**tensors: torch.Tensor | None) -> None:
@@ -334,6 +334,7 @@ def amplified_add_noise(
     fam = _check_args(x0, timesteps, alphas_cumprod, noise, fam, lam, seed, prediction_type, resize)
     if check_values:
         _check_values(timesteps, alphas_cumprod, fam)
+    fam = None if lam == 0 else fam  # checked, but without effect
     if resolve_backend(backend, x0.device) == "reference":
         if noise is not None or seed is None:
             return amplified_add_noise_ref(
@@ -417,6 +418,7 @@ def amplified_noise_loss(
         )
     if check_values:
         _check_values(timesteps, alphas_cumprod, fam)
+    fam = None if lam == 0 else fam  # checked, but without effect
     if resolve_backend(backend, x0.device) == "reference":
         kept = _LastReferenceDraw.take(x0, seed) if noise is None else None
         if kept is None:

@@ -86,9 +86,12 @@ def test_constant_map_becomes_zeros(backend):
 
 @needs_ext
 @pytest.mark.parametrize("size", [None, [9, 11]], ids=["nosize", "size"])
-def test_opcheck(size):
+@pytest.mark.parametrize("check_finite", [True, False], ids=["checked", "unchecked"])
+def test_opcheck(size, check_finite):
+    import srdiff.gradcam  # noqa: F401  (registers the fake kernel; srdiff imports it lazily)
+
     acts, grads = _inputs((2, 5, 7, 5), torch.float32, "cpu", "contiguous")
-    torch.library.opcheck(torch.ops.srdiff.gradcam_reduce.default, (acts, grads, size, True))
+    torch.library.opcheck(torch.ops.srdiff.gradcam_reduce.default, (acts, grads, size, True, check_finite))
 
 
 @needs_ext
@@ -148,6 +151,7 @@ BAD_INPUTS = [
     pytest.param(lambda: (torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4, device="meta")), {}, ValueError, "gradients is on meta", id="mixed-device"),
     pytest.param(lambda: (torch.rand(0, 3, 4, 4), torch.rand(0, 3, 4, 4)), {}, ValueError, "non-empty", id="empty-batch"),
     pytest.param(lambda: (torch.rand(2, 3, 4, 4), torch.full((2, 3, 4, 4), float("nan"))), {}, ValueError, "gradients must be finite", id="nan-grads"),
+    pytest.param(lambda: (torch.rand(2, 3, 4, 4), torch.full((2, 3, 4, 4), float("nan"))), {"backend": "reference"}, ValueError, "gradients must be finite", id="nan-grads-reference"),
     pytest.param(lambda: (torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4)), {"size": (0, 4)}, ValueError, "size must be", id="bad-size"),
     pytest.param(lambda: (torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4)), {"backend": "cuda"}, ValueError, "backend must be", id="bad-backend"),
     pytest.param(lambda: ([[1.0]], torch.rand(2, 3, 4, 4)), {}, TypeError, "activations must be a torch.Tensor", id="not-tensor"),
@@ -158,6 +162,53 @@ BAD_INPUTS = [
 def test_bad_input_is_refused(make, kwargs, error, message):
     with pytest.raises(error, match=message):
         srdiff.gradcam_reduce(*make(), **kwargs)
+
+
+def _poisoned(dtype, value, image=1):
+    acts, grads = _inputs((3, 5, 6, 7), dtype, "cpu", "contiguous")
+    grads[image, 2, 3, 4] = value
+    return acts, grads
+
+
+@needs_ext
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_extension_flags_nonfinite_gradients_in_its_pass(value, dtype, device):
+    """The kernels test each channel's sum on the pass that averages it: one bad value anywhere is
+    found, counted and placed; with the check off the op returns maps."""
+    acts, grads = (t.to(device) for t in _poisoned(dtype, value, image=2))
+    with pytest.raises(ValueError, match=r"gradients must be finite, found 1 non-finite value\(s\) of 630 \(the first in image 2\)"):
+        srdiff.gradcam_reduce(acts, grads, (9, 9), backend="extension")
+    with pytest.raises(ValueError, match="gradients must be finite"):
+        torch.ops.srdiff.gradcam_reduce(acts, grads, None, True)  # the schema's default checks too
+    out = srdiff.gradcam_reduce(acts, grads, (9, 9), check_finite_grads=False, backend="extension")
+    assert out.shape == (3, 9, 9)
+
+
+@needs_ext
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_extension_flags_an_overflowing_channel_sum(device):
+    """Finite float32 gradients whose sum over (h, w) overflows give an inf channel mean: refused
+    with its own message (the values are finite)."""
+    acts = torch.rand(2, 3, 4, 4, device=device)
+    grads = torch.zeros(2, 3, 4, 4, device=device)
+    grads[1, 0] = 3e38  # 16 * 3e38 > float32 max 3.4e38
+    with pytest.raises(ValueError, match=r"a float32 sum over \(h, w\) overflows \(largest \|gradient\| 3e\+38"):
+        srdiff.gradcam_reduce(acts, grads, backend="extension")
+
+
+@needs_ext
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("size", [None, (300, 257)], ids=["nosize", "up300x257"])
+def test_cuda_finish_spreads_over_blocks(size):
+    """One image with many output tiles (the resize and normalise grids span (tiles, B)): equal to
+    the CPU kernel, and bit-identical run to run (the per-image min/max atomics are order-free)."""
+    acts, grads = _inputs((1, 24, 70, 70), torch.float32, "cpu", "contiguous")
+    cpu = srdiff.gradcam_reduce(acts, grads, size)
+    gpu = [srdiff.gradcam_reduce(acts.cuda(), grads.cuda(), size) for _ in range(2)]
+    assert_close(gpu[0], cpu, dtype=torch.float32, reduce_dim=_reduce_dim(acts.shape))
+    assert torch.equal(gpu[0], gpu[1])
 
 
 @needs_ext

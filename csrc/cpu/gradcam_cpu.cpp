@@ -1,4 +1,6 @@
 // Grad-CAM reduction, CPU backend: at::parallel_for over images, one pass over A and G per image.
+// The finiteness check of the gradients rides on that pass: a channel whose sum is not finite marks
+// its image, and the op raises after the loop (the diagnosis, an extra scan, runs only then).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -6,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -29,39 +32,69 @@ float channel_mean(const scalar_t* g, int64_t n) {
 }
 
 // cam = ReLU(sum_c alpha_c * A_c) with alpha_c = mean(G_c): channel by channel, so each channel's
-// G and A are read once, back to back, while the (h*w) accumulator stays in cache.
+// G and A are read once, back to back, while the (h*w) accumulator stays in cache. Returns whether
+// every channel mean is finite (false when G holds NaN/inf, or a sum overflows float32).
 template <typename scalar_t>
-void combine_image(const scalar_t* A, const scalar_t* G, int64_t C, int64_t hw, float* cam) {
+bool combine_image(const scalar_t* A, const scalar_t* G, int64_t C, int64_t hw, float* cam) {
   std::fill(cam, cam + hw, 0.f);
+  bool finite = true;
   for (int64_t c = 0; c < C; ++c) {
     const float alpha = channel_mean(G + c * hw, hw);
+    finite = finite && std::isfinite(alpha);
     const scalar_t* a = A + c * hw;
     for (int64_t p = 0; p < hw; ++p) cam[p] += alpha * static_cast<float>(a[p]);
   }
   for (int64_t p = 0; p < hw; ++p) cam[p] = cam[p] > 0.f ? cam[p] : 0.f;
+  return finite;
 }
 
-// Running min and max in kLanes independent lanes (vectorisable), folded at the end.
+// Running min and max of a float stream in 4 independent 4-float vectors (GCC/Clang vector types:
+// minps/maxps on SSE, no -mavx needed), folded at the end. A plain lane array does not vectorise
+// (GCC 12 keeps it in memory, scalar min/max), which made a 224 x 224 resize 4x slower.
+// v < l ? v : l keeps l when v is NaN, as std::min does.
+typedef float Quad __attribute__((vector_size(16)));
+constexpr int kQuads = 4;
+
 struct MinMax {
-  float lo[kLanes], hi[kLanes];
+  Quad lo[kQuads], hi[kQuads];
   MinMax() {
-    std::fill(lo, lo + kLanes, std::numeric_limits<float>::infinity());
-    std::fill(hi, hi + kLanes, -std::numeric_limits<float>::infinity());
-  }
-  void add(const float* x, int64_t n) {
-    int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes)
-      for (int k = 0; k < kLanes; ++k) {
-        lo[k] = x[i + k] < lo[k] ? x[i + k] : lo[k];
-        hi[k] = x[i + k] > hi[k] ? x[i + k] : hi[k];
-      }
-    for (; i < n; ++i) {
-      lo[0] = std::min(lo[0], x[i]);
-      hi[0] = std::max(hi[0], x[i]);
+    const float inf = std::numeric_limits<float>::infinity();
+    for (int k = 0; k < kQuads; ++k) {
+      lo[k] = Quad{inf, inf, inf, inf};
+      hi[k] = -lo[k];
     }
   }
-  float min() const { return *std::min_element(lo, lo + kLanes); }
-  float max() const { return *std::max_element(hi, hi + kLanes); }
+  void add(const float* x, int64_t n) {
+    Quad l[kQuads], h[kQuads];
+    std::copy(lo, lo + kQuads, l);
+    std::copy(hi, hi + kQuads, h);
+    int64_t i = 0;
+    for (; i + 4 * kQuads <= n; i += 4 * kQuads)
+      for (int k = 0; k < kQuads; ++k) {
+        Quad v;
+        std::memcpy(&v, x + i + 4 * k, sizeof v);
+        l[k] = v < l[k] ? v : l[k];
+        h[k] = v > h[k] ? v : h[k];
+      }
+    for (; i < n; ++i) {
+      l[0][0] = std::min(l[0][0], x[i]);
+      h[0][0] = std::max(h[0][0], x[i]);
+    }
+    std::copy(l, l + kQuads, lo);
+    std::copy(h, h + kQuads, hi);
+  }
+  float min() const {
+    float m = lo[0][0];
+    for (int k = 0; k < kQuads; ++k)
+      for (int j = 0; j < 4; ++j) m = std::min(m, lo[k][j]);
+    return m;
+  }
+  float max() const {
+    float m = hi[0][0];
+    for (int k = 0; k < kQuads; ++k)
+      for (int j = 0; j < 4; ++j) m = std::max(m, hi[k][j]);
+    return m;
+  }
 };
 
 void scale_to_unit(float* x, int64_t n, const MinMax& mm) {
@@ -115,7 +148,7 @@ void resize_image(const float* src, int64_t h, int64_t w, float* dst, const std:
 }
 
 at::Tensor gradcam_reduce_cpu(const at::Tensor& activations, const at::Tensor& gradients,
-                              at::OptionalIntArrayRef size, bool normalize) {
+                              at::OptionalIntArrayRef size, bool normalize, bool check_finite) {
   check_gradcam_args(activations, gradients, size);
   const at::Tensor A = activations.contiguous();
   const at::Tensor G = gradients.contiguous();
@@ -125,6 +158,7 @@ at::Tensor gradcam_reduce_cpu(const at::Tensor& activations, const at::Tensor& g
   at::Tensor out = at::empty({B, H, W}, A.options().dtype(at::kFloat));
   float* out_ptr = out.data_ptr<float>();
 
+  std::vector<char> finite(B);  // per image: every channel mean of G was finite
   std::vector<Tap> ty, tx;
   if (size.has_value()) {
     ty = bilinear_taps(h, H);
@@ -140,7 +174,7 @@ at::Tensor gradcam_reduce_cpu(const at::Tensor& activations, const at::Tensor& g
         float* dst = out_ptr + b * H * W;
         // Without a resize the map is built in place in the output.
         float* map = size.has_value() ? cam.data() : dst;
-        combine_image(a_ptr + b * C * hw, g_ptr + b * C * hw, C, hw, map);
+        finite[b] = combine_image(a_ptr + b * C * hw, g_ptr + b * C * hw, C, hw, map);
         if (normalize) minmax_normalize(map, hw);
         if (size.has_value()) {
           MinMax mm;
@@ -151,6 +185,9 @@ at::Tensor gradcam_reduce_cpu(const at::Tensor& activations, const at::Tensor& g
       }
     });
   });
+  if (check_finite) {
+    if (std::find(finite.begin(), finite.end(), 0) != finite.end()) raise_nonfinite_gradients(gradients);
+  }
   return out;
 }
 

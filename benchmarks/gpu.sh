@@ -183,7 +183,10 @@ assert os.path.realpath(os.path.dirname(srdiff.kernels.__file__)) == os.path.rea
 print("srdiff._C in use:", _extension.HAS_EXT, "" if _extension.HAS_EXT else f"({_extension.WHY_NOT})")
 PY
 }
-has_ext() { $PY -c "from srdiff import _extension; raise SystemExit(0 if _extension.HAS_EXT else 1)" 2>/dev/null; }
+has_ext() {  # srdiff._C built in this tree is in use (not one an editable install elsewhere maps in)
+  $PY -c "import os, srdiff._C as c; from srdiff import _extension
+raise SystemExit(0 if _extension.HAS_EXT and os.path.realpath(c.__file__).startswith(os.getcwd()) else 1)" 2>/dev/null
+}
 WARM_PID=""
 if [ "$CALL" = 1 ]; then  # the attention benchmarks' compiles, while nvcc builds
   timeout -s INT -k 5 "$(budget build)" $PY -m benchmarks.warm_triton >"$WORK/warm_triton.log" 2>&1 &

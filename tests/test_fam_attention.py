@@ -13,6 +13,7 @@ launcher flag) and fp32 -> bf16 casts truncate instead of rounding to nearest, s
 see up to twice the rounding error a GPU run has; they pass the same table nonetheless.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import srdiff
+import srdiff.kernels.fam_attention as kernels
 from srdiff.reference import fam_attention_ref, fam_attention_sdpa
 from utils import DTYPES, assert_close, assert_no_worse_than_reference, strided
 
@@ -29,10 +31,10 @@ B, H = 2, 3
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 FAM_SHAPES = {
     "none": None,
-    "N": lambda Nk: (Nk,),
-    "BN": lambda Nk: (B, Nk),
-    "BHN": lambda Nk: (B, H, Nk),
-    "1HN": lambda Nk: (1, H, Nk),
+    "N": lambda batch, Nk: (Nk,),
+    "BN": lambda batch, Nk: (batch, Nk),
+    "BHN": lambda batch, Nk: (batch, H, Nk),
+    "1HN": lambda batch, Nk: (1, H, Nk),
 }
 
 
@@ -62,9 +64,31 @@ KERNEL_CASES = [
 
 @pytest.fixture(autouse=True)
 def _one_config_per_kernel(monkeypatch):
-    """No autotuning here (each config is a compile): the kernels run their fallback config;
+    """No autotuning here (each config is a compile): the kernels run their smallest kept config
+    (the interpreter its own); test_every_kept_config* pin each kept config in turn and
     test_triton_autotuned_cuda covers the tuned path."""
     monkeypatch.setenv("SRDIFF_AUTOTUNE", "0")
+
+
+TUNED_KERNELS = {
+    "fwd": kernels._fam_attention_fwd_kernel,
+    "dkdv": kernels._fam_attention_bwd_dkdv_kernel,
+    "dq": kernels._fam_attention_bwd_dq_kernel,
+}
+
+
+def _kept_config_cases(dtype, D, marks=(), distinct_blocks=False):
+    """One case per kept config of each autotuned kernel for ``dtype`` at head dim ``D``; with
+    ``distinct_blocks`` one per block shape (the interpreter ignores warps and stages)."""
+    cases = {}
+    for name, kernel in TUNED_KERNELS.items():
+        for config in kernels.kept_configs(kernel, dtype, D):
+            blocks = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}"
+            key = (name, blocks) if distinct_blocks else (name, blocks, config.num_warps, config.num_stages)
+            case_id = f"{name}-{DTYPE_IDS[dtype]}-D{D}-{blocks}" + (
+                "" if distinct_blocks else f"-w{config.num_warps}-s{config.num_stages}")
+            cases.setdefault(key, pytest.param(name, config, dtype, D, marks=marks, id=case_id))
+    return list(cases.values())
 
 
 def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -76,12 +100,12 @@ def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t
 
 
-def _inputs(Nq, Nk, D, fam_shape, layout, dtype, device="cpu"):
-    q = _layout(torch.randn(B, H, Nq, D, device=device).to(dtype), layout).requires_grad_()
-    k = _layout(torch.randn(B, H, Nk, D, device=device).to(dtype), layout).requires_grad_()
-    v = _layout(torch.randn(B, H, Nk, D, device=device).to(dtype), layout).requires_grad_()
+def _inputs(Nq, Nk, D, fam_shape, layout, dtype, device="cpu", batch=B):
+    q = _layout(torch.randn(batch, H, Nq, D, device=device).to(dtype), layout).requires_grad_()
+    k = _layout(torch.randn(batch, H, Nk, D, device=device).to(dtype), layout).requires_grad_()
+    v = _layout(torch.randn(batch, H, Nk, D, device=device).to(dtype), layout).requires_grad_()
     shape = FAM_SHAPES[fam_shape]
-    fam = None if shape is None else torch.rand(shape(Nk), device=device).requires_grad_()
+    fam = None if shape is None else torch.rand(shape(batch, Nk), device=device).requires_grad_()
     return q, k, v, fam
 
 
@@ -107,7 +131,7 @@ def _check_against_oracle(q, k, v, fam, lam, dtype, run):
 
     truth = _forward_backward(naive, q, k, v, fam, lam, do, torch.float64)
     same = _forward_backward(naive, q, k, v, fam, lam, do, dtype)
-    summed = 1 if fam is None else B * H * Nk // fam.numel()
+    summed = 1 if fam is None else q.shape[0] * q.shape[1] * Nk // fam.numel()
     reduce_dims = {"out": D, "dq": Nk, "dk": Nq, "dv": Nq, "dfam": Nq * D * summed}
     for name, g, w32, w64, wsame in zip(reduce_dims, got, want32, truth, same):
         if g is None:
@@ -160,6 +184,116 @@ def test_triton_autotuned_cuda(monkeypatch):
     monkeypatch.delenv("SRDIFF_AUTOTUNE")
     q, k, v, fam = _inputs(1000, 1000, 64, "BN", "contiguous", torch.bfloat16, device="cuda")
     _check_against_oracle(q, k, v, fam, 0.025, torch.bfloat16, lambda *a: srdiff.fam_attention(*a))
+
+
+def _run_pinned(name, config, dtype, D, Nq, Nk, device, batch=B):
+    """A full forward and backward with ``config`` pinned on one kernel, against the oracle; the
+    other kernels run their largest kept config (few programs: the interpreter runs them one by
+    one). Nq and Nk exceed every block size, so full and ragged blocks both run."""
+    q, k, v, fam = _inputs(Nq, Nk, D, "BHN", "bnhd", dtype, device=device, batch=batch)
+    with contextlib.ExitStack() as pins:
+        for other, kernel in TUNED_KERNELS.items():
+            pins.enter_context(kernels.pinned_config(
+                kernel, config if other == name else kernels.kept_configs(kernel, dtype, D)[0]))
+        _check_against_oracle(q, k, v, fam, 0.5, dtype, lambda *a: srdiff.fam_attention(*a, backend="triton"))
+
+
+@pytest.mark.parametrize("name, config, dtype, D", _kept_config_cases(torch.float16, 32, distinct_blocks=True))
+def test_every_kept_config_matches_oracle(name, config, dtype, D):
+    """Every candidate block shape of every autotuned kernel (all are kept for fp16 at D = 32) under
+    the interpreter: tiling, ragged tails and masks, not what only a GPU compile sees."""
+    _run_pinned(name, config, dtype, D, 130, 131, "cpu", batch=1)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize(
+    "name, config, dtype, D",
+    [case for dtype, D in [(torch.bfloat16, 64), (torch.bfloat16, 128), (torch.float16, 128), (torch.float16, 80),
+                           (torch.bfloat16, 40), (torch.bfloat16, 160), (torch.bfloat16, 256), (torch.float32, 128)]
+     for case in _kept_config_cases(dtype, D)],
+)
+def test_every_kept_config_matches_oracle_cuda(name, config, dtype, D):
+    """What the autotuner may pick on a GPU: each kept config, compiled and run, against the oracle."""
+    _run_pinned(name, config, dtype, D, 1000, 777, "cuda")
+
+
+def test_autotune_off_runs_one_config_without_benchmarking(monkeypatch):
+    """SRDIFF_AUTOTUNE=0 launches the JIT function with the smallest kept config: the autotuner
+    (which would time every kept config) is never entered."""
+    monkeypatch.setattr(kernels, "triton_interpreting", lambda: False)
+    ran = []
+    for kernel in TUNED_KERNELS.values():
+        monkeypatch.setattr(kernel, "run", lambda *a, **kw: pytest.fail("the autotuner ran"))
+        fn_run = kernel.fn.run
+        monkeypatch.setattr(kernel.fn, "run", lambda *a, _run=fn_run, **kw: ran.append(kw["BLOCK_M"]) or _run(*a, **kw))
+    q, k, v, fam = _inputs(33, 20, 16, "BN", "contiguous", torch.float16)
+    srdiff.fam_attention(q, k, v, fam, 0.5, backend="triton").sum().backward()
+    smallest = [kernels.kept_configs(kernel, torch.float16, 16)[-1].kwargs["BLOCK_M"] for kernel in TUNED_KERNELS.values()]
+    assert ran == smallest
+
+
+def test_autotune_key_is_bucketed():
+    """The tuned choice is keyed on the next powers of two of Nq and Nk (not the exact lengths)."""
+    for kernel in TUNED_KERNELS.values():
+        assert kernel.keys[:2] == ["Nq_bucket", "Nk_bucket"]
+    assert kernels._sequence_buckets(1000, 1025) == (1024, 2048)
+
+
+@pytest.mark.needs_cuda
+def test_autotune_tunes_once_per_bucket_cuda(monkeypatch):
+    monkeypatch.delenv("SRDIFF_AUTOTUNE")
+    fwd = kernels._fam_attention_fwd_kernel
+    for n in (1000, 1020, 1024):
+        q, k, v, fam = _inputs(n, n, 64, "BN", "contiguous", torch.bfloat16, device="cuda")
+        srdiff.fam_attention(q, k, v, fam, 0.5)
+    keys = [key for key in fwd.cache if key[:2] == (1024, 1024) and key[2] == 64]
+    assert len(keys) == 1, keys
+
+
+def test_grid_folds_batch_and_heads_into_axis_0():
+    """B * H beyond grid axis 1's 65,535 programs: the launch grid is one axis of up to 2^31 - 1."""
+    assert kernels.fold_grid(4096, 128, 70_000) == (32 * 70_000,)
+    assert kernels.fold_grid(1, 16, 65_537) == (65_537,)
+    with pytest.raises(ValueError, match=r"B \* H \* cdiv\(N, 16\) must be <= 2147483647 programs, "
+                       r"got 32768 \* cdiv\(1048576, 16\) = 2147483648"):
+        kernels.fold_grid(16 * 2**16, 16, 2**15)
+
+
+@pytest.mark.needs_cuda
+def test_triton_beyond_65535_batch_heads_cuda():
+    q, k, v = (torch.randn(65_537, 1, n, 16, device="cuda", dtype=torch.float16, requires_grad=True)
+               for n in (3, 5, 5))
+    fam = torch.rand(65_537, 5, device="cuda", requires_grad=True)
+    out = srdiff.fam_attention(q, k, v, fam, 0.5)
+    out.float().sum().backward()
+    ref_ins = [t.detach().requires_grad_() for t in (q, k, v, fam)]
+    ref = fam_attention_ref(*ref_ins, 0.5)
+    ref.sum().backward()
+    for name, got, want in zip(["out", "dq", "dk", "dv"], [out, q.grad, k.grad, v.grad], [ref, *(t.grad for t in ref_ins)]):
+        assert_close(got, want, dtype=torch.float16, pass_="fwd" if name == "out" else "bwd", reduce_dim=5, name=name)
+    assert_close(fam.grad, ref_ins[3].grad, dtype=torch.float16, pass_="bwd", reduce_dim=3 * 16, name="dfam")
+
+
+DQ_ATOMIC_CASES = [KERNEL_CASES[i] for i in (0, 3, 7, 9)]  # fp32, fp32 strided, fp16, bf16; ragged and aligned
+
+
+@pytest.mark.parametrize("Nq, Nk, D, fam_shape, lam, layout, dtype", DQ_ATOMIC_CASES)
+def test_triton_dq_atomic_matches_oracle(Nq, Nk, D, fam_shape, lam, layout, dtype):
+    """deterministic=False: dq accumulated with float32 atomics in the dK/dV pass."""
+    q, k, v, fam = _inputs(Nq, Nk, D, fam_shape, layout, dtype)
+
+    def run(q, k, v, fam, lam):
+        return srdiff.fam_attention(q, k, v, fam, lam, backend="triton", deterministic=False)
+
+    _check_against_oracle(q, k, v, fam, lam, dtype, run)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("Nq, Nk, D, fam_shape, lam, layout, dtype", KERNEL_CASES)
+def test_triton_dq_atomic_matches_oracle_cuda(Nq, Nk, D, fam_shape, lam, layout, dtype):
+    q, k, v, fam = _inputs(Nq, Nk, D, fam_shape, layout, dtype, device="cuda")
+    _check_against_oracle(q, k, v, fam, lam, dtype,
+                          lambda *a: srdiff.fam_attention(*a, backend="triton", deterministic=False))
 
 
 @pytest.mark.parametrize("D", [16, 80, 160, 256])

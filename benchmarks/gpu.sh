@@ -131,7 +131,7 @@ export SRDIFF_LIVE_JSONL="$OUT/${TAG}_tests.jsonl" PY
 export TRITON_CACHE_DIR="$WORK/triton-cache"  # kept between the calls of a warm machine
 
 elapsed() { echo $(( $(date +%s) - START )); }
-step() { echo "== [$(elapsed)s] $*" | tee -a "$LOG"; }
+step() { echo >>"$LOG"; echo "== [$(elapsed)s] $*" | tee -a "$LOG"; }  # own line, after pytest's dots
 # budget STEP: the step's timeout: its cap (or, for a leftover step, all that is left) and never past
 # the deadline less the pack step's reserve; 0 when nothing is left.
 budget() {

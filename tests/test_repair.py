@@ -204,7 +204,9 @@ def test_rounds_repeat_while_flagged():
     out, masks, report = repair.repair_flaws(x, tiny_unet(), hl, scheduler=scheduler(), steps=10, rounds=3,
                                              flag_threshold=0.0, dilate=0, feather=0, progress=False)
     assert [r["rounds"] for r in report["images"]] == [3, 3]  # flagged at every threshold: all rounds run
-    assert torch.equal(out[(masks == 0)[:, None]], x[(masks == 0)[:, None]])
+    outside = (masks == 0)[:, None]
+    assert outside.any() and (~outside).any()
+    assert torch.equal(out[outside], x[outside])
     assert report["summary"]["flagged_before"] == 1.0
     never, _, report = repair.repair_flaws(x, tiny_unet(), hl, scheduler=scheduler(), steps=10, rounds=3,
                                            flag_threshold=1.0, progress=False)
@@ -241,9 +243,24 @@ def test_pipeline_generates_and_repairs():
     out = pipe(batch_size=2, num_inference_steps=4, seed=0, steps=10, flag_threshold=0.0, progress=False)
     assert out.images.shape == out.originals.shape == (2, 1, 8, 8)
     outside = (out.masks == 0)[:, None]
+    assert outside.any() and (~outside).any()  # neither side of the check is empty
     assert torch.equal(out.images[outside], out.originals[outside])
     again = pipe(out.originals, steps=10, flag_threshold=0.0, progress=False)
     assert torch.equal(again.images, out.images)
+
+
+def test_pipeline_on_a_latent_diffusion_pipeline():
+    from diffusers import LDMPipeline
+
+    from srdiff.repair_pipeline import FlawRepairPipeline
+
+    pipe = FlawRepairPipeline(LDMPipeline(vqvae=tiny_vae(), unet=tiny_unet(channels=2), scheduler=scheduler()),
+                              tiny_highlighter())
+    out = pipe(batch_size=2, num_inference_steps=3, seed=0, steps=10, flag_threshold=0.0, progress=False)
+    assert out.images.shape == (2, 1, 16, 16) and out.report["settings"]["latent"] is True
+    outside = (out.masks == 0)[:, None]
+    assert outside.any() and (~outside).any()  # neither side of the check is empty
+    assert torch.equal(out.images[outside], out.originals[outside])
 
 
 def _source(kind: str, tmp_path):
@@ -285,6 +302,7 @@ def test_cli_end_to_end(tmp_path, kind):
     assert report["settings"]["latent"] is (kind == "latent")
     repaired, masks = torch.load(out / "repaired.pt"), torch.load(out / "masks.pt")
     outside = (masks == 0)[:, None]
+    assert outside.any()
     assert torch.equal(repaired[outside], images(3, size=size)[outside])
     assert not torch.equal(repaired, images(3, size=size))
     assert cli.main(argv) == cli.EXIT_USER_ERROR  # refuses to overwrite

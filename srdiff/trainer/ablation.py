@@ -246,17 +246,19 @@ def summarise(result: dict) -> dict:
 def _features_line(result: dict) -> str:
     from srdiff.trainer.metrics import describe_features
 
-    nets = {json.dumps(r["feature_net"].get("identity", r["feature_net"].get("cached")), sort_keys=True)
-            for r in result["runs"]}
     first = result["runs"][0]
-    n_fake, n_real = first["n_fake"], first["n_real"]
-    kind = describe_features(first["feature_net"])
-    return (f"FID/KID/precision/recall on {kind}, {n_fake} samples vs {n_real} held-out images"
-            + ("" if len(nets) == 1 else f" ({len(nets)} feature networks: one per held-out split)"))
+    nets = {r["feature_net"].get("identity"): r["feature_net"] for r in result["runs"]}
+    if len(nets) == 1 or first["feature_net"].get("features") == "inception":
+        kind = describe_features(first["feature_net"])
+    else:
+        accuracies = sorted(n["accuracy"] for n in nets.values())
+        kind = (f"local features ({len(nets)} locally trained classifiers, one per seed's training split, "
+                f"held-out accuracy {accuracies[0]:.3f}–{accuracies[-1]:.3f})")
+    return f"FID/KID/precision/recall on {kind}, {first['n_fake']} samples vs {first['n_real']} held-out images"
 
 
-def _delta_cells(s: dict) -> str:
-    if "delta_mean" not in s:
+def _delta_cells(s: dict, name: str) -> str:
+    if "delta_mean" not in s or name == "baseline":
         return "– | – | –"
     lo, hi = s["delta_ci"]
     return f"{s['delta_mean']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {s['improved']}/{s['paired']}"
@@ -264,7 +266,7 @@ def _delta_cells(s: dict) -> str:
 
 def _row(name: str, s: dict) -> str:
     fid, kid, prec, rec = s["fid"], s["kid_mean"], s["precision"], s["recall"]
-    return (f"| {name} | {fid[0]:.3f} ± {fid[1]:.3f} | {_delta_cells(s)} | {1e3 * kid[0]:.2f} ± {1e3 * kid[1]:.2f} | "
+    return (f"| {name} | {fid[0]:.3f} ± {fid[1]:.3f} | {_delta_cells(s, name)} | {1e3 * kid[0]:.2f} ± {1e3 * kid[1]:.2f} | "
             f"{prec[0]:.3f} ± {prec[1]:.3f} | {rec[0]:.3f} ± {rec[1]:.3f} |")
 
 

@@ -264,7 +264,7 @@ def describe_features(info: dict) -> str:
     """One line naming the feature network of an evaluation record (for tables and logs)."""
     if info.get("features", "local") == "inception":
         return "Inception features (pytorch-fid InceptionV3, 2048-d)"
-    task = "class" if info["task"] == "classes" else info["task"]
+    task = "label" if info["task"] == "classes" else info["task"]
     return f"local features (the locally trained {task} classifier, held-out accuracy {info['accuracy']:.3f})"
 
 

@@ -178,14 +178,14 @@ importable() {  # srdiff and srdiff.kernels import from this tree; logs whether 
   $PY - <<'PY' >>"$LOG" 2>&1
 import os, srdiff, srdiff.kernels
 from srdiff import _extension
-assert os.path.dirname(os.path.dirname(srdiff.__file__)) == os.getcwd(), f"srdiff from {srdiff.__file__}"
+assert os.path.realpath(os.path.dirname(os.path.dirname(srdiff.__file__))) == os.path.realpath("."), srdiff.__file__
 assert os.path.realpath(os.path.dirname(srdiff.kernels.__file__)) == os.path.realpath("kernels"), srdiff.kernels.__file__
 print("srdiff._C in use:", _extension.HAS_EXT, "" if _extension.HAS_EXT else f"({_extension.WHY_NOT})")
 PY
 }
 has_ext() {  # srdiff._C built in this tree is in use (not one an editable install elsewhere maps in)
   $PY -c "import os, srdiff._C as c; from srdiff import _extension
-raise SystemExit(0 if _extension.HAS_EXT and os.path.realpath(c.__file__).startswith(os.getcwd()) else 1)" 2>/dev/null
+raise SystemExit(0 if _extension.HAS_EXT and os.path.realpath(c.__file__).startswith(os.path.realpath(\".\")) else 1)" 2>/dev/null
 }
 WARM_PID=""
 if [ "$CALL" = 1 ]; then  # the attention benchmarks' compiles, while nvcc builds

@@ -42,7 +42,8 @@ def _epsilon(x0: torch.Tensor, noise: torch.Tensor | None, seed: int | None, dty
 
 def coefficients(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, dtype: torch.dtype):
     """(√ᾱ_t, √(1 − ᾱ_t)) as (B, 1, 1, 1), computed in alphas_cumprod's dtype, then cast to ``dtype``."""
-    abar = alphas_cumprod[timesteps.long()][:, None, None, None]
+    index = timesteps if timesteps.dtype in (torch.int32, torch.int64) else timesteps.long()
+    abar = alphas_cumprod.index_select(0, index).view(-1, 1, 1, 1)
     return abar.sqrt().to(dtype), (1 - abar).sqrt().to(dtype)
 
 

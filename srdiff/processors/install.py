@@ -9,6 +9,7 @@ warn when a FAM processor has been replaced since (``set_attention_slice``,
 enforce ``fam_context(strict=True)``.
 """
 
+import sys
 import warnings
 from collections.abc import Callable
 
@@ -121,7 +122,8 @@ def _after_forward(model: nn.Module, args: tuple, output):
     if record is None:
         return
     fam_state.pop_forward(record)
-    getattr(model, _INSTALLATION_ATTR).after_forward(record)
+    if sys.exc_info()[1] is None:  # torch also runs this hook when the forward raised: no checks then
+        getattr(model, _INSTALLATION_ATTR).after_forward(record)
 
 
 def _param_like(module: nn.Module) -> dict:

@@ -29,10 +29,11 @@ def check_lam(lam) -> None:
         raise ValueError(f"lam must be finite, got {lam}")
 
 
-# Appended to shape errors when the tensors look like (B, N, H, D) (diffusers' buffer before its
-# transpose) where (B, H, N, D) is expected.
+# Appended to shape errors whose shapes fit (B, N, H, D) tensors (diffusers' buffer before its
+# transpose) passed where (B, H, N, D) is expected.
 _LAYOUT_HINT = (
-    "; q, k and v look like (B, N, H, D) tensors: fam_attention takes (B, H, N, D), e.g. q.transpose(1, 2)"
+    "; if q, k and v are (B, N, H, D) tensors, pass them as (B, H, N, D), e.g. q.transpose(1, 2) "
+    "(layout (B, N, H, D) is not accepted)"
 )
 
 
@@ -46,7 +47,7 @@ def _check_args(q, k, v, fam, lam, scale) -> None:
         if t.dtype != q.dtype:
             raise ValueError(f"{name} dtype {t.dtype} must equal q dtype {q.dtype}")
     if k.shape[:2] != (B, H) or k.shape[3] != D:
-        swapped = k.shape[0] == B and k.shape[2] == H and k.shape[3] == D
+        swapped = k.shape[0] == B and k.shape[2] == Nq and k.shape[3] == D
         raise ValueError(
             f"k must have shape (B, H, Nk, D) = ({B}, {H}, Nk, {D}) like q, got {tuple(k.shape)}"
             + (_LAYOUT_HINT if swapped else "")

@@ -21,6 +21,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 import srdiff
 import srdiff.kernels.fam_attention as kernels
@@ -527,13 +529,31 @@ class TestFAMAttentionModule:
         out.sum().backward()
         assert fam.grad is not None and attn.to_k.weight.grad is not None
 
-    def test_bad_arguments(self):
-        with pytest.raises(ValueError, match=r"heads must divide dim.*dim=4, heads=8"):
-            srdiff.FAMAttention(4, heads=8)
-        with pytest.raises(ValueError, match=r"lam must be >= 0, got -1"):
-            srdiff.FAMAttention(32, lam=-1)
-        with pytest.raises(ValueError, match=r"x must have 3 dims, got shape \(2, 32\)"):
-            srdiff.FAMAttention(32)(torch.randn(2, 32))
+    @pytest.mark.parametrize("kwargs, error, match", [
+        pytest.param({"dim": 4, "heads": 8}, ValueError, r"heads must divide dim.*dim=4, heads=8", id="heads-wider"),
+        pytest.param({"dim": 32, "heads": 3}, ValueError, r"heads must divide dim.*dim=32, heads=3", id="heads-ragged"),
+        pytest.param({"dim": 32, "heads": 0}, ValueError, r"heads=0", id="heads-zero"),
+        pytest.param({"dim": 32, "heads": 2, "dim_head": 0}, ValueError, r"dim_head=0", id="dim-head-zero"),
+        pytest.param({"dim": 32, "lam": -1}, ValueError, r"lam must be >= 0, got -1", id="lam-negative"),
+        pytest.param({"dim": 32, "lam": float("inf")}, ValueError, r"lam must be finite, got inf", id="lam-inf"),
+        pytest.param({"dim": 32, "lam": float("nan")}, ValueError, r"lam must be >= 0, got nan", id="lam-nan"),
+        pytest.param({"dim": 32, "lam": "1"}, TypeError, r"lam must be a real number, got str", id="lam-type"),
+    ])
+    def test_bad_arguments(self, kwargs, error, match):
+        with pytest.raises(error, match=match):
+            srdiff.FAMAttention(**kwargs)
+
+    @pytest.mark.parametrize("x, fam, error, match", [
+        pytest.param(torch.randn(2, 32), None, ValueError, r"x must have 3 dims, got shape \(2, 32\)", id="x-rank"),
+        pytest.param([1.0], None, TypeError, r"x must be a torch.Tensor, got list", id="x-type"),
+        pytest.param(torch.randn(2, 7, 32), torch.rand(6), ValueError, r"fam must have shape .* got \(6,\)",
+                     id="fam-tokens"),
+        pytest.param(torch.randn(2, 7, 32), torch.full((7,), float("inf")), ValueError, r"fam must be finite",
+                     id="fam-nonfinite"),
+    ])
+    def test_bad_forward_input(self, x, fam, error, match):
+        with pytest.raises(error, match=match):
+            srdiff.FAMAttention(32, heads=2)(x, fam)
 
 
 def _bad(case_id, error, match, **overrides):
@@ -572,6 +592,14 @@ def _heads(D, Nq=9):
              fam=torch.tensor([0.0, float("nan"), 0, 0, 0])),
         _bad("lam-negative", ValueError, r"lam must be >= 0, got -0.5", lam=-0.5),
         _bad("lam-type", TypeError, r"lam must be a real number, got str", lam="0.5"),
+        _bad("lam-inf", ValueError, r"lam must be finite, got inf", lam=float("inf")),
+        _bad("lam-nan", ValueError, r"lam must be >= 0, got nan", lam=float("nan")),
+        _bad("layout-bnhd-self", ValueError, r"got \(9,\); if q, k and v are \(B, N, H, D\) tensors, pass them as "
+             r"\(B, H, N, D\)", fam=torch.rand(9), q=torch.randn(2, 9, 3, 16), k=torch.randn(2, 9, 3, 16),
+             v=torch.randn(2, 9, 3, 16)),
+        _bad("layout-bnhd-cross", ValueError, r"k must have shape .* got \(2, 5, 3, 16\); if q, k and v are "
+             r"\(B, N, H, D\)", q=torch.randn(2, 9, 3, 16), k=torch.randn(2, 5, 3, 16), v=torch.randn(2, 5, 3, 16)),
+        _bad("deterministic", TypeError, r"deterministic must be a bool, got int", deterministic=1),
         _bad("scale-nonpositive", ValueError, r"1 \+ lam \* fam must be > 0 .* got lam=0.5 and min\(fam\)=-3",
              fam=torch.full((5,), -3.0)),
         _bad("scale", ValueError, r"scale must be None or a positive finite number, got -1.0", scale=-1.0),
@@ -586,3 +614,56 @@ def test_bad_input(args, error, match):
     with pytest.raises(error, match=match):
         srdiff.fam_attention(**args)
 
+
+
+def _fuzzed_tensor(draw, shape, dtype):
+    """A tensor of ``shape`` (sometimes with one dim changed, one dropped or one added) in ``dtype``,
+    contiguous, (B, N, H, D)-strided or every-other-element strided."""
+    shape = list(shape)
+    mutation = draw(st.sampled_from(["none"] * 6 + ["resize", "drop", "add"]))
+    if mutation == "resize":
+        shape[draw(st.integers(0, len(shape) - 1))] = draw(st.integers(0, 5))
+    elif mutation == "drop":
+        del shape[draw(st.integers(0, len(shape) - 1))]
+    elif mutation == "add":
+        shape.insert(draw(st.integers(0, len(shape))), 2)
+    t = torch.randn(shape).to(dtype)
+    layout = draw(st.sampled_from(["contiguous", "bnhd", "strided"]))
+    if layout == "bnhd" and t.dim() == 4:
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "strided" and t.dim() > 0 and t.dtype.is_floating_point:
+        return strided(t)
+    return t
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_fuzzed_input_raises_cleanly_or_matches_the_reference(data):
+    """Malformed shapes, dtypes, strides and values: srdiff.fam_attention either refuses them with
+    a ValueError/TypeError or returns what the oracle computes (the SDPA path; the kernels' checks
+    are the same code)."""
+    draw = data.draw
+    b, h, nq, nk, d = (draw(st.integers(lo, hi)) for lo, hi in [(1, 2), (1, 3), (1, 6), (1, 6), (1, 9)])
+    dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.float16, torch.bfloat16, torch.float64,
+                                  torch.int32]))
+    q = _fuzzed_tensor(draw, (b, h, nq, d), dtype)
+    k = _fuzzed_tensor(draw, (b, h, nk, d), dtype)
+    v = _fuzzed_tensor(draw, (b, h, nk, d), draw(st.sampled_from([dtype] * 4 + [torch.float16])))
+    fam_shape = draw(st.sampled_from([None, (nk,), (b, nk), (b, h, nk), (1, h, nk), (nk + 1,), (h, nk), (b, 1, 1, nk)]))
+    fam = None
+    if fam_shape is not None:
+        values = draw(st.sampled_from(["map", "map", "map", "nan", "inf", "negative", "int"]))
+        fam = {"map": torch.rand(fam_shape), "nan": torch.full(fam_shape, float("nan")),
+               "inf": torch.full(fam_shape, float("inf")), "negative": torch.full(fam_shape, -50.0),
+               "int": torch.ones(fam_shape, dtype=torch.int64)}[values]
+    lam = draw(st.one_of(st.sampled_from([0.0, 0.025, 0.5, 2, -0.1, float("inf"), float("nan"), "0.5", True]),
+                         st.floats(0, 2)))
+    scale = draw(st.sampled_from([None, None, 0.3, 0.0, -1.0, float("inf")]))
+    try:
+        out = srdiff.fam_attention(q, k, v, fam, lam, scale=scale)
+    except (ValueError, TypeError) as refused:
+        event(f"refused: {type(refused).__name__}")
+        return
+    event("accepted")
+    want = fam_attention_ref(q, k, v, fam, float(lam), scale=scale)
+    assert_close(out, want, dtype=q.dtype, reduce_dim=d)

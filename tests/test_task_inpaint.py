@@ -153,3 +153,24 @@ def test_srdiff_inpaint_both_routes(tmp_path):
     bad = _cli("inpaint", "--ckpt", uncond["checkpoint"], "--images", str(tmp_path / "images.pt"), "--masks",
                str(tmp_path / "big.pt"), "--out", str(tmp_path / "bad.png"))
     assert bad.returncode != 0 and "--masks must be 8x8" in bad.stderr, bad.stderr
+
+
+def test_latent_inpainting_with_the_condition_unet(tmp_path):
+    """VAE latents: 2 * 4 + 1 input channels, the mask on the latent grid, the masked image's latents."""
+    import torch.nn.functional as F
+
+    from test_task_text import tiny_vae
+
+    cfg = tiny_config(tmp_path, **INPAINT, backbone="unet-cond", vae=tiny_vae(tmp_path / "vae"), mode="baseline",
+                      loss_region="hole", steps=1)
+    summary = SelfRefiningTrainer(cfg).train()
+    trained = load_trained(summary["checkpoint"])
+    assert trained.model.config.in_channels == 9
+    images, masks = torch.rand(2, 1, 8, 8), random_masks(2, 8, seed=1)
+    extras = trained.task.conditioning(images, masks)
+    torch.testing.assert_close(extras["mask"], F.interpolate(masks, size=(4, 4), mode="nearest"), rtol=0, atol=0)
+    latents = trained.vae.encode((images * 2 - 1) * (1 - masks)).latent_dist.mode() * trained.vae.config.scaling_factor
+    torch.testing.assert_close(extras["masked"], latents, rtol=0, atol=0)
+    filled = trained.sample(2, seed=0, steps=2, images=images, masks=masks)
+    torch.testing.assert_close(filled[masks.bool() == 0], images[masks.bool() == 0], rtol=0, atol=0)
+    assert (trained.export(tmp_path / "export") / "vae" / "config.json").is_file()

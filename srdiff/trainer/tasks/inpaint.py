@@ -12,7 +12,6 @@ fill. RePaint, the other route (any unconditional model, no inpainting training)
 :mod:`srdiff.trainer.repaint`.
 """
 
-import json
 import os
 from pathlib import Path
 
@@ -125,16 +124,11 @@ class Inpainting(DenoisingTask):
 
     # ------------------------------------------------------------------ export
     def export(self, model, out_dir: str | os.PathLike) -> Path:
-        """``unet/``, ``scheduler/`` (and ``vae/``) folders plus ``srdiff_task.json`` naming the input channel
-        order ([noisy sample, mask, masked image]) and the mask convention (1 = hole). Load with
-        ``UNet2DModel.from_pretrained(out_dir, subfolder="unet")`` (or ``UNet2DConditionModel``)."""
-        out_dir = Path(out_dir)
-        self.backbone.plain_copy(model).cpu().save_pretrained(out_dir / "unet")
-        sampling.make_scheduler(self.config, "ddim").save_pretrained(out_dir / "scheduler")
-        if self.vae is not None:
-            self.vae.save_pretrained(out_dir / "vae")
-        (out_dir / "srdiff_task.json").write_text(json.dumps(
-            {"task": self.name, "backbone": self.backbone_name, "input_channels": ["noisy sample", "mask", "masked image"],
-             "mask": "1 = hole (to fill), 0 = known", "masked_image": "image in [-1, 1] with the holes set to 0",
-             "loss_region": self.config.loss_region}, indent=2) + "\n")
-        return out_dir
+        """:meth:`export_folders` with the input channel order ([noisy sample, mask, masked image]) and the mask
+        convention (1 = hole) in ``srdiff_task.json``: diffusers' ``StableDiffusionInpaintPipeline`` needs a
+        text encoder, which this task has not. Load with ``UNet2DModel.from_pretrained(out_dir, subfolder="unet")``
+        (or ``UNet2DConditionModel``)."""
+        return self.export_folders(model, out_dir, input_channels=["noisy sample", "mask", "masked image"],
+                                   mask="1 = hole (to fill), 0 = known",
+                                   masked_image="image in [-1, 1] with the holes set to 0",
+                                   loss_region=self.config.loss_region)

@@ -80,6 +80,9 @@ class TextToImage(DenoisingTask):
         else:
             from diffusers import UNet2DConditionModel
 
+            if self.backbone_name != "unet-cond":
+                raise ValueError(f"pretrained {c.pretrained!r} holds a Stable Diffusion UNet: backbone must be "
+                                 f"'unet-cond', got {self.backbone_name!r}")
             model = UNet2DConditionModel.from_pretrained(check_pretrained(c.pretrained, ("unet",)) / "unet")
             want = {"in_channels": self.spec.in_channels, "cross_attention_dim": self.spec.cross_attention_dim}
             for name, value in want.items():

@@ -8,13 +8,13 @@ import sys
 
 import pytest
 import torch
+from utils import tiny_config
 
 import srdiff
 from srdiff.trainer import SelfRefiningTrainer, TrainConfig
 from srdiff.trainer.masks import box_mask, check_masks, random_masks
 from srdiff.trainer.repaint import repaint
 from srdiff.trainer.trained import load_trained
-from utils import tiny_config
 
 INPAINT = dict(task="inpaint", mask_kind="mixed")
 
@@ -158,7 +158,6 @@ def test_srdiff_inpaint_both_routes(tmp_path):
 def test_latent_inpainting_with_the_condition_unet(tmp_path):
     """VAE latents: 2 * 4 + 1 input channels, the mask on the latent grid, the masked image's latents."""
     import torch.nn.functional as F
-
     from test_task_text import tiny_vae
 
     cfg = tiny_config(tmp_path, **INPAINT, backbone="unet-cond", vae=tiny_vae(tmp_path / "vae"), mode="baseline",

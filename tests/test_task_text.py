@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from utils import tiny_config
 
 import srdiff
 from srdiff.trainer import SelfRefiningTrainer, checkpoint
@@ -17,7 +18,6 @@ from srdiff.trainer.lora import add_lora
 from srdiff.trainer.sampling import initial_noise
 from srdiff.trainer.text_encoders import check_pretrained, tiny_tokenizer
 from srdiff.trainer.trained import load_trained
-from utils import tiny_config
 
 TEXT = dict(task="text", guidance_scale=2.0, condition_dropout=0.25)
 
@@ -167,6 +167,7 @@ def test_latent_export_is_a_stable_diffusion_pipeline_and_a_pretrained_folder(tm
 
 def test_lora_composes_with_fam_and_exports_adapters_only(tmp_path):
     from diffusers import StableDiffusionPipeline
+
     from srdiff.trainer.lora import has_lora
 
     cfg = tiny_config(tmp_path, **TEXT, vae=tiny_vae(tmp_path / "vae"), mode="latent", lora_rank=2, steps=4,

@@ -496,3 +496,26 @@ def test_bad_input():
                                          r"unknown"):
         with torch.no_grad(), srdiff.fam_context(torch.rand(4, 4)):
             attn(torch.randn(1, 16, 32))
+
+
+def test_deepcopy_carries_its_own_installation():
+    """An EMA copy (copy.deepcopy) modulates with its own processors, hooks and projections."""
+    import copy
+
+    model = _unet2d()
+    srdiff.set_fam_attn_processor(model, lam=LAM, projection="per_layer")
+    ema = copy.deepcopy(model)
+    x, t, _ = _inputs(model)
+    mfam = torch.rand(16, 16)
+    with torch.no_grad():
+        with srdiff.fam_context(mfam):
+            want = _run(model, x, t)
+            assert torch.equal(_run(ema, x, t), want)
+        for p in srdiff.fam_parameters(model):
+            p.add_(0.05 * torch.randn_like(p))
+        with srdiff.fam_context(mfam):
+            assert torch.equal(_run(ema, x, t), want)
+            assert not torch.equal(_run(model, x, t), want)
+    copied = {id(p) for p in srdiff.fam_parameters(ema)}
+    assert copied and not copied & {id(p) for p in srdiff.fam_parameters(model)}
+    assert [layer.grid for layer in srdiff.fam_layers(ema)] == [(8, 8)] * 4

@@ -36,6 +36,7 @@ _PUBLIC = {
     "FlawHighlighter": "srdiff.highlighter",
     "SelfRefiningTrainer": "srdiff.trainer",
     "TrainConfig": "srdiff.trainer",
+    "load_trained": "srdiff.trainer.trained",
     "repair_flaws": "srdiff.repair",
     "FlawRepairPipeline": "srdiff.repair_pipeline",
 }

@@ -12,15 +12,18 @@ import warnings
 
 import pytest
 import torch
-
-import srdiff
 from fam_reference import halving_grid, original_processors, prescaled
-from srdiff.processors.context import token_grid
 from utils import assert_close, cpu_and_cuda
 
+import srdiff
+from srdiff.processors.context import token_grid
+
 diffusers = pytest.importorskip("diffusers")
-from diffusers.models.attention_processor import (  # noqa: E402
-    Attention, AttnProcessor2_0, FusedAttnProcessor2_0, SlicedAttnProcessor,
+from diffusers.models.attention_processor import (
+    Attention,
+    AttnProcessor2_0,
+    FusedAttnProcessor2_0,
+    SlicedAttnProcessor,
 )
 
 LAM = 0.5  # larger than the paper's 0.025 so that a wrong modulation cannot hide in rounding

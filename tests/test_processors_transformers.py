@@ -12,10 +12,10 @@ import contextlib
 
 import pytest
 import torch
-
-import srdiff
 from fam_reference import original_processors, prescaled
 from utils import assert_close
+
+import srdiff
 
 diffusers = pytest.importorskip("diffusers")
 

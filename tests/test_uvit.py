@@ -11,18 +11,18 @@ import copy
 
 import pytest
 import torch
+from fam_reference import prescaled
+from utils import assert_close
 
 import srdiff
-from fam_reference import prescaled
 from srdiff.models import UViT, UViTConfig
-from utils import assert_close
 
 LAM = 0.5
 FAN_IN = 128
 
 
 def _uvit(size=(8, 12), **kwargs):
-    options = dict(sample_size=size, in_channels=3, patch_size=2, width=32, depth=4, heads=2, lam=LAM)
+    options = {"sample_size": size, "in_channels": 3, "patch_size": 2, "width": 32, "depth": 4, "heads": 2, "lam": LAM}
     return UViT(UViTConfig(**{**options, **kwargs})).eval()
 
 

@@ -14,7 +14,12 @@ which), :mod:`.install` (set/remove/introspect). See docs/processors.md.
 from srdiff.processors.base import FAMLayer, FAMLayerInfo
 from srdiff.processors.context import active_mfam, fam_context
 from srdiff.processors.flux import FAMFluxAttnProcessor
-from srdiff.processors.install import fam_layers, fam_parameters, remove_fam_attn_processor, set_fam_attn_processor
+from srdiff.processors.install import (
+    fam_layers,
+    fam_parameters,
+    remove_fam_attn_processor,
+    set_fam_attn_processor,
+)
 from srdiff.processors.joint import FAMJointAttnProcessor
 from srdiff.processors.self_attention import FAMAttnProcessor
 from srdiff.processors.table import FAM_PROCESSORS

@@ -254,7 +254,7 @@ def set_fam_attn_processor(
             layer_projection = _projection_for(module, f"layer {name!r}")
         else:
             layer_projection = shared if projection == "shared" else projection
-        options = dict(projection=layer_projection, mode=mode, backend=backend, name=name)
+        options = {"projection": layer_projection, "mode": mode, "backend": backend, "name": name}
         if attr == "processor":
             layer = fam_class(lam, original=module.processor, leading_tokens=leading_tokens, **options)
             module.set_processor(layer)

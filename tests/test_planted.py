@@ -26,9 +26,12 @@ REDUCED = dict(train_images=500, test_images=200, copies=1, epochs=8, batch_size
 # 0.875 / 0.83 / 0.925 / 0.835; AMD EPYC (AVX2) s = 0..2: accuracy 0.8875 / 0.915 / 0.9375, pointing
 # 0.83 / 0.86 / 0.87 (s = 0 is this test; at the same seed the Xeon's accuracy is 0.003-0.0375 higher,
 # its pointing -0.03 to +0.055). Over the 7 runs accuracy 0.921 +- 0.022, pointing 0.861 +- 0.034
-# (mean +- sd); the floors sit 3 sd below the mean and under every run: accuracy 0.85, pointing 0.75. What they protect: a classifier that detects the flaw (chance 0.5) and maps
-# that point into its box (chance 0.098, the box's share of the image); a broken Grad-CAM (wrong
-# layer, sign or orientation) points at about chance, as the clean twins' maps do (<= 0.015 here).
+# (mean +- sd); the floors sit 3 sd below the mean and under every run: accuracy 0.85, pointing 0.75.
+# What they protect: a classifier that detects the flaw (chance 0.5) and maps that point into its box
+# (chance 0.098, the box's share of the image); a broken Grad-CAM (wrong layer, sign or orientation)
+# points at about chance, as the clean twins' maps do (<= 0.015 here). The measurement runs with the
+# scalar code paths (ATEN_CPU_CAPABILITY=default, ONEDNN_MAX_CPU_ISA=SSE41) did not finish on the
+# shared CPU.
 FLOORS = {kind: (0.85, 0.95) for kind in planted.KINDS} | {"blur": (0.75, 0.85)}
 
 

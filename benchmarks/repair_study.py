@@ -154,12 +154,17 @@ def generated_study(pipe, size, args) -> tuple[dict, tuple]:
         repair_seconds = time.perf_counter() - t0
         edited = sdedit_flagged(samples, flagged, pipe.pipeline.unet, scheduler=pipe.pipeline.scheduler, **kw)
         rounds3 = pipe(samples, dilate=args.dilate, feather=args.feather, rounds=3, **kw)
+        methods = [("repair", repaired.images), ("repair_rounds3", rounds3.images)]
+        if args.variants:
+            methods += [("repair_resample3_jump2", pipe(samples, dilate=args.dilate, feather=args.feather, resample=3,
+                                                        jump=2, **kw).images),
+                        ("repair_threshold0.2", pipe(samples, dilate=args.dilate, feather=args.feather, threshold=0.2,
+                                                     **kw).images)]
         resampled = torch.where(flagged[:, None, None, None], fresh, samples)
         rec = {"repair_seconds": repair_seconds,
                "mask_area_of_flagged": float((repaired.masks[flagged] > 0).float().mean()),
                "empty_mask_share_of_flagged": float((repaired.masks[flagged].flatten(1).amax(1) == 0).float().mean())}
-        for name, images in (("repair", repaired.images), ("repair_rounds3", rounds3.images), ("sdedit", edited),
-                             ("resample", resampled)):
+        for name, images in methods + [("sdedit", edited), ("resample", resampled)]:
             f = feats(images)
             fid = fid_from_features(f, real)
             diffs = np.array([fid_from_features(f[i], real) for i in boots]) - boot_before
@@ -198,8 +203,8 @@ def save_rows(rows: list[torch.Tensor], path: Path, upscale: int = 6) -> None:
 def markdown(result: dict) -> str:
     """The docs/repair.md tables from a stored result."""
     lines = []
-    planted = result["planted"]
-    for strength in result["settings"]["strengths"]:
+    planted = result.get("planted") or {"kinds": {}}
+    for strength in result["settings"]["strengths"] if planted["kinds"] else []:
         key = f"strength_{strength}"
         if not all(key in rec for rec in planted["kinds"].values()):
             continue
@@ -226,8 +231,9 @@ def markdown(result: dict) -> str:
               "| mean abs change | pixels changed | FID gained per unit mean abs change |",
               "|---|---|---|---|---|---|---|---|---|"]
     for strength, rec in gen["strengths"].items():
-        for name in ("repair", "repair_rounds3", "sdedit", "resample"):
-            m = rec[name]
+        for name, m in rec.items():
+            if not isinstance(m, dict):
+                continue
             gain = m["fid_gain_per_mean_abs_change"]
             lines.append(
                 f"| {strength} | {name} | {m['fid']:.3f} | {m['fid_minus_before']:+.3f} ({m['fid_diff_ci95'][0]:+.3f}, "
@@ -254,6 +260,9 @@ def main() -> None:
     p.add_argument("--dilate", type=int, default=1)
     p.add_argument("--feather", type=int, default=1)
     p.add_argument("--bootstrap", type=int, default=200)
+    p.add_argument("--skip-planted", action="store_true", help="run part 2 only")
+    p.add_argument("--variants", action="store_true",
+                   help="part 2 also with RePaint resampling (3, jump 2) and a lower mask threshold (0.2)")
     p.add_argument("--tables", metavar="JSON", help="print the markdown tables of a stored result and exit")
     args = p.parse_args()
     if args.tables:
@@ -270,7 +279,8 @@ def main() -> None:
     start = time.perf_counter()
     unet, config, _ = load_ema_unet(args.ckpt, "cpu")
     size = config.image_size
-    planted, examples = planted_study(unet, make_scheduler(config, "ddim"), size, args)
+    planted, examples = (None, {}) if args.skip_planted else planted_study(unet, make_scheduler(config, "ddim"), size,
+                                                                           args)
     pipe = FlawRepairPipeline(DDIMPipeline.from_pretrained(args.pipeline), FlawHighlighter.load(args.highlighter).eval())
     pipe.pipeline.set_progress_bar_config(disable=True)
     generated, figure = generated_study(pipe, size, args)
@@ -279,7 +289,8 @@ def main() -> None:
     rows = []
     for kind, (clean, fake, fam, mask, fixed, edited) in examples.items():
         rows += [rgb(clean), rgb(fake), viz.overlay(fake, fam), viz.overlay(fake, mask), rgb(fixed), rgb(edited)]
-    save_rows([torch.cat(rows[i::6]) for i in range(6)], figures / "planted.png")
+    if rows:
+        save_rows([torch.cat(rows[i::6]) for i in range(6)], figures / "planted.png")
     samples, fam, mask, fixed, edited, fresh = figure
     save_rows([rgb(samples), viz.overlay(samples, fam), viz.overlay(samples, mask), rgb(fixed),
                (rgb(fixed) - rgb(samples)).abs().clamp(0, 1) * 4, rgb(edited), rgb(fresh)], figures / "generated.png")

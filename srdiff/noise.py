@@ -204,49 +204,49 @@ def _check_no_grad(**tensors: torch.Tensor | None) -> None:
 
 
 class _LastReferenceDraw:
-    """The reference path's ε for one seed, and the amplified ε that built x_t, kept from the noising
-    call for the loss call.
+    """The one tensor of the reference path's noising that its loss call needs, kept between them.
 
     On a CPU, drawing ε and amplifying it cost about as much as the rest of noising + loss. A
-    training step needs both twice with the same seed (noising, then the loss), so the noising call
-    keeps its draw, keyed by (seed, shape, device), and its ε_x, keyed by the user's map object (its
-    identity and version counter, so an in-place edit or a new map invalidates it), lam and the
-    amplification. The next loss call with that key takes them instead of recomputing: the same
-    values, bit for bit.
+    training step needs them twice with the same seed (noising, then the loss), so the noising call
+    keeps, keyed by (seed, shape, device), either ε_x (when the recipe's target uses the very noise
+    x_t was built from, as "paper" does; tagged with λ, the amplification, and the user's map
+    object by identity and version counter, so an in-place edit or a new map invalidates it) or
+    the plain ε (every other recipe: the loss amplifies it as its target needs). Only one tensor is
+    kept, so the step holds no more memory than the plain diffusers code. The next loss call with
+    that key takes it instead of drawing again, once: the same values, bit for bit; a loss whose
+    recipe the kept tensor cannot serve draws afresh.
     """
 
     key: tuple | None = None
     noise: torch.Tensor | None = None
-    amplified: tuple | None = None  # (how, lam, weakref to the user's map, its _version, resize, ε_x)
+    how: str = "plain"  # how the kept noise was amplified
+    source: tuple | None = None  # (lam, weakref to the user's map, its _version, resize) when amplified
 
     @classmethod
-    def draw(cls, x0: torch.Tensor, seed: int) -> torch.Tensor:
-        cls.key, cls.noise, cls.amplified = (seed, tuple(x0.shape), x0.device), reference_noise(x0, seed), None
-        return cls.noise
+    def keep(cls, x0, seed: int, eps, eps_x, recipe: tuple[str, str], lam: float, user_fam, fam, resize: bool):
+        how_x, how_target = recipe
+        cls.key = (seed, tuple(x0.shape), x0.device)
+        serves_target = how_x == how_target != "plain" and fam is not None
+        if serves_target and not (torch.is_grad_enabled() and user_fam.requires_grad):
+            cls.noise, cls.how = eps_x, how_x
+            cls.source = (lam, weakref.ref(user_fam), user_fam._version, resize)
+        else:
+            cls.noise, cls.how, cls.source = eps, "plain", None
 
     @classmethod
-    def keep_amplified(cls, how: str, lam: float, user_fam, resize: bool, eps_x: torch.Tensor) -> None:
-        if user_fam is not None and not (torch.is_grad_enabled() and user_fam.requires_grad):
-            cls.amplified = (how, lam, weakref.ref(user_fam), user_fam._version, resize, eps_x)
-
-    @classmethod
-    def take(cls, x0: torch.Tensor, seed: int | None):
-        """(ε, the kept amplification record or None), once, if the key matches; else None."""
+    def take(cls, x0, seed: int | None, how_target: str, lam: float, user_fam, fam, resize: bool):
+        """ε_t for the loss from the kept tensor (once), or None when nothing kept serves."""
         if seed is None or cls.key != (seed, tuple(x0.shape), x0.device):
             return None
-        kept = cls.noise, cls.amplified
-        cls.key, cls.noise, cls.amplified = None, None, None
-        return kept
-
-    @staticmethod
-    def target_noise(kept, how: str, lam: float, user_fam, resize: bool, fam) -> torch.Tensor:
-        """ε_t from a kept draw: the kept ε_x when it was amplified the same way from the same map."""
-        eps, amplified = kept
-        if amplified is not None and fam is not None:
-            k_how, k_lam, k_ref, k_version, k_resize, eps_x = amplified
-            if (k_how, k_lam, k_resize) == (how, lam, resize) and k_ref() is user_fam and user_fam._version == k_version:
-                return eps_x
-        return amplify_noise(eps, fam, lam, how, torch.float32)
+        noise, how, source = cls.noise, cls.how, cls.source
+        cls.key, cls.noise, cls.how, cls.source = None, None, "plain", None
+        if how == "plain":
+            return amplify_noise(noise, fam, lam, how_target, torch.float32)
+        k_lam, k_ref, k_version, k_resize = source
+        if how == how_target and (k_lam, k_resize) == (lam, resize) and k_ref() is user_fam \
+                and user_fam._version == k_version:
+            return noise
+        return None
 
 
 def _kernel_seed(seed: int | None) -> int:
@@ -341,12 +341,11 @@ def amplified_add_noise(
                 x0, timesteps, alphas_cumprod, noise, fam, lam, seed=seed, recipe=pair,
                 prediction_type=prediction_type, return_target=return_target,
             )
+        eps = reference_noise(x0, seed)
         x_t, target, eps_x = add_noise_from_epsilon(
-            x0, timesteps, alphas_cumprod, _LastReferenceDraw.draw(x0, seed), fam, lam, pair, prediction_type,
-            return_target, torch.float32,
+            x0, timesteps, alphas_cumprod, eps, fam, lam, pair, prediction_type, return_target, torch.float32
         )
-        if fam is not None and pair[0] != "plain":
-            _LastReferenceDraw.keep_amplified(pair[0], lam, user_fam, resize, eps_x)
+        _LastReferenceDraw.keep(x0, seed, eps, eps_x, pair, lam, user_fam, fam, resize)
         return x_t, target
     from srdiff.kernels.noise import amplified_add_noise_fwd
 
@@ -420,13 +419,14 @@ def amplified_noise_loss(
         _check_values(timesteps, alphas_cumprod, fam)
     fam = None if lam == 0 else fam  # checked, but without effect
     if resolve_backend(backend, x0.device) == "reference":
-        kept = _LastReferenceDraw.take(x0, seed) if noise is None else None
-        if kept is None:
+        eps_target = None if noise is not None else _LastReferenceDraw.take(
+            x0, seed, pair[1], lam, user_fam, fam, resize
+        )
+        if eps_target is None:
             return amplified_noise_loss_ref(
                 pred, x0, timesteps, alphas_cumprod, fam, lam, seed=seed, noise=noise, reduction=reduction,
                 recipe=pair, prediction_type=prediction_type,
             )
-        eps_target = _LastReferenceDraw.target_noise(kept, pair[1], lam, user_fam, resize, fam)
         return noise_loss_from_target_noise(
             pred, x0, timesteps, alphas_cumprod, eps_target, prediction_type, reduction, torch.float32
         )

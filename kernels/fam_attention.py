@@ -40,8 +40,10 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 LOG2E = 1.4426950408889634  # 1 / ln(2)
 
-# Shared memory a config may plan for (Hopper has 227 KiB per block; leave room for the compiler).
-_SMEM_BUDGET = 192 * 1024
+# Shared memory a config may use: Hopper's 227 KiB per block (the estimate below matches Triton's
+# allocation to within its 1 KiB of barriers and scratch).
+_SMEM_BUDGET = 227 * 1024
+_SMEM_SCRATCH = 1024
 
 
 def _configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
@@ -61,11 +63,17 @@ def _prune(resident: str, tiles_in: int, tiles_acc: int):
     pipelined tiles fit in shared memory, else the fallback. Each program keeps ``tiles_in`` input
     tiles and ``tiles_acc`` float32 accumulators of (``resident`` rows, BLOCK_D) in registers (q and
     acc in the forward; k, v, dk, dv in dK/dV; q, dO, dq in dQ) and streams two tiles of the other
-    block size per pipeline stage. Budgets: 128 registers a thread for the resident tiles and
-    192 KiB of shared memory (checked against ptxas for sm_90: the kept configs compile, and their
-    main loops do not spill, or barely). float32 inputs multiply exactly with FMAs, not tensor
+    block size per pipeline stage. Shared memory holds the input tiles once and num_stages buffers
+    of each streamed tile, plus 1 KiB: Triton 3.8's allocation at sm_90 for the largest kept tiles
+    (where the budget binds), an upper bound for small ones, whose buffers it shares
+    (benchmarks/compile_sm90.py, with the JIT's specialisation). Budgets: 128 registers a
+    thread for the resident tiles and Hopper's 227 KiB of shared memory. float32 inputs multiply exactly with FMAs, not tensor
     cores; beyond 32 x 32 tiles those dots spill heavily, so float32 always takes the fallback."""
     streamed = "BLOCK_N" if resident == "BLOCK_M" else "BLOCK_M"
+
+    def smem(c: triton.Config, elsize: int, block_d: int) -> int:
+        rows, rows_streamed = c.kwargs[resident], c.kwargs[streamed]
+        return elsize * block_d * (tiles_in * rows + 2 * c.num_stages * rows_streamed) + _SMEM_SCRATCH
 
     def prune(configs, named_args, **kwargs):
         *candidates, fallback = configs
@@ -75,13 +83,12 @@ def _prune(resident: str, tiles_in: int, tiles_acc: int):
             return [fallback]
         kept = []
         for c in candidates:
-            rows, rows_streamed = c.kwargs[resident], c.kwargs[streamed]
-            registers = rows * block_d * (tiles_in * elsize + tiles_acc * 4) / 4 / (32 * c.num_warps)
-            smem = elsize * block_d * (rows + 2 * max(c.num_stages - 1, 1) * rows_streamed)
-            if registers <= 128 and smem <= _SMEM_BUDGET:
+            registers = c.kwargs[resident] * block_d * (tiles_in * elsize + tiles_acc * 4) / 4 / (32 * c.num_warps)
+            if registers <= 128 and smem(c, elsize, block_d) <= _SMEM_BUDGET:
                 kept.append(c)
         return kept or [fallback]
 
+    prune.shared_memory = smem
     return prune
 
 
@@ -105,6 +112,16 @@ def _program_tile(n, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _aligned_strides(stride_b, stride_h, stride_n, ROW_ALIGN: tl.constexpr):
+    """The launcher guarantees that these strides are multiples of ROW_ALIGN elements (see
+    :func:`_row_alignment`); written as (s // ROW_ALIGN) * ROW_ALIGN (the same value) Triton can prove
+    each row 16-byte aligned and copy it 16 bytes at a time at head dims like 40 and 72, whose
+    strides the JIT cannot specialise on (it only marks multiples of 16)."""
+    return ((stride_b // ROW_ALIGN) * ROW_ALIGN, (stride_h // ROW_ALIGN) * ROW_ALIGN,
+            (stride_n // ROW_ALIGN) * ROW_ALIGN)
+
+
+@triton.jit
 def _mma(a, b, acc, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """tl.dot with float32 accumulation. DOT_UPCAST is set by the launcher only under the Triton
     interpreter, whose bf16 tl.dot is wrong: the bf16 tiles (already rounded exactly as on the GPU)
@@ -117,6 +134,12 @@ def _mma(a, b, acc, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _head_dim_mask(offs_d, HEAD_DIM: tl.constexpr):
+    """(BLOCK_D,) padded head-dim columns masked off, in 1-d (broadcast by the caller)."""
+    return offs_d < HEAD_DIM
+
+
+@triton.jit
 def _load_rows(ptrs, offs_row, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                MASK_ROWS: tl.constexpr):
     """A (rows, BLOCK_D) tile; masked rows and padded head-dim columns read as 0."""
@@ -124,12 +147,12 @@ def _load_rows(ptrs, offs_row, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: 
         if HEAD_DIM == BLOCK_D:
             tile = tl.load(ptrs, mask=offs_row[:, None] < n_rows, other=0.0)
         else:
-            tile = tl.load(ptrs, mask=(offs_row[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            tile = tl.load(ptrs, mask=(offs_row[:, None] < n_rows) & _head_dim_mask(offs_d, HEAD_DIM)[None, :], other=0.0)
     else:
         if HEAD_DIM == BLOCK_D:
             tile = tl.load(ptrs)
         else:
-            tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            tile = tl.load(ptrs, mask=_head_dim_mask(offs_d, HEAD_DIM)[None, :], other=0.0)
     return tile
 
 
@@ -187,11 +210,15 @@ def _fam_attention_fwd_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_fb, stride_fh, stride_ob, stride_oh, stride_on,
     H, Nq, Nk, Nq_bucket, Nk_bucket, lam, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_FAM: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, HAS_FAM: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m, pid_bh = _program_tile(Nq, BLOCK_M)
+    stride_qb, stride_qh, stride_qn = _aligned_strides(stride_qb, stride_qh, stride_qn, ROW_ALIGN)
+    stride_kb, stride_kh, stride_kn = _aligned_strides(stride_kb, stride_kh, stride_kn, ROW_ALIGN)
+    stride_vb, stride_vh, stride_vn = _aligned_strides(stride_vb, stride_vh, stride_vn, ROW_ALIGN)
+    stride_ob, stride_oh, stride_on = _aligned_strides(stride_ob, stride_oh, stride_on, ROW_ALIGN)
     b, h = pid_bh // H, pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -217,7 +244,7 @@ def _fam_attention_fwd_kernel(
     o = acc / l_i[:, None]
     row_ok = offs_m < Nq
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
-    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & _head_dim_mask(offs_d, HEAD_DIM)[None, :])
     tl.store(LSE2 + pid_bh * Nq + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
 
 
@@ -226,10 +253,12 @@ def _fam_attention_bwd_preprocess_kernel(
     O, DO, DELTA,
     stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
     H, Nq,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """delta_i = rowsum(dO_i * O_i) in float32."""
     pid_m, pid_bh = _program_tile(Nq, BLOCK_M)
+    stride_ob, stride_oh, stride_on = _aligned_strides(stride_ob, stride_oh, stride_on, ROW_ALIGN)
+    stride_dob, stride_doh, stride_don = _aligned_strides(stride_dob, stride_doh, stride_don, ROW_ALIGN)
     b, h = pid_bh // H, pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -268,7 +297,7 @@ def _bwd_dkdv_inner(dk_acc, dv_acc, k, v, s, q_base, do_base, lse2_base, delta_b
         if DQ_ATOMIC:
             dq = _mma(tl.trans((dxT * s[:, None]).to(k.dtype)), k, None, DOT_UPCAST, DOT_PRECISION)
             tl.atomic_add(dq_base + offs_m[:, None] * stride_dqn + offs_d[None, :], dq * scale,
-                          mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+                          mask=(offs_m[:, None] < Nq) & _head_dim_mask(offs_d, HEAD_DIM)[None, :], sem="relaxed")
     return dk_acc, dv_acc
 
 
@@ -281,11 +310,17 @@ def _fam_attention_bwd_dkdv_kernel(
     stride_fb, stride_fh, stride_dob, stride_doh, stride_don,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_dqb, stride_dqh, stride_dqn,
     H, Nq, Nk, Nq_bucket, Nk_bucket, lam, scale, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_FAM: tl.constexpr, FAM_GRAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, HAS_FAM: tl.constexpr, FAM_GRAD: tl.constexpr,
     DQ_ATOMIC: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n, pid_bh = _program_tile(Nk, BLOCK_N)
+    stride_qb, stride_qh, stride_qn = _aligned_strides(stride_qb, stride_qh, stride_qn, ROW_ALIGN)
+    stride_kb, stride_kh, stride_kn = _aligned_strides(stride_kb, stride_kh, stride_kn, ROW_ALIGN)
+    stride_vb, stride_vh, stride_vn = _aligned_strides(stride_vb, stride_vh, stride_vn, ROW_ALIGN)
+    stride_dob, stride_doh, stride_don = _aligned_strides(stride_dob, stride_doh, stride_don, ROW_ALIGN)
+    stride_dkb, stride_dkh, stride_dkn = _aligned_strides(stride_dkb, stride_dkh, stride_dkn, ROW_ALIGN)
+    stride_dvb, stride_dvh, stride_dvn = _aligned_strides(stride_dvb, stride_dvh, stride_dvn, ROW_ALIGN)
     b, h = pid_bh // H, pid_bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -315,7 +350,7 @@ def _fam_attention_bwd_dkdv_kernel(
 
     # One accumulator at a time: its d(s) term, then its store, so that it dies before the next.
     key_ok = offs_n < Nk
-    tile_ok = key_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    tile_ok = key_ok[:, None] & _head_dim_mask(offs_d, HEAD_DIM)[None, :]
     if FAM_GRAD:
         ds = scale * tl.sum(k.to(tl.float32) * dk_acc, 1)
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
@@ -360,11 +395,16 @@ def _fam_attention_bwd_dq_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_fb, stride_fh, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
     H, Nq, Nk, Nq_bucket, Nk_bucket, lam, scale, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_FAM: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, HAS_FAM: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m, pid_bh = _program_tile(Nq, BLOCK_M)
+    stride_qb, stride_qh, stride_qn = _aligned_strides(stride_qb, stride_qh, stride_qn, ROW_ALIGN)
+    stride_kb, stride_kh, stride_kn = _aligned_strides(stride_kb, stride_kh, stride_kn, ROW_ALIGN)
+    stride_vb, stride_vh, stride_vn = _aligned_strides(stride_vb, stride_vh, stride_vn, ROW_ALIGN)
+    stride_dob, stride_doh, stride_don = _aligned_strides(stride_dob, stride_doh, stride_don, ROW_ALIGN)
+    stride_dqb, stride_dqh, stride_dqn = _aligned_strides(stride_dqb, stride_dqh, stride_dqn, ROW_ALIGN)
     b, h = pid_bh // H, pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -390,7 +430,7 @@ def _fam_attention_bwd_dq_kernel(
                                HEAD_DIM, BLOCK_D, BLOCK_N, HAS_FAM, True, DOT_UPCAST, DOT_PRECISION)
     dq = dq_acc * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM))
+             dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Nq) & _head_dim_mask(offs_d, HEAD_DIM)[None, :])
 
 
 def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
@@ -427,6 +467,11 @@ def kept_configs(kernel, dtype: torch.dtype, head_dim: int) -> list[triton.Confi
     return kernel.early_config_prune(kernel.configs, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=_block_d(head_dim))
 
 
+def shared_memory_estimate(kernel, config: triton.Config, dtype: torch.dtype, head_dim: int) -> int:
+    """The bytes of shared memory the prune budgets for ``config`` of an autotuned ``kernel``."""
+    return kernel.early_config_prune.shared_memory(config, dtype.itemsize, _block_d(head_dim))
+
+
 _PINNED: dict = {}
 
 
@@ -460,6 +505,17 @@ def _launch(kernel, grid, args: tuple, meta: dict, dtype: torch.dtype) -> None:
     else:
         torch.library.wrap_triton(kernel.fn)[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps,
                                                    num_stages=config.num_stages)
+
+
+def _row_alignment(*tensors: torch.Tensor) -> int:
+    """The largest power of two, up to 16 bytes' worth of elements, dividing every batch, head and
+    row stride of ``tensors`` (dims of size 1 aside: their index is always 0)."""
+    align = 16 // tensors[0].element_size()
+    for t in tensors:
+        for size, stride in zip(t.shape[:-1], t.stride()[:-1]):
+            while size > 1 and stride % align:
+                align //= 2
+    return align
 
 
 def _sequence_buckets(Nq: int, Nk: int) -> tuple[int, int]:
@@ -509,7 +565,7 @@ def fam_attention_fwd(
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), stride_fb, stride_fh, o.stride(0), o.stride(1), o.stride(2),
         H, Nq, Nk, *_sequence_buckets(Nq, Nk), float(lam), scale * LOG2E,
-    ), dict(HAS_FAM=has_fam, **_kernel_flags(q)), q.dtype)
+    ), dict(HAS_FAM=has_fam, ROW_ALIGN=_row_alignment(q, k, v, o), **_kernel_flags(q)), q.dtype)
     return o, lse2
 
 
@@ -538,7 +594,7 @@ def fam_attention_bwd(
     block_m = min(128, 8192 // flags["BLOCK_D"])  # two (BLOCK_M, BLOCK_D) tiles, ~64 registers a thread
     torch.library.wrap_triton(_fam_attention_bwd_preprocess_kernel)[fold_grid(Nq, block_m, B * H)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        H, Nq, HEAD_DIM=flags["HEAD_DIM"], BLOCK_D=flags["BLOCK_D"], BLOCK_M=block_m,
+        H, Nq, HEAD_DIM=flags["HEAD_DIM"], BLOCK_D=flags["BLOCK_D"], ROW_ALIGN=_row_alignment(o, do), BLOCK_M=block_m,
     )
     buckets = _sequence_buckets(Nq, Nk)
     # dq_atomic: the dK/dV pass adds dq in float32 (zeroed: atomics accumulate into it); else a dummy.
@@ -554,7 +610,8 @@ def fam_attention_bwd(
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2),
         H, Nq, Nk, *buckets, float(lam), scale, scale * LOG2E,
-    ), dict(HAS_FAM=has_fam, FAM_GRAD=fam_grad, DQ_ATOMIC=dq_atomic, **flags), q.dtype)
+    ), dict(HAS_FAM=has_fam, FAM_GRAD=fam_grad, DQ_ATOMIC=dq_atomic, ROW_ALIGN=_row_alignment(q, k, v, do, dk, dv),
+            **flags), q.dtype)
     if dq_atomic:
         dq.copy_(dq_acc)
         return dq, dk, dv, ds
@@ -568,7 +625,7 @@ def fam_attention_bwd(
         v.stride(0), v.stride(1), v.stride(2), stride_fb, stride_fh, do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         H, Nq, Nk, *buckets, float(lam), scale, scale * LOG2E,
-    ), dict(HAS_FAM=has_fam, **flags), q.dtype)
+    ), dict(HAS_FAM=has_fam, ROW_ALIGN=_row_alignment(q, k, v, do, dq), **flags), q.dtype)
     return dq, dk, dv, ds
 
 

@@ -4,12 +4,10 @@ diffusers and generate (StableDiffusionPipeline), a local Stable Diffusion folde
 LoRA composing with the FAM processors, and resume after SIGKILL."""
 
 import json
-import signal
-import time
 
 import pytest
 import torch
-from utils import tiny_config
+from utils import kill_and_resume, run_losses, tiny_config
 
 import srdiff
 from srdiff.trainer import SelfRefiningTrainer, checkpoint
@@ -210,25 +208,11 @@ def test_lora_composes_with_fam_and_exports_adapters_only(tmp_path):
 
 @pytest.mark.slow
 def test_text_resume_after_sigkill_is_exact(tmp_path):
-    from test_trainer import cli, flags, losses
-
     ref_cfg = tiny_config(tmp_path, "uninterrupted", **TEXT, steps=10, cycle=2, checkpoint_every=3, mode="reverse")
     SelfRefiningTrainer(ref_cfg).train()
     cfg = ref_cfg.replace(out_dir=str(tmp_path / "killed"))
-    proc = cli("train", *flags(cfg))
-    log, deadline = tmp_path / "killed" / "metrics.jsonl", time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if log.is_file() and any(json.loads(x).get("step", 0) >= 7 and "loss" in x for x in log.read_text().splitlines()):
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read()}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert checkpoint.load(tmp_path / "killed" / "checkpoints" / "last.pt")["step"] == 6
-    resumed = cli("train", *flags(cfg), "--resume")
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out
-    assert losses(cfg) == losses(ref_cfg)
+    kill_and_resume(cfg, after_step=7, checkpoint_step=6)
+    assert run_losses(cfg) == run_losses(ref_cfg)
     a = checkpoint.load(tmp_path / "uninterrupted" / "checkpoints" / "last.pt")
     b = checkpoint.load(tmp_path / "killed" / "checkpoints" / "last.pt")
     torch.testing.assert_close(b["model"], a["model"], rtol=0, atol=0)

@@ -6,14 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from srdiff.trainer import NonFiniteLossError, SelfRefiningTrainer, TrainConfig
 from srdiff.trainer import checkpoint
-from utils import TINY_TRAIN as TINY, tiny_config
+from utils import config_flags as flags, kill_and_resume, run_losses as losses, srdiff_cli as cli, tiny_config
 
 def tiny(tmp_path, name="run", **kw) -> TrainConfig:
     return tiny_config(tmp_path, name, **kw)
@@ -22,28 +21,6 @@ def tiny(tmp_path, name="run", **kw) -> TrainConfig:
 def records(cfg) -> list[dict]:
     with open(os.path.join(cfg.out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def losses(cfg) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in records(cfg) if "loss" in r]
-
-
-def cli(*args, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "srdiff", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
-
-
-def flags(cfg: TrainConfig) -> list[str]:
-    out = []
-    for key, value in cfg.to_dict().items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            out.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif isinstance(value, list):
-            out += [flag, *(str(v).lower() if isinstance(v, bool) else str(v) for v in value)]
-        elif value is not None:
-            out += [flag, str(value)]
-    return out
 
 
 @pytest.mark.slow
@@ -108,20 +85,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     ref_cfg = tiny(tmp_path, "uninterrupted", steps=12, cycle=3, checkpoint_every=4, highlighter=str(tmp_path / "hl.pt"))
     SelfRefiningTrainer(ref_cfg).train()
     cfg = ref_cfg.replace(out_dir=str(tmp_path / "killed"))
-    proc = cli("train", *flags(cfg))
-    deadline = time.monotonic() + 240
-    log = tmp_path / "killed" / "metrics.jsonl"
-    while time.monotonic() < deadline and proc.poll() is None:
-        if log.is_file() and any(json.loads(x).get("step", 0) >= 10 and "loss" in x for x in log.read_text().splitlines()):
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read()}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert checkpoint.load(tmp_path / "killed" / "checkpoints" / "last.pt")["step"] == 8
-    resumed = cli("train", *flags(cfg), "--resume")
-    out, _ = resumed.communicate(timeout=240)
-    assert resumed.returncode == 0, out
+    kill_and_resume(cfg, after_step=10, checkpoint_step=8)
     assert losses(cfg) == losses(ref_cfg)
     a = checkpoint.load(tmp_path / "uninterrupted" / "checkpoints" / "last.pt")
     b = checkpoint.load(tmp_path / "killed" / "checkpoints" / "last.pt")

@@ -163,3 +163,60 @@ def tiny_config(tmp_path, name: str = "run", **changes):
     from srdiff.trainer import TrainConfig
 
     return TrainConfig(**{**TINY_TRAIN, "out_dir": str(tmp_path / name), **changes})
+
+
+def run_losses(config) -> list[tuple[int, float]]:
+    """(step, loss) of every step record in a run's ``metrics.jsonl``."""
+    import json
+    import os
+
+    with open(os.path.join(config.out_dir, "metrics.jsonl")) as f:
+        return [(r["step"], r["loss"]) for r in map(json.loads, filter(str.strip, f)) if "loss" in r]
+
+
+def srdiff_cli(*args, **kw):
+    """``python -m srdiff ARGS`` as a Popen with stdout and stderr together, text mode."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "srdiff", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def config_flags(config) -> list[str]:
+    """The ``srdiff train`` flags that rebuild ``config``."""
+    out = []
+    for key, value in config.to_dict().items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list):
+            out += [flag, *(str(v).lower() if isinstance(v, bool) else str(v) for v in value)]
+        elif value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+def kill_and_resume(config, *, after_step: int, checkpoint_step: int, timeout: float = 300) -> None:
+    """Train ``config`` with ``srdiff train``, SIGKILL it once step ``after_step`` is logged, check that
+    ``checkpoints/last.pt`` is at ``checkpoint_step``, then ``srdiff train --resume`` it to the end."""
+    import json
+    import signal
+    import time
+    from pathlib import Path
+
+    proc = srdiff_cli("train", *config_flags(config))
+    log, deadline = Path(config.out_dir) / "metrics.jsonl", time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.is_file() and any(json.loads(x).get("step", 0) >= after_step and "loss" in x
+                                 for x in log.read_text().splitlines()):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(Path(config.out_dir) / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["step"] == checkpoint_step, f"killed at step {saved['step']}, not {checkpoint_step}"
+    resumed = srdiff_cli("train", *config_flags(config), "--resume")
+    out, _ = resumed.communicate(timeout=timeout)
+    assert resumed.returncode == 0, out

@@ -43,8 +43,8 @@ GRADCAM=grad-cam==1.5.7  # an sdist on PyPI: built into a wheel (pure Python)
 # that ends early leaves its time to the "leftover" steps at the end (cap 0: whatever is left).
 # Chunks run by value: ceilings -> attention fwd -> fwd+bwd -> noise -> Grad-CAM -> FAM -> Flex.
 PLAN_1=(
-  "wheels|15" "checks|10" "build|100" "env|15" "tests|125"
-  "ceilings|20" "attention_fwd|60" "attention_fwdbwd|75" "noise|30" "gradcam|20" "fam|20" "flex|30"
+  "wheels|15" "checks|10" "build|90" "env|15" "tests|125"
+  "ceilings|20" "attention_fwd|60" "attention_fwdbwd|75" "noise|30" "gradcam|30" "fam|20" "flex|30"
   "slow_compiles|0" "pack|5"
 )
 PLAN_2=("wheels|15" "checks|10" "env|15" "train|90" "ablation|60" "slow_compiles|0" "pack|5")

@@ -296,7 +296,10 @@ def markdown(result: dict) -> str:
             if m != "baseline" and "delta_per_seed" in s:
                 lines.append(f"| {m} | " + " | ".join(f"{s['delta_per_seed'][str(x)]:+.3f}" for x in seeds) + " |")
     if summary["recipes"]:
-        lines += ["", "Recipes (combined mode, same seeds and base checkpoints):", "", header.format(what="recipe")]
+        recipe_seeds = sorted({r["seed"] for r in result["runs"] if r["kind"] == "recipe"})
+        lines += ["", f"Recipes (combined mode from the same base checkpoints; seeds {', '.join(map(str, recipe_seeds))}; "
+                  "a recipe missing a seed has fewer rows, see the column 'seeds improved'):", "",
+                  header.format(what="recipe")]
         lines += [_row(x, s) for x, s in summary["recipes"].items()]
     for axis, points in summary["sweeps"].items():
         if points:

@@ -18,7 +18,7 @@ from srdiff.trainer.task import Batch, DenoisingTask, register_task
 
 @register_task
 class ClassConditional(DenoisingTask):
-    """Class labels from the dataset (digits, mnist, emoji groups, an image folder of class subfolders)."""
+    """Class labels from the dataset (the digits and mnist have them)."""
 
     name = "class"
     condition = "class"
@@ -27,7 +27,7 @@ class ClassConditional(DenoisingTask):
         super().setup(data)
         if data.train_labels is None:
             raise ValueError(f"task 'class' needs labelled data; data {self.config.data!r} has no labels "
-                             "(use 'digits', 'mnist', 'emoji' or a folder of one subfolder per class)")
+                             "(use 'digits' or 'mnist')")
         num_classes = int(max(data.train_labels.max(), data.holdout_labels.max())) + 1
         if self.config.num_classes and self.config.num_classes < num_classes:
             raise ValueError(f"num_classes {self.config.num_classes} is smaller than the data's {num_classes} "

@@ -11,7 +11,7 @@ import importlib
 from srdiff import _extension
 from srdiff._extension import HAS_EXT as has_extension
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # public name -> module that defines it (imported on first access)
 _PUBLIC = {

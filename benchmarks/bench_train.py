@@ -52,7 +52,7 @@ def test_train_step(benchmark, tmp_path, model, phase, mode):
     trainer = _trainer(model, mode, tmp_path)
     size = model["image_size"]
     if phase == "refine":
-        trainer.mfam = torch.rand(size, size, generator=torch.Generator().manual_seed(0)).to(trainer.device)
+        trainer.refinement.mfam = torch.rand(size, size, generator=torch.Generator().manual_seed(0)).to(trainer.device)
     step = trainer.config.base_steps if phase == "refine" else 0
 
     def one_step():
@@ -71,7 +71,7 @@ def test_train_step_diffusers(benchmark, tmp_path, model):
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
     trainer = _trainer(model, "baseline", tmp_path)
-    c, unet = trainer.config, trainer.unet
+    c, unet = trainer.config, trainer.denoiser
     for module in unet.modules():
         if isinstance(module, Attention):
             module.set_processor(AttnProcessor2_0())
@@ -111,7 +111,7 @@ def test_mfam_refresh(benchmark, tmp_path, model, finetune_steps):
                    shape=_shape(model))
     trainer = _trainer(model, "combined", tmp_path, highlighter_finetune_steps=finetune_steps)
     cfg = trainer.config
-    trainer.highlighter = FlawHighlighter(backbone="small", in_channels=cfg.channels,
+    trainer.refinement.highlighter = FlawHighlighter(backbone="small", in_channels=cfg.channels,
                                           image_size=cfg.image_size).to(trainer.device)
 
     def refresh():

@@ -112,7 +112,7 @@ def test_mfam_refresh(benchmark, tmp_path, model, finetune_steps):
     trainer = _trainer(model, "combined", tmp_path, highlighter_finetune_steps=finetune_steps)
     cfg = trainer.config
     trainer.refinement.highlighter = FlawHighlighter(backbone="small", in_channels=cfg.channels,
-                                          image_size=cfg.image_size).to(trainer.device)
+                                                     image_size=cfg.image_size).to(trainer.device)
 
     def refresh():
         trainer.step = cfg.base_steps + cfg.cycle  # a later cycle: fine-tunes when asked to

@@ -37,7 +37,7 @@ from srdiff.trainer.tasks import get_task
 
 # Config fields a resumed run may change: they do not alter the trajectory.
 RESUMABLE_CHANGES = ("out_dir", "progress", "checkpoint_every", "eval_samples", "sample_steps",
-                     "sampler", "feature_epochs", "inception_weights", "cache_dir", "device")
+                     "sampler", "features", "feature_epochs", "inception_weights", "cache_dir", "device")
 # Fields a run started from another run's base checkpoint (``init_from``) may change: what only the
 # refinement phase reads.
 REFINE_FIELDS = ("mode", "cycle", "lam_f", "lam_r", "recipe", "mfam_samples",

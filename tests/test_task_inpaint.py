@@ -99,6 +99,10 @@ def test_inpaint_task_end_to_end(tmp_path):
         torch.testing.assert_close(unet(x, 5).sample, trained.model(x, 5).sample, rtol=0, atol=0)
     resumed = SelfRefiningTrainer(cfg)
     assert resumed.resume() and resumed.step == 4 and resumed.mfam is not None
+    from srdiff.cli import main
+
+    assert main(["eval", "--ckpt", summary["checkpoint"], "--n", "4", "--steps", "2", "--features", "local",
+                 "--out", str(tmp_path / "eval.json")]) == 0, "srdiff eval fills the run's own images"
 
 
 def test_repaint_keeps_the_known_pixels_and_an_oracle_fills_the_hole():

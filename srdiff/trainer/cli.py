@@ -149,6 +149,7 @@ def _eval(args) -> int:
     refuse_existing([args.out] if args.out else [], overwrite=args.overwrite)
     trained = load_trained(args.ckpt, args.device)
     data = load_dataset(trained.config, torch.device(args.device))
+    trained.task.data = data  # what a task draws its sampling inputs from (inpainting: images to fill)
     config = trained.config.replace(features=args.features or trained.config.features, device=args.device)
     result = evaluate_generator(
         config, lambda n: trained.sample(n, **_sampling_kwargs(args, trained)),

@@ -63,6 +63,9 @@ class DenoisingTask:
         self.backbone = get_backbone(self.backbone_name)
         self.spec: DenoiserSpec | None = None
         self.vae: nn.Module | None = None
+        #: the :class:`~srdiff.trainer.dataset.Dataset` training reads (set by :meth:`setup`); a loaded
+        #: model's task may be given one to draw sampling inputs from (inpainting: the images to fill)
+        self.data = None
 
     @property
     def backbone_name(self) -> str:

@@ -92,7 +92,7 @@ class Inpainting(DenoisingTask):
             raise ValueError("task 'inpaint' has no condition to guide: pass images= and masks=, not conditions= "
                              "or guidance_scale=")
         if images is None:
-            if not hasattr(self, "data"):
+            if self.data is None:
                 raise ValueError("images= and masks= are needed to inpaint with a loaded model (no training data)")
             images, masks = self.draw(torch.arange(first_index, first_index + n), seed)
         elif masks is None:

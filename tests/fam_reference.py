@@ -70,3 +70,26 @@ def original_processors(model, names):
     finally:
         for n in names:
             modules[n].processor = saved[n]
+
+
+def checkpointing_gradients(model, mfam, forward, *, seed: int = 1):
+    """Parameter gradients of ``forward(model).sample.square().sum()`` inside ``fam_context(mfam)``:
+    ``(plain, checkpointed with backward inside the context, checkpointed with backward after it)``.
+    ``seed`` is set before every forward (models that draw at random in training mode, e.g. DiT's label
+    dropout). Enables gradient checkpointing on ``model``."""
+    import srdiff
+
+    def grads(backward_inside: bool) -> dict:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        with srdiff.fam_context(mfam):
+            loss = forward(model).sample.square().sum()
+            if backward_inside:
+                loss.backward()
+        if not backward_inside:
+            loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads(True)
+    model.enable_gradient_checkpointing()
+    return plain, grads(True), grads(False)

@@ -12,7 +12,7 @@ import contextlib
 
 import pytest
 import torch
-from fam_reference import original_processors, prescaled
+from fam_reference import checkpointing_gradients, original_processors, prescaled
 from utils import assert_close
 
 import srdiff
@@ -149,20 +149,7 @@ def test_gradient_checkpointing_in_and_out_of_context(build):
     mfam = torch.rand(size)
     srdiff.set_fam_attn_processor(model, lam=LAM, projection="shared")
 
-    def grads(backward_inside):
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(1)  # DiT drops class labels at random in training mode
-        with srdiff.fam_context(mfam):
-            loss = model(**inputs).sample.square().sum()
-            if backward_inside:
-                loss.backward()
-        if not backward_inside:
-            loss.backward()
-        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-    want = grads(True)
-    model.enable_gradient_checkpointing()
-    inside, outside = grads(True), grads(False)
+    want, inside, outside = checkpointing_gradients(model, mfam, lambda m: m(**inputs))  # DiT drops labels at random
     assert want.keys() == inside.keys() == outside.keys() and "fam_projection.net.4.weight" in want
     for n in want:
         assert torch.equal(inside[n], outside[n]), n

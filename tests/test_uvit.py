@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from fam_reference import prescaled
+from fam_reference import checkpointing_gradients, prescaled
 from utils import assert_close
 
 import srdiff
@@ -138,19 +138,7 @@ def test_gradient_checkpointing_in_and_out_of_context():
     x, t = torch.randn(2, 3, 8, 12), torch.tensor([3, 700])
     mfam = torch.rand(8, 12)
 
-    def grads(backward_inside):
-        model.zero_grad(set_to_none=True)
-        with srdiff.fam_context(mfam):
-            loss = model(x, t).sample.square().sum()
-            if backward_inside:
-                loss.backward()
-        if not backward_inside:
-            loss.backward()
-        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-    want = grads(True)
-    model.enable_gradient_checkpointing()
-    inside, outside = grads(True), grads(False)
+    want, inside, outside = checkpointing_gradients(model, mfam, lambda m: m(x, t))
     assert want.keys() == inside.keys() == outside.keys()
     for n in want:
         assert torch.equal(inside[n], outside[n]), n

@@ -60,8 +60,9 @@ class SelfRefiningTrainer:
     Refinement phase: every ``config.cycle`` steps, ``config.mfam_samples`` DDIM samples of the EMA model
     (drawn on all ranks) give one mFAM (H, W) for the whole dataset until the next refresh, optionally
     after fine-tuning the highlighter on them; the loss uses :func:`srdiff.amplified_noise_loss` with
-    ``lam_f`` (forward modes) and the denoiser's attention runs :class:`srdiff.FAMAttnProcessor` with
-    ``lam_r`` inside :func:`srdiff.fam_context` (reverse modes).
+    ``lam_f`` and ``config.recipe`` (forward modes), and the denoiser's self-attention layers run the FAM
+    processor of their family (:func:`srdiff.set_fam_attn_processor`) with ``lam_r`` inside
+    :func:`srdiff.fam_context` (reverse modes).
 
     Writes under ``config.out_dir`` (rank 0 only): ``checkpoints/last.pt`` (every ``checkpoint_every``
     steps, at the phase switch and at the end; ``checkpoints/base.pt`` at the switch),

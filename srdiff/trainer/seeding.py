@@ -2,6 +2,8 @@
 stream, so a resumed run repeats an uninterrupted one and N DDP ranks match one process accumulating N
 micro-batches."""
 
+import torch
+
 # Stream tags: each kind of random draw gets its own stream. Append new streams at the end: renumbering
 # changes every run's draws.
 DATA, TIMESTEPS, NOISE, MFAM, HL_FIT, HL_SAMPLES, FINAL, CONDITION_DROP, MASKS, CONDITION_SAMPLES = range(10)
@@ -15,3 +17,24 @@ def key(*parts: int) -> int:
         h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
         h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return (h ^ (h >> 31)) & 0x7FFFFFFF
+
+
+def keyed_generator(*parts: int) -> torch.Generator:
+    """A CPU generator seeded with ``key(*parts)``."""
+    return torch.Generator().manual_seed(key(*parts))
+
+
+def per_image_choice(high: int, indices, seed: int) -> torch.Tensor:
+    """(len(indices),) int64 in [0, high): image i's value is drawn from (CONDITION_SAMPLES, seed, i)
+    alone, so a sampled image's condition does not depend on batching or ranks."""
+    return torch.tensor([int(torch.randint(high, (), generator=keyed_generator(CONDITION_SAMPLES, seed, int(i))))
+                         for i in indices], dtype=torch.long)
+
+
+def drop_conditions(ids: torch.Tensor, null: int, p: float, *, seed: int, step: int, micro: int) -> torch.Tensor:
+    """A copy of ``ids`` with each entry replaced by ``null`` with probability ``p`` (classifier-free
+    guidance's condition dropout), keyed by (CONDITION_DROP, seed, step, micro)."""
+    ids = ids.clone()
+    if p > 0:
+        ids[torch.rand(len(ids), generator=keyed_generator(CONDITION_DROP, seed, step, micro)) < p] = null
+    return ids

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from srdiff.trainer.backbones import Condition, DenoiserSpec
-from srdiff.trainer.seeding import CONDITION_DROP, CONDITION_SAMPLES, key
+from srdiff.trainer.seeding import drop_conditions, per_image_choice
 from srdiff.trainer.task import Batch, DenoisingTask, register_task
 
 
@@ -39,11 +39,8 @@ class ClassConditional(DenoisingTask):
         return self.spec.num_classes
 
     def batch(self, indices: torch.Tensor, *, step: int, micro: int) -> Batch:
-        labels = self.data.train_labels[indices].clone()
-        p = self.config.condition_dropout
-        if p > 0:
-            gen = torch.Generator().manual_seed(key(CONDITION_DROP, self.config.seed, step, micro))
-            labels[torch.rand(len(labels), generator=gen) < p] = self.num_classes
+        labels = drop_conditions(self.data.train_labels[indices], self.num_classes, self.config.condition_dropout,
+                                 seed=self.config.seed, step=step, micro=micro)
         return Batch(x0=self.data.train_data[indices].to(self.device),
                      cond=Condition(class_labels=labels.to(self.device)))
 
@@ -55,9 +52,7 @@ class ClassConditional(DenoisingTask):
         return labels
 
     def sample_conditions(self, indices: torch.Tensor, seed: int) -> Condition:
-        labels = [torch.randint(self.num_classes, (), generator=torch.Generator().manual_seed(
-            key(CONDITION_SAMPLES, seed, int(i)))) for i in indices]
-        return self.labels_condition(torch.stack(labels) if labels else torch.empty(0, dtype=torch.long))
+        return self.labels_condition(per_image_choice(self.num_classes, indices, seed))
 
     def labels_condition(self, labels) -> Condition:
         """The condition that samples ``labels`` (one per image)."""

@@ -22,7 +22,7 @@ import srdiff
 from srdiff.trainer import sampling
 from srdiff.trainer.backbones import Condition, DenoiserSpec
 from srdiff.trainer.masks import check_masks, random_masks
-from srdiff.trainer.seeding import CONDITION_SAMPLES, MASKS, key
+from srdiff.trainer.seeding import MASKS, key, per_image_choice
 from srdiff.trainer.task import Batch, DenoisingTask, register_task
 
 
@@ -75,11 +75,10 @@ class Inpainting(DenoisingTask):
     def draw(self, indices: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(images, masks) to inpaint for sample ``indices``: a training image and a random hole each,
         image i's drawn from (seed, i) alone."""
-        c, n = self.config, len(self.data.train_images)
-        picks = [int(torch.randint(n, (), generator=torch.Generator().manual_seed(key(CONDITION_SAMPLES, seed, int(i)))))
-                 for i in indices]
+        c = self.config
+        picks = per_image_choice(len(self.data.train_images), indices, seed)
         masks = [random_masks(1, c.image_size, seed=key(MASKS, seed, int(i)), kind=c.mask_kind) for i in indices]
-        return self.data.train_images[torch.tensor(picks, dtype=torch.long)], torch.cat(masks)
+        return self.data.train_images[picks], torch.cat(masks)
 
     @torch.no_grad()
     def sample(self, model, n: int, *, seed: int, steps: int, sampler: str = "ddim", first_index: int = 0,

@@ -18,7 +18,7 @@ import torch
 from srdiff.trainer import lora, sampling
 from srdiff.trainer.backbones import Condition, DenoiserSpec
 from srdiff.trainer.captions import train_captions
-from srdiff.trainer.seeding import CONDITION_DROP, CONDITION_SAMPLES, key
+from srdiff.trainer.seeding import drop_conditions, per_image_choice
 from srdiff.trainer.task import Batch, DenoisingTask, register_task
 from srdiff.trainer.text_encoders import check_pretrained, pretrained_text_encoder, tiny_text_encoder
 
@@ -95,21 +95,15 @@ class TextToImage(DenoisingTask):
     def batch(self, indices: torch.Tensor, *, step: int, micro: int) -> Batch:
         """Images ``indices`` with their caption embeddings; each caption dropped to ``""`` with
         probability ``condition_dropout`` (keyed by (seed, step, micro))."""
-        ids = self.caption_ids[indices].clone()
-        p = self.config.condition_dropout
-        if p > 0:
-            gen = torch.Generator().manual_seed(key(CONDITION_DROP, self.config.seed, step, micro))
-            ids[torch.rand(len(ids), generator=gen) < p] = len(self.captions)
+        ids = drop_conditions(self.caption_ids[indices], len(self.captions), self.config.condition_dropout,
+                              seed=self.config.seed, step=step, micro=micro)
         return Batch(x0=self.data.train_data[indices].to(self.device),
                      cond=Condition(encoder_hidden_states=self.table[ids.to(self.device)]))
 
     # ------------------------------------------------------------------ sampling
     def sample_conditions(self, indices: torch.Tensor, seed: int) -> Condition:
         """Image i gets the caption of a training image drawn by (seed, i): captions as often as in the data."""
-        n = len(self.caption_ids)
-        picks = [int(torch.randint(n, (), generator=torch.Generator().manual_seed(key(CONDITION_SAMPLES, seed, int(i)))))
-                 for i in indices]
-        ids = self.caption_ids[torch.tensor(picks, dtype=torch.long)]
+        ids = self.caption_ids[per_image_choice(len(self.caption_ids), indices, seed)]
         return Condition(encoder_hidden_states=self.table[ids.to(self.device)])
 
     def prompt_condition(self, prompts: list[str]) -> Condition:

@@ -213,10 +213,7 @@ class DiT(Backbone):
             num_embeds_ada_norm=spec.num_classes or 1,
             norm_num_groups=1,
         )
-        for module in model.modules():
-            if type(module).__name__ == "LabelEmbedding":
-                module.dropout_prob = 0.0
-        return model
+        return _without_label_dropout(model)
 
     def forward(self, model, x, t, cond):
         labels = cond.class_labels
@@ -225,11 +222,15 @@ class DiT(Backbone):
         return model(x, timestep=_batched(t, x), class_labels=labels).sample
 
     def plain_copy(self, model: nn.Module) -> nn.Module:
-        clean = super().plain_copy(model)
-        for module in clean.modules():
-            if type(module).__name__ == "LabelEmbedding":
-                module.dropout_prob = 0.0
-        return clean
+        return _without_label_dropout(super().plain_copy(model))
+
+
+def _without_label_dropout(model: nn.Module) -> nn.Module:
+    """``model`` with its diffusers ``LabelEmbedding`` dropout off (its table keeps the null row)."""
+    for module in model.modules():
+        if type(module).__name__ == "LabelEmbedding":
+            module.dropout_prob = 0.0
+    return model
 
 
 @register_backbone

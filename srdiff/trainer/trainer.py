@@ -23,13 +23,13 @@ from torch import nn
 
 import srdiff
 from srdiff import viz
+from srdiff.run_dir import OutDirError, prepare_out_dir
 from srdiff.trainer import checkpoint, distributed
 from srdiff.trainer.config import TrainConfig
 from srdiff.trainer.dataset import load_dataset
 from srdiff.trainer.ema import EMA
 from srdiff.trainer.metrics import evaluate_generator
 from srdiff.trainer.refinement import RefinementCycle
-from srdiff.run_dir import OutDirError, prepare_out_dir
 from srdiff.trainer.run_log import RunLog
 from srdiff.trainer.sampling import make_scheduler
 from srdiff.trainer.seeding import DATA, FINAL, NOISE, TIMESTEPS, key
@@ -346,7 +346,7 @@ class SelfRefiningTrainer:
         try:
             self._loop()
         except KeyboardInterrupt:
-            if self.last_checkpoint is None or self._checkpoint_step != self.step:
+            if self._checkpoint_step != self.step:
                 self.save_checkpoint()
             self.log.write({"event": "interrupted", "step": self.step, "path": str(self.last_checkpoint)})
             raise
@@ -365,7 +365,7 @@ class SelfRefiningTrainer:
         start = time.perf_counter()
         with bar:
             while self.step < c.steps:
-                if self.phase(self.step) == "refine" and self.refinement.due(self.step):
+                if self.refinement.due(self.step):
                     self.log.write(self.refresh_mfam())
                 record = self.train_step()
                 record["seconds"] = time.perf_counter() - start

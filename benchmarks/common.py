@@ -134,15 +134,7 @@ def measure(
     benchmark.pedantic(run, setup=prepare, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
     median_s = benchmark.stats.stats.median
 
-    info = {
-        "op": op,
-        "provider": provider,
-        "mode": mode,
-        "shape": shape,
-        "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
-        "device": device,
-        "median_ms": median_s * 1e3,
-    }
+    info = {**_case(op, provider, mode, shape, dtype, device), "median_ms": median_s * 1e3}
     if flops is not None:
         info["flops"] = flops
         info["tflops"] = flops / median_s / 1e12
@@ -160,18 +152,17 @@ def measure(
     benchmark.extra_info.update(info)
 
 
+def _case(op: str, provider: str, mode: str | None, shape: dict | None, dtype: torch.dtype | None,
+          device: str) -> dict:
+    """What names one benchmark case in the stored JSON (a measured one and an unavailable one alike)."""
+    return {"op": op, "provider": provider, "mode": mode, "shape": shape,
+            "dtype": str(dtype).replace("torch.", "") if dtype is not None else None, "device": device}
+
+
 def unavailable(*, op: str, provider: str, reason: str, mode: str | None = None, shape: dict | None = None,
                 dtype: torch.dtype | None = None) -> None:
     """Record that ``provider`` cannot run this case and why, then skip the test."""
-    entry = {
-        "op": op,
-        "provider": provider,
-        "mode": mode,
-        "shape": shape,
-        "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
-        "device": DEVICE,
-        "reason": reason,
-    }
+    entry = {**_case(op, provider, mode, shape, dtype, DEVICE), "reason": reason}
     UNAVAILABLE.append(entry)
     append_line({"type": "unavailable", "chunk": os.environ.get("SRDIFF_BENCH_CHUNK", ""), **entry})
     pytest.skip(f"{provider}: {reason}")

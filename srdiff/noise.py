@@ -2,8 +2,10 @@
 its ε-loss, fused.
 
 Follow a call: :func:`amplified_add_noise` / :func:`amplified_noise_loss` check their arguments, then
-run the Triton kernels of ``kernels/noise.py`` (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)
-or :mod:`srdiff.reference.noise` (CPU tensors, or ``backend="reference"``).
+run the Triton kernels of ``kernels/noise.py`` (CUDA tensors; CPU tensors under TRITON_INTERPRET=1),
+the CPU kernels of ``srdiff._C`` (:mod:`srdiff.noise_extension`: CPU tensors when the extension is
+built; the same ε stream as the Triton kernels) or :mod:`srdiff.reference.noise` (CPU tensors
+without the extension, or ``backend="reference"``).
 
 A training step passes the same ``seed`` to both calls: the noising writes x_t only, and the loss
 regenerates the same ε in its forward and backward instead of storing ε or the target::
@@ -19,6 +21,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from srdiff import _extension, noise_extension
 from srdiff._checks import check_choice, check_nonnegative, check_same_device, check_tensor, resolve_backend
 from srdiff.reference.noise import (
     AMPLIFICATIONS,
@@ -39,6 +42,25 @@ AMPLIFY_MODES = ("add", "scale")  # the deprecated amplify= keyword
 REDUCTIONS = ("mean", "sum", "none")
 MAX_SEED = 2**63 - 1
 DEFAULT_RECIPE = "paper"
+BACKENDS = ("triton", "extension", "reference")
+
+
+def _resolve_backend(backend: str | None, device: torch.device) -> str:
+    """None: the Triton kernels on CUDA; on the CPU the extension's kernels when built, else the
+    reference (srdiff warned once at import why the extension is not used)."""
+    if backend is None and device.type == "cpu":
+        return "extension" if noise_extension.available() else "reference"
+    if backend == "extension":
+        if device.type != "cpu":
+            raise ValueError(
+                "backend='extension' runs CPU tensors only (CUDA tensors take the Triton kernels), "
+                f"got x0 on {device}"
+            )
+        if not noise_extension.available():
+            why = _extension.WHY_NOT or "it was built before them"
+            raise RuntimeError(f"backend='extension' but srdiff._C has no noise kernels: {why}")
+        return backend
+    return resolve_backend(backend, device, BACKENDS)
 
 
 def _check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
@@ -249,9 +271,12 @@ class _LastReferenceDraw:
         return None
 
 
-def _kernel_seed(seed: int | None) -> int:
-    """seed, or a fresh one drawn from torch's global (CPU) generator: torch.manual_seed reproduces it."""
-    return int(torch.randint(MAX_SEED, ())) if seed is None else seed
+def _kernel_seed(seed: int | None, noise: torch.Tensor | None) -> int:
+    """seed, or a fresh one drawn from torch's global (CPU) generator (torch.manual_seed reproduces
+    it); unused (0, no draw) when an explicit noise is given."""
+    if seed is not None:
+        return seed
+    return 0 if noise is not None else int(torch.randint(MAX_SEED, ()))
 
 
 def amplified_add_noise(
@@ -298,11 +323,12 @@ def amplified_add_noise(
         fam: the flaw map M, broadcasting to (B, 1, H, W): (H, W) (one mFAM for the batch, as in
             the trainer), (B, H, W) or (B, 1, H, W); any float dtype; finite.
         lam: λ ≥ 0, finite.
-        seed: int in [0, 2**63): the same seed gives the same ε on the same backend and device
-            type. The Triton kernels draw ε with Philox keyed by (seed, element index); the
-            reference with a ``torch.Generator`` seeded by ``seed``: the two streams differ.
-            ``None``: the reference draws from the global RNG, the kernels from a fresh seed that
-            the global CPU generator draws. Do not pass both ``noise`` and ``seed``.
+        seed: int in [0, 2**63): the same seed gives the same ε on the same backend. The Triton
+            kernels (CUDA) and the extension's CPU kernels draw the same ε, Philox keyed by (seed,
+            element index), to the last ulp of a logarithm; the reference draws from a
+            ``torch.Generator`` seeded by ``seed``: another stream. ``None``: the reference draws
+            from the global RNG, the kernels from a fresh seed that the global CPU generator
+            draws. Do not pass both ``noise`` and ``seed``.
         recipe: ``"paper"`` (default), ``"adm"`` or ``"uvit"`` (table above), or an explicit
             (ε_x, ε_t) pair of ``"plain"`` (ε), ``"add"`` (ε + λ·M), ``"scale"`` (ε·(1 + λ·M)).
         return_target: False returns (x_t, None) and writes only x_t (the training step's pass).
@@ -313,15 +339,16 @@ def amplified_add_noise(
             min/max reductions read back with one device sync (skipped under torch.compile). With
             False, out-of-range timesteps are clamped by the kernels, and other bad values give
             undefined results.
-        backend: None (Triton on CUDA, the reference on CPU), ``"triton"`` or ``"reference"``.
+        backend: None (Triton on CUDA; on CPU the extension's kernels when built, else the
+            reference), ``"triton"``, ``"extension"`` (CPU tensors) or ``"reference"``.
         amplify, amplified_target: deprecated (a ``DeprecationWarning``): ``amplify="add"`` with
             ``amplified_target=True`` is ``recipe="paper"``, ``"scale"`` with False is ``"adm"``;
             the two other combinations are the pairs ``("add", "plain")`` and ``("scale", "scale")``.
 
     Returns:
         (x_t, target), both (B, C, H, W) contiguous in x0's dtype; target is None without
-        ``return_target``. The Triton path returns tensors without autograd history and refuses
-        inputs that require grad; the reference path is differentiable.
+        ``return_target``. The kernels (Triton, extension) return tensors without autograd history
+        and refuse inputs that require grad; the reference path is differentiable.
 
     Example::
 
@@ -335,7 +362,8 @@ def amplified_add_noise(
     if check_values:
         _check_values(timesteps, alphas_cumprod, fam)
     fam = None if lam == 0 else fam  # checked, but without effect
-    if resolve_backend(backend, x0.device) == "reference":
+    path = _resolve_backend(backend, x0.device)
+    if path == "reference":
         if noise is not None or seed is None:
             return amplified_add_noise_ref(
                 x0, timesteps, alphas_cumprod, noise, fam, lam, seed=seed, recipe=pair,
@@ -347,21 +375,16 @@ def amplified_add_noise(
         )
         _LastReferenceDraw.keep(x0, seed, eps, eps_x, pair, lam, user_fam, fam, resize)
         return x_t, target
+    _check_no_grad(x0=x0, noise=noise, fam=fam)
+    kwargs = dict(recipe=pair, prediction_type=prediction_type, return_target=return_target)
+    if path == "extension":
+        return noise_extension.amplified_add_noise_cpu(
+            x0, timesteps, alphas_cumprod, noise, fam, lam, _kernel_seed(seed, noise), **kwargs
+        )
     from srdiff.kernels.noise import amplified_add_noise_fwd
 
-    _check_no_grad(x0=x0, noise=noise, fam=fam)
-    return amplified_add_noise_fwd(
-        x0,
-        timesteps,
-        alphas_cumprod,
-        noise,
-        fam,
-        lam,
-        _kernel_seed(seed),
-        recipe=pair,
-        prediction_type=prediction_type,
-        return_target=return_target,
-    )
+    seed = _kernel_seed(seed, noise)
+    return amplified_add_noise_fwd(x0, timesteps, alphas_cumprod, noise, fam, lam, seed, **kwargs)
 def amplified_noise_loss(
     pred: torch.Tensor,
     x0: torch.Tensor,
@@ -382,7 +405,9 @@ def amplified_noise_loss(
     amplified_target: bool | None = None,
 ) -> torch.Tensor:
     """MSE between ``pred`` and the target :func:`amplified_add_noise` builds from the same arguments,
-    without ever storing ε or the target: forward and backward regenerate ε from ``seed``.
+    without ever storing ε or the target: the Triton kernels regenerate ε from ``seed`` in the
+    forward and again in the backward; the CPU kernel regenerates it once, in the forward, which also
+    writes the gradient (float32, pred's size) that the backward scales by grad_out.
 
     Args:
         pred: (B, C, H, W) the denoiser's output; float32, float16 or bfloat16 (may differ from
@@ -396,8 +421,10 @@ def amplified_noise_loss(
         reduction: "mean" (default), "sum" or "none".
 
     Returns:
-        float32 (accumulated in float32): a 0-d tensor for "mean"/"sum", (B, C, H, W) for "none".
-        The Triton path's "mean"/"sum" is a fixed-order two-stage reduction: bit-reproducible.
+        float32 (accumulated in float32; by the CPU kernel in float64): a 0-d tensor for
+        "mean"/"sum", (B, C, H, W) for "none".
+        The kernels' "mean"/"sum" are fixed-order two-stage reductions: bit-reproducible (the CPU
+        kernel's for any thread count).
 
     Example::
 
@@ -418,7 +445,8 @@ def amplified_noise_loss(
     if check_values:
         _check_values(timesteps, alphas_cumprod, fam)
     fam = None if lam == 0 else fam  # checked, but without effect
-    if resolve_backend(backend, x0.device) == "reference":
+    path = _resolve_backend(backend, x0.device)
+    if path == "reference":
         eps_target = None if noise is not None else _LastReferenceDraw.take(
             x0, seed, pair[1], lam, user_fam, fam, resize
         )
@@ -430,8 +458,11 @@ def amplified_noise_loss(
         return noise_loss_from_target_noise(
             pred, x0, timesteps, alphas_cumprod, eps_target, prediction_type, reduction, torch.float32
         )
-    from srdiff.kernels.noise import AmplifiedNoiseLossFunction
-
     _check_no_grad(x0=x0, noise=noise, fam=fam)
     options = dict(reduction=reduction, recipe=pair, prediction_type=prediction_type)
-    return AmplifiedNoiseLossFunction.apply(pred, x0, timesteps, alphas_cumprod, noise, fam, lam, seed, options)
+    seed = _kernel_seed(seed, noise)  # seed is given unless noise is
+    if path == "extension":
+        loss_function = noise_extension.AmplifiedNoiseLossCPU
+    else:
+        from srdiff.kernels.noise import AmplifiedNoiseLossFunction as loss_function
+    return loss_function.apply(pred, x0, timesteps, alphas_cumprod, noise, fam, lam, seed, options)

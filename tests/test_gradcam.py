@@ -12,11 +12,9 @@ import pytest
 import torch
 
 import srdiff
-from srdiff import _extension
+from srdiff import _extension, noise_extension
 from srdiff.reference import gradcam_reduce_ref
-from utils import DTYPES, assert_close, channels_last_like, cpu_and_cuda, strided
-
-needs_ext = pytest.mark.skipif(not _extension.HAS_EXT, reason=f"srdiff._C unavailable: {_extension.WHY_NOT}")
+from utils import DTYPES, assert_close, channels_last_like, cpu_and_cuda, needs_ext, strided
 
 SHAPES = [
     pytest.param((2, 64, 8, 8), id="B2-C64-8x8"),
@@ -45,6 +43,7 @@ def test_extension_is_built():
     """CI builds srdiff._C (with its CUDA backend): a build that silently fell back must fail here."""
     if os.environ.get("SRDIFF_REQUIRE_EXT") == "1":
         assert _extension.HAS_EXT, _extension.WHY_NOT
+        assert noise_extension.available(), "srdiff._C was built without its CPU noise kernels"
     if os.environ.get("SRDIFF_REQUIRE_CUDA_BUILD") == "1":
         assert _extension.has_cuda_backend(), "srdiff._C was built without its CUDA backend"
 

@@ -1,5 +1,6 @@
-"""srdiff.amplified_add_noise / amplified_noise_loss: the Triton kernels against the reference, with
-an explicit ε so both paths see the same noise (the in-kernel noise is tested in test_noise_random.py).
+"""srdiff.amplified_add_noise / amplified_noise_loss: the kernels (Triton; the extension's CPU
+kernels) against the reference, with an explicit ε so every path sees the same noise (the in-kernel
+noise is tested in test_noise_random.py).
 
 The kernels compute in float32 from the (already rounded) inputs and round each output once to its
 dtype, so the forward rows of the table apply for the noising outputs; the loss accumulates in
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 
 import srdiff
 from srdiff.reference import amplified_add_noise_ref, amplified_noise_loss_ref
-from utils import DTYPES, assert_close, channels_last_like, cpu_and_cuda, strided
+from utils import DTYPES, EXTENSION, assert_close, channels_last_like, needs_ext, strided
 
 T = 1000
 LAM = 0.5  # far above the paper's 0.01, so that a misplaced map value shows in every dtype
@@ -29,6 +30,8 @@ LAYOUTS = ["contiguous", "strided", "channels_last"]
 # The three named recipes and the two (x_t, target) pairs only the deprecated keywords spell.
 RECIPES = ["paper", "adm", "uvit", ("add", "plain"), ("scale", "scale")]
 RECIPE_IDS = ["paper", "adm", "uvit", "add-plain", "scale-scale"]
+# The two kernel backends for CPU tensors: Triton (in its interpreter here) and srdiff._C's CPU kernels.
+KERNELS = ["triton", EXTENSION]
 
 
 def _alphas_cumprod(dtype=torch.float32, device="cpu"):
@@ -58,18 +61,19 @@ def _inputs(shape, dtype, device="cpu", fam="HW", layout="contiguous"):
     return x0, _timesteps(B, device), _alphas_cumprod(device=device), noise, _fam(fam, B, H, W, device)
 
 
-def _check_noising(x0, t, ac, noise, fam, dtype, **options):
-    x_t, target = srdiff.amplified_add_noise(x0, t, ac, noise, fam, LAM, backend="triton", **options)
+def _check_noising(x0, t, ac, noise, fam, dtype, kernel=None, **options):
+    x_t, target = srdiff.amplified_add_noise(x0, t, ac, noise, fam, LAM, backend=kernel, **options)
     ref_x_t, ref_target = amplified_add_noise_ref(x0.float(), t, ac, noise.float(), fam, LAM, **options)
     assert x_t.dtype == dtype and target.dtype == dtype and x_t.is_contiguous()
     assert_close(x_t, ref_x_t, dtype=dtype, name="x_t")
     assert_close(target, ref_target, dtype=dtype, name="target")
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("recipe", RECIPES, ids=RECIPE_IDS)
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
-def test_noising_matches_reference(prediction_type, recipe, dtype):
+def test_noising_matches_reference(prediction_type, recipe, dtype, kernel):
     x0, t, ac, noise, fam = _inputs(ODD, dtype)
     _check_noising(x0, t, ac, noise, fam, dtype, recipe=recipe, prediction_type=prediction_type)
 
@@ -84,7 +88,7 @@ def _recipe_by_hand(x0, t, ac, noise, fam, recipe, prediction_type):
     return a * x0 + b * eps_x, target
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 @pytest.mark.parametrize("recipe", ["paper", "adm", "uvit"])
 def test_recipes_match_float64_formulas(recipe, prediction_type, backend):
@@ -125,7 +129,7 @@ def test_deprecated_keywords_map_to_recipes(amplify, amplified_target, recipe):
     assert torch.equal(old_loss, srdiff.amplified_noise_loss(pred, x0, t, ac, fam, LAM, noise=noise, recipe=recipe))
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
 @pytest.mark.parametrize("fam_shape", [(4, 3), (1, 12, 10), (3, 1, 7, 5), (3, 20, 2)], ids=str)
 def test_resize_brings_any_map_to_the_image_size(fam_shape, backend):
     """resize=True: the map is resized bilinearly (half-pixel centres) to (H, W) before use, in
@@ -144,39 +148,42 @@ def test_resize_brings_any_map_to_the_image_size(fam_shape, backend):
     assert loss.item() <= (4 * 2**-24 * target.abs().max().item()) ** 2
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("fam", FAM_SHAPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_noising_maps_and_layouts(shape, fam, layout, dtype):
+def test_noising_maps_and_layouts(shape, fam, layout, dtype, kernel):
     x0, t, ac, noise, fam = _inputs(shape, dtype, fam=fam, layout=layout)
     _check_noising(x0, t, ac, noise, fam, dtype, prediction_type="v_prediction")
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("alphas_dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("t_dtype", [torch.int64, torch.int32, torch.int16, torch.uint8], ids=str)
-def test_schedule_dtypes(t_dtype, alphas_dtype):
+def test_schedule_dtypes(t_dtype, alphas_dtype, kernel):
     x0, _, _, noise, fam = _inputs(ODD, torch.float32)
     t = torch.tensor([0, 17, 255], dtype=t_dtype)
     ac = _alphas_cumprod(alphas_dtype)
     x_t, target = srdiff.amplified_add_noise(
-        x0, t, ac, noise, fam, LAM, prediction_type="v_prediction", backend="triton"
+        x0, t, ac, noise, fam, LAM, prediction_type="v_prediction", backend=kernel
     )
     ref_x_t, ref_target = amplified_add_noise_ref(x0, t, ac, noise, fam, LAM, prediction_type="v_prediction")
     assert_close(x_t, ref_x_t, dtype=torch.float32, name="x_t")
     assert_close(target, ref_target, dtype=torch.float32, name="target")
 
 
-def test_noise_in_another_dtype():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_noise_in_another_dtype(kernel):
     x0, t, ac, noise, fam = _inputs(ODD, torch.float32)
     half_noise = noise.half()
-    x_t, target = srdiff.amplified_add_noise(x0, t, ac, half_noise, fam, LAM, backend="triton")
+    x_t, target = srdiff.amplified_add_noise(x0, t, ac, half_noise, fam, LAM, backend=kernel)
     ref_x_t, ref_target = amplified_add_noise_ref(x0, t, ac, half_noise.float(), fam, LAM)
     assert_close(x_t, ref_x_t, dtype=torch.float32, name="x_t")
     assert_close(target, ref_target, dtype=torch.float32, name="target")
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
 def test_without_target_writes_only_x_t(backend):
     x0, t, ac, noise, fam = _inputs(ODD, torch.float32)
     x_t, target = srdiff.amplified_add_noise(x0, t, ac, noise, fam, LAM, return_target=False, backend=backend)
@@ -184,8 +191,9 @@ def test_without_target_writes_only_x_t(backend):
     assert torch.equal(x_t, srdiff.amplified_add_noise(x0, t, ac, noise, fam, LAM, backend=backend)[0])
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("fam_kind", ["none", "zero-lam"])
-def test_no_amplification_is_plain_ddpm(fam_kind):
+def test_no_amplification_is_plain_ddpm(fam_kind, kernel):
     """lam=0 or fam=None: x_t and the target of diffusers' DDPMScheduler (the base phase)."""
     from diffusers import DDPMScheduler
 
@@ -195,16 +203,16 @@ def test_no_amplification_is_plain_ddpm(fam_kind):
     fam, lam = (None, LAM) if fam_kind == "none" else (fam, 0.0)
     for prediction_type in ("epsilon", "v_prediction"):
         x_t, target = srdiff.amplified_add_noise(
-            x0, t, ac, noise, fam, lam, prediction_type=prediction_type, backend="triton"
+            x0, t, ac, noise, fam, lam, prediction_type=prediction_type, backend=kernel
         )
         assert_close(x_t, scheduler.add_noise(x0, noise, t), dtype=torch.float32, name="x_t")
         expected = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
         assert_close(target, expected, dtype=torch.float32, name=prediction_type)
 
 
-def _check_loss(pred, x0, t, ac, noise, fam, reduction, **options):
+def _check_loss(pred, x0, t, ac, noise, fam, reduction, kernel=None, **options):
     loss = srdiff.amplified_noise_loss(
-        pred, x0, t, ac, fam, LAM, noise=noise, reduction=reduction, backend="triton", **options
+        pred, x0, t, ac, fam, LAM, noise=noise, reduction=reduction, backend=kernel, **options
     )
     pred_ref = pred.detach().clone().requires_grad_()
     ref = amplified_noise_loss_ref(pred_ref, x0, t, ac, fam, LAM, noise=noise, reduction=reduction, **options)
@@ -219,47 +227,63 @@ def _check_loss(pred, x0, t, ac, noise, fam, reduction, **options):
     assert_close(grad, grad_ref, dtype=pred.dtype, pass_="bwd", name="grad_pred")
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_loss_matches_reference(reduction, prediction_type, dtype):
+def test_loss_matches_reference(reduction, prediction_type, dtype, kernel):
     x0, t, ac, noise, fam = _inputs(ODD, dtype, fam="B1HW")
     pred = torch.randn(ODD).to(dtype).requires_grad_()
     _check_loss(pred, x0, t, ac, noise, fam, reduction, recipe=("scale", "scale"), prediction_type=prediction_type)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("recipe", ["paper", "adm", "uvit"])
-def test_loss_recipes_match_reference(recipe):
+def test_loss_recipes_match_reference(recipe, kernel):
     x0, t, ac, noise, fam = _inputs(ODD, torch.float32, fam="BHW")
     pred = torch.randn(ODD).requires_grad_()
     _check_loss(pred, x0, t, ac, noise, fam, "sum", recipe=recipe, prediction_type="v_prediction")
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_loss_layouts(shape, layout):
+def test_loss_layouts(shape, layout, kernel):
     x0, t, ac, noise, fam = _inputs(shape, torch.float16, layout=layout)
     pred = _layout(torch.randn(shape), layout).requires_grad_()
     _check_loss(pred, x0, t, ac, noise, fam, "mean", recipe="adm", prediction_type="v_prediction")
 
 
-def test_loss_pred_dtype_differs_from_x0():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_loss_pred_dtype_differs_from_x0(kernel):
     x0, t, ac, noise, fam = _inputs(ODD, torch.float32)
     pred = torch.randn(ODD, dtype=torch.bfloat16, requires_grad=True)
     _check_loss(pred, x0, t, ac, noise, fam, "mean")
 
 
-def test_cpu_default_is_the_reference():
+@needs_ext
+def test_cpu_default_is_the_extension():
+    x0, t, ac, _, fam = _inputs(ODD, torch.float32)
+    out = srdiff.amplified_add_noise(x0, t, ac, fam=fam, lam=LAM, seed=3)
+    ext = srdiff.amplified_add_noise(x0, t, ac, fam=fam, lam=LAM, seed=3, backend="extension")
+    assert torch.equal(out[0], ext[0]) and torch.equal(out[1], ext[1])
+
+
+def test_cpu_default_without_the_extension_is_the_reference(monkeypatch):
+    monkeypatch.setattr(srdiff.noise.noise_extension, "available", lambda: False)
     x0, t, ac, _, fam = _inputs(ODD, torch.float32)
     out = srdiff.amplified_add_noise(x0, t, ac, fam=fam, lam=LAM, seed=3)
     ref = amplified_add_noise_ref(x0, t, ac, fam=fam, lam=LAM, seed=3)
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    with pytest.raises(RuntimeError, match="backend='extension'"):
+        srdiff.amplified_add_noise(x0, t, ac, fam=fam, lam=LAM, seed=3, backend="extension")
 
 
-def test_kernel_refuses_inputs_that_require_grad():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kernel_refuses_inputs_that_require_grad(kernel):
     x0, t, ac, noise, fam = _inputs(ODD, torch.float32)
     with pytest.raises(ValueError, match="x0 requires grad"):
-        srdiff.amplified_add_noise(x0.requires_grad_(), t, ac, noise, fam, LAM, backend="triton")
+        srdiff.amplified_add_noise(x0.requires_grad_(), t, ac, noise, fam, LAM, backend=kernel)
     x_t, _ = srdiff.amplified_add_noise(x0, t, ac, noise, fam, LAM, backend="reference")
     assert x_t.requires_grad  # the reference stays differentiable
 
@@ -487,12 +511,16 @@ def test_loss_refuses_bad_loss_input(changes, error, message):
         srdiff.amplified_noise_loss(**kwargs)
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_unchecked_values_stay_in_bounds(device):
+@pytest.mark.parametrize(
+    "device, kernel",
+    [("cpu", "triton"), pytest.param("cpu", "extension", marks=EXTENSION.marks),
+     pytest.param("cuda", "triton", marks=pytest.mark.needs_cuda)],
+)
+def test_unchecked_values_stay_in_bounds(device, kernel):
     """check_values=False skips the sync; an out-of-range timestep is clamped, never read out of bounds."""
     x0, _, ac, noise, fam = _inputs(ODD, torch.float32, device=device)
     t = torch.tensor([-5, 3, T + 7], device=device)
-    x_t, _ = srdiff.amplified_add_noise(x0, t, ac, noise, fam, LAM, check_values=False, backend="triton")
+    x_t, _ = srdiff.amplified_add_noise(x0, t, ac, noise, fam, LAM, check_values=False, backend=kernel)
     ref, _ = amplified_add_noise_ref(x0, t.clamp(0, T - 1), ac, noise, fam, LAM)
     assert_close(x_t, ref, dtype=torch.float32, name="x_t")
 
@@ -538,3 +566,41 @@ def test_reference_loss_does_not_take_a_draw_that_does_not_fit(change):
     loss = srdiff.amplified_noise_loss(pred, x0, t, ac, loss_fam, lam, **loss_kw)
     expected = amplified_noise_loss_ref(pred, x0, t, ac, loss_fam, lam, seed=11, recipe=loss_kw["recipe"])
     assert torch.equal(loss, expected)
+
+
+@needs_ext
+def test_extension_under_torch_compile():
+    """The CPU kernels have fake implementations: a compiled training step around them traces in one
+    graph (fullgraph) and gives the eager results."""
+
+    def step(x0, t, ac, fam, pred):
+        x_t, _ = srdiff.amplified_add_noise(x0, t, ac, fam=fam, lam=LAM, seed=5, return_target=False,
+                                            check_values=False, backend="extension")
+        loss = srdiff.amplified_noise_loss(pred, x0, t, ac, fam, LAM, seed=5, check_values=False,
+                                           backend="extension")
+        return x_t, loss
+
+    x0, t, ac, _, fam = _inputs(ODD, torch.float32)
+    pred = torch.randn(ODD, requires_grad=True)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    (x_t, loss), (x_t_eager, loss_eager) = compiled(x0, t, ac, fam, pred), step(x0, t, ac, fam, pred)
+    assert torch.equal(x_t, x_t_eager) and torch.equal(loss, loss_eager)
+    assert torch.equal(torch.autograd.grad(loss, pred)[0], torch.autograd.grad(loss_eager, pred)[0])
+
+
+@needs_ext
+@pytest.mark.parametrize("with_noise", [False, True], ids=["stream", "explicit-noise"])
+def test_extension_opcheck(with_noise):
+    """Schemas, fake implementations and dispatch of the two CPU ops (torch.library.opcheck)."""
+    x0, t, ac, noise, fam = _inputs(ODD, torch.float32)
+    noise = noise if with_noise else None
+    pred = torch.randn(ODD)
+    torch.library.opcheck(
+        torch.ops.srdiff.amplified_add_noise.default,
+        (x0, t, ac, noise, fam[None], LAM, 3, "add", "add", "epsilon", True),
+    )
+    for reduction in ("mean", "none"):
+        torch.library.opcheck(
+            torch.ops.srdiff.amplified_noise_loss.default,
+            (pred, x0, t, ac, noise, fam[None], LAM, 3, "add", "v_prediction", reduction, True),
+        )

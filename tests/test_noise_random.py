@@ -1,11 +1,15 @@
-"""The noise the Triton kernels draw (Philox keyed by seed and element index): its statistics, its
-reproducibility, and the loss regenerating exactly the ε the noising used.
+"""The noise the kernels draw (Philox keyed by seed and element index; the Triton kernels and the
+extension's CPU kernels draw the same stream): its statistics, its reproducibility, the loss
+regenerating exactly the ε the noising used, and the two implementations agreeing.
 
 Statistical bounds are 5 standard errors (or a KS p-value of 1e-3) at fixed seeds, so the tests are
 deterministic on a given device and would fail by chance with probability < 1e-3 on another.
 """
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,11 +20,20 @@ from scipy import stats
 import srdiff
 from srdiff.kernels.noise import _box_muller
 from srdiff.reference import amplified_add_noise_ref
-from utils import assert_close, cpu_and_cuda
+from utils import EXTENSION, assert_close, cpu_and_cuda, needs_ext
 
 T = 1000
 SHAPE = (4, 3, 97, 89)  # 103,596 draws, odd planes: the rows of 4 straddle image rows
 ODD = (3, 3, 7, 5)
+
+
+# (device, backend) of every kernel stream: the Triton kernels (interpreter on the CPU, compiled on
+# CUDA) and srdiff._C's CPU kernels.
+STREAMS = [
+    ("cpu", "triton"),
+    pytest.param("cpu", "extension", marks=EXTENSION.marks),
+    pytest.param("cuda", "triton", marks=pytest.mark.needs_cuda),
+]
 
 
 def _schedule(device):
@@ -39,9 +52,9 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1].item()
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_noise_statistics(device):
-    eps = _epsilon(SHAPE, 1234, device).cpu()
+@pytest.mark.parametrize("device, backend", STREAMS)
+def test_noise_statistics(device, backend):
+    eps = _epsilon(SHAPE, 1234, device, backend=backend).cpu()
     flat = eps.flatten().double()
     n = flat.numel()
     assert abs(flat.mean().item()) < 5 / math.sqrt(n)
@@ -101,22 +114,23 @@ def test_box_muller_pairs(device):
     assert stats.kstest((x**2 + y**2).numpy(), "chi2", args=(2,)).pvalue > 1e-3
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_seeds_are_independent(device):
-    eps = _epsilon(SHAPE, 1234, device)
+@pytest.mark.parametrize("device, backend", STREAMS)
+def test_seeds_are_independent(device, backend):
+    eps = _epsilon(SHAPE, 1234, device, backend=backend)
     bound = 5 / math.sqrt(eps.numel())
     for other in (1235, 1234 + 2**32, 2**63 - 1):  # low word, high word, the largest seed
-        assert abs(_corr(eps, _epsilon(SHAPE, other, device))) < bound, f"seed {other}"
+        assert abs(_corr(eps, _epsilon(SHAPE, other, device, backend=backend))) < bound, f"seed {other}"
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_noise_is_keyed_by_seed_and_element_index(device):
-    eps = _epsilon(ODD, 7, device)
-    assert torch.equal(eps, _epsilon(ODD, 7, device)), "same seed, same noise"
-    assert not torch.equal(eps, _epsilon(ODD, 8, device))
-    assert torch.equal(_epsilon((1,) + ODD[1:], 7, device), eps[:1]), "a sample's noise does not depend on B"
+@pytest.mark.parametrize("device, backend", STREAMS)
+def test_noise_is_keyed_by_seed_and_element_index(device, backend):
+    eps = _epsilon(ODD, 7, device, backend=backend)
+    assert torch.equal(eps, _epsilon(ODD, 7, device, backend=backend)), "same seed, same noise"
+    assert not torch.equal(eps, _epsilon(ODD, 8, device, backend=backend))
+    first = _epsilon((1,) + ODD[1:], 7, device, backend=backend)
+    assert torch.equal(first, eps[:1]), "a sample's noise does not depend on B"
     # float16, not bfloat16: the Triton 3.8 interpreter truncates float32 -> bfloat16 casts
-    half = _epsilon(ODD, 7, device, torch.float16)
+    half = _epsilon(ODD, 7, device, torch.float16, backend)
     assert torch.equal(half, eps.half()), "drawn in float32 whatever x0's dtype"
 
 
@@ -130,8 +144,7 @@ def _rounding_bound(x0: torch.Tensor, lam: float) -> torch.Tensor:
     return 4 * 2**-24 * (x0.abs() + eps_bound)
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("device, backend", STREAMS + [("cpu", "reference")])
 @pytest.mark.parametrize(
     "lam, recipe",
     [(0.0, "paper"), (0.3, "paper"), (0.3, "adm"), (0.3, "uvit"), (0.3, ("scale", "scale"))],
@@ -158,9 +171,9 @@ def test_loss_regenerates_the_noising_epsilon(lam, recipe, backend, device):
     assert bool(((loss.sqrt() - (pred - target).abs()).abs() <= bound).all())
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("device, backend", STREAMS)
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
-def test_loss_regenerates_every_target(prediction_type, device):
+def test_loss_regenerates_every_target(prediction_type, device, backend):
     x0, t, ac = (
         torch.rand(ODD, device=device),
         torch.tensor([0, 500, T - 1], device=device),
@@ -168,16 +181,17 @@ def test_loss_regenerates_every_target(prediction_type, device):
     )
     fam = torch.rand(ODD[2:], device=device)
     _, target = srdiff.amplified_add_noise(
-        x0, t, ac, fam=fam, lam=0.3, seed=5, prediction_type=prediction_type, backend="triton"
+        x0, t, ac, fam=fam, lam=0.3, seed=5, prediction_type=prediction_type, backend=backend
     )
     loss = srdiff.amplified_noise_loss(
-        target, x0, t, ac, fam, 0.3, seed=5, reduction="none", prediction_type=prediction_type, backend="triton"
+        target, x0, t, ac, fam, 0.3, seed=5, reduction="none", prediction_type=prediction_type,
+        backend=backend,
     )
     assert bool((loss.sqrt() <= _rounding_bound(x0, 0.3)).all())
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_loss_is_bit_reproducible(device):
+@pytest.mark.parametrize("device, backend", STREAMS)
+def test_loss_is_bit_reproducible(device, backend):
     shape = (5, 3, 33, 31)
     x0, pred = torch.rand(shape, device=device), torch.randn(shape, device=device, requires_grad=True)
     t, ac, fam = (
@@ -187,13 +201,13 @@ def test_loss_is_bit_reproducible(device):
     )
     losses, grads = [], []
     for _ in range(2):
-        loss = srdiff.amplified_noise_loss(pred, x0, t, ac, fam, 0.01, seed=3, backend="triton")
+        loss = srdiff.amplified_noise_loss(pred, x0, t, ac, fam, 0.01, seed=3, backend=backend)
         losses.append(loss)
         grads.append(torch.autograd.grad(loss, pred)[0])
     assert torch.equal(losses[0], losses[1]) and torch.equal(grads[0], grads[1])
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", EXTENSION, "reference"])
 def test_seed_none_follows_the_global_rng(backend):
     x0, t, ac = torch.rand(ODD), torch.tensor([1, 2, 3]), _schedule("cpu")
     torch.manual_seed(11)
@@ -209,3 +223,77 @@ def test_reference_draws_from_a_seeded_generator():
     x0, t, ac = torch.rand(ODD), torch.tensor([1, 2, 3]), _schedule("cpu")
     _, eps = amplified_add_noise_ref(x0, t, ac, seed=42)
     assert torch.equal(eps, torch.randn(ODD, generator=torch.Generator().manual_seed(42)))
+
+
+# The extension's CPU kernels against the Triton kernels' stream. Every step of the two is the same
+# float32 operation in the same order except the logarithm of the Box-Muller radius (Cephes' polynomial
+# in csrc/cpu/normal_stream.h, numpy's logf in the interpreter, libdevice on a GPU), each within
+# 2 ulps of ln u: |Δ ln u| <= 4 ulps, so r = sqrt(-2 ln u) moves by at most 2 ulps relative, and the
+# product r·cos (or r·sin) may round to a neighbour once more: |Δε| <= 4·2⁻²⁴·|ε| (+ the smallest
+# normal float, for ε = 0). A wrong word, row or element misses by O(1).
+@needs_ext
+@pytest.mark.parametrize(
+    "shape",
+    [(3, 3, 7, 5), (1, 1, 1, 3), (2, 3, 67, 71), (1, 2, 129, 65)],
+    ids=["odd", "fewer-than-a-row", "two-blocks-a-plane", "tiles-straddle-rows"],
+)
+@pytest.mark.parametrize("seed", [0, 7, 2**32 - 1, 2**32 + 5, 2**63 - 1])
+def test_extension_draws_the_triton_stream(shape, seed):
+    eps = _epsilon(shape, seed, "cpu", backend="extension")
+    expected = _epsilon(shape, seed, "cpu", backend="triton")
+    bound = 4 * 2**-24 * expected.abs() + torch.finfo(torch.float32).tiny
+    worst = ((eps - expected).abs() / bound).max().item()
+    assert worst <= 1, f"|Δε| reaches {worst:.3g} of the bound"
+
+
+@needs_ext
+def test_portable_stream_equals_the_avx2_one(tmp_path):
+    """SRDIFF_PORTABLE_NOISE=1 forces the portable Philox (one row at a time) instead of eight rows
+    per AVX2 step: the same words, so the same normals bit for bit. (On a CPU without AVX2 both runs
+    take the portable code.)"""
+    shape, seed = (2, 3, 67, 71), 2**40 + 3
+    out = tmp_path / "eps.pt"
+    code = (
+        "import sys, torch, srdiff\n"
+        "x0 = torch.zeros(*eval(sys.argv[1])); t = torch.zeros(x0.shape[0], dtype=torch.long)\n"
+        "ac = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)\n"
+        "eps = srdiff.amplified_add_noise(x0, t, ac, seed=int(sys.argv[2]), recipe='adm',\n"
+        "                                 backend='extension')[1]\n"
+        "torch.save(eps, sys.argv[3])\n"
+    )
+    env = {**os.environ, "SRDIFF_PORTABLE_NOISE": "1"}
+    subprocess.run([sys.executable, "-c", code, repr(shape), str(seed), str(out)], env=env, check=True)
+    assert torch.equal(torch.load(out), _epsilon(shape, seed, "cpu", backend="extension"))
+
+
+@needs_ext
+def test_extension_results_do_not_depend_on_the_thread_count():
+    """Fixed blocks of work and a fixed-order sum: 1 or 2 threads give the same bits."""
+    shape = (4, 4, 48, 40)  # 16 planes: enough blocks to be split over threads
+    x0, pred = torch.rand(shape), torch.randn(shape, requires_grad=True)
+    t, ac, fam = torch.randint(0, T, (4,)), _schedule("cpu"), torch.rand(shape[2:])
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            x_t, _ = srdiff.amplified_add_noise(x0, t, ac, fam=fam, lam=0.01, seed=3, backend="extension")
+            loss = srdiff.amplified_noise_loss(pred, x0, t, ac, fam, 0.01, seed=3, backend="extension")
+            results.append((x_t, loss, torch.autograd.grad(loss, pred)[0]))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+@needs_ext
+@pytest.mark.needs_cuda
+def test_gpu_and_cpu_draw_the_same_noise():
+    """The same seed on a GPU (Triton, compiled) and a CPU (the extension). On top of the logarithms
+    above, the GPU compiler contracts the sin/cos polynomials into FMAs: each of their values may
+    move by a few ulps of 1, scaled by the radius r <= 5.77, so |Δε| <= 4·2⁻²⁴·(|ε| + 6)."""
+    shape, seed = (2, 3, 67, 71), 2**40 + 3
+    gpu = _epsilon(shape, seed, "cuda", backend="triton").cpu()
+    cpu = _epsilon(shape, seed, "cpu", backend="extension")
+    worst = ((gpu - cpu).abs() / (4 * 2**-24 * (cpu.abs() + 6))).max().item()
+    assert worst <= 1, f"|Δε| reaches {worst:.3g} of the bound"

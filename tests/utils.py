@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from srdiff import _extension, noise_extension
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -127,6 +129,14 @@ def assert_no_worse_than_reference(
         f"{name} ({dtype}, {pass_}): kernel error {err:.3g} > {factor} x same-dtype PyTorch error {base:.3g} "
         f"+ float32 reordering floor {floor:.3g} (reduce_dim={reduce_dim})"
     )
+
+
+needs_ext = pytest.mark.skipif(not _extension.HAS_EXT, reason=f"srdiff._C unavailable: {_extension.WHY_NOT}")
+# The CPU kernels of srdiff._C as a backend= parameter (skipped, with the reason, when not built).
+EXTENSION = pytest.param(
+    "extension",
+    marks=pytest.mark.skipif(not noise_extension.available(), reason=f"srdiff._C unavailable: {_extension.WHY_NOT}"),
+)
 
 
 def cpu_and_cuda():

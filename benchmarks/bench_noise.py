@@ -1,6 +1,6 @@
-"""Noise amplification + ε-loss: srdiff (Triton on CUDA; its reference on the CPU) vs what a diffusers
-user writes (torch.randn, ε + λM, DDPMScheduler.add_noise, F.mse_loss and its backward) vs the eager
-reference on the GPU.
+"""Noise amplification + ε-loss: srdiff (Triton on CUDA; srdiff._C's CPU kernels on the CPU) vs what a
+diffusers user writes (torch.randn, ε + λM, DDPMScheduler.add_noise, F.mse_loss and its backward) vs
+srdiff's eager reference (``backend="reference"``: the CPU path when the extension is not built).
 
 Modes: "fwd" is the noising as the trainer calls it (srdiff writes x_t only; the diffusers path also
 keeps ε_sr, its target); "fwd+bwd" is the noising, the loss and its gradient with respect to pred:
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import srdiff
-from benchmarks.common import DEVICE, measure, on_device, require_module, unavailable
+from benchmarks.common import DEVICE, measure, on_device, require_module
 from srdiff.reference import amplified_add_noise_ref, amplified_noise_loss_ref
 
 OP = "noise"
@@ -93,8 +93,6 @@ def _diffusers(scheduler, x0, t, fam, pred, mode):
 @pytest.mark.parametrize("shape", on_device(SHAPES, SHAPES), ids=lambda s: "B{}-C{}-{}x{}".format(*s))
 def test_noise(benchmark, provider, mode, dtype, shape):
     case = dict(op=OP, provider=provider, mode=mode, shape={"BCHW": list(shape)}, dtype=dtype)
-    if provider == "reference" and DEVICE != "cuda":
-        unavailable(reason="on the CPU srdiff runs this reference: see its column", **case)
     x0, t, fam, pred = _inputs(shape, dtype)
     ac = _alphas_cumprod()
     if provider == "srdiff":

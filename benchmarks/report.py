@@ -106,10 +106,10 @@ def _case_key(info: dict) -> tuple:
     return (_shape_label(info.get("shape")), info.get("dtype") or "", info.get("mode") or "")
 
 
-def _ceilings(run: dict) -> dict:
+def _ceilings(run: dict | None) -> dict:
     """copy GB/s and matmul TFLOP/s per dtype measured in this run, if it ran bench_ceilings."""
     out = {}
-    for b in run.get("benchmarks", []):
+    for b in ([] if run is None else run.get("benchmarks", [])):
         info = b["extra_info"]
         if info.get("op") != "ceilings":
             continue
@@ -118,6 +118,17 @@ def _ceilings(run: dict) -> dict:
         if "tflops" in info:
             out[("tflops", info["dtype"])] = info["tflops"]
     return out
+
+
+def _ceilings_run(run: dict, newest_ceilings: dict | None) -> dict | None:
+    """The run whose ceilings an op's "% of peak" uses: its own run if that measured them, else the
+    machine label's newest ceilings run if it was on the same device (a label such as cpu-2core
+    covers several CPU models), else none (the column shows –)."""
+    if any(b["extra_info"].get("op") == "ceilings" for b in run.get("benchmarks", [])):
+        return run
+    if newest_ceilings is not None and newest_ceilings["machine_info"].get("device") == run["machine_info"].get("device"):
+        return newest_ceilings
+    return None
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -234,7 +245,7 @@ def render(chosen: dict[str, dict[str, dict]], figures_dir: str) -> str:
             by_op = chosen[machine]
             run = by_op[op]
             info = run["machine_info"]
-            ceilings = _ceilings(by_op.get("ceilings", run))
+            ceilings = _ceilings(_ceilings_run(run, by_op.get("ceilings")))
             versions = ", ".join(f"{k} {info[k]}" for k in ("torch", "triton", "cuda", "driver") if info.get(k))
             quick = " (quick run)" if info.get("quick") else ""
             out += [f"#### {op} on {info['device']}{quick}", "",

@@ -177,3 +177,16 @@ def test_gpu_plan_fits_its_deadline(call):
     assert sum(caps) == int(re.search(r"caps total (\d+)s", out).group(1)) <= deadline <= 540
     for step in ("tests", "ceilings", "attention_fwd", "attention_fwdbwd", "flex") if call == "1" else ("train",):
         assert re.search(rf"^ +{step} +\d+s", out, re.M), step
+
+
+def test_percent_of_peak_uses_ceilings_of_the_same_device_only():
+    """A machine label (cpu-2core) covers several CPU models: an op measured on one is never put
+    against the copy bandwidth measured on another."""
+    ceil = _case("ceilings", "copy", 1.0, gbps=20.0)
+    op = _case("noise", "srdiff", 1.0)
+    xeon = _run("cpu-2core", "CPU: Xeon", "2026-11-28T00:00:00", [ceil])
+    amd_op_only = _run("cpu-2core", "CPU: EPYC", "2026-12-01T00:00:00", [op])
+    amd_with_ceilings = _run("cpu-2core", "CPU: EPYC", "2026-12-01T00:00:00", [op, ceil])
+    assert report._ceilings_run(amd_op_only, xeon) is None
+    assert report._ceilings_run(amd_with_ceilings, xeon) is amd_with_ceilings
+    assert report._ceilings_run(_run("cpu-2core", "CPU: Xeon", "2026-11-29T00:00:00", [op]), xeon) is xeon

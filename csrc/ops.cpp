@@ -32,11 +32,15 @@ TORCH_LIBRARY(srdiff, m) {
   m.def(
       "amplified_add_noise(Tensor x0, Tensor timesteps, Tensor alphas_cumprod, Tensor? noise, Tensor? fam, "
       "float lam, int seed, str x_noise, str target_noise, str prediction_type, bool write_target) -> Tensor[]");
-  // Returns [loss] or [loss, d loss / d pred at grad_out = 1] (with_grad), float32.
+  // The loss, float32, differentiable with respect to pred (a C++ autograd kernel).
   m.def(
       "amplified_noise_loss(Tensor pred, Tensor x0, Tensor timesteps, Tensor alphas_cumprod, Tensor? noise, "
-      "Tensor? fam, float lam, int seed, str target_noise, str prediction_type, str reduction, bool with_grad) "
-      "-> Tensor[]");
+      "Tensor? fam, float lam, int seed, str target_noise, str prediction_type, str reduction) -> Tensor");
+  // Its forward: [loss] or [loss, d loss / d pred at grad_out = 1] (with_grad), float32.
+  m.def(
+      "_amplified_noise_loss_forward(Tensor pred, Tensor x0, Tensor timesteps, Tensor alphas_cumprod, "
+      "Tensor? noise, Tensor? fam, float lam, int seed, str target_noise, str prediction_type, str reduction, "
+      "bool with_grad) -> Tensor[]");
   m.def("_build_info() -> str", &build_info);
 }
 

@@ -83,7 +83,8 @@ def _batch_map(fam: torch.Tensor, shape: torch.Size, resize: bool) -> torch.Tens
     h, w = fam.shape[-2:]
     if h == 0 or w == 0:
         raise ValueError(f"fam must be non-empty, got shape {tuple(fam.shape)}")
-    fam = fam.reshape(-1, h, w)
+    if fam.dim() != 3:
+        fam = fam.reshape(-1, h, w)
     if (h, w) != (H, W):
         fam = F.interpolate(fam[:, None].float(), size=(H, W), mode="bilinear", align_corners=False)[:, 0]
     return fam
@@ -462,7 +463,8 @@ def amplified_noise_loss(
     options = dict(reduction=reduction, recipe=pair, prediction_type=prediction_type)
     seed = _kernel_seed(seed, noise)  # seed is given unless noise is
     if path == "extension":
-        loss_function = noise_extension.AmplifiedNoiseLossCPU
-    else:
-        from srdiff.kernels.noise import AmplifiedNoiseLossFunction as loss_function
-    return loss_function.apply(pred, x0, timesteps, alphas_cumprod, noise, fam, lam, seed, options)
+        return noise_extension.amplified_noise_loss_cpu(pred, x0, timesteps, alphas_cumprod, noise, fam, lam, seed,
+                                                        **options)
+    from srdiff.kernels.noise import AmplifiedNoiseLossFunction
+
+    return AmplifiedNoiseLossFunction.apply(pred, x0, timesteps, alphas_cumprod, noise, fam, lam, seed, options)

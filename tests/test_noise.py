@@ -75,7 +75,8 @@ def _check_noising(x0, t, ac, noise, fam, dtype, kernel=None, **options):
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 def test_noising_matches_reference(prediction_type, recipe, dtype, kernel):
     x0, t, ac, noise, fam = _inputs(ODD, dtype)
-    _check_noising(x0, t, ac, noise, fam, dtype, recipe=recipe, prediction_type=prediction_type)
+    _check_noising(x0, t, ac, noise, fam, dtype, recipe=recipe, prediction_type=prediction_type,
+                   kernel=kernel)
 
 
 def _recipe_by_hand(x0, t, ac, noise, fam, recipe, prediction_type):
@@ -155,7 +156,7 @@ def test_resize_brings_any_map_to_the_image_size(fam_shape, backend):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_noising_maps_and_layouts(shape, fam, layout, dtype, kernel):
     x0, t, ac, noise, fam = _inputs(shape, dtype, fam=fam, layout=layout)
-    _check_noising(x0, t, ac, noise, fam, dtype, prediction_type="v_prediction")
+    _check_noising(x0, t, ac, noise, fam, dtype, prediction_type="v_prediction", kernel=kernel)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -234,7 +235,8 @@ def _check_loss(pred, x0, t, ac, noise, fam, reduction, kernel=None, **options):
 def test_loss_matches_reference(reduction, prediction_type, dtype, kernel):
     x0, t, ac, noise, fam = _inputs(ODD, dtype, fam="B1HW")
     pred = torch.randn(ODD).to(dtype).requires_grad_()
-    _check_loss(pred, x0, t, ac, noise, fam, reduction, recipe=("scale", "scale"), prediction_type=prediction_type)
+    _check_loss(pred, x0, t, ac, noise, fam, reduction, recipe=("scale", "scale"), prediction_type=prediction_type,
+                kernel=kernel)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -242,7 +244,8 @@ def test_loss_matches_reference(reduction, prediction_type, dtype, kernel):
 def test_loss_recipes_match_reference(recipe, kernel):
     x0, t, ac, noise, fam = _inputs(ODD, torch.float32, fam="BHW")
     pred = torch.randn(ODD).requires_grad_()
-    _check_loss(pred, x0, t, ac, noise, fam, "sum", recipe=recipe, prediction_type="v_prediction")
+    _check_loss(pred, x0, t, ac, noise, fam, "sum", recipe=recipe, prediction_type="v_prediction",
+                kernel=kernel)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -251,14 +254,15 @@ def test_loss_recipes_match_reference(recipe, kernel):
 def test_loss_layouts(shape, layout, kernel):
     x0, t, ac, noise, fam = _inputs(shape, torch.float16, layout=layout)
     pred = _layout(torch.randn(shape), layout).requires_grad_()
-    _check_loss(pred, x0, t, ac, noise, fam, "mean", recipe="adm", prediction_type="v_prediction")
+    _check_loss(pred, x0, t, ac, noise, fam, "mean", recipe="adm", prediction_type="v_prediction",
+                kernel=kernel)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_loss_pred_dtype_differs_from_x0(kernel):
     x0, t, ac, noise, fam = _inputs(ODD, torch.float32)
     pred = torch.randn(ODD, dtype=torch.bfloat16, requires_grad=True)
-    _check_loss(pred, x0, t, ac, noise, fam, "mean")
+    _check_loss(pred, x0, t, ac, noise, fam, "mean", kernel=kernel)
 
 
 @needs_ext
@@ -591,16 +595,31 @@ def test_extension_under_torch_compile():
 @needs_ext
 @pytest.mark.parametrize("with_noise", [False, True], ids=["stream", "explicit-noise"])
 def test_extension_opcheck(with_noise):
-    """Schemas, fake implementations and dispatch of the two CPU ops (torch.library.opcheck)."""
+    """Schemas, fake implementations, dispatch and the loss's autograd kernel of the CPU ops
+    (torch.library.opcheck)."""
     x0, t, ac, noise, fam = _inputs(ODD, torch.float32)
     noise = noise if with_noise else None
-    pred = torch.randn(ODD)
+    pred = torch.randn(ODD, requires_grad=True)
     torch.library.opcheck(
         torch.ops.srdiff.amplified_add_noise.default,
         (x0, t, ac, noise, fam[None], LAM, 3, "add", "add", "epsilon", True),
     )
     for reduction in ("mean", "none"):
-        torch.library.opcheck(
-            torch.ops.srdiff.amplified_noise_loss.default,
-            (pred, x0, t, ac, noise, fam[None], LAM, 3, "add", "v_prediction", reduction, True),
-        )
+        common = (x0, t, ac, noise, fam[None], LAM, 3, "add", "v_prediction", reduction)
+        torch.library.opcheck(torch.ops.srdiff.amplified_noise_loss.default, (pred, *common))
+        torch.library.opcheck(torch.ops.srdiff._amplified_noise_loss_forward.default, (pred.detach(), *common, True))
+
+
+@needs_ext
+def test_extension_loss_keeps_no_gradient_without_autograd():
+    """Under no_grad, or for a pred that needs no gradient, the loss is the same and its backward
+    state is not built (nothing to differentiate)."""
+    x0, t, ac, _, fam = _inputs(ODD, torch.float32)
+    pred = torch.randn(ODD, requires_grad=True)
+    kw = dict(seed=4, backend="extension")
+    with_grad = srdiff.amplified_noise_loss(pred, x0, t, ac, fam, LAM, **kw)
+    with torch.no_grad():
+        no_grad = srdiff.amplified_noise_loss(pred, x0, t, ac, fam, LAM, **kw)
+    detached = srdiff.amplified_noise_loss(pred.detach(), x0, t, ac, fam, LAM, **kw)
+    assert with_grad.requires_grad and not no_grad.requires_grad and not detached.requires_grad
+    assert torch.equal(with_grad.detach(), no_grad) and torch.equal(no_grad, detached)

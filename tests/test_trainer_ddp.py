@@ -56,8 +56,8 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     initial = {name: value.clone() for name, value in single.denoiser.state_dict().items()}
     single.train()
     # Same samples, timesteps and noise per micro-batch; only the order of floating-point sums differs
-    # (all-reduce vs accumulation, batch 2 vs 4 in the refresh sampler), so agreement is to rounding.
-    assert_close(single.mfam, r0["mfam"], dtype=torch.float32, name="mFAM")
+    # (all-reduce vs accumulation, batch 2 vs 4 in the refresh sampler), so agreement is to rounding,
+    # as amplified by training (below).
     # The weights are compared through what training did to them, tensor by tensor and in norm:
     # AdamW divides each gradient element by its own running RMS, so relative rounding errors of the
     # gradient reach the update at full size. Measured: every tensor within 1.1e-4 of its update,
@@ -74,6 +74,12 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
         update = float((value - initial[name]).norm())
         gap = float((r0["model"][name] - value).norm())
         assert gap <= bound * update + 1e-7, f"{name}: |ddp - single| = {gap:.3g} > {bound:g} x |update| = {update:.3g}"
+
+    # The last mFAM is drawn by those weights (agreeing to 1e-3 of their update) through a sampler
+    # whose batch differs (2 vs 4): its budget is the weights' 1e-3, relative (measured: 3.9e-5 with
+    # the kernels' noise stream, within float32 rounding with the reference's). A map refreshed from
+    # diverged weights, or not all-reduced, differs by order one.
+    torch.testing.assert_close(single.mfam, r0["mfam"], rtol=1e-3, atol=1e-3 * float(r0["mfam"].max()))
 
     def losses(run):
         lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()

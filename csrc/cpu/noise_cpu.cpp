@@ -2,9 +2,9 @@
 // (normal_stream.h), one pass over the data per op, at::parallel_for over fixed blocks.
 //
 //   amplified_add_noise:  read x0 (and an explicit ε), write x_t (and the target).
-//   amplified_noise_loss: read pred and x0, regenerate ε, return the loss and, when asked, its
-//                         gradient with respect to pred for grad_out = 1 (float32), so the backward
-//                         is one multiply: a CPU draws ε far slower than it streams memory, so the
+//   amplified_noise_loss: read pred and x0, regenerate ε, return the loss and, when pred requires
+//                         grad, keep its gradient with respect to pred for grad_out = 1 (float32),
+//                         so the backward (a C++ autograd kernel) is one multiply: a CPU draws ε far slower than it streams memory, so the
 //                         gradient is made while ε is at hand instead of regenerating ε again.
 //
 // Work is split into blocks of kBlockElems elements of one (b, c) plane, independent of the thread
@@ -17,6 +17,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -412,11 +413,78 @@ std::vector<at::Tensor> amplified_noise_loss_cpu(const at::Tensor& pred_in, cons
   return {loss, grad};
 }
 
+// The loss's forward through the dispatcher (so torch.compile's fake tensors reach its fake kernel).
+std::vector<at::Tensor> loss_forward(const at::Tensor& pred, const at::Tensor& x0, const at::Tensor& timesteps,
+                                     const at::Tensor& alphas_cumprod, const std::optional<at::Tensor>& noise,
+                                     const std::optional<at::Tensor>& fam, double lam, int64_t seed,
+                                     const std::string& target_noise, const std::string& prediction_type,
+                                     const std::string& reduction, bool with_grad) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("srdiff::_amplified_noise_loss_forward", "")
+                             .typed<std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                            const at::Tensor&, const std::optional<at::Tensor>&,
+                                                            const std::optional<at::Tensor>&, double, int64_t,
+                                                            std::string, std::string, std::string, bool)>();
+  return op.call(pred, x0, timesteps, alphas_cumprod, noise, fam, lam, seed, target_noise, prediction_type, reduction,
+                 with_grad);
+}
+
+// Without autograd (inference mode, or nothing requires grad below the autograd key): the loss only.
+at::Tensor amplified_noise_loss_no_grad(const at::Tensor& pred, const at::Tensor& x0, const at::Tensor& timesteps,
+                                        const at::Tensor& alphas_cumprod, const std::optional<at::Tensor>& noise,
+                                        const std::optional<at::Tensor>& fam, double lam, int64_t seed,
+                                        std::string target_noise, std::string prediction_type, std::string reduction) {
+  return loss_forward(pred, x0, timesteps, alphas_cumprod, noise, fam, lam, seed, target_noise, prediction_type,
+                      reduction, false)[0];
+}
+
+// d loss / d pred = (the forward's gradient at grad_out = 1) · grad_out, in pred's dtype; x0, the
+// map and the noise are data (the Python API refuses them if they require grad).
+class NoiseLossFunction : public torch::autograd::Function<NoiseLossFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& pred, const at::Tensor& x0,
+                            const at::Tensor& timesteps, const at::Tensor& alphas_cumprod,
+                            const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& fam, double lam,
+                            int64_t seed, const std::string& target_noise, const std::string& prediction_type,
+                            const std::string& reduction, bool with_grad) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::vector<at::Tensor> out = loss_forward(pred, x0, timesteps, alphas_cumprod, noise, fam, lam, seed,
+                                               target_noise, prediction_type, reduction, with_grad);
+    if (with_grad) ctx->save_for_backward({out[1]});
+    ctx->saved_data["pred_dtype"] = static_cast<int64_t>(pred.scalar_type());
+    return out[0];
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["pred_dtype"].toInt());
+    at::Tensor grad_pred = saved.empty() ? at::Tensor() : saved[0].mul(grad_outputs[0]).to(dtype);
+    return {grad_pred, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor amplified_noise_loss_autograd(const at::Tensor& pred, const at::Tensor& x0, const at::Tensor& timesteps,
+                                         const at::Tensor& alphas_cumprod, const std::optional<at::Tensor>& noise,
+                                         const std::optional<at::Tensor>& fam, double lam, int64_t seed,
+                                         std::string target_noise, std::string prediction_type,
+                                         std::string reduction) {
+  // Decided here: inside the Function's forward grad mode is off.
+  const bool with_grad = pred.requires_grad() && at::GradMode::is_enabled();
+  return NoiseLossFunction::apply(pred, x0, timesteps, alphas_cumprod, noise, fam, lam, seed, target_noise,
+                                  prediction_type, reduction, with_grad);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(srdiff, CPU, m) {
   m.impl("amplified_add_noise", &amplified_add_noise_cpu);
-  m.impl("amplified_noise_loss", &amplified_noise_loss_cpu);
+  m.impl("_amplified_noise_loss_forward", &amplified_noise_loss_cpu);
+  m.impl("amplified_noise_loss", &amplified_noise_loss_no_grad);
 }
+
+// Only CPU tensors reach these ops (CUDA tensors take the Triton kernels).
+TORCH_LIBRARY_IMPL(srdiff, AutogradCPU, m) { m.impl("amplified_noise_loss", &amplified_noise_loss_autograd); }
 
 }  // namespace srdiff

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import srdiff
+from srdiff import noise_extension
 from srdiff import _extension
 from srdiff.reference import amplified_add_noise_ref, amplified_noise_loss_ref, gradcam_reduce_ref
 from utils import assert_close, channels_last_like, strided
@@ -194,13 +195,17 @@ def _reference_kwargs(kwargs, *keys):
     return out
 
 
+# The kernels the noise fuzz tests draw from: Triton (interpreter) and, when built, srdiff._C's CPU kernels.
+NOISE_KERNELS = ["triton"] + (["extension"] if noise_extension.available() else [])
+
+
 @FUZZ
 @given(data=st.data())
 def test_amplified_add_noise_fuzz(data):
     kwargs = _valid_noise_kwargs(data)
     kwargs.pop("pred")
     names = _mutate(data, kwargs, NOISE_MALFORMED, NOISE_BENIGN)
-    kwargs.setdefault("backend", "triton")
+    kwargs.setdefault("backend", data.draw(st.sampled_from(NOISE_KERNELS), label="backend"))
     if names:
         _expect_clean_refusal(lambda: srdiff.amplified_add_noise(**kwargs), names)
         return
@@ -218,7 +223,7 @@ def test_amplified_add_noise_fuzz(data):
 def test_amplified_noise_loss_fuzz(data):
     kwargs = _valid_noise_kwargs(data)
     names = _mutate(data, kwargs, {**NOISE_MALFORMED, **LOSS_MALFORMED}, {**NOISE_BENIGN, **LOSS_BENIGN})
-    kwargs.setdefault("backend", "triton")
+    kwargs.setdefault("backend", data.draw(st.sampled_from(NOISE_KERNELS), label="backend"))
     if names:
         _expect_clean_refusal(lambda: srdiff.amplified_noise_loss(**kwargs), names)
         return

@@ -118,9 +118,8 @@ bool is_supported_float(at::ScalarType t) { return t == at::kFloat || t == at::k
 struct NoiseProblem {
   int64_t B = 0, C = 0, HW = 0;
   std::vector<float> sqrt_ab, sqrt_1m_ab;  // per sample, computed in alphas_cumprod's dtype
-  at::Tensor fam;                          // float32 (1 | B, H, W) contiguous, or undefined
-  int64_t fam_stride_b = 0;
-  float lam = 0.f;
+  at::Tensor lam_map;                      // λ·M, float32 (1 | B, H, W) contiguous, or undefined
+  int64_t lam_map_stride_b = 0;
   at::Tensor noise;                        // contiguous explicit ε, or undefined (then the stream)
   uint32_t key0 = 0, key1 = 0;
 
@@ -152,7 +151,6 @@ NoiseProblem make_problem(const char* op, const at::Tensor& x0, const at::Tensor
   p.B = B;
   p.C = x0.size(1);
   p.HW = x0.size(2) * x0.size(3);
-  p.lam = static_cast<float>(lam);
   p.key0 = static_cast<uint32_t>(static_cast<uint64_t>(seed));
   p.key1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
 
@@ -191,8 +189,14 @@ NoiseProblem make_problem(const char* op, const at::Tensor& x0, const at::Tensor
     TORCH_CHECK_VALUE(m.dim() == 3 && (m.size(0) == 1 || m.size(0) == B) && m.size(1) == H && m.size(2) == W, op,
                       ": fam must broadcast to (B, 1, H, W) = (", B, ", 1, ", H, ", ", W, ") as (H, W), (B, H, W) ",
                       "or (B, 1, H, W), got shape ", fam->sizes());
-    p.fam = m.to(at::kFloat).contiguous();
-    p.fam_stride_b = m.size(0) == 1 ? 0 : p.HW;
+    // λ·M once per call (float32 λ times float32 M, as the Triton kernels round it), not once per
+    // channel and tile.
+    p.lam_map = at::empty(m.sizes(), x0.options().dtype(at::kFloat));
+    const at::Tensor m32 = m.to(at::kFloat).contiguous();
+    const float lam32 = static_cast<float>(lam), *src = m32.const_data_ptr<float>();
+    float* dst = p.lam_map.data_ptr<float>();
+    for (int64_t i = 0; i < m32.numel(); ++i) dst[i] = lam32 * src[i];
+    p.lam_map_stride_b = m.size(0) == 1 ? 0 : p.HW;
   }
   return p;
 }
@@ -221,11 +225,9 @@ void parallel_blocks(const NoiseProblem& p, Body&& body) {
 }
 
 // λ·M at a tile's pixels, or nullptr without a map.
-const float* lam_map_tile(const NoiseProblem& p, const Tile& tile, float* buffer) {
-  if (!p.fam.defined()) return nullptr;
-  const float* m = p.fam.const_data_ptr<float>() + tile.b * p.fam_stride_b + tile.hw0;
-  for (int i = 0; i < tile.n; ++i) buffer[i] = p.lam * m[i];
-  return buffer;
+const float* lam_map_tile(const NoiseProblem& p, const Tile& tile) {
+  if (!p.lam_map.defined()) return nullptr;
+  return p.lam_map.const_data_ptr<float>() + tile.b * p.lam_map_stride_b + tile.hw0;
 }
 
 // out = ε, ε + λM or ε(1 + λM) (plain whenever there is no map).
@@ -327,12 +329,11 @@ std::vector<at::Tensor> amplified_add_noise_cpu(const at::Tensor& x0_in, const a
   const FloatOperand x0_op(x0), xt_op(x_t), target_op = write_target ? FloatOperand(target) : FloatOperand();
 
   parallel_blocks(p, [&](int64_t block) {
-    alignas(64) float x0_buf[kTileElems], eps_buf[kTileElems], lam_map[kTileElems], xt_buf[kTileElems],
-        target_buf[kTileElems];
+    alignas(64) float x0_buf[kTileElems], eps_buf[kTileElems], xt_buf[kTileElems], target_buf[kTileElems];
     for_each_tile(p, block, [&](const Tile& tile) {
       const float* xs = x0_op.read(tile.offset, tile.n, x0_buf);
       const float* eps = epsilon_tile(p, tile, eps_buf);
-      const float* m = lam_map_tile(p, tile, lam_map);
+      const float* m = lam_map_tile(p, tile);
       const float sab = p.sqrt_ab[tile.b], s1m = p.sqrt_1m_ab[tile.b];
       float* x_t_out = xt_op.output(tile.offset, xt_buf);
       amplify_tile(eps, m, how_x, tile.n, x_t_out);
@@ -379,8 +380,7 @@ std::vector<at::Tensor> amplified_noise_loss_cpu(const at::Tensor& pred_in, cons
   const FloatOperand x0_op(x0), pred_op(pred);
 
   parallel_blocks(p, [&](int64_t block) {
-    alignas(64) float x0_buf[kTileElems], pred_buf[kTileElems], eps_buf[kTileElems], lam_map[kTileElems],
-        target[kTileElems];
+    alignas(64) float x0_buf[kTileElems], pred_buf[kTileElems], eps_buf[kTileElems], target[kTileElems];
     double sum = 0.0;
     for_each_tile(p, block, [&](const Tile& tile) {
       const float* xs = x0_op.read(tile.offset, tile.n, x0_buf);
@@ -389,7 +389,7 @@ std::vector<at::Tensor> amplified_noise_loss_cpu(const at::Tensor& pred_in, cons
         std::copy_n(xs, tile.n, target);  // the target holds no noise: nothing to draw
       } else {
         const float* eps = epsilon_tile(p, tile, eps_buf);
-        amplify_tile(eps, lam_map_tile(p, tile, lam_map), how_t, tile.n, target);
+        amplify_tile(eps, lam_map_tile(p, tile), how_t, tile.n, target);
         target_tile(target, xs, prediction, p.sqrt_ab[tile.b], p.sqrt_1m_ab[tile.b], tile.n);
       }
       sum += residual_tile(ps, tile.n, target);  // target now holds pred − target

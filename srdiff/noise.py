@@ -378,13 +378,11 @@ def amplified_add_noise(
         return x_t, target
     _check_no_grad(x0=x0, noise=noise, fam=fam)
     kwargs = dict(recipe=pair, prediction_type=prediction_type, return_target=return_target)
+    seed = _kernel_seed(seed, noise)
     if path == "extension":
-        return noise_extension.amplified_add_noise_cpu(
-            x0, timesteps, alphas_cumprod, noise, fam, lam, _kernel_seed(seed, noise), **kwargs
-        )
+        return noise_extension.amplified_add_noise_cpu(x0, timesteps, alphas_cumprod, noise, fam, lam, seed, **kwargs)
     from srdiff.kernels.noise import amplified_add_noise_fwd
 
-    seed = _kernel_seed(seed, noise)
     return amplified_add_noise_fwd(x0, timesteps, alphas_cumprod, noise, fam, lam, seed, **kwargs)
 def amplified_noise_loss(
     pred: torch.Tensor,

@@ -85,9 +85,8 @@ def extensions():
 
 
 setup(
-    # The Triton kernels live in kernels/ at the top of the repository and install as srdiff.kernels.
-    packages=find_packages(include=["srdiff", "srdiff.*"]) + ["srdiff.kernels"],
-    package_dir={"srdiff.kernels": "kernels"},
+    # srdiff and its subpackages, the Triton kernels (srdiff/kernels/) among them: no other top-level name.
+    packages=find_packages(include=["srdiff", "srdiff.*"]),
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},

@@ -171,10 +171,8 @@ else
 fi
 
 # ---- srdiff straight from this tree: no install step, so nothing that can fail or run slow stands
-# between the checkout and the Triton kernels (setup.py maps kernels/ to srdiff.kernels; a link does it
-# here). Then srdiff._C is built in place; if that fails or runs out of time, srdiff runs without it
+# between the checkout and the Triton kernels (srdiff/kernels/). Then srdiff._C is built in place; if that fails or runs out of time, srdiff runs without it
 # (as with SRDIFF_SKIP_EXT=1: the Triton kernels as ever, Grad-CAM on its reference), and says so.
-[ -e srdiff/kernels ] || ln -s ../kernels srdiff/kernels
 export PYTHONPATH="$ROOT:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 importable() {  # srdiff and srdiff.kernels import from this tree (judged by the line it prints, not
   # by an exit status a timeout during interpreter shutdown would spoil); logs whether srdiff._C is in use
@@ -183,7 +181,7 @@ importable() {  # srdiff and srdiff.kernels import from this tree (judged by the
 import os, srdiff, srdiff.kernels
 from srdiff import _extension
 assert os.path.realpath(os.path.dirname(os.path.dirname(srdiff.__file__))) == os.path.realpath("."), srdiff.__file__
-assert os.path.realpath(os.path.dirname(srdiff.kernels.__file__)) == os.path.realpath("kernels"), srdiff.kernels.__file__
+assert os.path.realpath(os.path.dirname(srdiff.kernels.__file__)) == os.path.realpath("srdiff/kernels"), srdiff.kernels.__file__
 print("srdiff._C in use:", _extension.HAS_EXT, "" if _extension.HAS_EXT else f"({_extension.WHY_NOT})", flush=True)
 PY
 )

@@ -2,7 +2,7 @@
 V_sr = V (1 + lam M_emb), fused into flash attention.
 
 Follow a call: :func:`fam_attention` checks its arguments and picks a path: on CUDA the Triton kernels
-(``kernels/fam_attention.py``: forward, backward with d(fam), registered as ``torch.library.triton_op``
+(``srdiff/kernels/fam_attention.py``: forward, backward with d(fam), registered as ``torch.library.triton_op``
 so ``torch.compile(fullgraph=True)`` traces them), on CPU :func:`srdiff.reference.fam_attention_sdpa`
 (K and V scaled once, then SDPA's O(N)-memory kernel). :class:`FAMAttention` is a self-attention
 module around it.
@@ -17,7 +17,7 @@ from srdiff._checks import check_finite, check_nonnegative, check_same_device, c
 from srdiff.reference.attention import fam_as_bhn, fam_attention_sdpa
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The Triton kernels' head dims (kernels/fam_attention.py: MIN_HEAD_DIM, MAX_HEAD_DIM); the CPU path
+# The Triton kernels' head dims (srdiff/kernels/fam_attention.py: MIN_HEAD_DIM, MAX_HEAD_DIM); the CPU path
 # takes any. Kept here so that checking never imports triton.
 TRITON_HEAD_DIMS = (16, 256)
 

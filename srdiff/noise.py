@@ -2,7 +2,7 @@
 its ε-loss, fused.
 
 Follow a call: :func:`amplified_add_noise` / :func:`amplified_noise_loss` check their arguments, then
-run the Triton kernels of ``kernels/noise.py`` (CUDA tensors; CPU tensors under TRITON_INTERPRET=1),
+run the Triton kernels of ``srdiff/kernels/noise.py`` (CUDA tensors; CPU tensors under TRITON_INTERPRET=1),
 the CPU kernels of ``srdiff._C`` (:mod:`srdiff.noise_extension`: CPU tensors when the extension is
 built; the same ε stream as the Triton kernels) or :mod:`srdiff.reference.noise` (CPU tensors
 without the extension, or ``backend="reference"``).

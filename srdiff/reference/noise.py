@@ -1,4 +1,4 @@
-"""Noise amplification and the epsilon-loss in plain PyTorch: the oracle for kernels/noise.py, the
+"""Noise amplification and the epsilon-loss in plain PyTorch: the oracle for srdiff/kernels/noise.py, the
 CPU path of :func:`srdiff.amplified_add_noise` / :func:`srdiff.amplified_noise_loss`, and the eager
 baseline of the benchmarks.
 

@@ -46,9 +46,11 @@ install: $(VENV)/.stamp-build-cuda$(FORCE_CUDA)
 # The demo needs no CUDA backend: from nothing it builds the CPU kernels alone.
 DEMO_ARGS   ?= --overwrite
 DEMO_BUILD  := $(VENV)/.stamp-build-cuda$(if $(wildcard $(VENV)/.stamp-build-cuda1),1,0)
+MAKE_START  := $(shell date +%s)
 demo: $(DEMO_BUILD)
 	@$(PY) -m srdiff info
 	$(PY) -m srdiff demo --config configs/demo.toml $(DEMO_ARGS)
+	@s=$$(( $$(date +%s) - $(MAKE_START) )); echo "make demo: $$((s / 60)) min $$((s % 60)) s in all, set-up included"
 
 # The paper's ablation on real MNIST with Inception FID: 4 modes x 5 seeds, the 3 recipes, the lam_f /
 # lam_r / ratio / cycle sweeps (configs/ablation.toml). Long on a 2-core CPU (docs/trainer.md: about

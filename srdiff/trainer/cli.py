@@ -3,6 +3,7 @@
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from srdiff.trainer import ablation
@@ -173,6 +174,7 @@ def _ablate(args) -> int:
 def _demo(args) -> int:
     from srdiff.trainer.metrics import describe_features
 
+    started = time.monotonic()
     config = config_from_args(args)
     print(f"srdiff demo: {config.data} at {config.image_size}x{config.image_size}, mode {config.mode}, "
           f"{config.base_steps} base + {config.steps - config.base_steps} refinement steps, outputs in {config.out_dir}/")
@@ -199,6 +201,8 @@ def _demo(args) -> int:
         print(f"\nFID {result['fid']:.3f}  KID {result['kid_mean']:.5f} ± {result['kid_std']:.5f}  "
               f"precision {result['precision']:.3f}  recall {result['recall']:.3f}  "
               f"({result['n_fake']} samples vs {result['n_real']} held-out images; {describe_features(net)})")
+    minutes, seconds = divmod(round(time.monotonic() - started), 60)
+    print(f"srdiff demo: {minutes} min {seconds:02d} s (training, sampling, evaluation)")
     return 0
 
 

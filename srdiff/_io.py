@@ -1,4 +1,5 @@
-"""Files that survive a kill at any moment: one atomic ``torch.save`` for checkpoints and highlighters."""
+"""Files srdiff writes: one atomic ``torch.save`` for checkpoints, highlighters and caches that survives a
+kill at any moment, and file modes that follow the umask as ``open()`` gives them."""
 
 import os
 import tempfile
@@ -7,14 +8,45 @@ from pathlib import Path
 import torch
 
 
+def umask() -> int:
+    """The process's umask, read from ``/proc/self/status`` where Linux has it (nothing changes), else set
+    and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0o666 less the umask."""
+    return 0o666 & ~umask()
+
+
+def follow_umask(folder: str | os.PathLike) -> Path:
+    """Give the ``*.safetensors`` files under ``folder`` :func:`new_file_mode` (safetensors, which every
+    ``save_pretrained`` writes weights with, creates them 0600 whatever the umask); returns ``folder``."""
+    folder = Path(folder)
+    mode = new_file_mode()
+    for path in folder.rglob("*.safetensors"):
+        os.chmod(path, mode)
+    return folder
+
+
 def save_atomic(obj, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temp file beside ``path``, fsync, ``os.replace``, fsync the folder: a reader
-    sees the old file or the new one, never a partial write, even after a power cut."""
+    sees the old file or the new one, never a partial write, even after a power cut. The file gets the
+    mode ``open()`` would give it (:func:`new_file_mode`; the temp file starts private, 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), new_file_mode())
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())

@@ -121,6 +121,29 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
     assert [p.name for p in path.parent.iterdir() if p.name != "last.pt"][0].endswith(".tmp")
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002], ids=oct)
+def test_written_files_follow_the_umask(tmp_path, mask):
+    """Checkpoints, highlighters and caches (save_atomic) and exported weights (safetensors writes 0600)
+    get the mode open() gives a new file under the umask."""
+    from diffusers import UNet2DModel
+
+    from srdiff._io import follow_umask, save_atomic
+    from srdiff.highlighter import FlawHighlighter
+
+    previous = os.umask(mask)
+    try:
+        save_atomic({"step": 1}, tmp_path / "checkpoints" / "last.pt")
+        FlawHighlighter("small", in_channels=1, image_size=8, width=4).save(tmp_path / "highlighter.pt")
+        UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8,), norm_num_groups=4,
+                    down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",)).save_pretrained(tmp_path / "unet")
+        follow_umask(tmp_path / "unet")
+    finally:
+        os.umask(previous)
+    written = [tmp_path / "checkpoints" / "last.pt", tmp_path / "highlighter.pt",
+               tmp_path / "unet" / "diffusion_pytorch_model.safetensors", tmp_path / "unet" / "config.json"]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: oct(0o666 & ~mask) for p in written}
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     import srdiff
 

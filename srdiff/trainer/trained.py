@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from srdiff._io import follow_umask
 from srdiff.trainer import checkpoint
 from srdiff.trainer.backbones import DenoiserSpec
 from srdiff.trainer.config import TrainConfig
@@ -27,8 +28,8 @@ class TrainedModel:
         return self.task.sample(self.model, n, **kwargs)
 
     def export(self, out_dir: str | os.PathLike):
-        """The task's diffusers pipeline (or folders) under ``out_dir``."""
-        return self.task.export(self.model, out_dir)
+        """The task's diffusers pipeline (or folders) under ``out_dir``, its files following the umask."""
+        return follow_umask(self.task.export(self.model, out_dir))
 
 
 def load_trained(path: str | os.PathLike, device: torch.device | str = "cpu") -> TrainedModel:

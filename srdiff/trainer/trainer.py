@@ -23,6 +23,7 @@ from torch import nn
 
 import srdiff
 from srdiff import viz
+from srdiff._io import follow_umask
 from srdiff.run_dir import OutDirError, prepare_out_dir
 from srdiff.trainer import checkpoint, distributed
 from srdiff.trainer.config import TrainConfig
@@ -403,7 +404,7 @@ class SelfRefiningTrainer:
         images = self.sample(64, seed=key(FINAL, c.seed), steps=c.sample_steps, sampler=c.sampler)
         viz.save_grid(images, self.out_dir / "samples.png", nrow=8, upscale=4)
         summary["samples"] = str(self.out_dir / "samples.png")
-        summary["pipeline"] = str(self.task.export(self.ema.model, self.out_dir / "pipeline"))
+        summary["pipeline"] = str(follow_umask(self.task.export(self.ema.model, self.out_dir / "pipeline")))
         if c.eval_samples > 0:
             result = self.evaluate(c.eval_samples)
             (self.out_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -1,5 +1,6 @@
-"""Files srdiff writes: one atomic ``torch.save`` for checkpoints, highlighters and caches that survives a
-kill at any moment, and file modes that follow the umask as ``open()`` gives them."""
+"""Files srdiff writes and reads back: one atomic ``torch.save`` for checkpoints, highlighters and caches that
+survives a kill at any moment, file modes that follow the umask as ``open()`` gives them, and one
+``torch.load`` that says in a line what a file it cannot read is."""
 
 import os
 import tempfile
@@ -61,3 +62,22 @@ def save_atomic(obj, path: str | os.PathLike) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def load_file(path: str | os.PathLike, expected: str, map_location="cpu"):
+    """``torch.load(path, weights_only=True)``: nothing but tensors, numbers, strings and containers of them
+    is unpickled. A missing file, or one torch cannot read (truncated, empty, text, a zip or numpy file,
+    pickled objects), raises ``ValueError`` naming the path, what it should be (``expected``, e.g. "a
+    trainer checkpoint") and torch's reason in one line, never torch's traceback."""
+    name = repr(os.fspath(path))
+    if not Path(path).is_file():
+        raise ValueError(f"{name} does not exist or is not a file (expected {expected})")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # torch.load reports an unreadable file as KeyError, EOFError, RuntimeError, ...
+        first = str(exc).splitlines()[0] if str(exc) else "-"
+        why = ("it holds objects other than tensors, which are not unpickled" if "Weights only load failed" in str(exc)
+               else f"torch.load failed with {type(exc).__name__}: {first}")
+        raise ValueError(f"{name} is not {expected}: {why}") from None

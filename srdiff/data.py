@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from srdiff import datasets
+from srdiff._io import load_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -168,14 +169,7 @@ def load_tensor_file(path: str | os.PathLike, size: int, channels: int) -> torch
     but one 4-d tensor, or values out of range raise ``ValueError`` naming the file.
     """
     name = repr(str(path))
-    try:
-        images = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except Exception as exc:  # torch.load reports a non-torch file as KeyError, EOFError, RuntimeError, ...
-        why = ("it holds objects other than tensors, which are not unpickled" if "Weights only load failed" in str(exc)
-               else f"torch.load failed with {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else '-'}")
-        raise ValueError(f"{name} is not a tensor file (torch.save of one (N, C, H, W) tensor): {why}") from None
+    images = load_file(path, "a tensor file (torch.save of one (N, C, H, W) tensor)")
     if not isinstance(images, torch.Tensor):
         raise ValueError(f"{name} must hold one (N, C, H, W) tensor, got a {type(images).__name__}")
     shape = tuple(images.shape)

@@ -173,6 +173,51 @@ def test_a_run_that_cannot_start_writes_nothing(tmp_path, capsys, images, match)
     assert not out.exists()
 
 
+def _saved(folder: Path, obj, name: str = "saved.pt", truncate: bool = False) -> str:
+    path = folder / name
+    torch.save(obj, path)
+    if truncate:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return str(path)
+
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="tests the refusal on a machine without CUDA")
+
+
+@pytest.mark.parametrize("argv, match", [
+    pytest.param(lambda d: ["sample", "--ckpt", _saved(d, {"w": torch.ones(1000)}, truncate=True)],
+                 r"'.*saved.pt' is not a trainer checkpoint \(checkpoints/last.pt\): torch.load failed with "
+                 r"RuntimeError: PytorchStreamReader", id="truncated-checkpoint"),
+    pytest.param(lambda d: ["eval", "--ckpt", _saved(d, {"step": 3})],
+                 r"is not a trainer checkpoint .*: it holds a dict without \['config', 'model', 'ema', 'optimizer'\]",
+                 id="foreign-checkpoint"),
+    pytest.param(lambda d: ["inpaint", "--ckpt", str(d / "gone.pt"), "--images", "digits", "--masks", "digits"],
+                 r"'.*gone.pt' does not exist or is not a file \(expected a trainer checkpoint", id="missing-checkpoint"),
+    pytest.param(lambda d: ["fam", "--highlighter", _saved(d, {"w": torch.ones(1000)}, truncate=True), "--images",
+                            "digits", "--out", str(d / "fam")],
+                 r"is not a FlawHighlighter checkpoint \(srdiff.FlawHighlighter/1\): torch.load failed", id="truncated-highlighter"),
+    pytest.param(lambda d: ["sample", "--ckpt", "any.pt", "--device", "cuda"],
+                 r"device 'cuda' requested but CUDA is not available on this machine", marks=NO_GPU, id="no-gpu-sample"),
+    pytest.param(lambda d: ["train", *TINY_TRAIN, "--device", "cuda:1", "--out-dir", str(d / "run")],
+                 r"device 'cuda:1' requested but CUDA is not available", marks=NO_GPU, id="no-gpu-train"),
+    pytest.param(lambda d: ["fam", "--highlighter", "hl.pt", "--images", "digits", "--out", str(d / "fam"),
+                            "--device", "gpu"], r"device 'gpu' is not a device name", id="bad-device-name"),
+    pytest.param(lambda d: ["train", *TINY_TRAIN, "--image-size", "15", "--out-dir", str(d / "run")],
+                 r"image_size 15 does not fit backbone 'unet'.*image_size 14 or 16 would", id="unet-15"),
+    pytest.param(lambda d: ["demo", *TINY_TRAIN, "--backbone", "dit", "--image-size", "17", "--out-dir", str(d / "run")],
+                 r"image_size 17 does not fit backbone 'dit'.*image_size 16 or 18 would", id="dit-17"),
+])
+def test_unusable_inputs_are_one_line_and_write_nothing(tmp_path, capsys, argv, match):
+    """Unreadable checkpoints and highlighters, devices this machine lacks, image sizes the backbone cannot
+    take: one line naming the file or value (never torch's traceback), exit 2, nothing written."""
+    argv = argv(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    assert cli.main(argv) == 2
+    err = _err_line(capsys)
+    assert re.search(match, err), err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 # ---------------------------------------------------------------------- errors, --debug, --help
 def test_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
     args = ["fam", "--highlighter", str(tmp_path / "missing.pt"), "--images", str(tmp_path), "--out", str(tmp_path)]
@@ -273,6 +318,7 @@ def test_fam_on_one_image_file_and_refuses_to_overwrite(tmp_path, highlighter, c
 # ---------------------------------------------------------------------- srdiff sample
 class _FakeTrained:
     config = type("Config", (), {"task": "unconditional"})()
+    task = type("Task", (), {"condition": None})()
 
     def sample(self, n, **kwargs):
         return torch.rand(n, 1, 8, 8)
@@ -314,6 +360,21 @@ def test_sample_refuses_bad_outputs_before_sampling(tmp_path, fake_checkpoint, c
     assert "--n must be >= 1, got 0" in _err_line(capsys)
     assert cli.main(["sample", "--ckpt", "any.pt", "--upscale", "0", "--out", str(tmp_path / "g.png")]) == 2
     assert "--upscale must be >= 1, got 0" in _err_line(capsys)
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+@pytest.mark.parametrize("scale", ["nan", "inf", "-1"])
+def test_guidance_scale_must_be_finite_and_not_negative(command, scale, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, "--ckpt", "any.pt", "--guidance-scale", scale])
+    assert info.value.code == 2
+    assert "argument --guidance-scale: the scale must be a finite number >= 0" in capsys.readouterr().err
+
+
+def test_guidance_scale_needs_a_conditional_checkpoint(tmp_path, fake_checkpoint, capsys):
+    assert cli.main(["sample", "--ckpt", "any.pt", "--guidance-scale", "3", "--out", str(tmp_path / "g.png")]) == 2
+    assert "--guidance-scale needs a conditional checkpoint" in _err_line(capsys)
+    assert not (tmp_path / "g.png").exists()
 
 
 def test_refuse_existing_counts_what_it_does_not_list(tmp_path):

@@ -74,6 +74,16 @@ def test_every_field_is_a_flag():
         ({"device": "tpu"}, r"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
         ({"adam_betas": [0.9]}, r"adam_betas must be two numbers in \[0, 1\)"),
         ({"compile": "yes"}, r"compile must be of type bool, got 'yes'"),
+        ({"guidance_scale": float("nan")}, r"guidance_scale must be a finite number >= 0 .*got nan"),
+        ({"guidance_scale": -1.0}, r"guidance_scale must be a finite number >= 0 .*got -1.0"),
+        ({"image_size": 15}, r"image_size 15 does not fit backbone 'unet': its 3 levels \(block_out_channels "
+                             r"\(32, 64, 64\)\) halve the side 2 times, so the image side must be a multiple of 4; "
+                             r"image_size 12 or 16 would"),
+        ({"image_size": 18}, r"image_size 18 does not fit backbone 'unet'.* image_size 16 or 20 would"),
+        ({"backbone": "dit", "image_size": 17}, r"image_size 17 does not fit backbone 'dit': it cuts the input into "
+                                                r"patches of patch_size 2.*image_size 16 or 18 would"),
+        ({"backbone": "uvit", "image_size": 18, "patch_size": 4}, r"backbone 'uvit'.* image_size 16 or 20 would"),
+        ({"task": "text", "backbone": "sd3", "image_size": 9}, r"backbone 'sd3'.*multiple of 2; image_size 8 or 10"),
     ],
     ids=lambda v: v if isinstance(v, str) and len(v) < 20 else None,
 )

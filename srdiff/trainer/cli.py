@@ -107,6 +107,9 @@ def _sampling_kwargs(args, trained) -> dict:
     """The task sampler's keywords from ``--steps --sampler --seed [--class] [--guidance-scale]``."""
     kwargs = dict(steps=args.steps, sampler=args.sampler, seed=args.seed, progress=True)
     if args.guidance_scale is not None:
+        if trained.task.condition is None:
+            raise ValueError(f"--guidance-scale needs a conditional checkpoint (task 'class' or 'text'); {args.ckpt} "
+                             f"is task {trained.config.task!r}, which has no condition to guide")
         kwargs["guidance_scale"] = args.guidance_scale
     if getattr(args, "class_labels", None) is not None:
         import torch
@@ -213,7 +216,18 @@ def _common_sampling(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: the run's)")
+    p.add_argument("--guidance-scale", type=_guidance_scale,
+                   help="classifier-free guidance scale, finite and >= 0 (default: the run's)")
+
+
+def _guidance_scale(text: str) -> float:
+    """``--guidance-scale``: refused by argparse (exit 2) unless finite and >= 0, before a checkpoint loads."""
+    from srdiff._checks import check_guidance_scale
+
+    try:
+        return check_guidance_scale(float(text), "the scale")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _run_flags(p: argparse.ArgumentParser) -> None:

@@ -16,6 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from srdiff._checks import check_guidance_scale
+
 MODES = ("baseline", "forward", "reverse", "combined", "latent")
 RECIPES = ("paper", "adm", "uvit")
 # Configs written before the named recipes: (amplify, amplified_target) -> recipe.
@@ -229,18 +231,23 @@ class TrainConfig:
                 bad(name, "must be >= 0")
         if self.image_size < 8:
             bad("image_size", "must be >= 8")
-        for name in ("lam_f", "lam_r", "guidance_scale", "lr"):
+        for name in ("lam_f", "lam_r", "lr"):
             if not math.isfinite(getattr(self, name)):
                 bad(name, "must be finite")
+        check_guidance_scale(self.guidance_scale)
         if not 0.0 <= self.condition_dropout < 1.0:
             bad("condition_dropout", "must be in [0, 1)")
-        from srdiff.trainer.backbones import BACKBONES
+        from srdiff.trainer.backbones import BACKBONES, get_backbone
+        from srdiff.trainer.task import TASKS
         from srdiff.trainer.tasks import task_names
 
         if self.task not in task_names():
             raise ValueError(f"task must be one of {task_names()}, got {self.task!r}")
         if self.backbone != "auto" and self.backbone not in BACKBONES:
             raise ValueError(f"backbone must be 'auto' or one of {tuple(sorted(BACKBONES))}, got {self.backbone!r}")
+        if self.vae is None:  # latent sides are checked when the VAE is loaded
+            get_backbone(TASKS[self.task].default_backbone if self.backbone == "auto" else self.backbone
+                         ).check_sample_size(self, self.image_size)
         if not 0.0 < self.holdout < 1.0:
             bad("holdout", "must be in (0, 1)")
         if not self.lr > 0:

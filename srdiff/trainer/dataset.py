@@ -29,8 +29,15 @@ def load_vae(path: str, device: torch.device, channels: int) -> nn.Module:
 
 
 def latent_shape(vae: nn.Module, image_size: int) -> tuple[int, int]:
-    """(latent channels, latent side) of ``vae`` for square images of ``image_size``."""
-    return vae.config.latent_channels, image_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    """(latent channels, latent side) of ``vae`` for square images of ``image_size``; ``ValueError`` where the
+    VAE's downsampling does not divide ``image_size`` (its decoder would not give the size back)."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if image_size % factor:
+        below = image_size - image_size % factor
+        raise ValueError(f"image_size {image_size} does not fit the VAE: it downsamples {factor}x, so image_size "
+                         f"must be a multiple of {factor}; {' or '.join(str(s) for s in (below, below + factor) if s >= 8)} "
+                         "would")
+    return vae.config.latent_channels, image_size // factor
 
 
 def load_dataset(config, device: torch.device) -> Dataset:
@@ -44,6 +51,7 @@ def load_dataset(config, device: torch.device) -> Dataset:
     vae = None
     if config.vae is not None:
         vae = load_vae(config.vae, device, config.channels)
+        latent_shape(vae, config.image_size)
         with torch.no_grad():
             latents = [vae.encode(b.to(device) * 2 - 1).latent_dist.mode() for b in train.split(256)]
         train_data = (torch.cat(latents) * vae.config.scaling_factor).cpu()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from srdiff._device import resolve_device
 from srdiff._io import follow_umask
 from srdiff.trainer import checkpoint
 from srdiff.trainer.backbones import DenoiserSpec
@@ -34,7 +35,7 @@ class TrainedModel:
 
 def load_trained(path: str | os.PathLike, device: torch.device | str = "cpu") -> TrainedModel:
     """The EMA model of a trainer checkpoint (``checkpoints/last.pt``) on ``device``."""
-    device = torch.device(device)
+    device = resolve_device(device)
     state = checkpoint.load(path, map_location=device)
     config = TrainConfig.from_dict(state["config"], where=f"checkpoint {str(path)!r}")
     vae = load_vae(config.vae, device, config.channels) if config.vae is not None else None

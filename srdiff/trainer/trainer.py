@@ -23,6 +23,7 @@ from torch import nn
 
 import srdiff
 from srdiff import viz
+from srdiff._device import resolve_device
 from srdiff._io import follow_umask
 from srdiff.run_dir import OutDirError, prepare_out_dir
 from srdiff.trainer import checkpoint, distributed
@@ -82,7 +83,7 @@ class SelfRefiningTrainer:
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         self.config = config
-        self.device = self._resolve_device(config.device)
+        self.device = resolve_device(config.device)
         self.dist = distributed.init(self.device.type)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
@@ -137,15 +138,6 @@ class SelfRefiningTrainer:
         return list(self.denoiser.parameters())
 
     # ------------------------------------------------------------------ setup
-    @staticmethod
-    def _resolve_device(name: str) -> torch.device:
-        if name == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested but CUDA is not available")
-        return device
-
     def _check_divisibility(self) -> None:
         c, w = self.config, self.dist.world_size
         if c.batch_size % (w * c.grad_accum):

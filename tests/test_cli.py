@@ -2,6 +2,7 @@
 exit code 130, the out-dir policy (``--resume`` / ``--overwrite``, nothing deleted), runs that cannot start
 write nothing, ``srdiff --help``, ``srdiff fam --scale`` with file and tensor input, ``srdiff sample``'s PNGs."""
 
+import json
 import os
 import re
 import warnings
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from srdiff import cli
+from srdiff.cli import build_parser
 from srdiff import run_dir
 from srdiff.run_dir import OutDirError, prepare_out_dir
 
@@ -25,6 +27,12 @@ def _old_run(path: Path) -> Path:
     (path / "checkpoints" / "last.pt").write_bytes(b"step 20")
     (path / "metrics.jsonl").write_text("24 lines\n")
     return path
+
+
+def _tiny_config():
+    from srdiff.trainer.config import config_from_args
+
+    return config_from_args(build_parser().parse_args(["train", *TINY_TRAIN]))
 
 
 def _err_line(capsys) -> str:
@@ -74,8 +82,68 @@ def test_resume_needs_a_checkpoint_in_a_non_empty_dir(tmp_path):
     assert prepare_out_dir(run, resume=True, overwrite=False) == run
     assert prepare_out_dir(tmp_path / "fresh", resume=True, overwrite=False) == tmp_path / "fresh"
     (run / "checkpoints" / "last.pt").unlink()
-    with pytest.raises(OutDirError, match="nothing to resume in .*no checkpoints/last.pt; pass --overwrite"):
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(OutDirError, match="nothing to resume in .*no checkpoints/last.pt and holds files no run wrote"):
         prepare_out_dir(run, resume=True, overwrite=False)
+    with pytest.raises(OutDirError, match="is not empty"):
+        prepare_out_dir(run, resume=False, overwrite=False)
+
+
+def test_a_start_without_a_checkpoint_is_not_a_run(tmp_path):
+    """What a start that failed before its first checkpoint wrote blocks nothing: a new start (with or without
+    --resume) proceeds, and the trainer moves those files aside, deleting nothing; user files still block."""
+    run = _old_run(tmp_path / "run")
+    (run / "checkpoints" / "last.pt").unlink()
+    (run / "checkpoints" / ".last.pt.x1y2.tmp").write_bytes(b"half a checkpoint")  # killed while saving
+    (run / "config.json").write_text("{}")
+    assert run_dir.is_failed_start(run)
+    for resume in (False, True):
+        assert prepare_out_dir(run, resume=resume, overwrite=False) == run
+    with pytest.warns(UserWarning, match=r"held a start that wrote no checkpoint \(checkpoints, config.json, "
+                                         r"metrics.jsonl\): moved it to .*run.old-"):
+        aside = run_dir.set_aside_failed_start(run)
+    assert list(run.iterdir()) == [] and (aside / "metrics.jsonl").read_text() == "24 lines\n"
+    assert run_dir.set_aside_failed_start(run) is None
+    (run / "metrics.jsonl").write_text("")
+    (run / "data.png").write_bytes(b"")
+    assert not run_dir.is_failed_start(run)
+
+
+_HOLD_LOCK = """
+import sys, time
+from srdiff.run_dir import RunLock
+RunLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_run_on_a_folder_is_refused_naming_the_holder(tmp_path, capsys):
+    """The lock lives as long as its process: a second start on the folder (any flag) is refused naming the
+    holder's pid; once the holder is SIGKILLed, nothing stale is left and the folder can be used at once."""
+    import signal
+    import subprocess
+    import sys
+
+    run = _old_run(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for flags in (["--resume"], ["--overwrite"], []):
+            assert cli.main(["train", *TINY_TRAIN, "--out-dir", str(run), *flags]) == 2
+            err = _err_line(capsys)
+            assert f"is in use by another srdiff run (pid {holder.pid} on " in err, err
+        assert run.is_dir() and (run / "metrics.jsonl").read_text() == "24 lines\n"
+        with pytest.raises(OutDirError, match=f"pid {holder.pid} on"):
+            run_dir.RunLock(run).acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        holder.stdout.close()
+    assert run_dir.lock_holder(run) is None
+    with run_dir.RunLock(run):
+        assert run_dir.lock_holder(run) is None  # held by this process: not another run
+    assert prepare_out_dir(run, resume=True, overwrite=False) == run
 
 
 def test_bad_flag_combinations_and_a_file(tmp_path):
@@ -133,7 +201,8 @@ def test_train_overwrite_moves_the_run_aside_before_the_trainer_starts(tmp_path,
     assert fake_trainer.seen == [(False, False)]
     (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
     assert (aside / "metrics.jsonl").read_text() == "24 lines\n"
-    assert cli.main(["train", *TINY_TRAIN, "--out-dir", str(aside), "--resume"]) == 0
+    (aside / "config.json").write_text(json.dumps(_tiny_config().to_dict()))
+    assert cli.main(["train", "--out-dir", str(aside), "--resume"]) == 0
     assert fake_trainer.seen[-1] == (True, True)
 
 

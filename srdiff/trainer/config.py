@@ -185,32 +185,10 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **overrides) -> "TrainConfig":
-        """Read a ``.toml``, ``.yaml`` or ``.yml`` file; ``overrides`` (field=value) win over it."""
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {str(path)!r} does not exist")
-        suffix = path.suffix.lower()
-        if suffix == ".toml":
-            import tomllib
-
-            try:
-                data = tomllib.loads(path.read_text())
-            except tomllib.TOMLDecodeError as exc:
-                raise ValueError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
-        elif suffix in (".yaml", ".yml"):
-            import yaml
-
-            try:
-                data = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise ValueError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
-            if not isinstance(data, dict):
-                raise ValueError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
-        else:
-            raise ValueError(f"config file {str(path)!r} must end in .toml, .yaml or .yml")
-        flat = _flatten(data, f"config file {str(path)!r}")
+        """Read a ``.toml``, ``.yaml``, ``.yml`` or ``.json`` file (a run's ``config.json`` too); ``overrides``
+        (field=value) win over it."""
         _check_keys(overrides, where="overrides")
-        return cls(**{**flat, **overrides})
+        return cls(**{**read_file(path), **overrides})
 
     def _validate(self) -> None:
         def bad(name, why):
@@ -344,6 +322,41 @@ def _flatten(data: dict, where: str) -> dict:
     return flat
 
 
+def read_file(path: str | os.PathLike) -> dict:
+    """The fields a ``.toml``, ``.yaml``/``.yml`` or ``.json`` config file sets (flat or in :data:`SECTIONS`),
+    keys checked, values not yet: a file may set a few fields for others to fill."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    suffix, where = path.suffix.lower(), f"config file {str(path)!r}"
+    if suffix == ".toml":
+        import tomllib
+
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{where} is not valid TOML: {exc}") from None
+    elif suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{where} is not valid YAML: {exc}") from None
+    elif suffix == ".json":
+        import json
+
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where} is not valid JSON: {exc}") from None
+    else:
+        raise ValueError(f"{where} must end in .toml, .yaml, .yml or .json")
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must hold a mapping, got {type(data).__name__}")
+    return _flatten(_upgrade(data, where), where)
+
+
 def _base_type(tp):
     """(python type, element type or None, optional?) for the annotations TrainConfig uses."""
     optional = False
@@ -413,9 +426,12 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         groups[f.metadata["section"]].add_argument(flag, **kwargs)
 
 
+def config_overrides(args: argparse.Namespace) -> dict:
+    """The fields ``--config FILE`` (if given) sets, with every flag that was passed over them."""
+    flags = {name: getattr(args, name) for name in _FIELDS if hasattr(args, name)}
+    return {**read_file(args.config), **flags} if getattr(args, "config", None) else flags
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The config of ``--config FILE`` (if given) with every flag that was passed applied over it."""
-    overrides = {name: getattr(args, name) for name in _FIELDS if hasattr(args, name)}
-    if getattr(args, "config", None):
-        return TrainConfig.from_file(args.config, **overrides)
-    return TrainConfig(**overrides)
+    return TrainConfig(**config_overrides(args))

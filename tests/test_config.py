@@ -75,6 +75,7 @@ def test_every_field_is_a_flag():
         ({"device": "tpu"}, r"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
         ({"adam_betas": [0.9]}, r"adam_betas must be two numbers in \[0, 1\)"),
         ({"compile": "yes"}, r"compile must be of type bool, got 'yes'"),
+        ({"labels": "classes.txt"}, r"labels must be one of \('auto', 'folders', 'none'\) or a .csv / .jsonl file"),
         ({"guidance_scale": float("nan")}, r"guidance_scale must be a finite number >= 0 .*got nan"),
         ({"guidance_scale": -1.0}, r"guidance_scale must be a finite number >= 0 .*got -1.0"),
         ({"image_size": 15}, r"image_size 15 does not fit backbone 'unet': its 3 levels \(block_out_channels "

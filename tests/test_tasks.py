@@ -67,6 +67,30 @@ def test_class_task_needs_labels(tmp_path):
         SelfRefiningTrainer(tiny_config(tmp_path, task="class", num_classes=3))
 
 
+def test_class_task_on_a_users_labelled_folder(tmp_path):
+    """An image folder with one subfolder per class trains the class task (no flag needed); the class names
+    travel with the checkpoint and the export. A tensor file takes its labels from a labels file."""
+    import json
+
+    from PIL import Image
+
+    for i in range(10):
+        folder = tmp_path / "shapes" / ("ring" if i % 2 else "bar")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((torch.rand(8, 8) * 255).byte().numpy()).save(folder / f"{i}.png")
+    cfg = tiny_config(tmp_path, task="class", data=str(tmp_path / "shapes"), steps=1, ratio="1:0", mode="baseline")
+    trainer = SelfRefiningTrainer(cfg)
+    assert trainer.task.num_classes == 2 and trainer.task.class_names == ["bar", "ring"]
+    summary = trainer.train()
+    assert load_trained(summary["checkpoint"]).task.class_names == ["bar", "ring"]
+    assert json.loads((tmp_path / "run" / "pipeline" / "srdiff_task.json").read_text())["class_names"] == ["bar", "ring"]
+    torch.save(torch.rand(6, 1, 8, 8), tmp_path / "images.pt")
+    (tmp_path / "labels.csv").write_text("index,label\n" + "".join(f"{i},{i % 3}\n" for i in range(6)))
+    tensors = SelfRefiningTrainer(cfg.replace(data=str(tmp_path / "images.pt"), labels=str(tmp_path / "labels.csv"),
+                                              out_dir=str(tmp_path / "tensors")))
+    assert tensors.task.num_classes == 3 and tensors.task.class_names is None
+
+
 def test_label_dropout_is_keyed_and_uses_the_null_class(tmp_path):
     cfg = tiny_config(tmp_path, task="class", condition_dropout=0.5, steps=2)
     task = get_task(cfg)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from srdiff._checks import check_guidance_scale
+from srdiff.labels import check_labels_source
 
 MODES = ("baseline", "forward", "reverse", "combined", "latent")
 RECIPES = ("paper", "adm", "uvit")
@@ -51,6 +52,9 @@ class TrainConfig:
                    "(text-to-image) or 'inpaint' (see srdiff.trainer.task.TASKS)")
     data: str = _f("digits", "data", "'digits', 'mnist', 'emoji' (srdiff.datasets), an image folder, or a tensor "
                    "file of (N, C, H, W) in [0, 1]")
+    labels: str = _f("auto", "data", "class labels: 'auto' (the built-in sets' own, an image folder's class "
+                     "subfolders), 'folders', 'none', or a .csv / .jsonl file with a label per file_name or index "
+                     "(see srdiff.labels)")
     image_size: int = _f(16, "data", "training resolution (pixels); the digits are 8x8 originals, upscaled")
     channels: int = _f(1, "data", "image channels (1 or 3)", choices=(1, 3))
     holdout: float = _f(0.2, "data", "fraction of the images held out for evaluation, in (0, 1)")
@@ -213,6 +217,7 @@ class TrainConfig:
             if not math.isfinite(getattr(self, name)):
                 bad(name, "must be finite")
         check_guidance_scale(self.guidance_scale)
+        check_labels_source(self.labels)
         if not 0.0 <= self.condition_dropout < 1.0:
             bad("condition_dropout", "must be in [0, 1)")
         from srdiff.trainer.backbones import BACKBONES, get_backbone

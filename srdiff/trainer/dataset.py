@@ -7,16 +7,18 @@ import torch
 from torch import nn
 
 from srdiff import data as srdata
+from srdiff.labels import load_labelled
 
 
 @dataclass
 class Dataset:
     train_images: torch.Tensor  # (N, C, H, W) in [0, 1]
     holdout_images: torch.Tensor  # (M, C, H, W) in [0, 1], for evaluation only
-    train_labels: torch.Tensor | None  # (N,) class labels where the data has them (digits)
+    train_labels: torch.Tensor | None  # (N,) class labels where the data has them (srdiff.labels)
     holdout_labels: torch.Tensor | None
     train_data: torch.Tensor  # what the UNet is trained on: images in [-1, 1], or scaled VAE latents
     vae: nn.Module | None
+    class_names: list[str] | None = None  # class index -> name, where the labels name their classes
 
 
 def load_vae(path: str, device: torch.device, channels: int) -> nn.Module:
@@ -41,8 +43,7 @@ def latent_shape(vae: nn.Module, image_size: int) -> tuple[int, int]:
 
 
 def load_dataset(config, device: torch.device) -> Dataset:
-    images = srdata.load_images(config.data, config.image_size, config.channels)
-    labels = srdata.load_labels(config.data, config.image_size)
+    images, labels, class_names = load_labelled(config.data, config.image_size, config.channels, config.labels)
     try:
         train_idx, hold_idx = srdata.split(torch.arange(len(images)), config.holdout, seed=config.seed)
     except ValueError as exc:
@@ -64,4 +65,5 @@ def load_dataset(config, device: torch.device) -> Dataset:
         holdout_labels=labels[hold_idx] if labels is not None else None,
         train_data=train_data,
         vae=vae,
+        class_names=class_names,
     )

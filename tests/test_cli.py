@@ -367,11 +367,13 @@ def test_fam_on_a_tensor_file_with_scale(tmp_path, highlighter):
     assert torch.load(out / "mfam.pt", weights_only=True).shape == (8, 8)
 
 
+@pytest.mark.filterwarnings("ignore:image '.*one.png' is 16x20:UserWarning")
 def test_fam_on_one_image_file_and_refuses_to_overwrite(tmp_path, highlighter, capsys):
     Image.fromarray((torch.rand(20, 16) * 255).byte().numpy()).save(tmp_path / "one.png")
     out = tmp_path / "fam"
     args = ["fam", "--highlighter", str(highlighter), "--images", str(tmp_path / "one.png"), "--out", str(out)]
-    assert cli.main(args) == 0
+    with pytest.warns(UserWarning, match=r"one.png' is 16x20: resized \(shorter side to 8\) .* cutting its edges"):
+        assert cli.main(args) == 0
     assert [p.name for p in (out / "overlays").iterdir()] == ["one.png"]
     before = (out / "contact-sheet.png").read_bytes()
     capsys.readouterr()

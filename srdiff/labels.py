@@ -54,9 +54,9 @@ def load_labelled(source: str | os.PathLike, size: int, channels: int, labels: s
             found = _folder_classes(path, keys, required=labels == "folders")
             return images, *(found if found else (None, None))
         return images, *(_from_file(labels, "file_name", keys, root=path) if labels != "none" else (None, None))
-    images = srdata.load_images(source, size, channels)
     if labels == "folders":
         raise ValueError(f"labels='folders' needs an image folder in the ImageFolder layout; {str(source)!r} is a file")
+    images = srdata.load_images(source, size, channels)
     if labels in ("auto", "none"):
         return images, None, None
     return images, *_from_file(labels, "index", [str(i) for i in range(len(images))])

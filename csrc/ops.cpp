@@ -22,7 +22,8 @@ std::string build_info() {
 
 TORCH_LIBRARY(srdiff, m) {
   // activations, gradients: (B, C, h, w) -> (B, h, w) or (B, H, W) with size=(H, W); float32 out.
-  // check_finite: raise ValueError if gradients hold NaN/inf (tested on the kernels' own pass).
+  // check_finite: raise ValueError if gradients or activations hold NaN/inf (tested on the kernels' own
+  // passes: the gradient channel means, the weighted sums before the ReLU).
   m.def(
       "gradcam_reduce(Tensor activations, Tensor gradients, int[]? size=None, bool normalize=True, "
       "bool check_finite=True) -> Tensor");

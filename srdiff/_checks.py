@@ -1,5 +1,6 @@
 """Argument checks shared by the public functions: each failure names the argument and its value."""
 
+import math
 import os
 from collections.abc import Iterable
 
@@ -47,6 +48,18 @@ def check_nonnegative(name: str, value: float) -> None:
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not value >= 0:  # also rejects NaN
         raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def check_guidance_scale(value, name: str = "guidance_scale") -> float:
+    """Classifier-free guidance ``s`` of ``eps_u + s (eps_c - eps_u)`` as a float: finite and >= 0 (0: the
+    unconditional prediction, 1: the conditional one alone, > 1: guided). A negative ``s`` steers away
+    from the condition, NaN or inf makes every image NaN: both raise ``ValueError`` naming ``name``."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0 (0: unconditional, 1: conditional alone, > 1: "
+                         f"guided), got {value}")
+    return float(value)
 
 
 def triton_interpreting() -> bool:

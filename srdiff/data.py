@@ -1,5 +1,8 @@
 """Images in, as float tensors (N, C, H, W) in [0, 1]: the bundled digits, folders of files, image files,
-tensor files. Values are checked, never clamped (:func:`to_unit_range`).
+tensor files. Values are checked, never clamped (:func:`to_unit_range`). Image files are read at their bit
+depth (16-bit grey as 0..65535, palettes through their colours), transparent pixels composited onto white,
+and resized and centre-cropped to the training size, with one warning counting the images that were
+composited, or cropped because their sizes differ or they are not square.
 
 Nothing here downloads. The digits are scikit-learn's bundled 8x8 set (1,797 images), upscaled.
 """
@@ -7,6 +10,7 @@ Nothing here downloads. The digits are scikit-learn's bundled 8x8 set (1,797 ima
 import itertools
 import os
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from srdiff import datasets
+from srdiff._io import load_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# Pillow's modes of single-channel images deeper than 8 bits (16-bit PNG greys); convert("L") clips them.
+DEEP_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def digits(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,20 +60,65 @@ def _n_holdout(n: int, holdout: float) -> int:
     return max(1, int(round(holdout * n)))
 
 
-def _to_tensor(img, size: int, channels: int) -> torch.Tensor:
-    """A PIL image resized (shorter side to ``size``) and centre-cropped to (channels, size, size)."""
+def _decoded(img, channels: int):
+    """``img`` as a PIL image to read ``channels`` from, and whether it had transparent pixels (then composited
+    onto white): 8-bit ``L`` / ``RGB`` (palettes through their colours; Pillow reduces 16-bit colour to 8
+    bits), or ``F`` in [0, 1] for 16-bit grey (``convert("L")`` would clip every value above 255 to white)."""
     from PIL import Image
 
-    img = img.convert("L" if channels == 1 else "RGB")
+    if img.mode in DEEP_GREY_MODES:
+        arr = np.asarray(img, dtype=np.float32)
+        if arr.min() < 0 or arr.max() > 65535:
+            raise ValueError(f"mode {img.mode} values in [{arr.min():g}, {arr.max():g}] are not 16-bit grey levels")
+        return Image.fromarray(arr / 65535.0), False
+    composited = False
+    if img.has_transparency_data:
+        img = img.convert("RGBA")
+        if img.getchannel("A").getextrema()[0] < 255:
+            img, composited = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img), True
+    return img.convert("L" if channels == 1 else "RGB"), composited
+
+
+def _to_tensor(img, size: int, channels: int) -> tuple[torch.Tensor, bool]:
+    """A PIL image decoded (:func:`_decoded`), resized (shorter side to ``size``) and centre-cropped to
+    (channels, size, size), and whether it was composited onto white."""
+    from PIL import Image
+
+    img, composited = _decoded(img, channels)
     w, h = img.size
     scale = size / min(w, h)
     img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
     w, h = img.size
     left, top = (w - size) // 2, (h - size) // 2
     img = img.crop((left, top, left + size, top + size))
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    t = torch.from_numpy(arr)
-    return t[None] if channels == 1 else t.permute(2, 0, 1)
+    arr = np.array(img, dtype=np.float32)  # a copy: an "F" image's array would be read-only
+    t = torch.from_numpy(arr if img.mode == "F" else arr / 255.0)
+    if t.dim() == 3:
+        return t.permute(2, 0, 1), composited
+    return t.expand(channels, -1, -1).contiguous(), composited
+
+
+def _warn_conversions(source, sizes: list[tuple[int, int]], composited: int, size: int) -> None:
+    """One warning counting the images of ``source`` (their (W, H) ``sizes`` as read) that were composited
+    onto white, one counting those whose crop to ``size`` x ``size`` is not a plain resize: a folder of mixed
+    sizes, or non-square images (their edges are cut)."""
+    n = len(sizes)
+    if composited:
+        warnings.warn(f"{source}: {composited} of {n} image(s) have transparent pixels: composited onto white",
+                      UserWarning, stacklevel=3)
+    counts = Counter(sizes)
+    non_square = sum(c for (w, h), c in counts.items() if w != h)
+    if len(counts) == 1 and not non_square:
+        return
+    crop = f"resized (shorter side to {size}) and centre-cropped to {size}x{size}"
+    if n == 1:
+        warnings.warn(f"{source} is {sizes[0][0]}x{sizes[0][1]}: {crop}, cutting its edges", UserWarning, stacklevel=3)
+        return
+    shown = ", ".join(f"{w}x{h} ({c})" for (w, h), c in counts.most_common(3))
+    more = f" and {len(counts) - 3} more" if len(counts) > 3 else ""
+    cut = f", cutting the edges of the {non_square} non-square one(s)" if non_square else ""
+    warnings.warn(f"{source}: {n} images in {len(counts)} size(s) ({shown}{more}): each {crop}{cut}", UserWarning,
+                  stacklevel=3)
 
 
 def image_files(folder: str | os.PathLike) -> list[Path]:
@@ -81,23 +133,28 @@ def read_image_folder(folder: str | os.PathLike, size: int, channels: int = 3) -
     """Every readable PNG/JPEG under ``folder`` as (N, channels, size, size) in [0, 1], and the path
     of each image read, in the same order.
 
-    Any size or mode is accepted (resized and centre-cropped). Unreadable files are skipped with one
-    warning each; a folder with no readable image raises ``ValueError``.
+    Any size or mode is accepted (decoded, resized and centre-cropped as the module docstring says, with
+    one warning counting the images composited onto white and one counting those cropped). Unreadable
+    files are skipped with one warning each; a folder with no readable image raises ``ValueError``.
     """
     from PIL import Image, UnidentifiedImageError
 
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    out, paths = [], []
+    out, paths, sizes, composited = [], [], [], 0
     for path in image_files(folder):
         try:
             with Image.open(path) as img:
-                out.append(_to_tensor(img, size, channels))
+                image, transparent = _to_tensor(img, size, channels)
+                sizes.append(img.size)
+            out.append(image)
             paths.append(path)
+            composited += transparent
         except (OSError, UnidentifiedImageError, ValueError) as exc:
             warnings.warn(f"skipping unreadable image {path}: {exc}", RuntimeWarning, stacklevel=2)
     if not out:
         raise ValueError(f"no readable image in {str(folder)!r}")
+    _warn_conversions(f"image folder {str(folder)!r}", sizes, composited, size)
     return torch.stack(out), paths
 
 
@@ -147,16 +204,19 @@ def read_images(source: str | os.PathLike, size: int, channels: int) -> tuple[to
 
 
 def read_image_file(path: str | os.PathLike, size: int, channels: int = 3) -> torch.Tensor:
-    """One PNG/JPEG/... as (channels, size, size) in [0, 1] (resized and centre-cropped); an unreadable file
-    raises ``ValueError``."""
+    """One PNG/JPEG/... as (channels, size, size) in [0, 1] (decoded, resized and centre-cropped as the module
+    docstring says, with a warning where it was composited or cropped); an unreadable file raises
+    ``ValueError``."""
     from PIL import Image, UnidentifiedImageError
 
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     try:
         with Image.open(path) as img:
-            return _to_tensor(img, size, channels)
-    except (OSError, UnidentifiedImageError) as exc:
+            image, composited = _to_tensor(img, size, channels)
+            _warn_conversions(f"image {str(path)!r}", [img.size], int(composited), size)
+            return image
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise ValueError(f"cannot read image {str(path)!r}: {exc}") from None
 
 
@@ -168,14 +228,7 @@ def load_tensor_file(path: str | os.PathLike, size: int, channels: int) -> torch
     but one 4-d tensor, or values out of range raise ``ValueError`` naming the file.
     """
     name = repr(str(path))
-    try:
-        images = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except Exception as exc:  # torch.load reports a non-torch file as KeyError, EOFError, RuntimeError, ...
-        why = ("it holds objects other than tensors, which are not unpickled" if "Weights only load failed" in str(exc)
-               else f"torch.load failed with {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else '-'}")
-        raise ValueError(f"{name} is not a tensor file (torch.save of one (N, C, H, W) tensor): {why}") from None
+    images = load_file(path, "a tensor file (torch.save of one (N, C, H, W) tensor)")
     if not isinstance(images, torch.Tensor):
         raise ValueError(f"{name} must hold one (N, C, H, W) tensor, got a {type(images).__name__}")
     shape = tuple(images.shape)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from srdiff import _extension
-from srdiff._checks import check_choice, check_finite, check_same_device, check_tensor
+from srdiff._checks import check_choice, check_same_device, check_tensor
 from srdiff.reference.gradcam import gradcam_reduce_ref
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -45,7 +45,7 @@ def gradcam_reduce(
     size: tuple[int, int] | None = None,
     normalize: bool = True,
     *,
-    check_finite_grads: bool = True,
+    check_finite: bool = True,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Reduce Grad-CAM activations and gradients to one map per image.
@@ -60,12 +60,14 @@ def gradcam_reduce(
         normalize: scale each map to [0, 1] by (x - min) / (1e-7 + max - min); a constant map becomes
             zeros, never NaN. With ``size`` the resized map is scaled once more, exactly the sequence
             of pytorch-grad-cam's ``GradCAM``, whose maps this reproduces.
-        check_finite_grads: raise ``ValueError`` if ``gradients`` holds NaN or inf, or values whose
-            float32 mean over (h, w) overflows. A non-finite gradient means the classifier
-            diverged: a map made from it would point anywhere, so srdiff refuses it rather than
-            guess. The extension tests each channel's sum on the pass that averages it (no extra
-            read; on CUDA one device sync to read the flag back, also under ``torch.compile``);
-            the reference path pays a separate ``torch.isfinite`` pass.
+        check_finite: raise ``ValueError`` if ``gradients`` or ``activations`` hold NaN or inf, or
+            finite values whose float32 sums (a gradient channel's over (h, w), the weighted sum over
+            channels) overflow. A non-finite input means the classifier or the layer diverged: a map
+            made from it would point anywhere (the ReLU would even turn NaN into a clean 0), so srdiff
+            refuses it rather than guess. Each backend tests the channel means and the weighted sums
+            (before the ReLU) on the passes that compute them, reading no input twice; on CUDA one
+            device sync reads the flags back, also under ``torch.compile``. Only a failure pays for
+            a scan that names the culprit.
         backend: ``None`` (the extension when built, else the reference), ``"extension"`` or
             ``"reference"`` (:func:`srdiff.reference.gradcam_reduce_ref`).
 
@@ -90,11 +92,9 @@ def gradcam_reduce(
     if activations.is_cuda and not _extension.has_cuda_backend():
         use_reference = True
     if use_reference:
-        if check_finite_grads:
-            check_finite("gradients", gradients)
-        return gradcam_reduce_ref(activations, gradients, size, normalize)
+        return gradcam_reduce_ref(activations, gradients, size, normalize, check_finite=check_finite)
     size = None if size is None else list(size)
-    return _gradcam_reduce_op(activations, gradients, size, normalize, check_finite_grads)
+    return _gradcam_reduce_op(activations, gradients, size, normalize, check_finite)
 
 
 if _extension.HAS_EXT:

@@ -72,6 +72,7 @@ def contact_sheet(before, masks, after):
 def _repair(args) -> None:
     import torch
 
+    from srdiff._device import resolve_device
     from srdiff.data import read_images
     from srdiff.highlighter import FlawHighlighter
     from srdiff.repair import repair_flaws
@@ -80,7 +81,7 @@ def _repair(args) -> None:
 
     out = Path(args.out)
     refuse_existing([out / name for name in OUTPUTS], overwrite=args.overwrite)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     model, scheduler, vae, size, channels = _load_model(args, device)
     highlighter = FlawHighlighter.load(args.highlighter, map_location=device)
     images, names = read_images(args.images, size, channels)

@@ -2,6 +2,7 @@
 exit code 130, the out-dir policy (``--resume`` / ``--overwrite``, nothing deleted), runs that cannot start
 write nothing, ``srdiff --help``, ``srdiff fam --scale`` with file and tensor input, ``srdiff sample``'s PNGs."""
 
+import json
 import os
 import re
 import warnings
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from srdiff import cli
+from srdiff.cli import build_parser
 from srdiff import run_dir
 from srdiff.run_dir import OutDirError, prepare_out_dir
 
@@ -25,6 +27,12 @@ def _old_run(path: Path) -> Path:
     (path / "checkpoints" / "last.pt").write_bytes(b"step 20")
     (path / "metrics.jsonl").write_text("24 lines\n")
     return path
+
+
+def _tiny_config():
+    from srdiff.trainer.config import config_from_args
+
+    return config_from_args(build_parser().parse_args(["train", *TINY_TRAIN]))
 
 
 def _err_line(capsys) -> str:
@@ -74,8 +82,68 @@ def test_resume_needs_a_checkpoint_in_a_non_empty_dir(tmp_path):
     assert prepare_out_dir(run, resume=True, overwrite=False) == run
     assert prepare_out_dir(tmp_path / "fresh", resume=True, overwrite=False) == tmp_path / "fresh"
     (run / "checkpoints" / "last.pt").unlink()
-    with pytest.raises(OutDirError, match="nothing to resume in .*no checkpoints/last.pt; pass --overwrite"):
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(OutDirError, match="nothing to resume in .*no checkpoints/last.pt and holds files no run wrote"):
         prepare_out_dir(run, resume=True, overwrite=False)
+    with pytest.raises(OutDirError, match="is not empty"):
+        prepare_out_dir(run, resume=False, overwrite=False)
+
+
+def test_a_start_without_a_checkpoint_is_not_a_run(tmp_path):
+    """What a start that failed before its first checkpoint wrote blocks nothing: a new start (with or without
+    --resume) proceeds, and the trainer moves those files aside, deleting nothing; user files still block."""
+    run = _old_run(tmp_path / "run")
+    (run / "checkpoints" / "last.pt").unlink()
+    (run / "checkpoints" / ".last.pt.x1y2.tmp").write_bytes(b"half a checkpoint")  # killed while saving
+    (run / "config.json").write_text("{}")
+    assert run_dir.is_failed_start(run)
+    for resume in (False, True):
+        assert prepare_out_dir(run, resume=resume, overwrite=False) == run
+    with pytest.warns(UserWarning, match=r"held a start that wrote no checkpoint \(checkpoints, config.json, "
+                                         r"metrics.jsonl\): moved it to .*run.old-"):
+        aside = run_dir.set_aside_failed_start(run)
+    assert list(run.iterdir()) == [] and (aside / "metrics.jsonl").read_text() == "24 lines\n"
+    assert run_dir.set_aside_failed_start(run) is None
+    (run / "metrics.jsonl").write_text("")
+    (run / "data.png").write_bytes(b"")
+    assert not run_dir.is_failed_start(run)
+
+
+_HOLD_LOCK = """
+import sys, time
+from srdiff.run_dir import RunLock
+RunLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_run_on_a_folder_is_refused_naming_the_holder(tmp_path, capsys):
+    """The lock lives as long as its process: a second start on the folder (any flag) is refused naming the
+    holder's pid; once the holder is SIGKILLed, nothing stale is left and the folder can be used at once."""
+    import signal
+    import subprocess
+    import sys
+
+    run = _old_run(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for flags in (["--resume"], ["--overwrite"], []):
+            assert cli.main(["train", *TINY_TRAIN, "--out-dir", str(run), *flags]) == 2
+            err = _err_line(capsys)
+            assert f"is in use by another srdiff run (pid {holder.pid} on " in err, err
+        assert run.is_dir() and (run / "metrics.jsonl").read_text() == "24 lines\n"
+        with pytest.raises(OutDirError, match=f"pid {holder.pid} on"):
+            run_dir.RunLock(run).acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        holder.stdout.close()
+    assert run_dir.lock_holder(run) is None
+    with run_dir.RunLock(run):
+        assert run_dir.lock_holder(run) is None  # held by this process: not another run
+    assert prepare_out_dir(run, resume=True, overwrite=False) == run
 
 
 def test_bad_flag_combinations_and_a_file(tmp_path):
@@ -133,7 +201,8 @@ def test_train_overwrite_moves_the_run_aside_before_the_trainer_starts(tmp_path,
     assert fake_trainer.seen == [(False, False)]
     (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
     assert (aside / "metrics.jsonl").read_text() == "24 lines\n"
-    assert cli.main(["train", *TINY_TRAIN, "--out-dir", str(aside), "--resume"]) == 0
+    (aside / "config.json").write_text(json.dumps(_tiny_config().to_dict()))
+    assert cli.main(["train", "--out-dir", str(aside), "--resume"]) == 0
     assert fake_trainer.seen[-1] == (True, True)
 
 
@@ -171,6 +240,51 @@ def test_a_run_that_cannot_start_writes_nothing(tmp_path, capsys, images, match)
     assert err.startswith("srdiff train: error: ") and str(tmp_path / "images.pt") in err
     assert re.search(match, err), err
     assert not out.exists()
+
+
+def _saved(folder: Path, obj, name: str = "saved.pt", truncate: bool = False) -> str:
+    path = folder / name
+    torch.save(obj, path)
+    if truncate:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return str(path)
+
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="tests the refusal on a machine without CUDA")
+
+
+@pytest.mark.parametrize("argv, match", [
+    pytest.param(lambda d: ["sample", "--ckpt", _saved(d, {"w": torch.ones(1000)}, truncate=True)],
+                 r"'.*saved.pt' is not a trainer checkpoint \(checkpoints/last.pt\): torch.load failed with "
+                 r"RuntimeError: PytorchStreamReader", id="truncated-checkpoint"),
+    pytest.param(lambda d: ["eval", "--ckpt", _saved(d, {"step": 3})],
+                 r"is not a trainer checkpoint .*: it holds a dict without \['config', 'model', 'ema', 'optimizer'\]",
+                 id="foreign-checkpoint"),
+    pytest.param(lambda d: ["inpaint", "--ckpt", str(d / "gone.pt"), "--images", "digits", "--masks", "digits"],
+                 r"'.*gone.pt' does not exist or is not a file \(expected a trainer checkpoint", id="missing-checkpoint"),
+    pytest.param(lambda d: ["fam", "--highlighter", _saved(d, {"w": torch.ones(1000)}, truncate=True), "--images",
+                            "digits", "--out", str(d / "fam")],
+                 r"is not a FlawHighlighter checkpoint \(srdiff.FlawHighlighter/1\): torch.load failed", id="truncated-highlighter"),
+    pytest.param(lambda d: ["sample", "--ckpt", "any.pt", "--device", "cuda"],
+                 r"device 'cuda' requested but CUDA is not available on this machine", marks=NO_GPU, id="no-gpu-sample"),
+    pytest.param(lambda d: ["train", *TINY_TRAIN, "--device", "cuda:1", "--out-dir", str(d / "run")],
+                 r"device 'cuda:1' requested but CUDA is not available", marks=NO_GPU, id="no-gpu-train"),
+    pytest.param(lambda d: ["fam", "--highlighter", "hl.pt", "--images", "digits", "--out", str(d / "fam"),
+                            "--device", "gpu"], r"device 'gpu' is not a device name", id="bad-device-name"),
+    pytest.param(lambda d: ["train", *TINY_TRAIN, "--image-size", "15", "--out-dir", str(d / "run")],
+                 r"image_size 15 does not fit backbone 'unet'.*image_size 14 or 16 would", id="unet-15"),
+    pytest.param(lambda d: ["demo", *TINY_TRAIN, "--backbone", "dit", "--image-size", "17", "--out-dir", str(d / "run")],
+                 r"image_size 17 does not fit backbone 'dit'.*image_size 16 or 18 would", id="dit-17"),
+])
+def test_unusable_inputs_are_one_line_and_write_nothing(tmp_path, capsys, argv, match):
+    """Unreadable checkpoints and highlighters, devices this machine lacks, image sizes the backbone cannot
+    take: one line naming the file or value (never torch's traceback), exit 2, nothing written."""
+    argv = argv(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    assert cli.main(argv) == 2
+    err = _err_line(capsys)
+    assert re.search(match, err), err
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 # ---------------------------------------------------------------------- errors, --debug, --help
@@ -253,11 +367,13 @@ def test_fam_on_a_tensor_file_with_scale(tmp_path, highlighter):
     assert torch.load(out / "mfam.pt", weights_only=True).shape == (8, 8)
 
 
+@pytest.mark.filterwarnings("ignore:image '.*one.png' is 16x20:UserWarning")
 def test_fam_on_one_image_file_and_refuses_to_overwrite(tmp_path, highlighter, capsys):
     Image.fromarray((torch.rand(20, 16) * 255).byte().numpy()).save(tmp_path / "one.png")
     out = tmp_path / "fam"
     args = ["fam", "--highlighter", str(highlighter), "--images", str(tmp_path / "one.png"), "--out", str(out)]
-    assert cli.main(args) == 0
+    with pytest.warns(UserWarning, match=r"one.png' is 16x20: resized \(shorter side to 8\) .* cutting its edges"):
+        assert cli.main(args) == 0
     assert [p.name for p in (out / "overlays").iterdir()] == ["one.png"]
     before = (out / "contact-sheet.png").read_bytes()
     capsys.readouterr()
@@ -273,6 +389,7 @@ def test_fam_on_one_image_file_and_refuses_to_overwrite(tmp_path, highlighter, c
 # ---------------------------------------------------------------------- srdiff sample
 class _FakeTrained:
     config = type("Config", (), {"task": "unconditional"})()
+    task = type("Task", (), {"condition": None})()
 
     def sample(self, n, **kwargs):
         return torch.rand(n, 1, 8, 8)
@@ -314,6 +431,21 @@ def test_sample_refuses_bad_outputs_before_sampling(tmp_path, fake_checkpoint, c
     assert "--n must be >= 1, got 0" in _err_line(capsys)
     assert cli.main(["sample", "--ckpt", "any.pt", "--upscale", "0", "--out", str(tmp_path / "g.png")]) == 2
     assert "--upscale must be >= 1, got 0" in _err_line(capsys)
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+@pytest.mark.parametrize("scale", ["nan", "inf", "-1"])
+def test_guidance_scale_must_be_finite_and_not_negative(command, scale, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, "--ckpt", "any.pt", "--guidance-scale", scale])
+    assert info.value.code == 2
+    assert "argument --guidance-scale: the scale must be a finite number >= 0" in capsys.readouterr().err
+
+
+def test_guidance_scale_needs_a_conditional_checkpoint(tmp_path, fake_checkpoint, capsys):
+    assert cli.main(["sample", "--ckpt", "any.pt", "--guidance-scale", "3", "--out", str(tmp_path / "g.png")]) == 2
+    assert "--guidance-scale needs a conditional checkpoint" in _err_line(capsys)
+    assert not (tmp_path / "g.png").exists()
 
 
 def test_refuse_existing_counts_what_it_does_not_list(tmp_path):

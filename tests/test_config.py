@@ -5,6 +5,7 @@ import argparse
 import pytest
 
 from srdiff.trainer.config import TrainConfig, add_config_flags, config_from_args
+from srdiff.trainer.resume import check_schedule, resumed_config
 
 
 def _parse(argv):
@@ -74,6 +75,17 @@ def test_every_field_is_a_flag():
         ({"device": "tpu"}, r"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
         ({"adam_betas": [0.9]}, r"adam_betas must be two numbers in \[0, 1\)"),
         ({"compile": "yes"}, r"compile must be of type bool, got 'yes'"),
+        ({"labels": "classes.txt"}, r"labels must be one of \('auto', 'folders', 'none'\) or a .csv / .jsonl file"),
+        ({"guidance_scale": float("nan")}, r"guidance_scale must be a finite number >= 0 .*got nan"),
+        ({"guidance_scale": -1.0}, r"guidance_scale must be a finite number >= 0 .*got -1.0"),
+        ({"image_size": 15}, r"image_size 15 does not fit backbone 'unet': its 3 levels \(block_out_channels "
+                             r"\(32, 64, 64\)\) halve the side 2 times, so the image side must be a multiple of 4; "
+                             r"image_size 12 or 16 would"),
+        ({"image_size": 18}, r"image_size 18 does not fit backbone 'unet'.* image_size 16 or 20 would"),
+        ({"backbone": "dit", "image_size": 17}, r"image_size 17 does not fit backbone 'dit': it cuts the input into "
+                                                r"patches of patch_size 2.*image_size 16 or 18 would"),
+        ({"backbone": "uvit", "image_size": 18, "patch_size": 4}, r"backbone 'uvit'.* image_size 16 or 20 would"),
+        ({"task": "text", "backbone": "sd3", "image_size": 9}, r"backbone 'sd3'.*multiple of 2; image_size 8 or 10"),
     ],
     ids=lambda v: v if isinstance(v, str) and len(v) < 20 else None,
 )
@@ -93,14 +105,61 @@ def test_file_errors(tmp_path):
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match=r"must hold a mapping, got list"):
         TrainConfig.from_file(listy)
-    other = tmp_path / "run.json"
+    other = tmp_path / "run.ini"
     other.write_text("{}")
-    with pytest.raises(ValueError, match=r"must end in .toml, .yaml or .yml"):
+    with pytest.raises(ValueError, match=r"must end in .toml, .yaml, .yml or .json"):
         TrainConfig.from_file(other)
+    broken = tmp_path / "config.json"
+    broken.write_text('{"steps": 3,')
+    with pytest.raises(ValueError, match=r"config.json' is not valid JSON"):
+        TrainConfig.from_file(broken)
     ok = tmp_path / "ok.yaml"
     ok.write_text("steps: 3\n")
     with pytest.raises(ValueError, match=r"unknown key 'stpes' in overrides \(did you mean 'steps'\?\)"):
         TrainConfig.from_file(ok, stpes=3)
+
+
+def test_a_runs_config_json_is_a_config_file(tmp_path):
+    """--config accepts what a run stored: the same config back, flags over it."""
+    import json
+
+    ran = TrainConfig(mode="reverse", steps=40, attention_levels=(False, True, True), out_dir=str(tmp_path / "a"))
+    (tmp_path / "config.json").write_text(json.dumps(ran.to_dict(), indent=2))
+    assert config_from_args(_parse(["--config", str(tmp_path / "config.json")])) == ran
+    assert config_from_args(_parse(["--config", str(tmp_path / "config.json"), "--seed", "4"])) == ran.replace(seed=4)
+
+
+def test_resumed_config_grows_steps_keeping_the_base_phase():
+    stored = TrainConfig(steps=100, ratio="1:1")
+    grown, changes = resumed_config(stored, {"steps": 300})
+    assert (grown.ratio, grown.base_steps) == ("50:250", 50)
+    assert changes == ["steps: 100 -> 300", "ratio: '1:1' -> '50:250'"]
+    assert resumed_config(stored, {"steps": 300, "ratio": "1:2"})[0].ratio == "1:2"  # given: kept, then checked
+    all_base, _ = resumed_config(TrainConfig(steps=100, ratio="1:0"), {"steps": 300})
+    assert (all_base.ratio, all_base.base_steps) == ("1:0", 300)  # no refinement phase: stays all base
+    assert resumed_config(stored, {"seed": 3}) == (stored.replace(seed=3), ["seed: 0 -> 3"])
+
+
+@pytest.mark.parametrize("saved, changed, step, match", [
+    pytest.param({}, {"steps": 3000, "ratio": "1000:2000"}, 1500, None, id="grow-keeping-the-base"),
+    pytest.param({}, {"steps": 3000}, 400, None, id="move-a-switch-still-ahead"),
+    pytest.param({}, {"steps": 1500, "ratio": "1000:500"}, 1200, r"steps may grow but not shrink \(2000 -> 1500\)",
+                 id="shrink"),
+    pytest.param({"lr_schedule": "cosine"}, {"steps": 3000, "ratio": "1000:2000"}, 1500,
+                 r"lr_schedule 'cosine' decays over steps \(2000\)", id="cosine"),
+    pytest.param({}, {"steps": 3000}, 1200, r"the base phase would end at step 1500 instead of 1000 \(ratio '1:1' -> "
+                 r"'1:1'\), but the run is at step 1200; growing steps keeps the base phase: ratio '1000:2000'",
+                 id="switch-passed"),
+    pytest.param({}, {"ratio": "1:3"}, 600, r"the base phase would end at step 500 instead of 1000", id="switch-behind"),
+])
+def test_the_schedule_of_a_resumed_run(saved, changed, step, match):
+    saved = TrainConfig(steps=2000, ratio="1:1", **saved)
+    config = saved.replace(**changed)
+    if match is None:
+        check_schedule(saved, config, step, "resume")
+    else:
+        with pytest.raises(ValueError, match="cannot resume: " + match):
+            check_schedule(saved, config, step, "resume")
 
 
 def test_bad_flag_value_exits_with_usage(capsys):

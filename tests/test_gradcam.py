@@ -151,6 +151,8 @@ BAD_INPUTS = [
     pytest.param(lambda: (torch.rand(0, 3, 4, 4), torch.rand(0, 3, 4, 4)), {}, ValueError, "non-empty", id="empty-batch"),
     pytest.param(lambda: (torch.rand(2, 3, 4, 4), torch.full((2, 3, 4, 4), float("nan"))), {}, ValueError, "gradients must be finite", id="nan-grads"),
     pytest.param(lambda: (torch.rand(2, 3, 4, 4), torch.full((2, 3, 4, 4), float("nan"))), {"backend": "reference"}, ValueError, "gradients must be finite", id="nan-grads-reference"),
+    pytest.param(lambda: (torch.full((2, 3, 4, 4), float("nan")), torch.rand(2, 3, 4, 4)), {}, ValueError, "activations must be finite", id="nan-acts"),
+    pytest.param(lambda: (torch.full((2, 3, 4, 4), float("-inf")), torch.rand(2, 3, 4, 4)), {"backend": "reference"}, ValueError, "activations must be finite", id="-inf-acts-reference"),
     pytest.param(lambda: (torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4)), {"size": (0, 4)}, ValueError, "size must be", id="bad-size"),
     pytest.param(lambda: (torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4)), {"backend": "cuda"}, ValueError, "backend must be", id="bad-backend"),
     pytest.param(lambda: ([[1.0]], torch.rand(2, 3, 4, 4)), {}, TypeError, "activations must be a torch.Tensor", id="not-tensor"),
@@ -163,38 +165,55 @@ def test_bad_input_is_refused(make, kwargs, error, message):
         srdiff.gradcam_reduce(*make(), **kwargs)
 
 
-def _poisoned(dtype, value, image=1):
-    acts, grads = _inputs((3, 5, 6, 7), dtype, "cpu", "contiguous")
-    grads[image, 2, 3, 4] = value
-    return acts, grads
+def _poisoned(dtype, value, image, tensor):
+    """Inputs with one non-finite value in image ``image`` of ``tensor`` (0: activations, 1: gradients)."""
+    inputs = _inputs((3, 5, 6, 7), dtype, "cpu", "contiguous")
+    inputs[tensor][image, 2, 3, 4] = value
+    return inputs
 
 
-@needs_ext
+BACKENDS = [pytest.param("extension", marks=needs_ext), "reference"]
+NONFINITE = [float("nan"), float("inf"), float("-inf")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
-def test_extension_flags_nonfinite_gradients_in_its_pass(value, dtype, device):
-    """The kernels test each channel's sum on the pass that averages it: one bad value anywhere is
-    found, counted and placed; with the check off the op returns maps."""
-    acts, grads = (t.to(device) for t in _poisoned(dtype, value, image=2))
-    with pytest.raises(ValueError, match=r"gradients must be finite, found 1 non-finite value\(s\) of 630 \(the first in image 2\)"):
-        srdiff.gradcam_reduce(acts, grads, (9, 9), backend="extension")
-    with pytest.raises(ValueError, match="gradients must be finite"):
-        torch.ops.srdiff.gradcam_reduce(acts, grads, None, True)  # the schema's default checks too
-    out = srdiff.gradcam_reduce(acts, grads, (9, 9), check_finite_grads=False, backend="extension")
+@pytest.mark.parametrize("value", NONFINITE, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("tensor, name", [(0, "activations"), (1, "gradients")], ids=["acts", "grads"])
+def test_nonfinite_inputs_are_flagged_in_the_pass(tensor, name, value, dtype, device, backend):
+    """Every path tests the gradient channel means and the weighted sums (before the ReLU, which would
+    turn NaN and -inf activations into 0) as it computes them: one bad value anywhere is found, counted
+    and placed, with the same message; with the check off the op returns maps."""
+    acts, grads = (t.to(device) for t in _poisoned(dtype, value, image=2, tensor=tensor))
+    message = rf"{name} must be finite, found 1 non-finite value\(s\) of 630 \(the first in image 2\)"
+    with pytest.raises(ValueError, match=message):
+        srdiff.gradcam_reduce(acts, grads, (9, 9), backend=backend)
+    out = srdiff.gradcam_reduce(acts, grads, (9, 9), check_finite=False, backend=backend)
     assert out.shape == (3, 9, 9)
 
 
 @needs_ext
 @pytest.mark.parametrize("device", cpu_and_cuda())
-def test_extension_flags_an_overflowing_channel_sum(device):
-    """Finite float32 gradients whose sum over (h, w) overflows give an inf channel mean: refused
-    with its own message (the values are finite)."""
+def test_the_schema_default_checks(device):
+    acts, grads = (t.to(device) for t in _poisoned(torch.float32, float("nan"), image=0, tensor=0))
+    with pytest.raises(ValueError, match="activations must be finite"):
+        torch.ops.srdiff.gradcam_reduce(acts, grads, None, True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_overflowing_float32_sums_are_flagged(device, backend):
+    """Finite float32 inputs whose sums overflow (a gradient channel's over (h, w), or the weighted sum
+    over channels) give an inf: refused with their own messages (the values are finite)."""
     acts = torch.rand(2, 3, 4, 4, device=device)
     grads = torch.zeros(2, 3, 4, 4, device=device)
     grads[1, 0] = 3e38  # 16 * 3e38 > float32 max 3.4e38
     with pytest.raises(ValueError, match=r"a float32 sum over \(h, w\) overflows \(largest \|gradient\| 3e\+38"):
-        srdiff.gradcam_reduce(acts, grads, backend="extension")
+        srdiff.gradcam_reduce(acts, grads, backend=backend)
+    acts[0, :2] = 3e38  # two channels of 3e38, each weighted by a gradient mean of 1
+    with pytest.raises(ValueError, match=r"weighted sum of activations .* overflows \(largest \|activation\| 3e\+38"):
+        srdiff.gradcam_reduce(acts, torch.ones_like(acts), backend=backend)
 
 
 @needs_ext

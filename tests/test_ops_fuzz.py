@@ -59,8 +59,12 @@ def _some_noise(kw):
     return kw.get("noise", torch.randn(3, 3, 6, 6))
 
 
-def _checked_nonfinite(kw, value):
-    kw.update(gradients=_first_nonfinite(kw["gradients"], value), check_finite_grads=True)
+def _checked_nonfinite(kw, name, value):
+    """``kw[name]`` with a non-finite first value, checked; left alone where another mutation already made it
+    something no value can be written into (a list, an integer or empty tensor)."""
+    t = kw[name]
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+        kw.update({name: _first_nonfinite(t, value), "check_finite": True})
 
 
 # Noise ops: name -> (change to the keyword arguments, arguments the error may name). Each change
@@ -251,8 +255,10 @@ GRADCAM_MALFORMED = {
                    {"activations"}),
     "grads-shape": (_set("gradients", lambda kw: _doubled(kw["gradients"], 1)), {"gradients"}),
     "grads-dtype": (_set("gradients", lambda kw: kw["gradients"].double()), {"gradients"}),
-    "grads-nan": (lambda kw: _checked_nonfinite(kw, float("nan")), {"gradients"}),
-    "grads-inf": (lambda kw: _checked_nonfinite(kw, float("-inf")), {"gradients"}),
+    "grads-nan": (lambda kw: _checked_nonfinite(kw, "gradients", float("nan")), {"gradients"}),
+    "grads-inf": (lambda kw: _checked_nonfinite(kw, "gradients", float("-inf")), {"gradients"}),
+    "acts-nan": (lambda kw: _checked_nonfinite(kw, "activations", float("nan")), {"activations"}),
+    "acts-inf": (lambda kw: _checked_nonfinite(kw, "activations", float("-inf")), {"activations"}),
     "grads-meta": (_set("gradients", lambda kw: kw["gradients"].to("meta")), {"gradients"}),
     "size-zero": (_set("size", lambda kw: (0, 4)), {"size"}),
     "size-three": (_set("size", lambda kw: (4, 4, 4)), {"size"}),
@@ -267,7 +273,7 @@ GRADCAM_BENIGN = {
     "bfloat16": lambda kw: kw.update(activations=kw["activations"].bfloat16(), gradients=kw["gradients"].bfloat16()),
     "resize": _set("size", lambda kw: (5, 9)),
     "raw": _set("normalize", lambda kw: False),
-    "unchecked": _set("check_finite_grads", lambda kw: False),
+    "unchecked": _set("check_finite", lambda kw: False),
 }
 
 

@@ -24,6 +24,31 @@ def test_registries_name_their_members():
         get_backbone("unet").build(TrainConfig(), DenoiserSpec(1, 1, 8, cross_attention_dim=16))
 
 
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_backbone_states_the_sides_it_takes(name):
+    """Each backbone's size rule is the truth: a side it accepts denoises to its own shape, a side it
+    refuses (naming the sizes that fit) would not have (diffusers' own error, or a cropped output)."""
+    backbone = get_backbone(name)
+    config = TrainConfig(task="text" if name == "sd3" else "unconditional", backbone=name, image_size=16,
+                         block_out_channels=(8, 16, 16), attention_levels=(False, True, True), norm_num_groups=4,
+                         hidden_size=16, depth=2, attention_head_dim=8)
+    text = name == "sd3"
+    for side in range(8, 14):
+        spec = DenoiserSpec(1, 1, side, cross_attention_dim=8 if text else None)
+        cond = Condition(encoder_hidden_states=torch.randn(2, 3, 8)) if text else Condition()
+        x = torch.randn(2, 1, side, side)
+        try:
+            with torch.no_grad():
+                fits = backbone.forward(backbone.build(config, spec), x, torch.tensor([3, 5]), cond).shape == x.shape
+        except (RuntimeError, ValueError):  # diffusers' shape errors, srdiff.UViT's own check
+            fits = False
+        if fits:
+            backbone.check_sample_size(config.replace(image_size=side), side)
+        else:
+            with pytest.raises(ValueError, match=rf"image_size {side} does not fit backbone '{name}': .* would"):
+                backbone.check_sample_size(config.replace(image_size=side), side)
+
+
 def test_legacy_config_keys_become_recipes():
     old = TrainConfig().to_dict()
     del old["recipe"]
@@ -40,6 +65,30 @@ def test_class_task_needs_labels(tmp_path):
         SelfRefiningTrainer(tiny_config(tmp_path, task="class", data=str(tmp_path / "images.pt")))
     with pytest.raises(ValueError, match="num_classes 3 is smaller than the data's 10 classes"):
         SelfRefiningTrainer(tiny_config(tmp_path, task="class", num_classes=3))
+
+
+def test_class_task_on_a_users_labelled_folder(tmp_path):
+    """An image folder with one subfolder per class trains the class task (no flag needed); the class names
+    travel with the checkpoint and the export. A tensor file takes its labels from a labels file."""
+    import json
+
+    from PIL import Image
+
+    for i in range(10):
+        folder = tmp_path / "shapes" / ("ring" if i % 2 else "bar")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((torch.rand(8, 8) * 255).byte().numpy()).save(folder / f"{i}.png")
+    cfg = tiny_config(tmp_path, task="class", data=str(tmp_path / "shapes"), steps=1, ratio="1:0", mode="baseline")
+    trainer = SelfRefiningTrainer(cfg)
+    assert trainer.task.num_classes == 2 and trainer.task.class_names == ["bar", "ring"]
+    summary = trainer.train()
+    assert load_trained(summary["checkpoint"]).task.class_names == ["bar", "ring"]
+    assert json.loads((tmp_path / "run" / "pipeline" / "srdiff_task.json").read_text())["class_names"] == ["bar", "ring"]
+    torch.save(torch.rand(6, 1, 8, 8), tmp_path / "images.pt")
+    (tmp_path / "labels.csv").write_text("index,label\n" + "".join(f"{i},{i % 3}\n" for i in range(6)))
+    tensors = SelfRefiningTrainer(cfg.replace(data=str(tmp_path / "images.pt"), labels=str(tmp_path / "labels.csv"),
+                                              out_dir=str(tmp_path / "tensors")))
+    assert tensors.task.num_classes == 3 and tensors.task.class_names is None
 
 
 def test_label_dropout_is_keyed_and_uses_the_null_class(tmp_path):
@@ -149,6 +198,9 @@ def test_unconditional_task_is_the_default(tmp_path):
     assert trainer.denoiser.config.num_class_embeds is None
     with pytest.raises(NotImplementedError, match="no condition to guide"):
         trainer.task.null_condition(2)
+    for scale in (float("nan"), float("inf"), -0.5):
+        with pytest.raises(ValueError, match=rf"guidance_scale must be a finite number >= 0 .*got {scale}"):
+            trainer.task.sample(trainer.ema.model, 2, seed=0, steps=1, guidance_scale=scale)
     assert srdiff.TrainConfig is TrainConfig
 
 

@@ -116,9 +116,32 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
     path = tmp_path / "ckpt" / "last.pt"
     proc = subprocess.run([sys.executable, "-c", _KILL_DURING_SAVE, str(path)], capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    state = checkpoint.load(path)
+    state = torch.load(path, weights_only=True)
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(1000))
     assert [p.name for p in path.parent.iterdir() if p.name != "last.pt"][0].endswith(".tmp")
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002], ids=oct)
+def test_written_files_follow_the_umask(tmp_path, mask):
+    """Checkpoints, highlighters and caches (save_atomic) and exported weights (safetensors writes 0600)
+    get the mode open() gives a new file under the umask."""
+    from diffusers import UNet2DModel
+
+    from srdiff._io import follow_umask, save_atomic
+    from srdiff.highlighter import FlawHighlighter
+
+    previous = os.umask(mask)
+    try:
+        save_atomic({"step": 1}, tmp_path / "checkpoints" / "last.pt")
+        FlawHighlighter("small", in_channels=1, image_size=8, width=4).save(tmp_path / "highlighter.pt")
+        UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8,), norm_num_groups=4,
+                    down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",)).save_pretrained(tmp_path / "unet")
+        follow_umask(tmp_path / "unet")
+    finally:
+        os.umask(previous)
+    written = [tmp_path / "checkpoints" / "last.pt", tmp_path / "highlighter.pt",
+               tmp_path / "unet" / "diffusion_pytorch_model.safetensors", tmp_path / "unet" / "config.json"]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: oct(0o666 & ~mask) for p in written}
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -140,6 +163,60 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     state = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
     assert state["step"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_a_start_that_wrote_no_checkpoint_is_set_aside_by_the_rerun(tmp_path, monkeypatch):
+    """A start whose loss blew up before its first checkpoint left config.json and metrics.jsonl: the
+    corrected rerun (with resume or without) moves them aside, with a warning, and trains there."""
+    import srdiff
+
+    cfg = tiny(tmp_path, steps=2, ratio="1:0", mode="baseline")
+    loss_fn = srdiff.amplified_noise_loss
+    monkeypatch.setattr(srdiff, "amplified_noise_loss", lambda *a, **k: loss_fn(*a, **k) * float("nan"))
+    with pytest.raises(NonFiniteLossError):
+        SelfRefiningTrainer(cfg).train()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "metrics.jsonl", "srdiff.lock"]
+    monkeypatch.setattr(srdiff, "amplified_noise_loss", loss_fn)
+    with pytest.warns(UserWarning, match=r"held a start that wrote no checkpoint \(config.json, metrics.jsonl\)"):
+        SelfRefiningTrainer(cfg).train(resume=True)
+    (aside,) = tmp_path.glob("run.old-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["config.json", "metrics.jsonl"]
+    assert [step for step, _ in losses(cfg)] == [1, 2]
+
+
+def test_train_holds_the_out_dir_lock(tmp_path):
+    from srdiff.run_dir import OutDirError, RunLock
+
+    trainer = SelfRefiningTrainer(tiny(tmp_path, steps=1, ratio="1:0", mode="baseline"))
+    with RunLock(tmp_path / "run"):
+        with pytest.raises(OutDirError, match=rf"in use by another srdiff run \(pid {os.getpid()} on "):
+            trainer.train()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["srdiff.lock"]
+
+
+@pytest.mark.slow
+def test_resume_takes_the_stored_config_and_steps_may_grow(tmp_path, capsys):
+    """`srdiff train --resume --out-dir RUN --steps 4` needs no other flag: the stored config is the base,
+    each change is printed, the base phase keeps its length, and the grown run is the run that was planned
+    at 4 steps with that schedule, loss for loss. A change of trajectory is printed, then refused."""
+    from srdiff.cli import main
+
+    cfg = tiny(tmp_path, steps=2, ratio="1:1", mode="baseline")
+    assert main(["train", *flags(cfg)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out-dir", cfg.out_dir, "--steps", "4"]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming the run in {cfg.out_dir} with its stored config, changed by the flags given:" in out
+    assert "\n  steps: 2 -> 4\n  ratio: '1:1' -> '1:3'\n" in out
+    grown = TrainConfig.from_file(tmp_path / "run" / "config.json")
+    assert grown == cfg.replace(steps=4, ratio="1:3")
+    planned = cfg.replace(out_dir=str(tmp_path / "planned"), steps=4, ratio="1:3")
+    SelfRefiningTrainer(planned).train()
+    assert losses(grown) == losses(planned)
+    assert main(["train", "--resume", "--out-dir", cfg.out_dir, "--lr", "0.005"]) == 2
+    captured = capsys.readouterr()
+    assert "\n  lr: 0.001 -> 0.005\n" in captured.out
+    assert "cannot resume from" in captured.err and "the config differs in lr: 0.001 -> 0.005" in captured.err
 
 
 def test_bad_setups_are_refused(tmp_path):

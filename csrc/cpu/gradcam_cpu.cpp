@@ -1,6 +1,7 @@
 // Grad-CAM reduction, CPU backend: at::parallel_for over images, one pass over A and G per image.
-// The finiteness check of the gradients rides on that pass: a channel whose sum is not finite marks
-// its image, and the op raises after the loop (the diagnosis, an extra scan, runs only then).
+// The finiteness checks ride on that pass: a channel whose gradient sum is not finite, or a pixel whose
+// weighted sum over channels is not finite (tested before the ReLU), marks its image, and the op raises
+// after the loop (the diagnosis, an extra scan, runs only then).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -32,20 +33,27 @@ float channel_mean(const scalar_t* g, int64_t n) {
 }
 
 // cam = ReLU(sum_c alpha_c * A_c) with alpha_c = mean(G_c): channel by channel, so each channel's
-// G and A are read once, back to back, while the (h*w) accumulator stays in cache. Returns whether
-// every channel mean is finite (false when G holds NaN/inf, or a sum overflows float32).
+// G and A are read once, back to back, while the (h*w) accumulator stays in cache. Returns the
+// NonFinite bits of the image: a channel mean that is not finite (G holds NaN/inf, or its sum
+// overflows float32), a weighted sum that is not finite (A holds NaN/inf, or the sum overflows).
 template <typename scalar_t>
-bool combine_image(const scalar_t* A, const scalar_t* G, int64_t C, int64_t hw, float* cam) {
+int combine_image(const scalar_t* A, const scalar_t* G, int64_t C, int64_t hw, float* cam) {
   std::fill(cam, cam + hw, 0.f);
-  bool finite = true;
+  bool means_finite = true;
   for (int64_t c = 0; c < C; ++c) {
     const float alpha = channel_mean(G + c * hw, hw);
-    finite = finite && std::isfinite(alpha);
+    means_finite = means_finite && std::isfinite(alpha);
     const scalar_t* a = A + c * hw;
     for (int64_t p = 0; p < hw; ++p) cam[p] += alpha * static_cast<float>(a[p]);
   }
-  for (int64_t p = 0; p < hw; ++p) cam[p] = cam[p] > 0.f ? cam[p] : 0.f;
-  return finite;
+  // Tested before the ReLU, which maps NaN and -inf to 0: |v| <= max is false for both and for +inf.
+  bool sums_finite = true;
+  for (int64_t p = 0; p < hw; ++p) {
+    const float v = cam[p];
+    sums_finite &= std::abs(v) <= std::numeric_limits<float>::max();
+    cam[p] = v > 0.f ? v : 0.f;
+  }
+  return (means_finite ? 0 : kGradientMean) | (sums_finite ? 0 : kWeightedSum);
 }
 
 // Running min and max of a float stream in 4 independent 4-float vectors (GCC/Clang vector types:
@@ -158,7 +166,7 @@ at::Tensor gradcam_reduce_cpu(const at::Tensor& activations, const at::Tensor& g
   at::Tensor out = at::empty({B, H, W}, A.options().dtype(at::kFloat));
   float* out_ptr = out.data_ptr<float>();
 
-  std::vector<char> finite(B);  // per image: every channel mean of G was finite
+  std::vector<int> flags(B);  // per image: its NonFinite bits
   std::vector<Tap> ty, tx;
   if (size.has_value()) {
     ty = bilinear_taps(h, H);
@@ -174,7 +182,7 @@ at::Tensor gradcam_reduce_cpu(const at::Tensor& activations, const at::Tensor& g
         float* dst = out_ptr + b * H * W;
         // Without a resize the map is built in place in the output.
         float* map = size.has_value() ? cam.data() : dst;
-        finite[b] = combine_image(a_ptr + b * C * hw, g_ptr + b * C * hw, C, hw, map);
+        flags[b] = combine_image(a_ptr + b * C * hw, g_ptr + b * C * hw, C, hw, map);
         if (normalize) minmax_normalize(map, hw);
         if (size.has_value()) {
           MinMax mm;
@@ -186,7 +194,9 @@ at::Tensor gradcam_reduce_cpu(const at::Tensor& activations, const at::Tensor& g
     });
   });
   if (check_finite) {
-    if (std::find(finite.begin(), finite.end(), 0) != finite.end()) raise_nonfinite_gradients(gradients);
+    int any = 0;
+    for (const int f : flags) any |= f;
+    if (any) raise_nonfinite(activations, gradients, any);
   }
   return out;
 }

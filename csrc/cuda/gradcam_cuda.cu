@@ -1,7 +1,8 @@
 // Grad-CAM reduction, CUDA backend. Four launches spread over the whole GPU, no host sync (one only
-// when check_finite asks whether the gradients were finite), each input read once:
+// when check_finite asks whether the inputs were finite), each input read once:
 //   1. alpha[b, c] = mean_hw G[b, c]                   one warp per (b, c); flags a non-finite mean
 //   2. cam[b, p]   = ReLU(sum_c alpha[b,c] A[b,c,p])   32-pixel tiles x 8 channel groups per block;
+//                                                      flags a non-finite sum (before the ReLU);
 //                                                      each tile folds its min/max into image b's
 //   3. out[b, q]   = bilinear(normalised cam[b])       256-pixel tiles of every image, min/max again
 //   4. out[b, q]   = (out - min) / (eps + max - min)   256-pixel tiles of every image
@@ -73,9 +74,11 @@ __device__ void fold_minmax(float lo, float hi, unsigned* stats, int64_t b) {
   __syncthreads();  // the shared slots are reused by the next tile
 }
 
+// flags[0]: a channel mean was not finite (kGradientMean); flags[1]: a weighted sum (kWeightedSum).
+// Every writer writes 1: a benign race.
 template <typename scalar_t>
 __global__ void gradcam_alpha_kernel(const scalar_t* __restrict__ G, float* __restrict__ alpha,
-                                     int* __restrict__ nonfinite, int64_t BC, int64_t hw) {
+                                     int* __restrict__ flags, int64_t BC, int64_t hw) {
   const int lane = threadIdx.x % kWarp;
   const int64_t warps_per_grid = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
   for (int64_t bc = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp; bc < BC;
@@ -86,7 +89,7 @@ __global__ void gradcam_alpha_kernel(const scalar_t* __restrict__ G, float* __re
     for (int off = kWarp / 2; off > 0; off /= 2) sum += __shfl_down_sync(0xffffffff, sum, off);
     if (lane == 0) {
       alpha[bc] = sum / static_cast<float>(hw);
-      if (!isfinite(sum)) *nonfinite = 1;  // every writer writes 1: a benign race
+      if (!isfinite(sum)) flags[0] = 1;
     }
   }
 }
@@ -94,8 +97,8 @@ __global__ void gradcam_alpha_kernel(const scalar_t* __restrict__ G, float* __re
 // Block (32, kChannelGroups): lanes walk 32 neighbouring pixels (coalesced), warps split channels.
 template <typename scalar_t>
 __global__ void gradcam_combine_kernel(const scalar_t* __restrict__ A, const float* __restrict__ alpha,
-                                       float* __restrict__ cam, unsigned* __restrict__ stats, int64_t C,
-                                       int64_t hw, int64_t tiles, bool track) {
+                                       float* __restrict__ cam, unsigned* __restrict__ stats,
+                                       int* __restrict__ flags, int64_t C, int64_t hw, int64_t tiles, bool track) {
   __shared__ float partial[kChannelGroups][kWarp];
   const int64_t b = blockIdx.y;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
@@ -111,6 +114,7 @@ __global__ void gradcam_combine_kernel(const scalar_t* __restrict__ A, const flo
     if (threadIdx.y == 0) {
       float v = 0.f;
       for (int g = 0; g < kChannelGroups; ++g) v += partial[g][threadIdx.x];
+      if (p < hw && !isfinite(v)) flags[1] = 1;  // before the ReLU, which maps NaN and -inf to 0
       v = fmaxf(v, 0.f);
       if (p < hw) cam[b * hw + p] = v;
       if (track) {  // warp 0 alone: a warp-level min/max of its 32 pixels, one atomic pair per tile
@@ -199,10 +203,10 @@ at::Tensor gradcam_reduce_cuda(const at::Tensor& activations, const at::Tensor& 
   at::Tensor alpha = at::empty({B, C}, f32);
   at::Tensor out = at::empty({B, H, W}, f32);
   at::Tensor cam = resize ? at::empty({B, h, w}, f32) : out;
-  // [0]: the non-finite flag; then the min/max keys of cam (2B) and of the resized maps (2B).
-  at::Tensor scratch = at::zeros({1 + 4 * B}, A.options().dtype(at::kInt));
-  int* nonfinite = scratch.data_ptr<int>();
-  unsigned* cam_stats = reinterpret_cast<unsigned*>(nonfinite + 1);
+  // [0, 2): the non-finite flags; then the min/max keys of cam (2B) and of the resized maps (2B).
+  at::Tensor scratch = at::zeros({2 + 4 * B}, A.options().dtype(at::kInt));
+  int* flags = scratch.data_ptr<int>();
+  unsigned* cam_stats = reinterpret_cast<unsigned*>(flags + 2);
   unsigned* out_stats = cam_stats + 2 * B;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   int sms = 0;
@@ -212,14 +216,14 @@ at::Tensor gradcam_reduce_cuda(const at::Tensor& activations, const at::Tensor& 
     const int64_t warps_per_block = 256 / kWarp;
     const int64_t alpha_blocks = std::min<int64_t>((B * C + warps_per_block - 1) / warps_per_block, sms * 32);
     gradcam_alpha_kernel<scalar_t><<<alpha_blocks, 256, 0, stream>>>(
-        G.const_data_ptr<scalar_t>(), alpha.data_ptr<float>(), nonfinite, B * C, hw);
+        G.const_data_ptr<scalar_t>(), alpha.data_ptr<float>(), flags, B * C, hw);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     const int64_t tiles = (hw + kWarp - 1) / kWarp;
     const dim3 combine_grid(static_cast<unsigned>(std::min(tiles, kMaxTiles)), static_cast<unsigned>(B));
     gradcam_combine_kernel<scalar_t><<<combine_grid, dim3(kWarp, kChannelGroups), 0, stream>>>(
-        A.const_data_ptr<scalar_t>(), alpha.const_data_ptr<float>(), cam.data_ptr<float>(), cam_stats, C, hw,
-        tiles, normalize);
+        A.const_data_ptr<scalar_t>(), alpha.const_data_ptr<float>(), cam.data_ptr<float>(), cam_stats, flags, C,
+        hw, tiles, normalize);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 
@@ -235,7 +239,11 @@ at::Tensor gradcam_reduce_cuda(const at::Tensor& activations, const at::Tensor& 
                                                              H * W, out_tiles);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  if (check_finite && scratch[0].item<int>() != 0) raise_nonfinite_gradients(gradients);
+  if (check_finite) {
+    const at::Tensor seen = scratch.narrow(0, 0, 2).cpu();  // the one device sync
+    const int any = (seen[0].item<int>() ? kGradientMean : 0) | (seen[1].item<int>() ? kWeightedSum : 0);
+    if (any) raise_nonfinite(activations, gradients, any);
+  }
   return out;
 }
 

@@ -88,15 +88,10 @@ def _fit_kwargs(args) -> dict:
     return {**kwargs, "flip": not args.no_flip, "progress": not args.quiet}
 
 
-def _device(name: str | None):
-    import torch
-
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def _train(args) -> None:
     import torch
 
+    from srdiff._device import resolve_device
     from srdiff.data import load_images
     from srdiff.highlighter import FlawHighlighter, planted
     from srdiff.run_dir import refuse_existing
@@ -112,7 +107,7 @@ def _train(args) -> None:
     hl = FlawHighlighter(in_channels=args.channels, image_size=args.image_size, **_model_kwargs(args))
     if args.weights:
         hl.load_backbone_weights(args.weights)
-    hl.to(_device(args.device))
+    hl.to(resolve_device(args.device))
     history = hl.fit(real, fake, seed=args.seed, **_fit_kwargs(args))
     for h in history:
         print(f"epoch {h['epoch']:3d}  train loss {h['train_loss']:.4f}  val loss {h.get('loss', float('nan')):.4f}  "
@@ -142,6 +137,7 @@ def _parse_severity(items: list[str]) -> dict:
 def _eval_planted(args) -> None:
     import torch
 
+    from srdiff._device import resolve_device
     from srdiff.highlighter import planted
     from srdiff.run_dir import refuse_existing
     from srdiff.viz import save_grid
@@ -157,7 +153,7 @@ def _eval_planted(args) -> None:
     results, pictures = planted.run(
         kinds, size=args.image_size, severity=severity, copies=args.copies, model=model,
         fit=_fit_kwargs(args), cross=not args.no_cross, seed=args.seed, train_images=args.train_images,
-        test_images=args.test_images, device=_device(args.device),
+        test_images=args.test_images, device=resolve_device(args.device),
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -177,6 +173,7 @@ def _fam(args) -> None:
     import torch
     from tqdm.auto import tqdm
 
+    from srdiff._device import resolve_device
     from srdiff.data import read_images
     from srdiff.highlighter import FlawHighlighter
     from srdiff.run_dir import refuse_existing
@@ -186,7 +183,7 @@ def _fam(args) -> None:
         raise ValueError(f"--scale must be >= 1, got {args.scale}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     hl = FlawHighlighter.load(args.highlighter, map_location=device)
     images, names = read_images(args.images, hl.image_size, hl.in_channels)
     out = Path(args.out)

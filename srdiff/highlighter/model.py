@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from srdiff._checks import check_choice, check_tensor
-from srdiff._io import save_atomic
+from srdiff._io import load_file, save_atomic
 from srdiff.gradcam import gradcam_reduce
 from srdiff.highlighter import backbones
 from srdiff.highlighter.images import resize_square
@@ -139,7 +139,7 @@ class FlawHighlighter(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike, map_location=None) -> "FlawHighlighter":
         """A highlighter written by :meth:`save` (read with ``weights_only=True``)."""
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = load_file(path, f"a FlawHighlighter checkpoint ({CHECKPOINT_FORMAT})", map_location)
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{os.fspath(path)!r} is not a FlawHighlighter checkpoint ({CHECKPOINT_FORMAT})")
         hl = cls.from_config(payload["config"])

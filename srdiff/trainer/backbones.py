@@ -5,8 +5,9 @@ A backbone is one class in :data:`BACKBONES`. It knows its model class, which co
 A task (``srdiff/trainer/tasks``) decides the :class:`DenoiserSpec` (channels, classes, text width) and
 the :class:`Condition` of each batch; the backbone maps them onto its model's arguments.
 
-Add a backbone: subclass :class:`Backbone`, implement ``build`` and ``forward``, decorate it with
-:func:`register_backbone`; ``TrainConfig(backbone=...)`` accepts it from then on.
+Add a backbone: subclass :class:`Backbone`, implement ``build``, ``forward`` and ``size_multiple`` (the
+sides it takes), decorate it with :func:`register_backbone`; ``TrainConfig(backbone=...)`` accepts it
+from then on.
 """
 
 from dataclasses import dataclass
@@ -77,6 +78,26 @@ class Backbone:
         """The model's prediction (same shape as the noisy sample it denoises)."""
         raise NotImplementedError
 
+    def size_multiple(self, config) -> tuple[int, str]:
+        """``(m, why)``: the side of the square input this backbone builds from ``config`` (pixels, or
+        latents in latent mode) must be a multiple of ``m``, because ``why``. Each backbone states its own."""
+        raise NotImplementedError(f"backbone {self.name!r} states no size rule: implement size_multiple()")
+
+    def check_sample_size(self, config, side: int) -> None:
+        """Raise ``ValueError`` unless an input side of ``side`` (``config.image_size``, or the latent side
+        the VAE makes of it) fits :meth:`size_multiple`, naming the image sizes around it that do: checked
+        before any data loads or any file is written."""
+        multiple, why = self.size_multiple(config)
+        if side % multiple == 0:
+            return
+        scale = config.image_size // side  # the VAE's downsampling, 1 for pixel models
+        below = side - side % multiple
+        sizes = [s * scale for s in (below, below + multiple) if s * scale >= 8]
+        latents = f" ({side}x{side} latents)" if scale > 1 else ""
+        raise ValueError(f"image_size {config.image_size}{latents} does not fit backbone {self.name!r}: {why}, so "
+                         f"the {'latent' if scale > 1 else 'image'} side must be a multiple of {multiple}; "
+                         f"image_size {' or '.join(map(str, sizes))} would")
+
     def check(self, spec: DenoiserSpec) -> None:
         """Raise if the task asks for a condition this backbone cannot take."""
         asked = {"class"} if spec.num_classes else set()
@@ -129,6 +150,13 @@ def _unet_kwargs(config, spec: DenoiserSpec, attention: str) -> dict:
     )
 
 
+def _halvings(config) -> tuple[int, str]:
+    """``UNet2DModel`` halves the side at every level but the last and adds each skip back at its size."""
+    levels = len(config.block_out_channels)
+    return 2 ** (levels - 1), (f"its {levels} levels (block_out_channels {tuple(config.block_out_channels)}) "
+                               f"halve the side {levels - 1} times")
+
+
 @register_backbone
 class UNet(Backbone):
     """diffusers ``UNet2DModel``: self-attention at the levels ``config.attention_levels`` marks; class
@@ -142,6 +170,9 @@ class UNet(Backbone):
 
         self.check(spec)
         return UNet2DModel(**_unet_kwargs(config, spec, "Attn"), attention_head_dim=config.attention_head_dim)
+
+    def size_multiple(self, config) -> tuple[int, str]:
+        return _halvings(config)
 
     def forward(self, model, x, t, cond):
         if cond.class_labels is None:
@@ -170,11 +201,19 @@ class ConditionUNet(Backbone):
             cross_attention_dim=spec.cross_attention_dim or head_dim,
         )
 
+    def size_multiple(self, config) -> tuple[int, str]:
+        return 1, "its up blocks upsample to each skip's own size"
+
     def forward(self, model, x, t, cond):
         context = cond.encoder_hidden_states
         if context is None:
             context = x.new_zeros(x.shape[0], 1, model.config.cross_attention_dim)
         return model(x, t, encoder_hidden_states=context, class_labels=cond.class_labels).sample
+
+
+def _patches(config) -> tuple[int, str]:
+    """Patch-token transformers cut the input into ``patch_size`` x ``patch_size`` patches."""
+    return config.patch_size, f"it cuts the input into patches of patch_size {config.patch_size}"
 
 
 def _heads(config) -> int:
@@ -214,6 +253,9 @@ class DiT(Backbone):
             norm_num_groups=1,
         )
         return _without_label_dropout(model)
+
+    def size_multiple(self, config) -> tuple[int, str]:
+        return _patches(config)
 
     def forward(self, model, x, t, cond):
         labels = cond.class_labels
@@ -263,6 +305,9 @@ class SD3(Backbone):
             pos_embed_max_size=spec.sample_size // config.patch_size,
         )
 
+    def size_multiple(self, config) -> tuple[int, str]:
+        return _patches(config)
+
     def forward(self, model, x, t, cond):
         context = cond.encoder_hidden_states
         pooled = cond.pooled if cond.pooled is not None else context.mean(dim=1)
@@ -293,6 +338,9 @@ class UViT(Backbone):
         return UViTModel(sample_size=spec.sample_size, in_channels=spec.in_channels, out_channels=spec.out_channels,
                          patch_size=config.patch_size, width=config.hidden_size, depth=config.depth,
                          heads=_heads(config), num_classes=spec.num_classes or 0, lam=config.lam_r)
+
+    def size_multiple(self, config) -> tuple[int, str]:
+        return _patches(config)
 
     def forward(self, model, x, t, cond):
         return model(x, _batched(t, x), class_labels=cond.class_labels).sample

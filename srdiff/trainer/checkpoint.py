@@ -11,16 +11,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from srdiff._io import save_atomic
+from srdiff._io import load_file, save_atomic
 
 __all__ = ["load", "rng_state", "save_atomic", "set_rng_state"]
 
 
+# What every trainer checkpoint holds (SelfRefiningTrainer.state_dict).
+KEYS = ("config", "step", "model", "ema", "optimizer")
+
+
 def load(path: str | os.PathLike, map_location="cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"checkpoint {str(path)!r} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """A trainer checkpoint; a missing, unreadable (truncated, another kind of file) or foreign one raises
+    ``ValueError`` naming it (:func:`srdiff._io.load_file`)."""
+    state = load_file(path, "a trainer checkpoint (checkpoints/last.pt)", map_location)
+    missing = [k for k in KEYS if k not in state] if isinstance(state, dict) else list(KEYS)
+    if missing:
+        held = f"a dict without {missing}" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise ValueError(f"{str(Path(path))!r} is not a trainer checkpoint (checkpoints/last.pt): it holds {held}")
+    return state
 
 
 def rng_state() -> dict:

@@ -7,18 +7,43 @@ import time
 from pathlib import Path
 
 from srdiff.trainer import ablation
-from srdiff.trainer.config import add_config_flags, config_from_args
+from srdiff.trainer.config import TrainConfig, add_config_flags, config_overrides
 
 EXIT_DIVERGED = 1  # the loss became NaN or inf (srdiff.cli.main: 2 for user errors, 130 for Ctrl-C)
 
 
 def _train(args) -> int:
-    summary, is_main = _run_training(config_from_args(args), args)
+    summary, is_main = _run_training(_config(args), args)
     if summary is None:
         return EXIT_DIVERGED
     if is_main:
         _print_summary(summary)
     return 0
+
+
+def _config(args) -> TrainConfig:
+    """The run's config: ``--config FILE`` and the flags over the defaults; with ``--resume`` of a run that has
+    a checkpoint, over that run's stored config instead (:mod:`srdiff.trainer.resume`), each change printed."""
+    from srdiff.run_dir import is_main_process, prepare_out_dir
+    from srdiff.trainer.resume import resumed_config, stored_config
+
+    overrides = config_overrides(args)
+    if not args.resume:
+        return TrainConfig(**overrides)
+    out_dir = overrides.get("out_dir", TrainConfig.__dataclass_fields__["out_dir"].default)
+    prepare_out_dir(out_dir, resume=True, overwrite=args.overwrite)  # in use by another run? (reads only)
+    stored = stored_config(out_dir)
+    if stored is None:
+        if is_main_process():
+            print(f"{args._prog}: no checkpoint in {out_dir} to resume: starting a new run there")
+        return TrainConfig(**overrides)
+    config, changes = resumed_config(stored, {**overrides, "out_dir": out_dir})
+    if is_main_process():
+        print(f"{args._prog}: resuming the run in {out_dir} with its stored config"
+              + (", changed by the flags given:" if changes else " (no flag changes it)"))
+        for change in changes:
+            print(f"  {change}")
+    return config
 
 
 def _run_training(config, args) -> tuple[dict | None, bool]:
@@ -107,6 +132,9 @@ def _sampling_kwargs(args, trained) -> dict:
     """The task sampler's keywords from ``--steps --sampler --seed [--class] [--guidance-scale]``."""
     kwargs = dict(steps=args.steps, sampler=args.sampler, seed=args.seed, progress=True)
     if args.guidance_scale is not None:
+        if trained.task.condition is None:
+            raise ValueError(f"--guidance-scale needs a conditional checkpoint (task 'class' or 'text'); {args.ckpt} "
+                             f"is task {trained.config.task!r}, which has no condition to guide")
         kwargs["guidance_scale"] = args.guidance_scale
     if getattr(args, "class_labels", None) is not None:
         import torch
@@ -175,7 +203,7 @@ def _demo(args) -> int:
     from srdiff.trainer.metrics import describe_features
 
     started = time.monotonic()
-    config = config_from_args(args)
+    config = _config(args)
     print(f"srdiff demo: {config.data} at {config.image_size}x{config.image_size}, mode {config.mode}, "
           f"{config.base_steps} base + {config.steps - config.base_steps} refinement steps, outputs in {config.out_dir}/")
     summary, _ = _run_training(config, args)
@@ -213,12 +241,25 @@ def _common_sampling(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: the run's)")
+    p.add_argument("--guidance-scale", type=_guidance_scale,
+                   help="classifier-free guidance scale, finite and >= 0 (default: the run's)")
+
+
+def _guidance_scale(text: str) -> float:
+    """``--guidance-scale``: refused by argparse (exit 2) unless finite and >= 0, before a checkpoint loads."""
+    from srdiff._checks import check_guidance_scale
+
+    try:
+        return check_guidance_scale(float(text), "the scale")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in OUT_DIR from its checkpoints/last.pt (an empty OUT_DIR starts afresh)")
+                   help="continue the run in OUT_DIR from its checkpoints/last.pt with its stored config.json (flags "
+                        "given change it, each change printed; --steps may grow: the added steps refine); an OUT_DIR "
+                        "without a checkpoint starts afresh")
     p.add_argument("--overwrite", action="store_true",
                    help="move a non-empty OUT_DIR aside to OUT_DIR.old-<timestamp> and start afresh (nothing is "
                         "deleted); without --resume or --overwrite a non-empty OUT_DIR is refused")
@@ -226,8 +267,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
 
 def add_commands(sub) -> None:
     p = sub.add_parser("train", help="self-refining diffusion training (torchrun for DDP)",
-                       description="Train with --config FILE (TOML/YAML) and/or flags; flags win.")
-    p.add_argument("--config", help="TOML or YAML config file")
+                       description="Train with --config FILE (TOML, YAML, or a run's config.json) and/or flags; "
+                                   "flags win. With --resume, the run's stored config takes the defaults' place.")
+    p.add_argument("--config", help="TOML, YAML or JSON config file (a run's config.json too)")
     _run_flags(p)
     add_config_flags(p)
     p.set_defaults(func=_train)

@@ -16,6 +16,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from srdiff._checks import check_guidance_scale
+from srdiff.labels import check_labels_source
+
 MODES = ("baseline", "forward", "reverse", "combined", "latent")
 RECIPES = ("paper", "adm", "uvit")
 # Configs written before the named recipes: (amplify, amplified_target) -> recipe.
@@ -49,6 +52,9 @@ class TrainConfig:
                    "(text-to-image) or 'inpaint' (see srdiff.trainer.task.TASKS)")
     data: str = _f("digits", "data", "'digits', 'mnist', 'emoji' (srdiff.datasets), an image folder, or a tensor "
                    "file of (N, C, H, W) in [0, 1]")
+    labels: str = _f("auto", "data", "class labels: 'auto' (the built-in sets' own, an image folder's class "
+                     "subfolders), 'folders', 'none', or a .csv / .jsonl file with a label per file_name or index "
+                     "(see srdiff.labels)")
     image_size: int = _f(16, "data", "training resolution (pixels); the digits are 8x8 originals, upscaled")
     channels: int = _f(1, "data", "image channels (1 or 3)", choices=(1, 3))
     holdout: float = _f(0.2, "data", "fraction of the images held out for evaluation, in (0, 1)")
@@ -183,32 +189,10 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **overrides) -> "TrainConfig":
-        """Read a ``.toml``, ``.yaml`` or ``.yml`` file; ``overrides`` (field=value) win over it."""
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {str(path)!r} does not exist")
-        suffix = path.suffix.lower()
-        if suffix == ".toml":
-            import tomllib
-
-            try:
-                data = tomllib.loads(path.read_text())
-            except tomllib.TOMLDecodeError as exc:
-                raise ValueError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
-        elif suffix in (".yaml", ".yml"):
-            import yaml
-
-            try:
-                data = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise ValueError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
-            if not isinstance(data, dict):
-                raise ValueError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
-        else:
-            raise ValueError(f"config file {str(path)!r} must end in .toml, .yaml or .yml")
-        flat = _flatten(data, f"config file {str(path)!r}")
+        """Read a ``.toml``, ``.yaml``, ``.yml`` or ``.json`` file (a run's ``config.json`` too); ``overrides``
+        (field=value) win over it."""
         _check_keys(overrides, where="overrides")
-        return cls(**{**flat, **overrides})
+        return cls(**{**read_file(path), **overrides})
 
     def _validate(self) -> None:
         def bad(name, why):
@@ -229,18 +213,24 @@ class TrainConfig:
                 bad(name, "must be >= 0")
         if self.image_size < 8:
             bad("image_size", "must be >= 8")
-        for name in ("lam_f", "lam_r", "guidance_scale", "lr"):
+        for name in ("lam_f", "lam_r", "lr"):
             if not math.isfinite(getattr(self, name)):
                 bad(name, "must be finite")
+        check_guidance_scale(self.guidance_scale)
+        check_labels_source(self.labels)
         if not 0.0 <= self.condition_dropout < 1.0:
             bad("condition_dropout", "must be in [0, 1)")
-        from srdiff.trainer.backbones import BACKBONES
+        from srdiff.trainer.backbones import BACKBONES, get_backbone
+        from srdiff.trainer.task import TASKS
         from srdiff.trainer.tasks import task_names
 
         if self.task not in task_names():
             raise ValueError(f"task must be one of {task_names()}, got {self.task!r}")
         if self.backbone != "auto" and self.backbone not in BACKBONES:
             raise ValueError(f"backbone must be 'auto' or one of {tuple(sorted(BACKBONES))}, got {self.backbone!r}")
+        if self.vae is None:  # latent sides are checked when the VAE is loaded
+            get_backbone(TASKS[self.task].default_backbone if self.backbone == "auto" else self.backbone
+                         ).check_sample_size(self, self.image_size)
         if not 0.0 < self.holdout < 1.0:
             bad("holdout", "must be in (0, 1)")
         if not self.lr > 0:
@@ -337,6 +327,41 @@ def _flatten(data: dict, where: str) -> dict:
     return flat
 
 
+def read_file(path: str | os.PathLike) -> dict:
+    """The fields a ``.toml``, ``.yaml``/``.yml`` or ``.json`` config file sets (flat or in :data:`SECTIONS`),
+    keys checked, values not yet: a file may set a few fields for others to fill."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    suffix, where = path.suffix.lower(), f"config file {str(path)!r}"
+    if suffix == ".toml":
+        import tomllib
+
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{where} is not valid TOML: {exc}") from None
+    elif suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{where} is not valid YAML: {exc}") from None
+    elif suffix == ".json":
+        import json
+
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where} is not valid JSON: {exc}") from None
+    else:
+        raise ValueError(f"{where} must end in .toml, .yaml, .yml or .json")
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must hold a mapping, got {type(data).__name__}")
+    return _flatten(_upgrade(data, where), where)
+
+
 def _base_type(tp):
     """(python type, element type or None, optional?) for the annotations TrainConfig uses."""
     optional = False
@@ -406,9 +431,12 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         groups[f.metadata["section"]].add_argument(flag, **kwargs)
 
 
+def config_overrides(args: argparse.Namespace) -> dict:
+    """The fields ``--config FILE`` (if given) sets, with every flag that was passed over them."""
+    flags = {name: getattr(args, name) for name in _FIELDS if hasattr(args, name)}
+    return {**read_file(args.config), **flags} if getattr(args, "config", None) else flags
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The config of ``--config FILE`` (if given) with every flag that was passed applied over it."""
-    overrides = {name: getattr(args, name) for name in _FIELDS if hasattr(args, name)}
-    if getattr(args, "config", None):
-        return TrainConfig.from_file(args.config, **overrides)
-    return TrainConfig(**overrides)
+    return TrainConfig(**config_overrides(args))

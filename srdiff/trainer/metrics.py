@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from srdiff._device import resolve_device
 from srdiff._io import save_atomic
 
 FEATURES = ("inception", "local")
@@ -234,19 +235,13 @@ def reference_features(net: nn.Module, identity: str, images: torch.Tensor, cach
     return features, str(path)
 
 
-def _metric_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def feature_network(config, train, train_labels, test, test_labels) -> tuple[nn.Module, dict]:
     """The network whose features FID/KID/PR use, per ``config.features``, and a record naming it:
     ``{"features", "network", "identity", "task", "accuracy", ...}``."""
     if config.features == "inception":
         from srdiff.inception import InceptionFeatures
 
-        net = InceptionFeatures(config.inception_weights).to(_metric_device(config.device))
+        net = InceptionFeatures(config.inception_weights).to(resolve_device(config.device))
         return net, {"features": "inception", "network": f"InceptionV3 pool3, 2048-d ({net.path.name})",
                      "identity": net.identity, "task": None, "accuracy": None}
     key = {"data": config.data, "image_size": config.image_size, "channels": config.channels,

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import srdiff
+from srdiff._checks import check_guidance_scale
 from srdiff.trainer import sampling
 from srdiff.trainer.backbones import Condition, DenoiserSpec, get_backbone
 
@@ -87,6 +88,7 @@ class DenoisingTask:
         self.spec = DenoiserSpec(**state["spec"])
 
     def build_denoiser(self) -> nn.Module:
+        self.backbone.check_sample_size(self.config, self.spec.sample_size)
         return self.backbone.build(self.config, self.spec)
 
     @property
@@ -142,7 +144,7 @@ class DenoisingTask:
                ) -> torch.Tensor:
         """``n`` images (n, C, H, W) in [0, 1] (decoded through the VAE in latent mode). ``conditions``:
         one row per image (default: :meth:`sample_conditions`); ``guidance_scale`` defaults to the config's."""
-        scale = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
+        scale = self.config.guidance_scale if guidance_scale is None else check_guidance_scale(guidance_scale)
         indices = torch.arange(first_index, first_index + n)
         if conditions is None:
             conditions = self.sample_conditions(indices, seed)

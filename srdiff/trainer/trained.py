@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from srdiff._device import resolve_device
+from srdiff._io import follow_umask
 from srdiff.trainer import checkpoint
 from srdiff.trainer.backbones import DenoiserSpec
 from srdiff.trainer.config import TrainConfig
@@ -27,13 +29,13 @@ class TrainedModel:
         return self.task.sample(self.model, n, **kwargs)
 
     def export(self, out_dir: str | os.PathLike):
-        """The task's diffusers pipeline (or folders) under ``out_dir``."""
-        return self.task.export(self.model, out_dir)
+        """The task's diffusers pipeline (or folders) under ``out_dir``, its files following the umask."""
+        return follow_umask(self.task.export(self.model, out_dir))
 
 
 def load_trained(path: str | os.PathLike, device: torch.device | str = "cpu") -> TrainedModel:
     """The EMA model of a trainer checkpoint (``checkpoints/last.pt``) on ``device``."""
-    device = torch.device(device)
+    device = resolve_device(device)
     state = checkpoint.load(path, map_location=device)
     config = TrainConfig.from_dict(state["config"], where=f"checkpoint {str(path)!r}")
     vae = load_vae(config.vae, device, config.channels) if config.vae is not None else None

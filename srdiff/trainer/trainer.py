@@ -23,19 +23,23 @@ from torch import nn
 
 import srdiff
 from srdiff import viz
-from srdiff.run_dir import OutDirError, prepare_out_dir
+from srdiff._device import resolve_device
+from srdiff._io import follow_umask
+from srdiff.run_dir import OutDirError, RunLock, prepare_out_dir, set_aside_failed_start
 from srdiff.trainer import checkpoint, distributed
 from srdiff.trainer.config import TrainConfig
 from srdiff.trainer.dataset import load_dataset
 from srdiff.trainer.ema import EMA
 from srdiff.trainer.metrics import evaluate_generator
 from srdiff.trainer.refinement import RefinementCycle
+from srdiff.trainer.resume import SCHEDULE_FIELDS, check_schedule
 from srdiff.trainer.run_log import RunLog
 from srdiff.trainer.sampling import make_scheduler
 from srdiff.trainer.seeding import DATA, FINAL, NOISE, TIMESTEPS, key
 from srdiff.trainer.tasks import get_task
 
-# Config fields a resumed run may change: they do not alter the trajectory.
+# Config fields a resumed run may change: they do not alter the trajectory (steps and ratio may too, by the
+# rule of srdiff.trainer.resume.check_schedule).
 RESUMABLE_CHANGES = ("out_dir", "progress", "checkpoint_every", "eval_samples", "sample_steps",
                      "sampler", "features", "feature_epochs", "inception_weights", "cache_dir", "device")
 # Fields a run started from another run's base checkpoint (``init_from``) may change: what only the
@@ -81,7 +85,7 @@ class SelfRefiningTrainer:
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         self.config = config
-        self.device = self._resolve_device(config.device)
+        self.device = resolve_device(config.device)
         self.dist = distributed.init(self.device.type)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
@@ -136,15 +140,6 @@ class SelfRefiningTrainer:
         return list(self.denoiser.parameters())
 
     # ------------------------------------------------------------------ setup
-    @staticmethod
-    def _resolve_device(name: str) -> torch.device:
-        if name == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested but CUDA is not available")
-        return device
-
     def _check_divisibility(self) -> None:
         c, w = self.config, self.dist.world_size
         if c.batch_size % (w * c.grad_accum):
@@ -301,7 +296,9 @@ class SelfRefiningTrainer:
         if not path.is_file():
             return False
         state = checkpoint.load(path, map_location=self.device)
-        self._check_compatible(state["config"], RESUMABLE_CHANGES, f"resume from {path}")
+        what = f"resume from {path}"
+        self._check_compatible(state["config"], RESUMABLE_CHANGES + SCHEDULE_FIELDS, what)
+        check_schedule(TrainConfig.from_dict(state["config"], where=str(path)), self.config, int(state["step"]), what)
         self.load_state_dict(state)
         self.last_checkpoint, self._checkpoint_step = path, self.step
         return True
@@ -332,10 +329,24 @@ class SelfRefiningTrainer:
         re-raises: ``train(resume=True)`` continues from there.
 
         A new run (no ``resume``) refuses an out dir that is not empty (:class:`OutDirError`): nothing of an
-        earlier run is overwritten. ``srdiff train --overwrite`` moves such a run aside first."""
+        earlier run is overwritten. ``srdiff train --overwrite`` moves such a run aside first; what a start
+        that wrote no checkpoint left is moved aside by itself (:func:`srdiff.run_dir.set_aside_failed_start`).
+        While it runs, rank 0 holds the out dir's :class:`srdiff.run_dir.RunLock`: a second run on the same
+        folder is refused, naming this one's pid."""
+        lock = RunLock(self.out_dir)
+        if self.dist.is_main:
+            lock.acquire()
+        try:
+            return self._train(resume=resume, init_from=init_from)
+        finally:
+            lock.release()
+
+    def _train(self, *, resume: bool, init_from: str | None) -> dict:
         c = self.config
-        prepare_out_dir(self.out_dir, resume=resume, overwrite=False)  # reads only: safe on every rank
-        distributed.barrier(self.dist)  # every rank has checked before rank 0 writes
+        if self.dist.is_main:
+            prepare_out_dir(self.out_dir, resume=resume, overwrite=False)
+            set_aside_failed_start(self.out_dir)
+        distributed.barrier(self.dist)  # rank 0 has checked the out dir before any rank reads it
         resumed = self.resume() if resume else False
         if init_from is not None and not resumed:
             self.init_from(init_from)
@@ -403,7 +414,7 @@ class SelfRefiningTrainer:
         images = self.sample(64, seed=key(FINAL, c.seed), steps=c.sample_steps, sampler=c.sampler)
         viz.save_grid(images, self.out_dir / "samples.png", nrow=8, upscale=4)
         summary["samples"] = str(self.out_dir / "samples.png")
-        summary["pipeline"] = str(self.task.export(self.ema.model, self.out_dir / "pipeline"))
+        summary["pipeline"] = str(follow_umask(self.task.export(self.ema.model, self.out_dir / "pipeline")))
         if c.eval_samples > 0:
             result = self.evaluate(c.eval_samples)
             (self.out_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")

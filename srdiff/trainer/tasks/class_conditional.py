@@ -18,16 +18,21 @@ from srdiff.trainer.task import Batch, DenoisingTask, register_task
 
 @register_task
 class ClassConditional(DenoisingTask):
-    """Class labels from the dataset (the digits and mnist have them)."""
+    """Class labels from the dataset (:mod:`srdiff.labels`: the digits and mnist have them, an image folder
+    has them in class subfolders or a labels file, a tensor file in a labels file)."""
 
     name = "class"
     condition = "class"
+    #: class index -> name, where the labels name their classes (class folders, named labels)
+    class_names: list[str] | None = None
 
     def setup(self, data) -> None:
         super().setup(data)
         if data.train_labels is None:
-            raise ValueError(f"task 'class' needs labelled data; data {self.config.data!r} has no labels "
-                             "(use 'digits' or 'mnist')")
+            raise ValueError(f"task 'class' needs labelled data; data {self.config.data!r} has no labels: use "
+                             "'digits' or 'mnist', an image folder with one subfolder per class (root/<class>/"
+                             "<image>), or labels=FILE, a .csv / .jsonl file with a label per image (see srdiff.labels)")
+        self.class_names = data.class_names
         num_classes = int(max(data.train_labels.max(), data.holdout_labels.max())) + 1
         if self.config.num_classes and self.config.num_classes < num_classes:
             raise ValueError(f"num_classes {self.config.num_classes} is smaller than the data's {num_classes} "
@@ -37,6 +42,13 @@ class ClassConditional(DenoisingTask):
     @property
     def num_classes(self) -> int:
         return self.spec.num_classes
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "class_names": self.class_names}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.class_names = state.get("class_names")
 
     def batch(self, indices: torch.Tensor, *, step: int, micro: int) -> Batch:
         labels = drop_conditions(self.data.train_labels[indices], self.num_classes, self.config.condition_dropout,
@@ -62,9 +74,9 @@ class ClassConditional(DenoisingTask):
         return Condition(class_labels=torch.full((n,), self.num_classes, dtype=torch.long, device=self.device))
 
     def export(self, model, out_dir: str | os.PathLike) -> Path:
-        """Folders (:meth:`export_folders`) with ``num_classes``, ``null_class`` and ``guidance_scale`` in
-        ``srdiff_task.json``: diffusers has no pipeline for class-conditional pixel models, so load the
-        model with ``<ModelClass>.from_pretrained(out_dir, subfolder=...)`` and sample with ``class_labels=``
-        (the null class is ``num_classes``)."""
+        """Folders (:meth:`export_folders`) with ``num_classes``, ``null_class``, ``class_names`` (or null) and
+        ``guidance_scale`` in ``srdiff_task.json``: diffusers has no pipeline for class-conditional pixel
+        models, so load the model with ``<ModelClass>.from_pretrained(out_dir, subfolder=...)`` and sample
+        with ``class_labels=`` (the null class is ``num_classes``)."""
         return self.export_folders(model, out_dir, num_classes=self.num_classes, null_class=self.num_classes,
-                                   guidance_scale=self.config.guidance_scale)
+                                   class_names=self.class_names, guidance_scale=self.config.guidance_scale)

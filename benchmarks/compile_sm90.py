@@ -100,14 +100,13 @@ def survey(dtype: torch.dtype, head_dims, all_configs: bool):
     rows = []
     for head_dim in head_dims:
         for kernel, args, meta in captured_launches(dtype, head_dim):
-            configs = K.kept_configs(kernel, dtype, head_dim)
+            configs = K.kept_configs(kernel, dtype, head_dim, meta["HAS_FAM"])
             for config in configs if all_configs else configs[:1]:
-                compiled = compile_as_jit(kernel.fn, args, {**meta, **config.kwargs, "num_warps": config.num_warps,
-                                                            "num_stages": config.num_stages})
+                compiled = compile_as_jit(kernel.fn, args, {**meta, **K.config_options(config)})
                 registers, spills = ptxas_report(compiled.asm["ptx"])
                 rows.append(dict(kernel=KERNELS[kernel], D=head_dim, config=str(config),
                                  smem=compiled.metadata.shared,
-                                 smem_estimate=K.shared_memory_estimate(kernel, config, dtype, head_dim),
+                                 smem_estimate=K.shared_memory_estimate(kernel, config, dtype, head_dim, meta["HAS_FAM"]),
                                  registers=registers, spill_bytes=spills, loads=load_widths(compiled.asm["ptx"])))
                 print(rows[-1], flush=True)
     return rows

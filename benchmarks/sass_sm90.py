@@ -11,8 +11,8 @@ compile the cubin gives:
 
 * the main loop's instruction mix per warp and iteration: the first loop in program order that
   issues an MMA (the loop over full blocks; the ragged tail has its own), counted from its label to
-  its backward branch, by opcode and by class (MMA, FMUL, FFMA, MUFU, loads, barriers, ...), and the
-  shapes of its wgmma (HGMMA) instructions;
+  its backward branch, by opcode and by class (MMA, FMUL, FFMA, packed half-precision FMA, MUFU,
+  loads, barriers, ...), and the shapes of its wgmma (HGMMA) instructions;
 * registers a thread and local memory (spills) from ``cuobjdump -res-usage``, spill stores/loads
   (STL/LDL) anywhere in the kernel;
 * CTAs per SM from registers and from shared memory (Hopper: 64 K registers allocated per warp in
@@ -52,6 +52,7 @@ CLASSES = {
     "ffma": {"FFMA"},
     "fadd": {"FADD"},
     "fmnmx": {"FMNMX"},
+    "half": {"HFMA2", "HMUL2", "HADD2", "HMNMX2"},
     "mufu": {"MUFU"},
     "convert": {"F2FP", "F2F", "I2F", "F2I", "I2FP", "F2IP"},
     "loads": {"LDS", "LDSM", "LDG", "LDGSTS", "UTMALDG", "LD", "LDL", "UBLKCP"},
@@ -175,10 +176,9 @@ def survey(dtype: torch.dtype, head_dims, kernels=tuple(KERNELS.values()), progr
                 if KERNELS[kernel] not in kernels:
                     continue
                 for config in K.kept_configs(kernel, dtype, head_dim, modulated):
-                    options = {**meta, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-                    compiled = compile_as_jit(kernel.fn, args, options)
-                    row = {"kernel": KERNELS[kernel], "D": head_dim, "modulated": modulated,
-                           "config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages},
+                    options = K.config_options(config)
+                    compiled = compile_as_jit(kernel.fn, args, {**meta, **options})
+                    row = {"kernel": KERNELS[kernel], "D": head_dim, "modulated": modulated, "config": options,
                            **analyse(compiled, config.num_warps)}
                     rows.append(row)
                     c = row["config"]

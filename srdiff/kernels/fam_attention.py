@@ -36,10 +36,11 @@ range, and this one is safe:
     |logit|_max, so float16 is exact up to |logits| of 400, bfloat16 and float32 lose nothing up to
     2,800 (and rows fail only past 3,500);
   * E = 15 for float16 (whose P tile is normal only down to 2^-14, and whose largest p must stay below
-    65,504): exact for G <= 15, the largest p still normal for G <= 29. E = 0 for bfloat16 and float32,
-    whose P tile has float32's range: a larger E would only cost lse2 absolute precision (its
-    arguments near the maximum would be ~E instead of ~0: E 2^-24 relative error, 1e-6 at E = 15,
-    far below float16's 2^-11).
+    65,504): exact for G <= 15, the largest p still normal for G <= 29. E = 0 for bfloat16, whose P
+    tile has float32's range. The exponents of the largest p are ~(G - E) instead of ~0, which costs
+    |G - E| 2^-24 of relative error (1e-6 at 15), far below bfloat16's 2^-9 and float16's 2^-11;
+  * float32 inputs, held to float32's own 2^-24, take the exact row max instead (the logits
+    multiplied out, as the standard kernel): they run FMA dots on the fallback tiles anyway.
 Then P is rounded to the MMA dtype and multiplied by s_j with one packed FMA per pair of columns,
 p + p (s_j - 1), a single rounding (float32: one FFMA).
 
@@ -68,7 +69,8 @@ from srdiff.kernels.utils import input_guard, new_empty, triton_interpreting
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 LOG2E = 1.4426950408889634  # 1 / ln(2)
-# E of the forward's reference (module docstring): the largest exponent a p may reach, per input dtype.
+# E of the forward's reference (module docstring): the largest exponent a p may reach, per input dtype
+# (float32 takes the exact row max instead).
 MAX_EXP = {torch.float16: 15.0, torch.bfloat16: 0.0, torch.float32: 0.0}
 
 # Shared memory a config may use: Hopper's 227 KiB per block (the estimate below matches Triton's
@@ -77,11 +79,12 @@ _SMEM_BUDGET = 227 * 1024
 _SMEM_SCRATCH = 1024
 
 
-def _configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) -> Configs, then the fallback (32 x 32 tiles, four
-    warps, one stage), which fits every head dim and dtype (float32 at D = 256 included)."""
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in [*gpu, (32, 32, 4, 1)]]
+def _configs(gpu: list[tuple]) -> list[triton.Config]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) -> Configs, then the fallback (32 x 32
+    tiles, four warps, one stage), which fits every head dim and dtype (float32 at D = 256 included).
+    ``maxnreg`` caps ptxas's registers a thread (128: two CTAs of 8 warps per SM)."""
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, maxnreg=r)
+            for m, n, w, s, r in (c if len(c) == 5 else (*c, None) for c in [*gpu, (32, 32, 4, 1)])]
 
 
 # What the interpreter runs unless a test pins another config: 16 x 16 blocks make the test shapes
@@ -100,7 +103,8 @@ def _prune(resident: str, tiles_in: int, tiles_acc: int, register_tiles_in: int,
     num_stages buffers of each streamed tile and num_stages - 1 of each vector, plus 1 KiB: Triton 3.8's allocation at
     sm_90 for the largest kept tiles (where the budget binds), an upper bound for small ones, whose
     buffers it shares (benchmarks/compile_sm90.py, with the JIT's specialisation). Budgets: 128
-    registers a thread for the resident tiles and Hopper's 227 KiB of shared memory. float32 inputs
+    registers a thread for the resident tiles (half the cap of a config with ``maxnreg``: the rest
+    holds the score tile) and Hopper's 227 KiB of shared memory. float32 inputs
     multiply exactly with FMAs, not tensor cores; beyond 32 x 32 tiles those dots spill heavily, so
     float32 always takes the fallback."""
     streamed = "BLOCK_N" if resident == "BLOCK_M" else "BLOCK_M"
@@ -120,7 +124,8 @@ def _prune(resident: str, tiles_in: int, tiles_acc: int, register_tiles_in: int,
         for c in candidates:
             in_registers = register_tiles_in(block_d)
             registers = c.kwargs[resident] * block_d * (in_registers * elsize + tiles_acc * 4) / 4 / (32 * c.num_warps)
-            if registers <= 128 and smem(c, elsize, block_d, args["HAS_FAM"]) <= _SMEM_BUDGET:
+            budget = 128 if c.maxnreg is None else c.maxnreg // 2
+            if registers <= budget and smem(c, elsize, block_d, args["HAS_FAM"]) <= _SMEM_BUDGET:
                 kept.append(c)
         return kept or [fallback]
 
@@ -136,9 +141,10 @@ def _dkdv_register_tiles(block_d: int) -> int:
 
 
 # Hopper first, largest tiles first; the 8-warp 32/64-row configs serve head dims 160-256. Each
-# kept candidate is a compile on first use.
-_FWD_CONFIGS = _configs([(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
-                         (64, 32, 8, 2)])
+# kept candidate is a compile on first use. Forward: two stages (three cost the modulated loop
+# register-pressure instructions: benchmarks/sass_sm90.py), 128 x 64 capped at 128 registers (two
+# CTAs an SM, kept up to D = 64, where it does not spill).
+_FWD_CONFIGS = _configs([(128, 128, 8, 2), (128, 64, 8, 2, 128), (64, 64, 4, 2), (64, 32, 8, 2)])
 _BWD_DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 2), (32, 64, 4, 3),
                               (32, 32, 8, 2)])
 _BWD_DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
@@ -271,8 +277,8 @@ def _scale_p(p, words, offs_n, PACKED_FMA: tl.constexpr):
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, rec_base, start_n, end_n, Nk, qk_scale, c_lo, c_hi,
                stride_kn, stride_vn, offs_n0, offs_d,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_FAM: tl.constexpr,
-               MAX_EXP: tl.constexpr, PACKED_FMA: tl.constexpr, MASK_N: tl.constexpr, DOT_UPCAST: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+               MAX_EXP: tl.constexpr, EXACT_MAX: tl.constexpr, PACKED_FMA: tl.constexpr, MASK_N: tl.constexpr,
+               DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over the key blocks in [start_n, end_n); MASK_N for the ragged last block.
 
     x_ij = c_j (q_i.k_j) with c_j = qk_scale * s_j. The row max is taken on the raw q.k and turned
@@ -287,14 +293,20 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, rec_base, start_n, end_n, Nk, q
         qk = _mma(q, tl.trans(k), None, DOT_UPCAST, DOT_PRECISION)
         if MASK_N:
             qk = tl.where((offs_n < Nk)[None, :], qk, float("-inf"))
-        qk_max = tl.max(qk, 1)
         if HAS_FAM:
             c_bits, words = tl.split(tl.load(rec_base + offs_n[:, None] * 2 + tl.arange(0, 2)[None, :]))
             c = c_bits.to(tl.float32, bitcast=True)
-            m_new = tl.maximum(m_i, tl.maximum(qk_max * c_lo - MAX_EXP, qk_max * c_hi - MAX_EXP))
         else:
             c = tl.full((BLOCK_N,), qk_scale, tl.float32)
-            m_new = tl.maximum(m_i, qk_max * qk_scale)
+        if HAS_FAM and EXACT_MAX:  # float32: the logits themselves, as the standard kernel
+            qk = qk * c[None, :]
+            c = tl.full((BLOCK_N,), 1.0, tl.float32)
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+        elif HAS_FAM:
+            qk_max = tl.max(qk, 1)
+            m_new = tl.maximum(m_i, tl.maximum(qk_max * c_lo - MAX_EXP, qk_max * c_hi - MAX_EXP))
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         p = tl.math.exp2(qk * c[None, :] - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -316,8 +328,8 @@ def _fam_attention_fwd_kernel(
     stride_rb, stride_rh, stride_cb, stride_ch, stride_ob, stride_oh, stride_on,
     H, Nq, Nk, Nq_bucket, Nk_bucket, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, HAS_FAM: tl.constexpr,
-    MAX_EXP: tl.constexpr, PACKED_FMA: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MAX_EXP: tl.constexpr, EXACT_MAX: tl.constexpr, PACKED_FMA: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m, pid_bh = _program_tile(Nq, BLOCK_M)
     stride_qb, stride_qh, stride_qn = _aligned_strides(stride_qb, stride_qh, stride_qn, ROW_ALIGN)
@@ -344,11 +356,11 @@ def _fam_attention_fwd_kernel(
     n_full = (Nk // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, rec_base, 0, n_full, Nk, qk_scale, c_lo, c_hi,
                                stride_kn, stride_vn, offs_n0, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, HAS_FAM,
-                               MAX_EXP, PACKED_FMA, False, DOT_UPCAST, DOT_PRECISION)
+                               MAX_EXP, EXACT_MAX, PACKED_FMA, False, DOT_UPCAST, DOT_PRECISION)
     if n_full < Nk:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, rec_base, n_full, Nk, Nk, qk_scale, c_lo, c_hi,
                                    stride_kn, stride_vn, offs_n0, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, HAS_FAM,
-                                   MAX_EXP, PACKED_FMA, True, DOT_UPCAST, DOT_PRECISION)
+                                   MAX_EXP, EXACT_MAX, PACKED_FMA, True, DOT_UPCAST, DOT_PRECISION)
 
     o = acc / l_i[:, None]
     row_ok = offs_m < Nq
@@ -587,6 +599,15 @@ def shared_memory_estimate(kernel, config: triton.Config, dtype: torch.dtype, he
     return kernel.early_config_prune.shared_memory(config, dtype.itemsize, _block_d(head_dim), has_fam)
 
 
+def config_options(config: triton.Config) -> dict:
+    """The launch (and compile) keywords of ``config``: block sizes, warps, stages and, where set,
+    the register cap."""
+    options = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    if config.maxnreg is not None:
+        options["maxnreg"] = config.maxnreg
+    return options
+
+
 _PINNED: dict = {}
 
 
@@ -618,8 +639,7 @@ def _launch(kernel, grid, args: tuple, meta: dict, dtype: torch.dtype) -> None:
     if config is None:
         torch.library.wrap_triton(kernel)[grid](*args, **meta)
     else:
-        torch.library.wrap_triton(kernel.fn)[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps,
-                                                   num_stages=config.num_stages)
+        torch.library.wrap_triton(kernel.fn)[grid](*args, **meta, **config_options(config))
 
 
 def _row_alignment(*tensors: torch.Tensor) -> int:
@@ -705,7 +725,8 @@ def fam_attention_fwd(
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *strides, o.stride(0), o.stride(1), o.stride(2),
         H, Nq, Nk, *_sequence_buckets(Nq, Nk), qk_scale,
-    ), dict(HAS_FAM=has_fam, MAX_EXP=MAX_EXP[q.dtype], PACKED_FMA=q.is_cuda and not triton_interpreting(),
+    ), dict(HAS_FAM=has_fam, MAX_EXP=MAX_EXP[q.dtype], EXACT_MAX=q.dtype == torch.float32,
+            PACKED_FMA=not triton_interpreting(),
             ROW_ALIGN=_row_alignment(q, k, v, o), **_kernel_flags(q)), q.dtype)
     return o, lse2
 

@@ -15,6 +15,7 @@ import json
 import os
 
 from benchmarks.report import HERE, ROOT, latest_by_machine_and_op, load_runs, machine_is_gpu
+from benchmarks.store import write_json
 
 OP = "fam_attention"
 PATHS = {"srdiff-fused": "triton", "srdiff-sdpa": "sdpa"}
@@ -57,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.out) as f:
         table = json.load(f)
     table["measured"] = measured_entries(args.results)
-    with open(args.out, "w") as f:
-        json.dump(table, f, indent=1)
-        f.write("\n")
+    write_json(args.out, table)
     print(f"wrote {len(table['measured'])} measured entries to {args.out}")
     return 0
 

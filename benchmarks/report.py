@@ -316,7 +316,8 @@ def render_static(records: list[dict]) -> str:
     out += [f"{new['dtype']}, {new['target']}, Triton {new['triton']}, commit {new['commit']}; data: "
             f"`{new['_path']}`. Main loop = the loop over full key (forward, dQ) or query (dK/dV) blocks, "
             "instructions per warp and iteration, unmodulated / modulated; registers a thread, spill "
-            "stores (STL) in the whole kernel and CTAs per SM likewise.", ""]
+            "stores (STL) in the whole kernel (in parentheses: spill stores and loads in the main loop) and "
+            "CTAs per SM likewise.", ""]
     header = ["kernel", "D", "config", "main loop", "fam / off", "MMA (fam)", "FMUL", "FFMA", "HFMA2", "MUFU",
               "loads", "barriers", "integer", "uniform", "registers", "STL", "CTAs/SM"]
     out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -333,7 +334,8 @@ def render_static(records: list[dict]) -> str:
         out.append("| " + " | ".join([
             kernel, str(D), label, both(lambda r: r["main_loop"]["total"]), f"{_loop_ratio(pair):.2f}x", shapes,
             cls("fmul"), cls("ffma"), cls("half"), cls("mufu"), cls("loads"), cls("barriers"), cls("integer"),
-            cls("uniform"), both(lambda r: r["registers"]), both(lambda r: r["spill_stores"]),
+            cls("uniform"), both(lambda r: r["registers"]),
+            both(lambda r: f"{r['spill_stores']} ({r['loop_spills']})" if "loop_spills" in r else r["spill_stores"]),
             both(lambda r: r["ctas"])]) + " |")
     out.append("")
     if len(records) > 1:

@@ -14,7 +14,7 @@ compile the cubin gives:
   its backward branch, by opcode and by class (MMA, FMUL, FFMA, packed half-precision FMA, MUFU,
   loads, barriers, ...), and the shapes of its wgmma (HGMMA) instructions;
 * registers a thread and local memory (spills) from ``cuobjdump -res-usage``, spill stores/loads
-  (STL/LDL) anywhere in the kernel;
+  (STL/LDL) anywhere in the kernel and in the main loop;
 * CTAs per SM from registers and from shared memory (Hopper: 64 K registers allocated per warp in
   units of 256, 228 KiB of shared memory with 1 KiB reserved per CTA, at most 64 warps and 32 CTAs).
 
@@ -24,7 +24,6 @@ tiles directly; they are not timings. Only a GPU run measures time (benchmarks/g
 
 import argparse
 import datetime
-import json
 import os
 import re
 import subprocess
@@ -35,6 +34,7 @@ import torch
 import triton
 
 from benchmarks.compile_sm90 import DTYPES, KERNELS, captured_launches, compile_as_jit
+from benchmarks.store import write_json
 import srdiff.kernels.fam_attention as K
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "sm90-static")
@@ -161,10 +161,12 @@ def analyse(compiled, num_warps: int) -> dict:
     lines = disassemble(cubin)
     usage = resource_usage(cubin)
     spill_instructions = Counter(opcode for _, _, opcode, _ in lines if opcode in ("STL", "LDL"))
+    loop = main_loop(lines)
     return {**usage, "spill_stores": spill_instructions["STL"], "spill_loads": spill_instructions["LDL"],
+            "loop_spills": sum(opcode in ("STL", "LDL") for _, opcode, _ in loop),
             "shared_bytes": compiled.metadata.shared,
             **ctas_per_sm(usage["registers"], num_warps, compiled.metadata.shared),
-            "main_loop": instruction_mix(main_loop(lines))}
+            "main_loop": instruction_mix(loop)}
 
 
 def survey(dtype: torch.dtype, head_dims, kernels=tuple(KERNELS.values()), progress=print) -> list[dict]:
@@ -212,9 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     record = {"datetime": stamp.isoformat(timespec="seconds"), "commit": commit, "target": "sm_90a",
               "triton": triton.__version__, "torch": torch.__version__, "dtype": args.dtype, "rows": rows}
-    with open(out, "w") as f:
-        json.dump(record, f, indent=1)
-        f.write("\n")
+    write_json(out, record)
     print(f"wrote {out}; next: python -m benchmarks.report")
     return 0
 

@@ -118,10 +118,9 @@ def _load_dispatch_table() -> dict:
 DISPATCH = _load_dispatch_table()
 
 
-@torch.compiler.assume_constant_result
 def _capability(device: torch.device) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"{major}.{minor}"
+    props = torch.cuda.get_device_properties(device)  # constant-folded by torch.compile
+    return f"{props.major}.{props.minor}"
 
 
 def choose_path(table: dict, capability: str, dtype: torch.dtype, D: int, N: int, direction: str,
@@ -171,7 +170,7 @@ _SET_PRIORITY = "set_priority" in inspect.signature(torch.nn.attention.sdpa_kern
 def _sdpa_priority(q: torch.Tensor):
     if not (q.is_cuda and _SET_PRIORITY) or torch.compiler.is_compiling():
         return contextlib.nullcontext()
-    if torch.cuda.get_device_capability(q.device)[0] != 9:
+    if torch.cuda.get_device_properties(q.device).major != 9:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -59,7 +59,8 @@ CASES = GPU_CASES if DEVICE == "cuda" else CPU_CASES
 if QUICK:  # one forward and one forward+backward case, so gpu.sh's two attention chunks both run
     CASES = [next(c for c in CASES if c.values[3] == mode) for mode in ("fwd", "fwd+bwd")]
 GPU_PROVIDERS = [
-    "srdiff", "srdiff-fused", "srdiff-sdpa", "sdpa-flash", "sdpa-cudnn", "flex-prescaled-v", "xformers-prescaled",
+    "srdiff", "srdiff-fused", "srdiff-sdpa", "sdpa-flash", "sdpa-cudnn", "flex-prescaled-v",
+    "xformers-prescaled",
 ]
 # The dispatch's two paths, forced: benchmarks/dispatch_table.py pairs their rows.
 FORCED = {"srdiff-fused": "triton", "srdiff-sdpa": "sdpa"}

@@ -106,7 +106,8 @@ def survey(dtype: torch.dtype, head_dims, all_configs: bool):
                 registers, spills = ptxas_report(compiled.asm["ptx"])
                 rows.append(dict(kernel=KERNELS[kernel], D=head_dim, config=str(config),
                                  smem=compiled.metadata.shared,
-                                 smem_estimate=K.shared_memory_estimate(kernel, config, dtype, head_dim, meta["HAS_FAM"]),
+                                 smem_estimate=K.shared_memory_estimate(kernel, config, dtype, head_dim,
+                                                                        meta["HAS_FAM"]),
                                  registers=registers, spill_bytes=spills, loads=load_widths(compiled.asm["ptx"])))
                 print(rows[-1], flush=True)
     return rows

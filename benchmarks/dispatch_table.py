@@ -40,8 +40,9 @@ def measured_entries(results: str) -> list[dict]:
             if len(paths) < 2 or (info["capability"], dtype, D, N, mode) in seen:
                 continue
             seen.add((info["capability"], dtype, D, N, mode))
-            entry = {"capability": info["capability"], "device": info["device"], "dtype": dtype, "D": D, "N": N,
-                     "mode": mode, "commit": run["commit_info"].get("id", "?")[:8], "data": run["_path"]}
+            entry = {"capability": info["capability"], "device": info["device"], "dtype": dtype, "D": D,
+                     "N": N, "mode": mode, "commit": run["commit_info"].get("id", "?")[:8],
+                     "data": run["_path"]}
             for path, case in paths.items():
                 entry[f"{path}_ms"] = case["median_ms"]
                 entry[f"{path}_peak_mb"] = case.get("peak_memory_mb")

@@ -1,7 +1,8 @@
 """Turn the stored benchmark JSON into the README's performance section and PNG plots, and the
 stored static sm_90 check (benchmarks/sass_sm90.py) into docs/attention.md's table.
 
-    python -m benchmarks.report [--readme README.md] [--figures docs/figures] [--attention-doc docs/attention.md]
+    python -m benchmarks.report [--readme README.md] [--figures docs/figures]
+                                [--attention-doc docs/attention.md]
 
 For each machine under benchmarks/results/ and each op, the newest run that measured that op is
 used (full runs before ``--quick`` ones). Every number in the tables comes from those files; the
@@ -292,6 +293,13 @@ def _static_pairs(record: dict) -> dict[tuple, dict]:
     return {key: pair for key, pair in pairs.items() if len(pair) == 2}
 
 
+def _spills(row: dict) -> str:
+    """Spill stores in the kernel, and spill stores and loads in its main loop where recorded."""
+    if "loop_spills" not in row:
+        return str(row["spill_stores"])
+    return f"{row['spill_stores']} ({row['loop_spills']})"
+
+
 def _loop_ratio(pair: dict) -> float:
     return pair["fam"]["main_loop"]["total"] / pair["off"]["main_loop"]["total"]
 
@@ -330,18 +338,21 @@ def render_static(records: list[dict]) -> str:
         def cls(name):
             return both(lambda r: r["main_loop"]["classes"].get(name, 0))
 
-        shapes = ", ".join(f"{n}x {shape.split('.')[1]}" for shape, n in fam["main_loop"]["mma_shapes"].items())
+        shapes = ", ".join(f"{n}x {shape.split('.')[1]}"
+                           for shape, n in fam["main_loop"]["mma_shapes"].items())
         out.append("| " + " | ".join([
-            kernel, str(D), label, both(lambda r: r["main_loop"]["total"]), f"{_loop_ratio(pair):.2f}x", shapes,
+            kernel, str(D), label, both(lambda r: r["main_loop"]["total"]), f"{_loop_ratio(pair):.2f}x",
+            shapes,
             cls("fmul"), cls("ffma"), cls("half"), cls("mufu"), cls("loads"), cls("barriers"), cls("integer"),
             cls("uniform"), both(lambda r: r["registers"]),
-            both(lambda r: f"{r['spill_stores']} ({r['loop_spills']})" if "loop_spills" in r else r["spill_stores"]),
+            both(_spills),
             both(lambda r: r["ctas"])]) + " |")
     out.append("")
     if len(records) > 1:
         old = records[0]
-        out += [f"Largest kept config, modulated / unmodulated main loop: commit {old['commit']} (`{old['_path']}`): "
-                f"{_largest_ratios(old)}; commit {new['commit']}: {_largest_ratios(new)}.", ""]
+        out += [f"Largest kept config, modulated / unmodulated main loop: commit {old['commit']} "
+                f"(`{old['_path']}`): {_largest_ratios(old)}; commit {new['commit']}: "
+                f"{_largest_ratios(new)}.", ""]
     return "\n".join(out + [STATIC_END])
 
 
@@ -360,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=os.path.join(HERE, "results"))
     parser.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
     parser.add_argument("--figures", default=os.path.join(ROOT, "docs", "figures"))
-    parser.add_argument("--attention-doc", help="page for the static sm_90 table (default: docs/attention.md)")
+    parser.add_argument("--attention-doc", help="the static sm_90 table's page (default: docs/attention.md)")
     args = parser.parse_args(argv)
     section = render(latest_by_machine_and_op(load_runs(args.results)), args.figures)
     _replace_section(args.readme, BEGIN, END, section)

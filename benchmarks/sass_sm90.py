@@ -57,11 +57,12 @@ CLASSES = {
     "convert": {"F2FP", "F2F", "I2F", "F2I", "I2FP", "F2IP"},
     "loads": {"LDS", "LDSM", "LDG", "LDGSTS", "UTMALDG", "LD", "LDL", "UBLKCP"},
     "stores": {"STS", "STG", "STL", "ST", "STSM", "UTMASTG", "RED", "ATOM", "ATOMG"},
-    "barriers": {"BAR", "SYNCS", "WARPGROUP", "DEPBAR", "LDGDEPBAR", "MEMBAR", "FENCE", "WARPSYNC", "ARRIVES"},
+    "barriers": {"BAR", "SYNCS", "WARPGROUP", "DEPBAR", "LDGDEPBAR", "MEMBAR", "FENCE", "WARPSYNC",
+                 "ARRIVES"},
     "shuffles": {"SHFL"},
     "integer": {"IMAD", "IADD3", "LEA", "LOP3", "SHF", "SEL", "ISETP", "MOV", "PRMT", "IABS", "IMNMX", "LDC",
-                "S2R", "S2UR", "PLOP3", "FSETP", "FSEL", "VIADD", "R2UR", "CS2R", "P2R", "R2P", "IMUL", "SGXT",
-                "LOP", "BMSK", "POPC", "FLO"},
+                "S2R", "S2UR", "PLOP3", "FSETP", "FSEL", "VIADD", "R2UR", "CS2R", "P2R", "R2P", "IMUL",
+                "SGXT", "LOP", "BMSK", "POPC", "FLO"},
     "branch": {"BRA", "NOP"},
 }
 CLASS_OF = {opcode: name for name, opcodes in CLASSES.items() for opcode in opcodes}
@@ -80,7 +81,8 @@ _BRANCH_TARGET = re.compile(r"`\((\.L_x_\d+)\)")
 
 
 def _tool(name: str, *args: str) -> str:
-    return subprocess.run([os.path.join(NV_BIN, name), *args], capture_output=True, text=True, check=True).stdout
+    done = subprocess.run([os.path.join(NV_BIN, name), *args], capture_output=True, text=True, check=True)
+    return done.stdout
 
 
 def disassemble(cubin: bytes) -> list[tuple[str, str, str, str]]:
@@ -132,8 +134,8 @@ def instruction_mix(body) -> dict:
         classes[class_of(opcode)] += 1
         if opcode in ("HGMMA", "HMMA"):
             shapes[f"{opcode}.{rest.split()[0].lstrip('.').split('.')[0]}"] += 1
-    return {"total": len(body), "classes": dict(sorted(classes.items())), "opcodes": dict(sorted(opcodes.items())),
-            "mma_shapes": dict(sorted(shapes.items()))}
+    return {"total": len(body), "classes": dict(sorted(classes.items())),
+            "opcodes": dict(sorted(opcodes.items())), "mma_shapes": dict(sorted(shapes.items()))}
 
 
 def resource_usage(cubin: bytes) -> dict:
@@ -144,7 +146,8 @@ def resource_usage(cubin: bytes) -> dict:
             f.write(cubin)
         text = _tool("cuobjdump", "-res-usage", path)
     usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", text)
-    return {"registers": int(usage.group(1)), "stack_bytes": int(usage.group(2)), "local_bytes": int(usage.group(3))}
+    return {"registers": int(usage.group(1)), "stack_bytes": int(usage.group(2)),
+            "local_bytes": int(usage.group(3))}
 
 
 def ctas_per_sm(registers: int, warps: int, shared: int) -> dict:
@@ -180,13 +183,14 @@ def survey(dtype: torch.dtype, head_dims, kernels=tuple(KERNELS.values()), progr
                 for config in K.kept_configs(kernel, dtype, head_dim, modulated):
                     options = K.config_options(config)
                     compiled = compile_as_jit(kernel.fn, args, {**meta, **options})
-                    row = {"kernel": KERNELS[kernel], "D": head_dim, "modulated": modulated, "config": options,
-                           **analyse(compiled, config.num_warps)}
+                    row = {"kernel": KERNELS[kernel], "D": head_dim, "modulated": modulated,
+                           "config": options, **analyse(compiled, config.num_warps)}
                     rows.append(row)
-                    c = row["config"]
-                    progress(f"{row['kernel']:>4} D={head_dim:<3} {c['BLOCK_M']}x{c['BLOCK_N']} w{c['num_warps']} "
-                             f"s{c['num_stages']} {'fam' if modulated else 'off'}: loop {row['main_loop']['total']} "
-                             f"instr, {row['registers']} regs, {row['spill_stores']} STL, {row['ctas']} CTA/SM")
+                    tiles = (f"{options['BLOCK_M']}x{options['BLOCK_N']} w{options['num_warps']} "
+                             f"s{options['num_stages']}")
+                    progress(f"{row['kernel']:>4} D={head_dim:<3} {tiles} {'fam' if modulated else 'off'}: "
+                             f"loop {row['main_loop']['total']} instr, {row['registers']} regs, "
+                             f"{row['spill_stores']} STL, {row['ctas']} CTA/SM")
     return rows
 
 
@@ -202,8 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--kernels", nargs="+", choices=list(KERNELS.values()), default=list(KERNELS.values()))
-    parser.add_argument("--out", help="JSON file to write (default: benchmarks/results/sm90-static/<stamp>_<commit>.json)")
+    parser.add_argument("--kernels", nargs="+", choices=list(KERNELS.values()),
+                        default=list(KERNELS.values()))
+    parser.add_argument("--out", help="JSON file to write (default: benchmarks/results/sm90-static/"
+                                      "<stamp>_<commit>.json)")
     args = parser.parse_args(argv)
     stamp = datetime.datetime.now(datetime.timezone.utc)
     commit = _commit()

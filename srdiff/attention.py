@@ -174,7 +174,8 @@ def _sdpa_priority(q: torch.Tensor):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+             SDPBackend.MATH]
     return sdpa_kernel(order, set_priority=True)
 
 
@@ -259,7 +260,8 @@ def fam_attention(
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     if backend is None:
         modulated = fam is not None and (lam != 0 or fam.requires_grad)
-        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, fam))
+        inputs = (q, k, v, fam)
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
         path = attention_path(q, k, modulated, needs_grad)
     else:
         path = resolve_backend(backend, q.device, BACKENDS)

@@ -205,7 +205,8 @@ def test_static_table_is_rendered_from_the_stored_checks(tmp_path, monkeypatch):
     and the oldest's ratios beside it), which the performance section does not read as runs."""
     static = tmp_path / "results" / report.STATIC_DIR
     static.mkdir(parents=True)
-    for stamp, commit, fam_total in (("2026-12-01T00:00:00", "aaaa1111", 400), ("2026-12-02T00:00:00", "bbbb2222", 330)):
+    for stamp, commit, fam_total in (("2026-12-01T00:00:00", "aaaa1111", 400),
+                                     ("2026-12-02T00:00:00", "bbbb2222", 330)):
         record = {"datetime": stamp, "commit": commit, "target": "sm_90a", "triton": "3.8.0", "dtype": "bf16",
                   "rows": [_static_row("fwd", False, 300), _static_row("fwd", True, fam_total)]}
         (static / f"{stamp[:10]}_{commit}.json").write_text(json.dumps(record))
@@ -238,10 +239,11 @@ def test_dispatch_table_from_the_stored_gpu_rows(tmp_path):
     run["machine_info"]["capability"] = "9.0"
     _write(tmp_path, "h200", "r.json", run)
     table = tmp_path / "table.json"
-    table.write_text(json.dumps({"default": {"fwd": "sdpa", "fwd+bwd": "sdpa", "basis": "estimate"}, "measured": []}))
+    default = {"fwd": "sdpa", "fwd+bwd": "sdpa", "basis": "estimate"}
+    table.write_text(json.dumps({"default": default, "measured": []}))
     assert dispatch_table.main(["--results", str(tmp_path / "results"), "--out", str(table)]) == 0
     written = json.loads(table.read_text())
-    assert written["default"] == {"fwd": "sdpa", "fwd+bwd": "sdpa", "basis": "estimate"}
+    assert written["default"] == default
     by_mode = {e["mode"]: e for e in written["measured"]}
     assert set(by_mode) == {"fwd", "fwd+bwd"} and len(written["measured"]) == 2
     assert by_mode["fwd"]["faster"] == "sdpa" and by_mode["fwd+bwd"]["faster"] == "triton"

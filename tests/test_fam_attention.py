@@ -189,7 +189,8 @@ def test_triton_autotuned_cuda(monkeypatch):
     """The default path users get: every fitting config compiled and timed, the fastest kept."""
     monkeypatch.delenv("SRDIFF_AUTOTUNE")
     q, k, v, fam = _inputs(1000, 1000, 64, "BN", "contiguous", torch.bfloat16, device="cuda")
-    _check_against_oracle(q, k, v, fam, 0.025, torch.bfloat16, lambda *a: srdiff.fam_attention(*a, backend="triton"))
+    _check_against_oracle(q, k, v, fam, 0.025, torch.bfloat16,
+                          lambda *a: srdiff.fam_attention(*a, backend="triton"))
 
 
 def _run_pinned(name, config, dtype, D, Nq, Nk, device, batch=B):
@@ -232,7 +233,7 @@ def test_autotune_off_runs_one_config_without_benchmarking(monkeypatch):
         monkeypatch.setattr(kernel, "run", lambda *a, **kw: pytest.fail("the autotuner ran"))
         fn_run = kernel.fn.run
         monkeypatch.setattr(kernel.fn, "run", lambda *a, _run=fn_run, **kw: ran.append(kw["BLOCK_M"]) or _run(*a, **kw))
-    q, k, v, _ = _inputs(33, 20, 16, "none", "contiguous", torch.float16)  # no map: the packed FMA is GPU-only
+    q, k, v, _ = _inputs(33, 20, 16, "none", "contiguous", torch.float16)  # no map: its FMA is GPU code
     srdiff.fam_attention(q, k, v, backend="triton").sum().backward()
     smallest = [kernels.kept_configs(kernel, torch.float16, 16, has_fam=False)[-1].kwargs["BLOCK_M"]
                 for kernel in TUNED_KERNELS.values()]
@@ -338,7 +339,7 @@ def test_row_bound_keeps_large_logits_exact_cuda(dtype, lam, logit):
 
 
 # The "sdpa" path: K and V scaled by the fused prescale kernels (interpreted here), then SDPA.
-SDPA_PATH_CASES = [KERNEL_CASES[i] for i in (1, 3, 4, 9, 11)]  # fp32 N / 1HN strided, fp16 BN, bf16 BN, no map
+SDPA_PATH_CASES = [KERNEL_CASES[i] for i in (1, 3, 4, 9, 11)]  # fp32 N, 1HN strided; fp16 BN; bf16 BN, none
 
 
 @pytest.mark.parametrize("Nq, Nk, D, fam_shape, lam, layout, dtype", SDPA_PATH_CASES)
@@ -373,7 +374,8 @@ def test_opcheck_prescale_cuda():
 
     _, k, v, fam = (t.detach() for t in _inputs(3, 65, 40, "BN", "bnhd", torch.float16, device="cuda"))
     torch.library.opcheck(fam_prescale_fwd, (k, v, fam[:, None], 0.5))
-    torch.library.opcheck(fam_prescale_bwd, (torch.randn_like(k), torch.randn_like(v), k, v, fam[:, None], 0.5, True))
+    dks, dvs = torch.randn_like(k), torch.randn_like(v)
+    torch.library.opcheck(fam_prescale_bwd, (dks, dvs, k, v, fam[:, None], 0.5, True))
 
 
 def test_dispatch_table_is_well_formed():
@@ -419,9 +421,11 @@ def test_default_backend_follows_the_table_cuda(monkeypatch, faster):
     from srdiff import attention
 
     q, k, v, fam = _inputs(65, 65, 64, "BN", "contiguous", torch.bfloat16, device="cuda")
-    monkeypatch.setattr(attention, "DISPATCH", {"default": {"fwd": faster, "fwd+bwd": faster}, "measured": []})
+    table = {"default": {"fwd": faster, "fwd+bwd": faster}, "measured": []}
+    monkeypatch.setattr(attention, "DISPATCH", table)
     taken = []
-    monkeypatch.setattr(attention, "_prescaled_sdpa", lambda *a: taken.append("sdpa") or fam_attention_sdpa(*a[:5]))
+    monkeypatch.setattr(attention, "_prescaled_sdpa",
+                        lambda *a: taken.append("sdpa") or fam_attention_sdpa(*a[:5]))
     monkeypatch.setattr(kernels.FAMAttentionFunction, "apply", lambda *a: taken.append("triton") or a[0])
     srdiff.fam_attention(q, k, v, fam, 0.5)
     srdiff.fam_attention(q, k, v, None, 0.5)  # no map: plain SDPA whatever the table says

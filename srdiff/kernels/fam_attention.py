@@ -19,8 +19,8 @@ the record (c_j in float32, s_j - 1 in the dtype of the P.V operands) and, per (
 range [c_lo, c_hi] of the c_j; every s_j > 0, so every c_j > 0. In the loop the row max is taken on
 the raw q.k, without the scale: with m~ = max_j q_i.k_j over a key tile, every logit of the tile obeys
 
-    c_j (q_i.k_j) <= U = max(c_lo m~, c_hi m~)      (c_j <= c_hi where q.k >= 0, c_j >= c_lo where < 0)
-    max_j x_ij    >= L = min(c_lo m~, c_hi m~)      (at the key of m~),      so U - L = |m~| (c_hi - c_lo) = g.
+    c_j (q_i.k_j) <= U = max(c_lo m~, c_hi m~)    (c_j <= c_hi where q.k >= 0, c_j >= c_lo where < 0)
+    max_j x_ij    >= L = min(c_lo m~, c_hi m~)    (at the key of m~),    so U - L = |m~| (c_hi - c_lo) = g.
 
 The running reference is m_i = max over tiles of (U - E), E = MAX_EXP[dtype], and each exponent is one
 FMA, exp2(c_j (q_i.k_j) - m_i), as without a map. Online softmax is exact for any reference (acc and
@@ -100,11 +100,11 @@ def _prune(resident: str, tiles_in: int, tiles_acc: int, register_tiles_in: int,
     ``tiles_acc`` float32 accumulators in registers; it streams two tiles of the other block size
     per pipeline stage and ``key_bytes(has_fam)`` per streamed row (the forward's per-key records
     with a map, lse2 and delta in dK/dV, the map in dQ). Shared memory holds the input tiles once,
-    num_stages buffers of each streamed tile and num_stages - 1 of each vector, plus 1 KiB: Triton 3.8's allocation at
-    sm_90 for the largest kept tiles (where the budget binds), an upper bound for small ones, whose
-    buffers it shares (benchmarks/compile_sm90.py, with the JIT's specialisation). Budgets: 128
-    registers a thread for the resident tiles (half the cap of a config with ``maxnreg``: the rest
-    holds the score tile) and Hopper's 227 KiB of shared memory. float32 inputs
+    num_stages buffers of each streamed tile and num_stages - 1 of each vector, plus 1 KiB: Triton
+    3.8's allocation at sm_90 for the largest kept tiles (where the budget binds), an upper bound for
+    small ones, whose buffers it shares (benchmarks/compile_sm90.py, with the JIT's specialisation).
+    Budgets: 128 registers a thread for the resident tiles (half the cap of a config with
+    ``maxnreg``: the rest holds the score tile) and Hopper's 227 KiB of shared memory. float32 inputs
     multiply exactly with FMAs, not tensor cores; beyond 32 x 32 tiles those dots spill heavily, so
     float32 always takes the fallback."""
     streamed = "BLOCK_N" if resident == "BLOCK_M" else "BLOCK_M"
@@ -122,8 +122,8 @@ def _prune(resident: str, tiles_in: int, tiles_acc: int, register_tiles_in: int,
             return [fallback]
         kept = []
         for c in candidates:
-            in_registers = register_tiles_in(block_d)
-            registers = c.kwargs[resident] * block_d * (in_registers * elsize + tiles_acc * 4) / 4 / (32 * c.num_warps)
+            tile_bytes = register_tiles_in(block_d) * elsize + tiles_acc * 4  # per element of a row
+            registers = c.kwargs[resident] * block_d * tile_bytes / 4 / (32 * c.num_warps)
             budget = 128 if c.maxnreg is None else c.maxnreg // 2
             if registers <= budget and smem(c, elsize, block_d, args["HAS_FAM"]) <= _SMEM_BUDGET:
                 kept.append(c)
@@ -149,6 +149,14 @@ _BWD_DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 2), 
                               (32, 32, 8, 2)])
 _BWD_DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
                             (32, 32, 8, 2)])
+# Resident tiles: q (forward); k, v and the dk, dv accumulators (dK/dV); q, dO (dQ). Per streamed row:
+# the forward's 8-byte key records with a map, dK/dV's lse2 and delta, dQ's map.
+_FWD_PRUNE = _prune("BLOCK_M", tiles_in=1, tiles_acc=1, register_tiles_in=lambda block_d: 1,
+                    key_bytes=lambda has_fam: 8 * has_fam)
+_BWD_DKDV_PRUNE = _prune("BLOCK_N", tiles_in=2, tiles_acc=2, register_tiles_in=_dkdv_register_tiles,
+                         key_bytes=lambda has_fam: 8)
+_BWD_DQ_PRUNE = _prune("BLOCK_M", tiles_in=2, tiles_acc=1, register_tiles_in=lambda block_d: 2,
+                       key_bytes=lambda has_fam: 4 * has_fam)
 
 
 @triton.jit
@@ -264,8 +272,10 @@ def _scale_p(p, words, offs_n, PACKED_FMA: tl.constexpr):
     if p.dtype == tl.float32:
         scaled = p + p * words.to(tl.float32, bitcast=True)[None, :]
     elif PACKED_FMA:
-        asm: tl.constexpr = "fma.rn.bf16x2 $0, $1, $2, $1;" if p.dtype == tl.bfloat16 else "fma.rn.f16x2 $0, $1, $2, $1;"
-        scaled = tl.inline_asm_elementwise(asm, "=r,r,r,r", [p, words[None, :]], dtype=p.dtype, is_pure=True, pack=2)
+        asm: tl.constexpr = ("fma.rn.bf16x2 $0, $1, $2, $1;" if p.dtype == tl.bfloat16
+                             else "fma.rn.f16x2 $0, $1, $2, $1;")
+        scaled = tl.inline_asm_elementwise(asm, "=r,r,r,r", [p, words[None, :]], dtype=p.dtype, is_pure=True,
+                                           pack=2)
     else:
         half = tl.where(offs_n % 2 == 0, words, words >> 16) & 0xFFFF
         delta = half.to(tl.uint16).to(p.dtype, bitcast=True).to(tl.float32)
@@ -319,8 +329,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, rec_base, start_n, end_n, Nk, q
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["Nq_bucket", "Nk_bucket", "HEAD_DIM", "HAS_FAM", "DOT_UPCAST"],
-                 prune_configs_by={"early_config_prune": _prune("BLOCK_M", tiles_in=1, tiles_acc=1, register_tiles_in=lambda block_d: 1,
-                                                                 key_bytes=lambda has_fam: 8 * has_fam)})
+                 prune_configs_by={"early_config_prune": _FWD_PRUNE})
 @triton.jit(do_not_specialize=["Nq", "Nk", "Nq_bucket", "Nk_bucket"])
 def _fam_attention_fwd_kernel(
     Q, K, V, REC, C_RANGE, O, LSE2,
@@ -354,13 +363,13 @@ def _fam_attention_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     n_full = (Nk // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, rec_base, 0, n_full, Nk, qk_scale, c_lo, c_hi,
-                               stride_kn, stride_vn, offs_n0, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, HAS_FAM,
-                               MAX_EXP, EXACT_MAX, PACKED_FMA, False, DOT_UPCAST, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, rec_base, 0, n_full, Nk, qk_scale, c_lo,
+                               c_hi, stride_kn, stride_vn, offs_n0, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N,
+                               HAS_FAM, MAX_EXP, EXACT_MAX, PACKED_FMA, False, DOT_UPCAST, DOT_PRECISION)
     if n_full < Nk:
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, rec_base, n_full, Nk, Nk, qk_scale, c_lo, c_hi,
-                                   stride_kn, stride_vn, offs_n0, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, HAS_FAM,
-                                   MAX_EXP, EXACT_MAX, PACKED_FMA, True, DOT_UPCAST, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, rec_base, n_full, Nk, Nk, qk_scale, c_lo,
+                                   c_hi, stride_kn, stride_vn, offs_n0, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                   HAS_FAM, MAX_EXP, EXACT_MAX, PACKED_FMA, True, DOT_UPCAST, DOT_PRECISION)
 
     o = acc / l_i[:, None]
     row_ok = offs_m < Nq
@@ -423,9 +432,7 @@ def _bwd_dkdv_inner(dk_acc, dv_acc, k, v, s, q_base, do_base, lse2_base, delta_b
 
 
 @triton.autotune(configs=_BWD_DKDV_CONFIGS, key=["Nq_bucket", "Nk_bucket", "HEAD_DIM", "HAS_FAM", "FAM_GRAD", "DQ_ATOMIC", "DOT_UPCAST"],
-                 prune_configs_by={"early_config_prune": _prune("BLOCK_N", tiles_in=2, tiles_acc=2,
-                                                                 register_tiles_in=_dkdv_register_tiles,
-                                                                 key_bytes=lambda has_fam: 8)})
+                 prune_configs_by={"early_config_prune": _BWD_DKDV_PRUNE})
 @triton.jit(do_not_specialize=["Nq", "Nk", "Nq_bucket", "Nk_bucket"])
 def _fam_attention_bwd_dkdv_kernel(
     Q, K, V, FAM, DO, LSE2, DELTA, DK, DV, DS, DQ_ACC,
@@ -511,8 +518,7 @@ def _bwd_dq_inner(dq_acc, q, do, lse2, delta, k_base, v_base, fam_base, start_n,
 
 
 @triton.autotune(configs=_BWD_DQ_CONFIGS, key=["Nq_bucket", "Nk_bucket", "HEAD_DIM", "HAS_FAM", "DOT_UPCAST"],
-                 prune_configs_by={"early_config_prune": _prune("BLOCK_M", tiles_in=2, tiles_acc=1, register_tiles_in=lambda block_d: 2,
-                                                                 key_bytes=lambda has_fam: 4 * has_fam)})
+                 prune_configs_by={"early_config_prune": _BWD_DQ_PRUNE})
 @triton.jit(do_not_specialize=["Nq", "Nk", "Nq_bucket", "Nk_bucket"])
 def _fam_attention_bwd_dq_kernel(
     Q, K, V, FAM, DO, LSE2, DELTA, DQ,
@@ -589,8 +595,8 @@ def kept_configs(kernel, dtype: torch.dtype, head_dim: int, has_fam: bool = True
     """The configs of an autotuned kernel that its prune keeps for ``dtype`` at ``head_dim`` (with or
     without a map), largest first: what the autotuner times on a GPU (the last is what
     ``SRDIFF_AUTOTUNE=0`` runs)."""
-    return kernel.early_config_prune(kernel.configs, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=_block_d(head_dim),
-                                     HAS_FAM=has_fam)
+    return kernel.early_config_prune(kernel.configs, {"Q": torch.empty(0, dtype=dtype)},
+                                     BLOCK_D=_block_d(head_dim), HAS_FAM=has_fam)
 
 
 def shared_memory_estimate(kernel, config: triton.Config, dtype: torch.dtype, head_dim: int,

@@ -30,8 +30,8 @@ def _tile(base, offs_n, N, offs_d, stride_b, stride_h, stride_n, b, h, HEAD_DIM:
 
 
 @triton.jit
-def _scale_tile(SRC, DST, s, offs_n, N, offs_d, b, h, stride_sb, stride_sh, stride_sn, stride_db, stride_dh, stride_dn,
-                HEAD_DIM: tl.constexpr):
+def _scale_tile(SRC, DST, s, offs_n, N, offs_d, b, h, stride_sb, stride_sh, stride_sn, stride_db, stride_dh,
+                stride_dn, HEAD_DIM: tl.constexpr):
     """DST = s * SRC on this program's tile, the product in float32 rounded once to DST's dtype;
     returns SRC's tile in float32."""
     src_ptrs, mask = _tile(SRC, offs_n, N, offs_d, stride_sb, stride_sh, stride_sn, b, h, HEAD_DIM)
@@ -43,7 +43,8 @@ def _scale_tile(SRC, DST, s, offs_n, N, offs_d, b, h, stride_sb, stride_sh, stri
 
 @triton.jit
 def _key_scales(FAM, offs_n, N, b, h, stride_fb, stride_fh, lam):
-    return 1.0 + lam * tl.load(FAM + b * stride_fb + h * stride_fh + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    fam = tl.load(FAM + b * stride_fb + h * stride_fh + offs_n, mask=offs_n < N, other=0.0)
+    return 1.0 + lam * fam.to(tl.float32)
 
 
 @triton.jit
@@ -59,10 +60,10 @@ def _fam_prescale_fwd_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     s = _key_scales(FAM, offs_n, N, b, h, stride_fb, stride_fh, lam)
-    _scale_tile(K, KS, s, offs_n, N, offs_d, b, h, stride_kb, stride_kh, stride_kn, stride_ksb, stride_ksh, stride_ksn,
-                HEAD_DIM)
-    _scale_tile(V, VS, s, offs_n, N, offs_d, b, h, stride_vb, stride_vh, stride_vn, stride_vsb, stride_vsh, stride_vsn,
-                HEAD_DIM)
+    _scale_tile(K, KS, s, offs_n, N, offs_d, b, h, stride_kb, stride_kh, stride_kn, stride_ksb, stride_ksh,
+                stride_ksn, HEAD_DIM)
+    _scale_tile(V, VS, s, offs_n, N, offs_d, b, h, stride_vb, stride_vh, stride_vn, stride_vsb, stride_vsh,
+                stride_vsn, HEAD_DIM)
 
 
 @triton.jit
@@ -102,14 +103,16 @@ def _fam_bhn(fam: torch.Tensor, B: int, H: int, N: int) -> tuple[torch.Tensor, i
 
 @torch.library.triton_op("srdiff::fam_prescale_fwd", mutates_args=())
 @input_guard
-def fam_prescale_fwd(k: torch.Tensor, v: torch.Tensor, fam: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def fam_prescale_fwd(k: torch.Tensor, v: torch.Tensor, fam: torch.Tensor,
+                     lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(s * k, s * v) in k's dtype and layout; fam (B|1, H|1, N)."""
     B, H, N, D = k.shape
     fam, stride_fb, stride_fh = _fam_bhn(fam, B, H, N)
     ks, vs = _empty_like_layout(k), _empty_like_layout(v)
     torch.library.wrap_triton(_fam_prescale_fwd_kernel)[_grid(N, B, H)](
         k, v, fam, ks, vs, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        stride_fb, stride_fh, ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
+        stride_fb, stride_fh, ks.stride(0), ks.stride(1), ks.stride(2),
+        vs.stride(0), vs.stride(1), vs.stride(2),
         H, N, float(lam), HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), BLOCK_N=BLOCK_N,
     )
     return ks, vs

@@ -163,7 +163,8 @@ def attention_path(q: torch.Tensor, k: torch.Tensor, modulated: bool, needs_grad
 
 
 # SDPA's backends in the order the "sdpa" path prefers them on Hopper (cuDNN first) with the rest
-# still allowed, where torch can set a priority (2.6+); elsewhere and under torch.compile, torch's order.
+# still allowed, where torch's sdpa_kernel can set a priority; elsewhere and under torch.compile,
+# torch's own order.
 _SET_PRIORITY = "set_priority" in inspect.signature(torch.nn.attention.sdpa_kernel).parameters
 
 

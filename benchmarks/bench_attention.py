@@ -1,12 +1,15 @@
-"""FAM-modulated attention: srdiff's fused kernels against what a user would run instead.
+"""FAM-modulated attention: srdiff's two paths against what a user would run instead.
 
-Providers (GPU): ``srdiff`` (fused Triton, modulated); ``sdpa-flash`` and ``sdpa-cudnn`` (SDPA's
-backends, *unmodulated*: the speeds to beat); ``sdpa-prescaled`` (K and V scaled once, then SDPA: the
-unfused way, also srdiff's CPU path); ``flex-prescaled-v`` (FlexAttention with a score_mod scaling the
-logits and V prescaled: FlexAttention cannot scale V itself); ``xformers-prescaled`` (memory-efficient
-attention on prescaled K/V, when xformers is installed). On the CPU: ``srdiff`` (its CPU path) against
-plain ``sdpa`` and the naive ``reference`` (explicit N x N softmax, N <= 4096), time and peak memory
-(one N x N float32 score matrix per head at N = 16384 would be 1 GiB).
+Providers (GPU): ``srdiff`` (what ``srdiff.fam_attention`` picks: srdiff.attention_path), and both of its
+paths forced: ``srdiff-fused`` (the fused Triton kernels, ``backend="triton"``) and ``srdiff-sdpa`` (K and
+V scaled by one fused Triton pass, then SDPA with cuDNN first on Hopper, ``backend="sdpa"``), whose
+times and peak memory per case ``python -m benchmarks.dispatch_table`` turns into the table the
+dispatch reads; ``sdpa-flash`` and ``sdpa-cudnn`` (SDPA's backends, *unmodulated*: the speeds to beat);
+``flex-prescaled-v`` (FlexAttention with a score_mod scaling the logits and V prescaled: FlexAttention
+cannot scale V itself); ``xformers-prescaled`` (memory-efficient attention on prescaled K/V, when
+xformers is installed). On the CPU: ``srdiff`` (its CPU path) against plain ``sdpa`` and the naive
+``reference`` (explicit N x N softmax, N <= 4096), time and peak memory (one N x N float32 score matrix
+per head at N = 16384 would be 1 GiB).
 
 Work: 4 B H N^2 D FLOP forward; fwd+bwd counts 3.5x that (backward = 2.5x forward, the convention
 of the FlashAttention papers). Inputs are contiguous (B, H, N, D), fam (B, N) float32, lam = 0.025;
@@ -19,7 +22,7 @@ import torch.nn.functional as F
 
 import srdiff
 from benchmarks.common import DEVICE, QUICK, measure, require_cuda, unavailable
-from srdiff.reference import fam_attention_ref, fam_attention_sdpa
+from srdiff.reference import fam_attention_ref
 
 LAM = 0.025
 H = 16 if DEVICE == "cuda" else 2
@@ -40,6 +43,7 @@ GPU_CASES = [
     _case(torch.bfloat16, 16384, 128, "fwd+bwd"),
     _case(torch.bfloat16, 1024, 128, "fwd"),
     _case(torch.bfloat16, 4096, 64, "fwd"),
+    _case(torch.bfloat16, 4096, 64, "fwd+bwd"),
     _case(torch.bfloat16, 4096, 40, "fwd"),
     _case(torch.float16, 4096, 128, "fwd"),
 ]
@@ -55,8 +59,11 @@ CASES = GPU_CASES if DEVICE == "cuda" else CPU_CASES
 if QUICK:  # one forward and one forward+backward case, so gpu.sh's two attention chunks both run
     CASES = [next(c for c in CASES if c.values[3] == mode) for mode in ("fwd", "fwd+bwd")]
 GPU_PROVIDERS = [
-    "srdiff", "sdpa-flash", "sdpa-cudnn", "sdpa-prescaled", "flex-prescaled-v", "xformers-prescaled",
+    "srdiff", "srdiff-fused", "srdiff-sdpa", "sdpa-flash", "sdpa-cudnn", "flex-prescaled-v",
+    "xformers-prescaled",
 ]
+# The dispatch's two paths, forced: benchmarks/dispatch_table.py pairs their rows.
+FORCED = {"srdiff-fused": "triton", "srdiff-sdpa": "sdpa"}
 PROVIDERS = GPU_PROVIDERS if DEVICE == "cuda" else ["srdiff", "sdpa", "reference"]
 REFERENCE_MAX_N = 4096
 
@@ -115,10 +122,11 @@ def _provider(name: str, fam: torch.Tensor, case: dict):
     """attend(q, k, v) for ``name``, modulated by ``fam`` unless the provider is an unmodulated peer."""
     if name == "srdiff":
         return lambda q, k, v: srdiff.fam_attention(q, k, v, fam, LAM, check_fam=False)
+    if name in FORCED:
+        require_cuda(provider=name, **case)
+        return lambda q, k, v: srdiff.fam_attention(q, k, v, fam, LAM, check_fam=False, backend=FORCED[name])
     if name == "sdpa":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
-    if name == "sdpa-prescaled":
-        return lambda q, k, v: fam_attention_sdpa(q, k, v, fam, LAM)
     if name == "reference":
         if case["shape"]["N"] > REFERENCE_MAX_N:
             reason = f"materialises N x N scores; run up to N = {REFERENCE_MAX_N}"

@@ -30,22 +30,23 @@ KERNELS = {K._fam_attention_fwd_kernel: "fwd", K._fam_attention_bwd_dkdv_kernel:
            K._fam_attention_bwd_dq_kernel: "dq"}
 
 
-def captured_launches(dtype: torch.dtype, head_dim: int, B=2, H=8, N=1024):
+def captured_launches(dtype: torch.dtype, head_dim: int, B=2, H=8, N=1024, modulated=True):
     """(kernel, args, meta) of every autotuned launch of a forward and backward on (B, N, H, D)
-    buffers seen as (B, H, N, D), captured instead of launched."""
+    buffers seen as (B, H, N, D), captured instead of launched; with a (B, 1, N) map and its
+    gradient, or (``modulated=False``) without a map."""
     launches = []
 
     def capture(kernel, grid, args, meta, dtype):
         launches.append((kernel, args, meta))
 
     q, k, v, do = (torch.randn(B, N, H, head_dim).to(dtype).transpose(1, 2) for _ in range(4))
-    fam = torch.rand(B, 1, N)
+    fam = torch.rand(B, 1, N) if modulated else None
     real_launch, real_wrap = K._launch, torch.library.wrap_triton
     K._launch = capture
     torch.library.wrap_triton = lambda kernel: _NoLaunch()
     try:
         o, lse2 = K.fam_attention_fwd(q, k, v, fam, 0.5, 0.125)
-        K.fam_attention_bwd(do, q, k, v, fam, o, lse2, 0.5, 0.125, True)
+        K.fam_attention_bwd(do, q, k, v, fam, o, lse2, 0.5, 0.125, modulated)
     finally:
         K._launch, torch.library.wrap_triton = real_launch, real_wrap
     return launches
@@ -99,14 +100,14 @@ def survey(dtype: torch.dtype, head_dims, all_configs: bool):
     rows = []
     for head_dim in head_dims:
         for kernel, args, meta in captured_launches(dtype, head_dim):
-            configs = K.kept_configs(kernel, dtype, head_dim)
+            configs = K.kept_configs(kernel, dtype, head_dim, meta["HAS_FAM"])
             for config in configs if all_configs else configs[:1]:
-                compiled = compile_as_jit(kernel.fn, args, {**meta, **config.kwargs, "num_warps": config.num_warps,
-                                                            "num_stages": config.num_stages})
+                compiled = compile_as_jit(kernel.fn, args, {**meta, **K.config_options(config)})
                 registers, spills = ptxas_report(compiled.asm["ptx"])
                 rows.append(dict(kernel=KERNELS[kernel], D=head_dim, config=str(config),
                                  smem=compiled.metadata.shared,
-                                 smem_estimate=K.shared_memory_estimate(kernel, config, dtype, head_dim),
+                                 smem_estimate=K.shared_memory_estimate(kernel, config, dtype, head_dim,
+                                                                        meta["HAS_FAM"]),
                                  registers=registers, spill_bytes=spills, loads=load_widths(compiled.asm["ptx"])))
                 print(rows[-1], flush=True)
     return rows

@@ -78,6 +78,7 @@ def describe_machine() -> dict:
     return {
         "label": machine_label(),
         "device": torch.cuda.get_device_name() if DEVICE == "cuda" else f"CPU: {_cpu_model()}",
+        "capability": ".".join(map(str, torch.cuda.get_device_capability())) if DEVICE == "cuda" else None,
         "cpu_count": os.cpu_count(),
         "driver": _nvidia_driver() if DEVICE == "cuda" else None,
         "torch": torch.__version__,

@@ -14,7 +14,8 @@
 #   _tests.xml    junit of the test step (written when pytest ends, also on its timeout's SIGINT)
 #   _bench.jsonl  one line per finished benchmark case, per unavailable provider, per chunk start
 #   _extra.tgz    what chunks leave under $WORK/extra (ablation results), packed after every step
-# Afterwards, here: python -m benchmarks.store <files_at>   (results -> benchmarks/results/<gpu>/)
+# Afterwards, here: python -m benchmarks.store <files_at>   (results -> benchmarks/results/<gpu>/), then
+# python -m benchmarks.dispatch_table (the attention dispatch's table from the two paths' rows) and benchmarks.report
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"

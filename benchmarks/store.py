@@ -48,6 +48,13 @@ def _write_new(path: str, text: str) -> None:
     print(f"stored {path}")
 
 
+def write_json(path: str, record) -> None:
+    """``record`` as indented JSON with a final newline (the stored tables and records)."""
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+        f.write("\n")
+
+
 def store(files_at: str, results: str) -> list[str]:
     stored = []
     for bench in sorted(glob.glob(os.path.join(files_at, "*" + SUFFIX_BENCH))):

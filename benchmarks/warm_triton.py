@@ -20,11 +20,12 @@ N_WARM = 1024
 
 
 def warm(dtype_name: str, D: int, modes: tuple[str, ...]) -> str:
-    """Run srdiff's attention once per mode at (1, 2, N_WARM, D): every autotune config compiles."""
+    """Run both of srdiff's attention paths once per mode at (1, 2, N_WARM, D): every autotune config
+    of the fused kernels and the prescale kernels compile."""
     import torch
 
     import srdiff
-    from benchmarks.bench_attention import LAM
+    from benchmarks.bench_attention import FORCED, LAM
 
     dtype = getattr(torch, dtype_name)
     start = time.perf_counter()
@@ -32,10 +33,11 @@ def warm(dtype_name: str, D: int, modes: tuple[str, ...]) -> str:
     for mode in modes:
         grad = mode != "fwd"
         q, k, v = (torch.randn(1, 2, N_WARM, D, device="cuda", dtype=dtype, requires_grad=grad) for _ in range(3))
-        with torch.set_grad_enabled(grad):
-            out = srdiff.fam_attention(q, k, v, fam, LAM, check_fam=False)
-        if grad:
-            torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+        for backend in FORCED.values():
+            with torch.set_grad_enabled(grad):
+                out = srdiff.fam_attention(q, k, v, fam, LAM, check_fam=False, backend=backend)
+            if grad:
+                torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
     torch.cuda.synchronize()
     return f"{dtype_name} D={D} {'/'.join(modes)}: {time.perf_counter() - start:.1f} s"
 

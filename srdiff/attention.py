@@ -1,25 +1,39 @@
 """FAM-modulated attention: the paper's reverse-process change K_sr = K (1 + lam M_emb),
-V_sr = V (1 + lam M_emb), fused into flash attention.
+V_sr = V (1 + lam M_emb), as fused flash attention or as "scale K and V once, then SDPA".
 
-Follow a call: :func:`fam_attention` checks its arguments and picks a path: on CUDA the Triton kernels
-(``srdiff/kernels/fam_attention.py``: forward, backward with d(fam), registered as ``torch.library.triton_op``
-so ``torch.compile(fullgraph=True)`` traces them), on CPU :func:`srdiff.reference.fam_attention_sdpa`
-(K and V scaled once, then SDPA's O(N)-memory kernel). :class:`FAMAttention` is a self-attention
-module around it.
+Follow a call: :func:`fam_attention` checks its arguments and picks a path (:func:`attention_path`):
+``"triton"``, the fused Triton kernels (``srdiff/kernels/fam_attention.py``: forward, backward with
+d(fam), registered as ``torch.library.triton_op`` so ``torch.compile(fullgraph=True)`` traces them),
+which never write s*K or s*V; or ``"sdpa"``, K and V scaled once (on CUDA by one fused Triton pass
+each way, ``srdiff/kernels/fam_prescale.py``; elsewhere by :func:`srdiff.reference.fam_attention_sdpa`'s
+PyTorch ops), then ``F.scaled_dot_product_attention`` (cuDNN first on Hopper). On CUDA a stored table
+(``attention_dispatch.json``, generated from the GPU benchmarks) picks the faster per device, dtype,
+head dim, sequence length and direction, the fused kernel wherever the scaled copies would not fit in
+memory. :class:`FAMAttention` is a self-attention module around it.
 """
 
+import contextlib
+import inspect
+import json
 import math
+import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from srdiff._checks import check_finite, check_nonnegative, check_same_device, check_tensor, resolve_backend
 from srdiff.reference.attention import fam_as_bhn, fam_attention_sdpa
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The Triton kernels' head dims (srdiff/kernels/fam_attention.py: MIN_HEAD_DIM, MAX_HEAD_DIM); the CPU path
-# takes any. Kept here so that checking never imports triton.
+# The fused kernels' head dims (srdiff/kernels/fam_attention.py: MIN_HEAD_DIM, MAX_HEAD_DIM); the SDPA
+# paths take any. Kept here so that checking never imports triton.
 TRITON_HEAD_DIMS = (16, 256)
+BACKENDS = ("triton", "sdpa", "reference")
+DISPATCH_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attention_dispatch.json")
+# The "sdpa" path allocates s*K and s*V (kept for the backward when autograd needs them); it is taken
+# only while they need at most half the device memory free, checked for copies above this size.
+_MEMORY_CHECK_BYTES = 64 * 2**20
 
 
 def check_lam(lam) -> None:
@@ -92,6 +106,95 @@ def _triton_supports(q: torch.Tensor) -> bool:
     return TRITON_HEAD_DIMS[0] <= q.shape[-1] <= TRITON_HEAD_DIMS[1]
 
 
+def _load_dispatch_table() -> dict:
+    """The stored table (``attention_dispatch.json``): ``default`` (path per direction, and its basis)
+    and ``measured`` entries (device capability, dtype, head dim D, sequence length N, direction, both
+    paths' times and peak memory, the faster path), written by ``python -m benchmarks.dispatch_table``.
+    Read once, at import (so that torch.compile traces the dispatch as plain Python on constants)."""
+    with open(DISPATCH_TABLE) as f:
+        return json.load(f)
+
+
+DISPATCH = _load_dispatch_table()
+
+
+def _capability(device: torch.device) -> str:
+    props = torch.cuda.get_device_properties(device)  # constant-folded by torch.compile
+    return f"{props.major}.{props.minor}"
+
+
+def choose_path(table: dict, capability: str, dtype: torch.dtype, D: int, N: int, direction: str,
+                copies_fit: bool) -> str:
+    """``"triton"`` or ``"sdpa"`` from the stored ``table``: the faster path of the measured entry
+    nearest (in log2 of D and of N) to this call among those of the same capability, dtype and
+    direction, else the table's default for the direction; ``"triton"`` whenever the "sdpa" path's
+    scaled copies would not fit (``copies_fit`` False)."""
+    dtype_name = str(dtype).replace("torch.", "")
+    entries = [e for e in table["measured"]
+               if (e["capability"], e["dtype"], e["mode"]) == (capability, dtype_name, direction)]
+    if entries:
+        path = min(entries, key=lambda e: abs(math.log2(e["D"] / D)) + abs(math.log2(e["N"] / N)))["faster"]
+    else:
+        path = table["default"][direction]
+    return "triton" if path == "sdpa" and not copies_fit else path
+
+
+def _scaled_copies_fit(k: torch.Tensor) -> bool:
+    """Whether the "sdpa" path's s*K and s*V need at most half of the memory free on k's device (the
+    driver's free memory plus what PyTorch's allocator holds unused). Skipped under torch.compile."""
+    copies = 2 * k.numel() * k.element_size()
+    if copies < _MEMORY_CHECK_BYTES or torch.compiler.is_compiling():
+        return True
+    free, _ = torch.cuda.mem_get_info(k.device)
+    free += torch.cuda.memory_reserved(k.device) - torch.cuda.memory_allocated(k.device)
+    return copies <= free // 2
+
+
+def attention_path(q: torch.Tensor, k: torch.Tensor, modulated: bool, needs_grad: bool) -> str:
+    """The path ``backend=None`` takes: ``"reference"`` off CUDA; on CUDA ``"sdpa"`` without a map or
+    outside the fused kernels' head dims, else :func:`choose_path` for this device, dtype, head dim,
+    key count and direction (``"fwd+bwd"`` when autograd will run the backward)."""
+    if not q.is_cuda:
+        return "reference"
+    if not modulated or not _triton_supports(q):
+        return "sdpa"
+    return choose_path(DISPATCH, _capability(q.device), q.dtype, q.shape[-1], k.shape[2],
+                       "fwd+bwd" if needs_grad else "fwd", _scaled_copies_fit(k))
+
+
+# SDPA's backends in the order the "sdpa" path prefers them on Hopper (cuDNN first) with the rest
+# still allowed, where torch's sdpa_kernel can set a priority; elsewhere and under torch.compile,
+# torch's own order.
+_SET_PRIORITY = "set_priority" in inspect.signature(torch.nn.attention.sdpa_kernel).parameters
+
+
+def _sdpa_priority(q: torch.Tensor):
+    if not (q.is_cuda and _SET_PRIORITY) or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    if torch.cuda.get_device_properties(q.device).major != 9:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+             SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
+
+
+def _prescaled_sdpa(q, k, v, fam, lam: float, scale: float | None) -> torch.Tensor:
+    """The "sdpa" path: K and V scaled once, then SDPA. On CUDA (and on CPU tensors under the Triton
+    interpreter) the scaling is one fused Triton pass each way; elsewhere the reference's ops."""
+    from srdiff.kernels.utils import triton_interpreting
+
+    if fam is not None and (lam != 0.0 or fam.requires_grad):
+        if not (q.is_cuda or triton_interpreting()):
+            return fam_attention_sdpa(q, k, v, fam, lam, scale=scale)
+        from srdiff.kernels.fam_prescale import FAMPrescaleFunction
+
+        k, v = FAMPrescaleFunction.apply(k, v, fam_as_bhn(fam), lam)
+    with _sdpa_priority(q):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
 def fam_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -119,15 +222,18 @@ def fam_attention(
         lam: modulation strength, finite, lam >= 0 (the paper uses 0.025). Every 1 + lam * fam must
             be > 0.
         scale: softmax scale, default 1 / sqrt(D) as in SDPA.
-        backend: None (Triton on CUDA when D is in [16, 256], else the SDPA path), ``"triton"`` (the
-            fused kernels; on CPU tensors only under TRITON_INTERPRET=1) or ``"reference"``
-            (:func:`srdiff.reference.fam_attention_sdpa`: K and V scaled once, then SDPA).
+        backend: None (:func:`attention_path`: on CUDA the faster of the next two per the stored
+            table, the fused kernels where memory is short; on CPU ``"reference"``), ``"triton"`` (the
+            fused kernels, D in [16, 256]: no copy of K or V; on CPU tensors only under
+            TRITON_INTERPRET=1), ``"sdpa"`` (K and V scaled once, on CUDA by one fused pass each way,
+            then SDPA; any D) or ``"reference"`` (:func:`srdiff.reference.fam_attention_sdpa`: the same
+            with PyTorch ops).
         check_fam: verify that fam is finite and 1 + lam * fam > 0 (one device sync; skipped under
             torch.compile). Callers that validated the map already (the processor) turn it off.
-        deterministic: True (default): the Triton backward is bitwise reproducible (separate dK/dV
+        deterministic: True (default): the fused backward is bitwise reproducible (separate dK/dV
             and dQ passes, no atomics). False: dq is accumulated with float32 atomics in the dK/dV
             pass (5 GEMMs per tile pair instead of 7; dq's last bits vary between runs). The SDPA
-            path is unaffected.
+            paths are unaffected.
 
     Raises:
         TypeError / ValueError naming the argument and its value: ranks, shapes (with a hint when
@@ -139,8 +245,9 @@ def fam_attention(
         products (never TF32). fam=None or lam=0 gives exactly F.scaled_dot_product_attention on the
         reference path (and matches it to rounding on the Triton path).
 
-    Memory is O(B H N D) on every path: no Nq x Nk matrix is ever formed. The Triton kernels apply
-    s on the fly and never write s*K or s*V.
+    Memory is O(B H N D) on every path: no Nq x Nk matrix is ever formed. The fused kernels apply s
+    on the fly and never write s*K or s*V; the SDPA paths allocate both (2 B H Nk D elements) and
+    keep them until the backward when autograd needs one.
 
     Example::
 
@@ -153,9 +260,12 @@ def fam_attention(
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     if backend is None:
-        path = "triton" if q.is_cuda and _triton_supports(q) else "reference"
+        modulated = fam is not None and (lam != 0 or fam.requires_grad)
+        inputs = (q, k, v, fam)
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+        path = attention_path(q, k, modulated, needs_grad)
     else:
-        path = resolve_backend(backend, q.device)
+        path = resolve_backend(backend, q.device, BACKENDS)
         if path == "triton" and not _triton_supports(q):
             raise ValueError(
                 f"backend='triton' supports head dims {TRITON_HEAD_DIMS[0]}..{TRITON_HEAD_DIMS[1]}, "
@@ -166,6 +276,8 @@ def fam_attention(
     lam = float(lam)
     if path == "reference":
         return fam_attention_sdpa(q, k, v, fam, lam, scale=scale)
+    if path == "sdpa":
+        return _prescaled_sdpa(q, k, v, fam, lam, scale)
     from srdiff.kernels.fam_attention import FAMAttentionFunction
 
     if fam is not None and lam == 0.0 and not fam.requires_grad:

@@ -190,3 +190,62 @@ def test_percent_of_peak_uses_ceilings_of_the_same_device_only():
     assert report._ceilings_run(amd_op_only, xeon) is None
     assert report._ceilings_run(amd_with_ceilings, xeon) is amd_with_ceilings
     assert report._ceilings_run(_run("cpu-2core", "CPU: Xeon", "2026-11-29T00:00:00", [op]), xeon) is xeon
+
+
+def _static_row(kernel, modulated, total, *, regs=128, stl=0, ctas=2):
+    return {"kernel": kernel, "D": 64, "modulated": modulated,
+            "config": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "maxnreg": 128},
+            "registers": regs, "spill_stores": stl, "ctas": ctas,
+            "main_loop": {"total": total, "classes": {"mufu": 34, "half": 16 if modulated else 0},
+                          "mma_shapes": {"HGMMA.64x64x16": 8}}}
+
+
+def test_static_table_is_rendered_from_the_stored_checks(tmp_path, monkeypatch):
+    """docs/attention.md's static sm_90 table comes from benchmarks/results/sm90-static/ (newest record,
+    and the oldest's ratios beside it), which the performance section does not read as runs."""
+    static = tmp_path / "results" / report.STATIC_DIR
+    static.mkdir(parents=True)
+    for stamp, commit, fam_total in (("2026-12-01T00:00:00", "aaaa1111", 400),
+                                     ("2026-12-02T00:00:00", "bbbb2222", 330)):
+        record = {"datetime": stamp, "commit": commit, "target": "sm_90a", "triton": "3.8.0", "dtype": "bf16",
+                  "rows": [_static_row("fwd", False, 300), _static_row("fwd", True, fam_total)]}
+        (static / f"{stamp[:10]}_{commit}.json").write_text(json.dumps(record))
+    doc = tmp_path / "attention.md"
+    doc.write_text(f"intro\n{report.STATIC_BEGIN}\nold\n{report.STATIC_END}\nrest\n")
+    text = _render(tmp_path, monkeypatch)
+    assert "No GPU results" in text  # the static records are not benchmark runs
+    assert report.main(["--results", str(tmp_path / "results"), "--readme", str(tmp_path / "README.md"),
+                        "--figures", str(tmp_path / "figures"), "--attention-doc", str(doc)]) == 0
+    page = doc.read_text()
+    assert page.startswith("intro\n") and page.endswith("rest\n") and "old\n" not in page
+    row = next(line for line in page.splitlines() if line.startswith("| fwd "))
+    assert "300 / 330" in row and "1.10x" in row and "0 / 16" in row and "128x64 w8 s2 r128" in row, row
+    assert "commit aaaa1111" in page and "fwd D=64 128x64 w8 s2 r128: 1.33x" in page
+
+
+def test_dispatch_table_from_the_stored_gpu_rows(tmp_path):
+    """benchmarks.dispatch_table pairs the two forced paths per case (both must have run), names the
+    faster with both times and peak memories, and keeps the table's default."""
+    from benchmarks import dispatch_table
+
+    def case(provider, ms, D=128, N=4096, mode="fwd"):
+        return _case("fam_attention", provider, ms, shape={"B": 4, "H": 16, "N": N, "D": D}, mode=mode,
+                     dtype="bfloat16", peak_memory_mb=ms * 10)
+
+    run = _run("h200", "NVIDIA H200", "2026-12-05T00:00:00", [
+        case("srdiff-fused", 2.0), case("srdiff-sdpa", 1.5), case("sdpa-flash", 1.0),
+        case("srdiff-fused", 5.0, mode="fwd+bwd"), case("srdiff-sdpa", 6.0, mode="fwd+bwd"),
+        case("srdiff-fused", 1.0, D=64)])  # D = 64: one path only, no entry
+    run["machine_info"]["capability"] = "9.0"
+    _write(tmp_path, "h200", "r.json", run)
+    table = tmp_path / "table.json"
+    default = {"fwd": "sdpa", "fwd+bwd": "sdpa", "basis": "estimate"}
+    table.write_text(json.dumps({"default": default, "measured": []}))
+    assert dispatch_table.main(["--results", str(tmp_path / "results"), "--out", str(table)]) == 0
+    written = json.loads(table.read_text())
+    assert written["default"] == default
+    by_mode = {e["mode"]: e for e in written["measured"]}
+    assert set(by_mode) == {"fwd", "fwd+bwd"} and len(written["measured"]) == 2
+    assert by_mode["fwd"]["faster"] == "sdpa" and by_mode["fwd+bwd"]["faster"] == "triton"
+    assert by_mode["fwd"]["triton_ms"] == 2.0 and by_mode["fwd"]["sdpa_peak_mb"] == 15.0
+    assert (by_mode["fwd"]["capability"], by_mode["fwd"]["D"], by_mode["fwd"]["N"]) == ("9.0", 128, 4096)

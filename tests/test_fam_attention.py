@@ -87,9 +87,11 @@ def _kept_config_cases(dtype, D, marks=(), distinct_blocks=False):
     for name, kernel in TUNED_KERNELS.items():
         for config in kernels.kept_configs(kernel, dtype, D):
             blocks = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}"
-            key = (name, blocks) if distinct_blocks else (name, blocks, config.num_warps, config.num_stages)
+            key = (name, blocks) if distinct_blocks else (name, blocks, config.num_warps, config.num_stages,
+                                                          config.maxnreg)
             case_id = f"{name}-{DTYPE_IDS[dtype]}-D{D}-{blocks}" + (
-                "" if distinct_blocks else f"-w{config.num_warps}-s{config.num_stages}")
+                "" if distinct_blocks else f"-w{config.num_warps}-s{config.num_stages}"
+                + ("" if config.maxnreg is None else f"-r{config.maxnreg}"))
             cases.setdefault(key, pytest.param(name, config, dtype, D, marks=marks, id=case_id))
     return list(cases.values())
 
@@ -120,9 +122,9 @@ def _forward_backward(fn, q, k, v, fam, lam, do, dtype):
     return [out] + [None if t is None else t.grad for t in ins]
 
 
-def _check_against_oracle(q, k, v, fam, lam, dtype, run):
-    """``run(q, k, v, fam, lam)`` against the fp32 oracle (table) and the fp64 one (no worse than the
-    same-dtype reference), forward and every gradient."""
+def _check_against_oracle(q, k, v, fam, lam, dtype, run, table=True):
+    """``run(q, k, v, fam, lam)`` against the fp32 oracle (table; unless not ``table``) and the fp64 one
+    (no worse than the same-dtype reference), forward and every gradient."""
     Nq, D, Nk = q.shape[2], q.shape[3], k.shape[2]
     out = run(q, k, v, fam, lam)
     do = torch.randn_like(out)
@@ -142,7 +144,8 @@ def _check_against_oracle(q, k, v, fam, lam, dtype, run):
             continue
         pass_ = "fwd" if name == "out" else "bwd"
         assert g.dtype == (q.dtype if name != "dfam" else fam.dtype), name
-        assert_close(g, w32, dtype=dtype, pass_=pass_, reduce_dim=reduce_dims[name], name=name)
+        if table:
+            assert_close(g, w32, dtype=dtype, pass_=pass_, reduce_dim=reduce_dims[name], name=name)
         assert_no_worse_than_reference(g, wsame, w64, dtype=dtype, pass_=pass_, reduce_dim=reduce_dims[name],
                                        name=name)
 
@@ -186,7 +189,8 @@ def test_triton_autotuned_cuda(monkeypatch):
     """The default path users get: every fitting config compiled and timed, the fastest kept."""
     monkeypatch.delenv("SRDIFF_AUTOTUNE")
     q, k, v, fam = _inputs(1000, 1000, 64, "BN", "contiguous", torch.bfloat16, device="cuda")
-    _check_against_oracle(q, k, v, fam, 0.025, torch.bfloat16, lambda *a: srdiff.fam_attention(*a))
+    _check_against_oracle(q, k, v, fam, 0.025, torch.bfloat16,
+                          lambda *a: srdiff.fam_attention(*a, backend="triton"))
 
 
 def _run_pinned(name, config, dtype, D, Nq, Nk, device, batch=B):
@@ -229,9 +233,10 @@ def test_autotune_off_runs_one_config_without_benchmarking(monkeypatch):
         monkeypatch.setattr(kernel, "run", lambda *a, **kw: pytest.fail("the autotuner ran"))
         fn_run = kernel.fn.run
         monkeypatch.setattr(kernel.fn, "run", lambda *a, _run=fn_run, **kw: ran.append(kw["BLOCK_M"]) or _run(*a, **kw))
-    q, k, v, fam = _inputs(33, 20, 16, "BN", "contiguous", torch.float16)
-    srdiff.fam_attention(q, k, v, fam, 0.5, backend="triton").sum().backward()
-    smallest = [kernels.kept_configs(kernel, torch.float16, 16)[-1].kwargs["BLOCK_M"] for kernel in TUNED_KERNELS.values()]
+    q, k, v, _ = _inputs(33, 20, 16, "none", "contiguous", torch.float16)  # no map: its FMA is GPU code
+    srdiff.fam_attention(q, k, v, backend="triton").sum().backward()
+    smallest = [kernels.kept_configs(kernel, torch.float16, 16, has_fam=False)[-1].kwargs["BLOCK_M"]
+                for kernel in TUNED_KERNELS.values()]
     assert ran == smallest
 
 
@@ -248,7 +253,7 @@ def test_autotune_tunes_once_per_bucket_cuda(monkeypatch):
     fwd = kernels._fam_attention_fwd_kernel
     for n in (1000, 1020, 1024):
         q, k, v, fam = _inputs(n, n, 64, "BN", "contiguous", torch.bfloat16, device="cuda")
-        srdiff.fam_attention(q, k, v, fam, 0.5)
+        srdiff.fam_attention(q, k, v, fam, 0.5, backend="triton")
     keys = [key for key in fwd.cache if key[:2] == (1024, 1024) and key[2] == 64]
     assert len(keys) == 1, keys
 
@@ -267,7 +272,7 @@ def test_triton_beyond_65535_batch_heads_cuda():
     q, k, v = (torch.randn(65_537, 1, n, 16, device="cuda", dtype=torch.float16, requires_grad=True)
                for n in (3, 5, 5))
     fam = torch.rand(65_537, 5, device="cuda", requires_grad=True)
-    out = srdiff.fam_attention(q, k, v, fam, 0.5)
+    out = srdiff.fam_attention(q, k, v, fam, 0.5, backend="triton")
     out.float().sum().backward()
     ref_ins = [t.detach().requires_grad_() for t in (q, k, v, fam)]
     ref = fam_attention_ref(*ref_ins, 0.5)
@@ -297,6 +302,134 @@ def test_triton_dq_atomic_matches_oracle_cuda(Nq, Nk, D, fam_shape, lam, layout,
     q, k, v, fam = _inputs(Nq, Nk, D, fam_shape, layout, dtype, device="cuda")
     _check_against_oracle(q, k, v, fam, lam, dtype,
                           lambda *a: srdiff.fam_attention(*a, backend="triton", deterministic=False))
+
+
+def _large_logit_inputs(dtype, logit, device="cpu"):
+    """q, k, v and a [0, 1] map whose logits reach about +-``logit`` (scale 1 / sqrt(D))."""
+    q, k, v, fam = _inputs(33, 41, 32, "BN", "bnhd", dtype, device=device)
+    with torch.no_grad():
+        q.mul_(logit / 4)  # |q.k| / sqrt(32) of unit normals stays within ~4
+    return q, k, v, fam
+
+
+# float16 up to G = log2(e) |logit| (s_max - s_min) ~ 13 <= its E = 15; bfloat16 to G ~ 100 (E = 0).
+# (float32 takes the exact row max.)
+LARGE_LOGIT_CASES = [pytest.param(torch.float16, 1.0, 9.0, id="fp16-lam1-logit9"),
+                     pytest.param(torch.bfloat16, 2.0, 35.0, id="bf16-lam2-logit35")]
+
+
+@pytest.mark.parametrize("dtype, lam, logit", LARGE_LOGIT_CASES)
+def test_row_bound_keeps_large_logits_exact(dtype, lam, logit):
+    """The forward's reference (an upper bound from the raw q.k row max and the map's range) sits
+    up to G above the largest logit; within the range the module docstring derives, the result
+    is as exact as the standard kernel's, forward and backward: no worse than the same-dtype
+    reference against float64. (The table's absolute tolerances assume O(1) values; these inputs
+    are scaled up, and so are their gradients.)"""
+    q, k, v, fam = _large_logit_inputs(dtype, logit)
+    _check_against_oracle(q, k, v, fam, lam, dtype, lambda *a: srdiff.fam_attention(*a, backend="triton"),
+                          table=False)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("dtype, lam, logit", LARGE_LOGIT_CASES)
+def test_row_bound_keeps_large_logits_exact_cuda(dtype, lam, logit):
+    q, k, v, fam = _large_logit_inputs(dtype, logit, device="cuda")
+    _check_against_oracle(q, k, v, fam, lam, dtype, lambda *a: srdiff.fam_attention(*a, backend="triton"),
+                          table=False)
+
+
+# The "sdpa" path: K and V scaled by the fused prescale kernels (interpreted here), then SDPA.
+SDPA_PATH_CASES = [KERNEL_CASES[i] for i in (1, 3, 4, 9, 11)]  # fp32 N, 1HN strided; fp16 BN; bf16 BN, none
+
+
+@pytest.mark.parametrize("Nq, Nk, D, fam_shape, lam, layout, dtype", SDPA_PATH_CASES)
+def test_sdpa_backend_matches_oracle(Nq, Nk, D, fam_shape, lam, layout, dtype):
+    q, k, v, fam = _inputs(Nq, Nk, D, fam_shape, layout, dtype)
+    _check_against_oracle(q, k, v, fam, lam, dtype, lambda *a: srdiff.fam_attention(*a, backend="sdpa"))
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("Nq, Nk, D, fam_shape, lam, layout, dtype", KERNEL_CASES)
+def test_sdpa_backend_matches_oracle_cuda(Nq, Nk, D, fam_shape, lam, layout, dtype):
+    q, k, v, fam = _inputs(Nq, Nk, D, fam_shape, layout, dtype, device="cuda")
+    _check_against_oracle(q, k, v, fam, lam, dtype, lambda *a: srdiff.fam_attention(*a, backend="sdpa"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+def test_prescale_rounds_like_the_reference(dtype):
+    """One rounding of the float32 product s * k, as the reference's ops (bfloat16 is left out: the
+    interpreter truncates float32 -> bfloat16 casts); the output keeps the (B, N, H, D) layout."""
+    from srdiff.kernels.fam_prescale import fam_prescale_fwd
+
+    _, k, v, fam = _inputs(5, 37, 40, "BN", "bnhd", dtype)
+    ks, vs = fam_prescale_fwd(k.detach(), v.detach(), fam.detach()[:, None], 0.5)
+    s = (1 + 0.5 * fam.detach())[:, None, :, None]
+    assert torch.equal(ks, torch.mul(k, s).to(dtype)) and torch.equal(vs, torch.mul(v, s).to(dtype))
+    assert ks.transpose(1, 2).is_contiguous() and vs.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.needs_cuda
+def test_opcheck_prescale_cuda():
+    from srdiff.kernels.fam_prescale import fam_prescale_bwd, fam_prescale_fwd
+
+    _, k, v, fam = (t.detach() for t in _inputs(3, 65, 40, "BN", "bnhd", torch.float16, device="cuda"))
+    torch.library.opcheck(fam_prescale_fwd, (k, v, fam[:, None], 0.5))
+    dks, dvs = torch.randn_like(k), torch.randn_like(v)
+    torch.library.opcheck(fam_prescale_bwd, (dks, dvs, k, v, fam[:, None], 0.5, True))
+
+
+def test_dispatch_table_is_well_formed():
+    """The stored table names a path per direction and, per measured case, both paths' times and the
+    faster of them."""
+    from srdiff.attention import DISPATCH
+
+    assert {DISPATCH["default"][d] for d in ("fwd", "fwd+bwd")} <= {"triton", "sdpa"}
+    for e in DISPATCH["measured"]:
+        assert e["mode"] in ("fwd", "fwd+bwd") and e["D"] > 0 and e["N"] > 0, e
+        assert e["faster"] == min(("triton", "sdpa"), key=lambda p: e[f"{p}_ms"]), e
+
+
+def test_choose_path_nearest_measured_default_and_memory():
+    from srdiff.attention import choose_path
+
+    entry = {"capability": "9.0", "dtype": "bfloat16", "mode": "fwd"}
+    table = {"default": {"fwd": "sdpa", "fwd+bwd": "triton"},
+             "measured": [{**entry, "D": 128, "N": 1024, "faster": "triton"},
+                          {**entry, "D": 128, "N": 16384, "faster": "sdpa"},
+                          {**entry, "D": 64, "N": 16384, "faster": "triton"}]}
+
+    def path(capability="9.0", dtype=torch.bfloat16, D=128, N=4096, direction="fwd", fits=True):
+        return choose_path(table, capability, dtype, D, N, direction, fits)
+
+    assert path(N=2048) == "triton" and path(N=8192) == "sdpa"  # the nearest N (log scale)
+    assert path(D=40, N=16384) == "triton"  # the nearest D
+    assert path(capability="8.0") == "sdpa" and path(dtype=torch.float16) == "sdpa"  # unmeasured: default
+    assert path(direction="fwd+bwd") == "triton"
+    assert path(N=8192, fits=False) == "triton"  # s*K and s*V would not fit
+
+
+def test_default_path_on_cpu_and_without_a_map():
+    from srdiff.attention import attention_path
+
+    q = torch.randn(1, 2, 5, 16)
+    assert attention_path(q, q, modulated=True, needs_grad=True) == "reference"
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("faster", ["triton", "sdpa"])
+def test_default_backend_follows_the_table_cuda(monkeypatch, faster):
+    from srdiff import attention
+
+    q, k, v, fam = _inputs(65, 65, 64, "BN", "contiguous", torch.bfloat16, device="cuda")
+    table = {"default": {"fwd": faster, "fwd+bwd": faster}, "measured": []}
+    monkeypatch.setattr(attention, "DISPATCH", table)
+    taken = []
+    monkeypatch.setattr(attention, "_prescaled_sdpa",
+                        lambda *a: taken.append("sdpa") or fam_attention_sdpa(*a[:5]))
+    monkeypatch.setattr(kernels.FAMAttentionFunction, "apply", lambda *a: taken.append("triton") or a[0])
+    srdiff.fam_attention(q, k, v, fam, 0.5)
+    srdiff.fam_attention(q, k, v, None, 0.5)  # no map: plain SDPA whatever the table says
+    assert taken == [faster, "sdpa"]
 
 
 @pytest.mark.parametrize("D", [16, 80, 160, 256])
@@ -360,12 +493,14 @@ def test_fam_scales_keys_and_values():
 
 
 @pytest.mark.needs_cuda
+@pytest.mark.parametrize("backend", [None, "triton", "sdpa"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
-def test_compile_fullgraph_cuda(dtype):
+def test_compile_fullgraph_cuda(dtype, backend):
+    """The dispatch and both paths trace without graph breaks."""
     q, k, v, fam = _inputs(257, 130, 80, "BN", "bnhd", dtype, device="cuda")
 
     def step(q, k, v, fam):
-        return srdiff.fam_attention(q, k, v, fam, 0.025)
+        return srdiff.fam_attention(q, k, v, fam, 0.025, backend=backend)
 
     compiled = torch.compile(step, fullgraph=True)
     out = compiled(q, k, v, fam)
@@ -376,10 +511,14 @@ def test_compile_fullgraph_cuda(dtype):
     out = step(q, k, v, fam)
     out.float().square().sum().backward()
     want = [out, q.grad, k.grad, v.grad, fam.grad]
-    # The forward is the same kernel on the same inputs with the same config: bit for bit. The
+    # The fused forward is the same kernel on the same inputs with the same config: bit for bit (the
+    # SDPA paths may meet another SDPA backend under torch.compile, which keeps torch's order). The
     # gradients start from the loss gradient 2 * out, which inductor computes with its own kernels
     # (and FMA contraction), so they are compared as the same math with the shared table.
-    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0, msg="out")
+    if backend == "triton":
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0, msg="out")
+    else:
+        assert_close(got[0], want[0], dtype=dtype, reduce_dim=80, name="out")
     reduce_dims = {"dq": 130, "dk": 257, "dv": 257, "dfam": 257 * 80 * 3}
     for (name, reduce_dim), g, w in zip(reduce_dims.items(), got[1:], want[1:]):
         assert_close(g, w, dtype=dtype, pass_="bwd", reduce_dim=reduce_dim, name=name)
@@ -418,8 +557,7 @@ for dtype, head_dim, every_config in [(torch.bfloat16, 128, True), (torch.bfloat
     for kernel, args, meta in captured_launches(dtype, head_dim):
         kept = K.kept_configs(kernel, dtype, head_dim)
         for config in kept if every_config else kept[:1]:
-            compiled = compile_as_jit(kernel.fn, args, {**meta, **config.kwargs, "num_warps": config.num_warps,
-                                                        "num_stages": config.num_stages})
+            compiled = compile_as_jit(kernel.fn, args, {**meta, **K.config_options(config)})
             case = (kernel.fn.__name__, dtype, head_dim, str(config))
             estimate, shared = K.shared_memory_estimate(kernel, config, dtype, head_dim), compiled.metadata.shared
             assert shared <= 227 * 1024, (case, shared)
@@ -465,7 +603,7 @@ def test_triton_is_deterministic_cuda():
     for _ in range(2):
         for t in (q, k, v, fam):
             t.grad = None
-        out = srdiff.fam_attention(q, k, v, fam, 0.5)
+        out = srdiff.fam_attention(q, k, v, fam, 0.5, backend="triton")
         out.sum().backward()
         runs.append([out, q.grad, k.grad, v.grad, fam.grad])
     for a, b in zip(*runs):
@@ -598,7 +736,7 @@ def _heads(D, Nq=9):
         _bad("scale-nonpositive", ValueError, r"1 \+ lam \* fam must be > 0 .* got lam=0.5 and min\(fam\)=-3",
              fam=torch.full((5,), -3.0)),
         _bad("scale", ValueError, r"scale must be None or a positive finite number, got -1.0", scale=-1.0),
-        _bad("backend", ValueError, r"backend must be one of \('triton', 'reference'\), got 'cuda'",
+        _bad("backend", ValueError, r"backend must be one of \('triton', 'sdpa', 'reference'\), got 'cuda'",
              backend="cuda"),
         _bad("head-dim-small", ValueError, r"backend='triton' supports head dims 16..256, got D=8",
              backend="triton", **_heads(8)),

@@ -1,18 +1,48 @@
 """FAM-modulated flash attention: softmax(scale * q (s*k)^T) (s*v) with s_j = 1 + lam * fam_j per key.
 
-Kernels (forward; backward preprocess, dK/dV/d(s) pass, dQ pass), then the launchers registered as
-``torch.library.triton_op`` (``srdiff::fam_attention_fwd`` / ``srdiff::fam_attention_bwd``, so that
-``torch.compile(fullgraph=True)`` sees the kernels), then :class:`FAMAttentionFunction`.
+Kernels (forward with its per-key records; backward preprocess, dK/dV/d(s) pass, dQ pass), then the
+launchers registered as ``torch.library.triton_op`` (``srdiff::fam_attention_fwd`` /
+``srdiff::fam_attention_bwd``, so that ``torch.compile(fullgraph=True)`` sees the kernels), then
+:class:`FAMAttentionFunction`.
 
 The modulation never materialises s*K or s*V. Since q.(s_j k_j) = s_j (q.k_j) and
-sum_j P_ij (s_j v_j) = sum_j (P_ij s_j) v_j, s is applied to the columns of the logit tile (folded
-into the softmax scale) and of the probability tile before P.V: K and V tiles go from memory to the
-tensor cores untouched, and s costs one multiply per score element.
+sum_j P_ij (s_j v_j) = sum_j (P_ij s_j) v_j, s is applied to the columns of the logit tile and of the
+probability tile before P.V: K and V tiles go from memory to the tensor cores untouched.
 
 Layout: q (B, H, Nq, D), k/v (B, H, Nk, D) with any strides but a unit stride along D; fam a
 (B|1, H|1, Nk) tensor expanded with zero strides. The head dim is padded to BLOCK_D, a power of two,
 with masks. Logits live in the log2 domain (log2(e) folded into the scale, exp2 throughout); the
-forward saves lse2 = log2(sum_j exp2(z_ij)), the row's logsumexp in base 2, float32 (B, H, Nq).
+forward saves lse2 = log2(sum_j exp2(x_ij)), the row's logsumexp in base 2, float32 (B, H, Nq).
+
+Forward, with c_j = log2(e) scale s_j and x_ij = c_j (q_i.k_j). A small kernel first writes, per key,
+the record (c_j in float32, s_j - 1 in the dtype of the P.V operands) and, per (batch, head), the
+range [c_lo, c_hi] of the c_j; every s_j > 0, so every c_j > 0. In the loop the row max is taken on
+the raw q.k, without the scale: with m~ = max_j q_i.k_j over a key tile, every logit of the tile obeys
+
+    c_j (q_i.k_j) <= U = max(c_lo m~, c_hi m~)    (c_j <= c_hi where q.k >= 0, c_j >= c_lo where < 0)
+    max_j x_ij    >= L = min(c_lo m~, c_hi m~)    (at the key of m~),    so U - L = |m~| (c_hi - c_lo) = g.
+
+The running reference is m_i = max over tiles of (U - E), E = MAX_EXP[dtype], and each exponent is one
+FMA, exp2(c_j (q_i.k_j) - m_i), as without a map. Online softmax is exact for any reference (acc and
+l_i are rescaled by exp2(m_old - m_new) <= 1, lse2 = m_i + log2(l_i)); what the reference decides is
+range, and this one is safe:
+  * no overflow, ever: every p <= 2^E (up to the last bit of the FMA's rounding), l_i <= Nk 2^E;
+  * no precision lost while G = max over tiles of g <= E: the row's largest p is >= 2^(E - G) >= 1,
+    as in the standard kernel (where it is exactly 1), so every p keeps its relative precision and
+    l_i >= 1. Beyond, all p shrink by at most 2^(G - E): a pure exponent shift in float32, harmless
+    in float32 and bfloat16 (float32's exponent range) until about G - E = 100, where the smallest
+    weights begin to flush to zero, and all-zero rows (l_i = 0) only past G - E = 126.
+    G <= log2(e) |scale q_i.k_j|_max (s_max - s_min): at lam = 0.025 and fam in [0, 1], G <= 0.036
+    |logit|_max, so float16 is exact up to |logits| of 400, bfloat16 and float32 lose nothing up to
+    2,800 (and rows fail only past 3,500);
+  * E = 15 for float16 (whose P tile is normal only down to 2^-14, and whose largest p must stay below
+    65,504): exact for G <= 15, the largest p still normal for G <= 29. E = 0 for bfloat16, whose P
+    tile has float32's range. The exponents of the largest p are ~(G - E) instead of ~0, which costs
+    |G - E| 2^-24 of relative error (1e-6 at 15), far below bfloat16's 2^-9 and float16's 2^-11;
+  * float32 inputs, held to float32's own 2^-24, take the exact row max instead (the logits
+    multiplied out, as the standard kernel): they run FMA dots on the fallback tiles anyway.
+Then P is rounded to the MMA dtype and multiplied by s_j with one packed FMA per pair of columns,
+p + p (s_j - 1), a single rounding (float32: one FFMA).
 
 Backward, with x_ij = scale * s_j * (q_i.k_j), P = softmax_j(x), O_i = sum_j P_ij s_j v_j:
     dP_ij = s_j (dO_i.v_j)                    delta_i = sum_j P_ij dP_ij = dO_i.O_i
@@ -39,6 +69,9 @@ from srdiff.kernels.utils import input_guard, new_empty, triton_interpreting
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 LOG2E = 1.4426950408889634  # 1 / ln(2)
+# E of the forward's reference (module docstring): the largest exponent a p may reach, per input dtype
+# (float32 takes the exact row max instead).
+MAX_EXP = {torch.float16: 15.0, torch.bfloat16: 0.0, torch.float32: 0.0}
 
 # Shared memory a config may use: Hopper's 227 KiB per block (the estimate below matches Triton's
 # allocation to within its 1 KiB of barriers and scratch).
@@ -46,11 +79,12 @@ _SMEM_BUDGET = 227 * 1024
 _SMEM_SCRATCH = 1024
 
 
-def _configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) -> Configs, then the fallback (32 x 32 tiles, four
-    warps, one stage), which fits every head dim and dtype (float32 at D = 256 included)."""
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in [*gpu, (32, 32, 4, 1)]]
+def _configs(gpu: list[tuple]) -> list[triton.Config]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) -> Configs, then the fallback (32 x 32
+    tiles, four warps, one stage), which fits every head dim and dtype (float32 at D = 256 included).
+    ``maxnreg`` caps ptxas's registers a thread (128: two CTAs of 8 warps per SM)."""
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, maxnreg=r)
+            for m, n, w, s, r in (c if len(c) == 5 else (*c, None) for c in [*gpu, (32, 32, 4, 1)])]
 
 
 # What the interpreter runs unless a test pins another config: 16 x 16 blocks make the test shapes
@@ -58,22 +92,27 @@ def _configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
 
 
-def _prune(resident: str, tiles_in: int, tiles_acc: int):
+def _prune(resident: str, tiles_in: int, tiles_acc: int, register_tiles_in: int, key_bytes: int):
     """An ``early_config_prune`` keeping the configs whose register-resident tiles fit and whose
     pipelined tiles fit in shared memory, else the fallback. Each program keeps ``tiles_in`` input
-    tiles and ``tiles_acc`` float32 accumulators of (``resident`` rows, BLOCK_D) in registers (q and
-    acc in the forward; k, v, dk, dv in dK/dV; q, dO, dq in dQ) and streams two tiles of the other
-    block size per pipeline stage. Shared memory holds the input tiles once and num_stages buffers
-    of each streamed tile, plus 1 KiB: Triton 3.8's allocation at sm_90 for the largest kept tiles
-    (where the budget binds), an upper bound for small ones, whose buffers it shares
-    (benchmarks/compile_sm90.py, with the JIT's specialisation). Budgets: 128 registers a
-    thread for the resident tiles and Hopper's 227 KiB of shared memory. float32 inputs multiply exactly with FMAs, not tensor
-    cores; beyond 32 x 32 tiles those dots spill heavily, so float32 always takes the fallback."""
+    tiles of (``resident`` rows, BLOCK_D) (q in the forward; k, v in dK/dV; q, dO in dQ), of which
+    ``register_tiles_in(BLOCK_D)`` in registers (the others are wgmma operands read from shared memory), and
+    ``tiles_acc`` float32 accumulators in registers; it streams two tiles of the other block size
+    per pipeline stage and ``key_bytes(has_fam)`` per streamed row (the forward's per-key records
+    with a map, lse2 and delta in dK/dV, the map in dQ). Shared memory holds the input tiles once,
+    num_stages buffers of each streamed tile and num_stages - 1 of each vector, plus 1 KiB: Triton
+    3.8's allocation at sm_90 for the largest kept tiles (where the budget binds), an upper bound for
+    small ones, whose buffers it shares (benchmarks/compile_sm90.py, with the JIT's specialisation).
+    Budgets: 128 registers a thread for the resident tiles (half the cap of a config with
+    ``maxnreg``: the rest holds the score tile) and Hopper's 227 KiB of shared memory. float32 inputs
+    multiply exactly with FMAs, not tensor cores; beyond 32 x 32 tiles those dots spill heavily, so
+    float32 always takes the fallback."""
     streamed = "BLOCK_N" if resident == "BLOCK_M" else "BLOCK_M"
 
-    def smem(c: triton.Config, elsize: int, block_d: int) -> int:
+    def smem(c: triton.Config, elsize: int, block_d: int, has_fam: bool) -> int:
         rows, rows_streamed = c.kwargs[resident], c.kwargs[streamed]
-        return elsize * block_d * (tiles_in * rows + 2 * c.num_stages * rows_streamed) + _SMEM_SCRATCH
+        tiles = elsize * block_d * (tiles_in * rows + 2 * c.num_stages * rows_streamed)
+        return tiles + (c.num_stages - 1) * rows_streamed * key_bytes(has_fam) + _SMEM_SCRATCH
 
     def prune(configs, named_args, **kwargs):
         *candidates, fallback = configs
@@ -83,8 +122,10 @@ def _prune(resident: str, tiles_in: int, tiles_acc: int):
             return [fallback]
         kept = []
         for c in candidates:
-            registers = c.kwargs[resident] * block_d * (tiles_in * elsize + tiles_acc * 4) / 4 / (32 * c.num_warps)
-            if registers <= 128 and smem(c, elsize, block_d) <= _SMEM_BUDGET:
+            tile_bytes = register_tiles_in(block_d) * elsize + tiles_acc * 4  # per element of a row
+            registers = c.kwargs[resident] * block_d * tile_bytes / 4 / (32 * c.num_warps)
+            budget = 128 if c.maxnreg is None else c.maxnreg // 2
+            if registers <= budget and smem(c, elsize, block_d, args["HAS_FAM"]) <= _SMEM_BUDGET:
                 kept.append(c)
         return kept or [fallback]
 
@@ -92,14 +133,30 @@ def _prune(resident: str, tiles_in: int, tiles_acc: int):
     return prune
 
 
+def _dkdv_register_tiles(block_d: int) -> int:
+    """Input tiles the dK/dV pass holds in registers: none up to BLOCK_D = 128, where k and v stay
+    wgmma operands in shared memory (so 128 keys fit at D = 128: 64x128 MMAs, no spill in the loop),
+    both beyond, where the static check (benchmarks/sass_sm90.py) finds the loop spilling otherwise."""
+    return 0 if block_d <= 128 else 2
+
+
 # Hopper first, largest tiles first; the 8-warp 32/64-row configs serve head dims 160-256. Each
-# kept candidate is a compile on first use.
-_FWD_CONFIGS = _configs([(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
-                         (64, 32, 8, 2)])
+# kept candidate is a compile on first use. Forward: two stages (three cost the modulated loop
+# register-pressure instructions: benchmarks/sass_sm90.py), 128 x 64 capped at 128 registers (two
+# CTAs an SM, kept up to D = 64, where it does not spill).
+_FWD_CONFIGS = _configs([(128, 128, 8, 2), (128, 64, 8, 2, 128), (64, 64, 4, 2), (64, 32, 8, 2)])
 _BWD_DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 2), (32, 64, 4, 3),
                               (32, 32, 8, 2)])
 _BWD_DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
                             (32, 32, 8, 2)])
+# Resident tiles: q (forward); k, v and the dk, dv accumulators (dK/dV); q, dO (dQ). Per streamed row:
+# the forward's 8-byte key records with a map, dK/dV's lse2 and delta, dQ's map.
+_FWD_PRUNE = _prune("BLOCK_M", tiles_in=1, tiles_acc=1, register_tiles_in=lambda block_d: 1,
+                    key_bytes=lambda has_fam: 8 * has_fam)
+_BWD_DKDV_PRUNE = _prune("BLOCK_N", tiles_in=2, tiles_acc=2, register_tiles_in=_dkdv_register_tiles,
+                         key_bytes=lambda has_fam: 8)
+_BWD_DQ_PRUNE = _prune("BLOCK_M", tiles_in=2, tiles_acc=1, register_tiles_in=lambda block_d: 2,
+                       key_bytes=lambda has_fam: 4 * has_fam)
 
 
 @triton.jit
@@ -176,43 +233,112 @@ def _key_scale(fam_ptrs, offs_n, Nk, lam, HAS_FAM: tl.constexpr, MASK: tl.conste
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, fam_base, start_n, end_n, Nk, lam, qk_scale,
+def _fam_key_scales_kernel(FAM, REC, C_RANGE, stride_fb, stride_fh, H_FAM, Nk, Nk_pad, lam, qk_scale,
+                           P_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """The forward's per-key record, one program per (batch|1, head|1) row of fam: REC[j] = (bits of
+    c_j = qk_scale * s_j in float32, bits of s_j - 1 in P_DTYPE, the dtype of the P.V operands);
+    for 16-bit dtypes the word holds the pair (j & ~1, j | 1), low half first, which the packed FMA
+    of the P tile takes as is. Keys Nk..Nk_pad-1 get s = 1. C_RANGE = (min_j c_j, max_j c_j)."""
+    row = tl.program_id(0)
+    fam_row = FAM + (row // H_FAM).to(tl.int64) * stride_fb + (row % H_FAM) * stride_fh
+    rec_row = REC + row.to(tl.int64) * Nk_pad * 2
+    c_lo = tl.full((BLOCK,), float("inf"), tl.float32)
+    c_hi = tl.full((BLOCK,), float("-inf"), tl.float32)
+    for n in range(0, Nk_pad, BLOCK):
+        offs = n + tl.arange(0, BLOCK)
+        key = offs < Nk
+        fam = tl.load(fam_row + offs, mask=key, other=0.0).to(tl.float32)
+        c = qk_scale * (1.0 + lam * fam)
+        c_lo = tl.minimum(c_lo, tl.where(key, c, float("inf")))
+        c_hi = tl.maximum(c_hi, tl.where(key, c, float("-inf")))
+        delta = (lam * fam).to(P_DTYPE)
+        if P_DTYPE == tl.float32:
+            word = delta.to(tl.int32, bitcast=True)
+        else:
+            half_lo, half_hi = tl.split(delta.to(tl.uint16, bitcast=True).to(tl.int32).reshape(BLOCK // 2, 2))
+            pair = half_lo | (half_hi << 16)
+            word = tl.join(pair, pair).reshape(BLOCK)
+        tl.store(rec_row + offs * 2, c.to(tl.int32, bitcast=True), mask=offs < Nk_pad)
+        tl.store(rec_row + offs * 2 + 1, word, mask=offs < Nk_pad)
+    tl.store(C_RANGE + row * 2, tl.min(c_lo, 0))
+    tl.store(C_RANGE + row * 2 + 1, tl.max(c_hi, 0))
+
+
+@triton.jit
+def _scale_p(p, words, offs_n, PACKED_FMA: tl.constexpr):
+    """p * s_j = p + p * (s_j - 1), rounded once to P's dtype; ``words`` as _fam_key_scales_kernel
+    writes them. PACKED_FMA (GPUs): one fma.rn.{bf16,f16}x2 per pair of columns; else (the
+    interpreter, which runs no inline assembly) the same single rounding from float32."""
+    if p.dtype == tl.float32:
+        scaled = p + p * words.to(tl.float32, bitcast=True)[None, :]
+    elif PACKED_FMA:
+        asm: tl.constexpr = ("fma.rn.bf16x2 $0, $1, $2, $1;" if p.dtype == tl.bfloat16
+                             else "fma.rn.f16x2 $0, $1, $2, $1;")
+        scaled = tl.inline_asm_elementwise(asm, "=r,r,r,r", [p, words[None, :]], dtype=p.dtype, is_pure=True,
+                                           pack=2)
+    else:
+        half = tl.where(offs_n % 2 == 0, words, words >> 16) & 0xFFFF
+        delta = half.to(tl.uint16).to(p.dtype, bitcast=True).to(tl.float32)
+        scaled = (p.to(tl.float32) * (1.0 + delta[None, :])).to(p.dtype)
+    return scaled
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, rec_base, start_n, end_n, Nk, qk_scale, c_lo, c_hi,
                stride_kn, stride_vn, offs_n0, offs_d,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_FAM: tl.constexpr,
-               MASK_N: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online softmax over the key blocks in [start_n, end_n); MASK_N for the ragged last block."""
+               MAX_EXP: tl.constexpr, EXACT_MAX: tl.constexpr, PACKED_FMA: tl.constexpr, MASK_N: tl.constexpr,
+               DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax over the key blocks in [start_n, end_n); MASK_N for the ragged last block.
+
+    x_ij = c_j (q_i.k_j) with c_j = qk_scale * s_j. The row max is taken on the raw q.k and turned
+    into the reference m_i with the scales' range [c_lo, c_hi] (module docstring: why no p overflows
+    or loses precision), so that each exponent is one FMA, as without a map."""
     for n in range(start_n, end_n, BLOCK_N):
-        offs_n = n + offs_n0
+        offs_n = tl.multiple_of(n, BLOCK_N) + offs_n0
         k = _load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, Nk, offs_d,
                        HEAD_DIM, BLOCK_D, MASK_N)
         v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, Nk, offs_d,
                        HEAD_DIM, BLOCK_D, MASK_N)
-        s = _key_scale(fam_base + offs_n, offs_n, Nk, lam, HAS_FAM, MASK_N)
-        z = _mma(q, tl.trans(k), None, DOT_UPCAST, DOT_PRECISION) * (qk_scale * s)[None, :]
+        qk = _mma(q, tl.trans(k), None, DOT_UPCAST, DOT_PRECISION)
         if MASK_N:
-            z = tl.where((offs_n < Nk)[None, :], z, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(z - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+            qk = tl.where((offs_n < Nk)[None, :], qk, float("-inf"))
         if HAS_FAM:
-            p = p * s[None, :]
-        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_UPCAST, DOT_PRECISION)
+            c_bits, words = tl.split(tl.load(rec_base + offs_n[:, None] * 2 + tl.arange(0, 2)[None, :]))
+            c = c_bits.to(tl.float32, bitcast=True)
+        else:
+            c = tl.full((BLOCK_N,), qk_scale, tl.float32)
+        if HAS_FAM and EXACT_MAX:  # float32: the logits themselves, as the standard kernel
+            qk = qk * c[None, :]
+            c = tl.full((BLOCK_N,), 1.0, tl.float32)
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+        elif HAS_FAM:
+            qk_max = tl.max(qk, 1)
+            m_new = tl.maximum(m_i, tl.maximum(qk_max * c_lo - MAX_EXP, qk_max * c_hi - MAX_EXP))
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * c[None, :] - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = p.to(v.dtype)
+        if HAS_FAM:
+            p = _scale_p(p, words, offs_n, PACKED_FMA)
+        acc = _mma(p, v, acc * alpha[:, None], DOT_UPCAST, DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["Nq_bucket", "Nk_bucket", "HEAD_DIM", "HAS_FAM", "DOT_UPCAST"],
-                 prune_configs_by={"early_config_prune": _prune("BLOCK_M", tiles_in=1, tiles_acc=1)})
+                 prune_configs_by={"early_config_prune": _FWD_PRUNE})
 @triton.jit(do_not_specialize=["Nq", "Nk", "Nq_bucket", "Nk_bucket"])
 def _fam_attention_fwd_kernel(
-    Q, K, V, FAM, O, LSE2,
+    Q, K, V, REC, C_RANGE, O, LSE2,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_fb, stride_fh, stride_ob, stride_oh, stride_on,
-    H, Nq, Nk, Nq_bucket, Nk_bucket, lam, qk_scale,
+    stride_rb, stride_rh, stride_cb, stride_ch, stride_ob, stride_oh, stride_on,
+    H, Nq, Nk, Nq_bucket, Nk_bucket, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, HAS_FAM: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MAX_EXP: tl.constexpr, EXACT_MAX: tl.constexpr, PACKED_FMA: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m, pid_bh = _program_tile(Nq, BLOCK_M)
     stride_qb, stride_qh, stride_qn = _aligned_strides(stride_qb, stride_qh, stride_qn, ROW_ALIGN)
@@ -225,7 +351,11 @@ def _fam_attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    fam_base = FAM + b * stride_fb + h * stride_fh
+    rec_base = REC + b * stride_rb + h * stride_rh
+    c_lo, c_hi = qk_scale, qk_scale
+    if HAS_FAM:
+        c_lo = tl.load(C_RANGE + b * stride_cb + h * stride_ch)
+        c_hi = tl.load(C_RANGE + b * stride_cb + h * stride_ch + 1)
 
     q = _load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
                    offs_m, Nq, offs_d, HEAD_DIM, BLOCK_D, True)
@@ -233,13 +363,13 @@ def _fam_attention_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     n_full = (Nk // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, fam_base, 0, n_full, Nk, lam, qk_scale,
-                               stride_kn, stride_vn, offs_n0, offs_d,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, HAS_FAM, False, DOT_UPCAST, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, rec_base, 0, n_full, Nk, qk_scale, c_lo,
+                               c_hi, stride_kn, stride_vn, offs_n0, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N,
+                               HAS_FAM, MAX_EXP, EXACT_MAX, PACKED_FMA, False, DOT_UPCAST, DOT_PRECISION)
     if n_full < Nk:
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, fam_base, n_full, Nk, Nk, lam,
-                                   qk_scale, stride_kn, stride_vn, offs_n0, offs_d,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, HAS_FAM, True, DOT_UPCAST, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, rec_base, n_full, Nk, Nk, qk_scale, c_lo,
+                                   c_hi, stride_kn, stride_vn, offs_n0, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                   HAS_FAM, MAX_EXP, EXACT_MAX, PACKED_FMA, True, DOT_UPCAST, DOT_PRECISION)
 
     o = acc / l_i[:, None]
     row_ok = offs_m < Nq
@@ -302,7 +432,7 @@ def _bwd_dkdv_inner(dk_acc, dv_acc, k, v, s, q_base, do_base, lse2_base, delta_b
 
 
 @triton.autotune(configs=_BWD_DKDV_CONFIGS, key=["Nq_bucket", "Nk_bucket", "HEAD_DIM", "HAS_FAM", "FAM_GRAD", "DQ_ATOMIC", "DOT_UPCAST"],
-                 prune_configs_by={"early_config_prune": _prune("BLOCK_N", tiles_in=2, tiles_acc=2)})
+                 prune_configs_by={"early_config_prune": _BWD_DKDV_PRUNE})
 @triton.jit(do_not_specialize=["Nq", "Nk", "Nq_bucket", "Nk_bucket"])
 def _fam_attention_bwd_dkdv_kernel(
     Q, K, V, FAM, DO, LSE2, DELTA, DK, DV, DS, DQ_ACC,
@@ -388,7 +518,7 @@ def _bwd_dq_inner(dq_acc, q, do, lse2, delta, k_base, v_base, fam_base, start_n,
 
 
 @triton.autotune(configs=_BWD_DQ_CONFIGS, key=["Nq_bucket", "Nk_bucket", "HEAD_DIM", "HAS_FAM", "DOT_UPCAST"],
-                 prune_configs_by={"early_config_prune": _prune("BLOCK_M", tiles_in=2, tiles_acc=1)})
+                 prune_configs_by={"early_config_prune": _BWD_DQ_PRUNE})
 @triton.jit(do_not_specialize=["Nq", "Nk", "Nq_bucket", "Nk_bucket"])
 def _fam_attention_bwd_dq_kernel(
     Q, K, V, FAM, DO, LSE2, DELTA, DQ,
@@ -461,15 +591,27 @@ def _block_d(head_dim: int) -> int:
     return max(triton.next_power_of_2(head_dim), 16)
 
 
-def kept_configs(kernel, dtype: torch.dtype, head_dim: int) -> list[triton.Config]:
-    """The configs of an autotuned kernel that its prune keeps for ``dtype`` at ``head_dim``, largest
-    first: what the autotuner times on a GPU (the last is what ``SRDIFF_AUTOTUNE=0`` runs)."""
-    return kernel.early_config_prune(kernel.configs, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=_block_d(head_dim))
+def kept_configs(kernel, dtype: torch.dtype, head_dim: int, has_fam: bool = True) -> list[triton.Config]:
+    """The configs of an autotuned kernel that its prune keeps for ``dtype`` at ``head_dim`` (with or
+    without a map), largest first: what the autotuner times on a GPU (the last is what
+    ``SRDIFF_AUTOTUNE=0`` runs)."""
+    return kernel.early_config_prune(kernel.configs, {"Q": torch.empty(0, dtype=dtype)},
+                                     BLOCK_D=_block_d(head_dim), HAS_FAM=has_fam)
 
 
-def shared_memory_estimate(kernel, config: triton.Config, dtype: torch.dtype, head_dim: int) -> int:
+def shared_memory_estimate(kernel, config: triton.Config, dtype: torch.dtype, head_dim: int,
+                           has_fam: bool = True) -> int:
     """The bytes of shared memory the prune budgets for ``config`` of an autotuned ``kernel``."""
-    return kernel.early_config_prune.shared_memory(config, dtype.itemsize, _block_d(head_dim))
+    return kernel.early_config_prune.shared_memory(config, dtype.itemsize, _block_d(head_dim), has_fam)
+
+
+def config_options(config: triton.Config) -> dict:
+    """The launch (and compile) keywords of ``config``: block sizes, warps, stages and, where set,
+    the register cap."""
+    options = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    if config.maxnreg is not None:
+        options["maxnreg"] = config.maxnreg
+    return options
 
 
 _PINNED: dict = {}
@@ -499,12 +641,11 @@ def _launch(kernel, grid, args: tuple, meta: dict, dtype: torch.dtype) -> None:
     if config is None and triton_interpreting():
         config = INTERPRETER_CONFIG
     if config is None and os.environ.get("SRDIFF_AUTOTUNE") == "0":
-        config = kept_configs(kernel, dtype, meta["HEAD_DIM"])[-1]
+        config = kept_configs(kernel, dtype, meta["HEAD_DIM"], meta["HAS_FAM"])[-1]
     if config is None:
         torch.library.wrap_triton(kernel)[grid](*args, **meta)
     else:
-        torch.library.wrap_triton(kernel.fn)[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps,
-                                                   num_stages=config.num_stages)
+        torch.library.wrap_triton(kernel.fn)[grid](*args, **meta, **config_options(config))
 
 
 def _row_alignment(*tensors: torch.Tensor) -> int:
@@ -542,6 +683,29 @@ def _fam_strides(fam: torch.Tensor | None, B: int, H: int, Nk: int, like: torch.
     return fam, fam.stride(0), fam.stride(1)
 
 
+# Keys per record block of the forward: the records are padded to a multiple of the largest BLOCK_N,
+# so that no tile reads past them.
+_REC_ALIGN = 128
+
+
+def _key_scales(fam: torch.Tensor, lam: float, qk_scale: float, p_dtype: torch.dtype, B: int, H: int):
+    """The forward's per-key records and scale range (:func:`_fam_key_scales_kernel`), seen as
+    (B, H, ...) with zero strides on the dims fam broadcasts: records (B, H, Nk_pad, 2) int32, range
+    (B, H, 2) float32."""
+    Bf, Hf, Nk = fam.shape
+    Nk_pad = triton.cdiv(Nk, _REC_ALIGN) * _REC_ALIGN
+    rec = new_empty((Bf, Hf, Nk_pad, 2), dtype=torch.int32, device=fam.device)
+    c_range = new_empty((Bf, Hf, 2), dtype=torch.float32, device=fam.device)
+    torch.library.wrap_triton(_fam_key_scales_kernel)[(Bf * Hf,)](
+        fam, rec, c_range, fam.stride(0), fam.stride(1), Hf, Nk, Nk_pad, lam, qk_scale,
+        P_DTYPE=_TL_DTYPES[p_dtype], BLOCK=1024,
+    )
+    return rec.expand(B, H, Nk_pad, 2), c_range.expand(B, H, 2)
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
 @torch.library.triton_op("srdiff::fam_attention_fwd", mutates_args=())
 @input_guard
 def fam_attention_fwd(
@@ -553,19 +717,23 @@ def fam_attention_fwd(
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     has_fam = fam is not None and lam != 0.0
-    fam_t, stride_fb, stride_fh = _fam_strides(fam if has_fam else None, B, H, Nk, q)
+    qk_scale = scale * LOG2E
+    rec, c_range = (q, q) if not has_fam else _key_scales(fam, float(lam), qk_scale, q.dtype, B, H)
     o = _empty_like_layout(q)
     lse2 = new_empty((B, H, Nq), dtype=torch.float32, device=q.device)
 
     def grid(meta):
         return fold_grid(Nq, meta["BLOCK_M"], B * H)
 
+    strides = [t.stride(i) if has_fam else 0 for t in (rec, c_range) for i in (0, 1)]
     _launch(_fam_attention_fwd_kernel, grid, (
-        q, k, v, fam_t, o, lse2,
+        q, k, v, rec, c_range, o, lse2,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), stride_fb, stride_fh, o.stride(0), o.stride(1), o.stride(2),
-        H, Nq, Nk, *_sequence_buckets(Nq, Nk), float(lam), scale * LOG2E,
-    ), dict(HAS_FAM=has_fam, ROW_ALIGN=_row_alignment(q, k, v, o), **_kernel_flags(q)), q.dtype)
+        v.stride(0), v.stride(1), v.stride(2), *strides, o.stride(0), o.stride(1), o.stride(2),
+        H, Nq, Nk, *_sequence_buckets(Nq, Nk), qk_scale,
+    ), dict(HAS_FAM=has_fam, MAX_EXP=MAX_EXP[q.dtype], EXACT_MAX=q.dtype == torch.float32,
+            PACKED_FMA=not triton_interpreting(),
+            ROW_ALIGN=_row_alignment(q, k, v, o), **_kernel_flags(q)), q.dtype)
     return o, lse2
 
 

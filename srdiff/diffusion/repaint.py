@@ -1,88 +1,166 @@
-"""RePaint (Lugmayr et al. 2022): inpainting with any unconditional epsilon-prediction pixel model, no
-inpainting training. Each reverse step denoises the unknown region and replaces the known one by the
-original image noised to the same level; ``resamplings`` times per ``jump_length`` steps it jumps back up
-the chain (re-noising) so the fill harmonises with the known pixels. The authors' self-refining route:
-250 steps, jump length 10, 10 resamplings, DDPM (eta = 1). diffusers' ``RePaintScheduler`` does the
-step arithmetic; this module runs it over batches, seeded per image as :mod:`srdiff.trainer.sampling`."""
+"""RePaint (Lugmayr et al. 2022), the one re-denoising loop with composition: flaw repair
+(:func:`srdiff.repair_flaws`, any ``strength``), its unmasked baseline SDEdit (a mask of ones) and
+``srdiff inpaint`` with an unconditional model (``strength=1``) all run :func:`repaint_images`.
+
+The state starts as the input noised to the first timestep ``strength`` selects
+(:func:`srdiff.diffusion.schedules.strength_timesteps`). Each denoising step runs the model and
+``scheduler.step``, then composes (:func:`compose`): inside the mask the model's state, outside it the
+input noised afresh to the new timestep. With ``resample`` r > 1, after every ``jump`` steps the state
+is sent ``jump`` steps back up the chain (a draw of q(x_a | x_b)) and denoised again, r - 1 times
+(:func:`jump_schedule`), so the fill harmonises with what is kept. At the end the pixels outside the
+mask are the input's, bit for bit. Works with any denoiser called ``predict(x, t, rows)``, any
+diffusers scheduler with ``add_noise``, ``set_timesteps`` and ``step`` (resampling: the one-step
+alpha-schedule ones, DDPM and DDIM), in pixel space ([-1, 1]) or a VAE's latent space. Every image's
+noise comes from its own generator (:func:`srdiff.diffusion.seeding.repaint_generators`), so results
+depend on neither the batch size nor the device.
+"""
+
+import inspect
+import math
 
 import torch
+import torch.nn.functional as F
 
-from srdiff.trainer.sampling import image_seed, initial_noise
-from srdiff.trainer.task import Batch
-
-
-def make_repaint_scheduler(config, steps: int, jump_length: int, resamplings: int):
-    from diffusers import RePaintScheduler
-
-    for name, value in (("steps", steps), ("jump_length", jump_length), ("resamplings", resamplings)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if config.prediction_type != "epsilon":
-        raise ValueError(f"RePaint needs an epsilon-prediction model; this one predicts {config.prediction_type!r}")
-    if config.vae is not None:
-        raise ValueError("RePaint pastes known pixels at every step, so it needs a pixel-space model; this one "
-                         f"is a latent model (vae {config.vae!r}): train task 'inpaint' instead")
-    scheduler = RePaintScheduler(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
-                                 eta=1.0, clip_sample=True)
-    scheduler.set_timesteps(steps, jump_length=jump_length, jump_n_sample=resamplings)
-    return scheduler
+from srdiff._checks import check_int
+from srdiff.diffusion.sampling import decode, encode
+from srdiff.diffusion.schedules import fresh_scheduler, run_steps, strength_timesteps
+from srdiff.diffusion.seeding import per_image_randn, repaint_generators
 
 
-@torch.no_grad()
-def repaint(predict, images: torch.Tensor, masks: torch.Tensor, config, *, steps: int = 250, jump_length: int = 10,
-            resamplings: int = 10, seed: int = 0, first_index: int = 0, batch_size: int = 64,
-            progress: bool = False) -> torch.Tensor:
-    """Inpaint ``images`` (N, C, H, W) in [0, 1] where ``masks`` (N, 1, H, W) is 1; returns (N, C, H, W)
-    in [0, 1] equal to ``images`` outside the holes. ``predict(x, t)``: the model's ε for ``x`` at ``t``.
-    The starting noise of image i is ``image_seed(seed, first_index + i)``'s (as in sampling); the noise of
-    the steps and jumps is drawn per batch, so a result depends on ``seed`` and ``batch_size``."""
-    device = images.device
+def jump_schedule(n: int, jump: int, resample: int) -> list[int]:
+    """RePaint's schedule over ``n`` denoising steps as index moves: +1 denoises one step, -k re-noises
+    k steps. With ``resample`` r > 1, after every ``jump`` steps (except the last) the state is sent
+    ``jump`` steps back and denoised again, r - 1 times: ``n * (1 + 2 * (r - 1))`` model calls at most
+    (RePaint: jump 10, r 10). ``resample=1``: plain denoising, ``[+1] * n``."""
+    check_int("jump", jump, 1)
+    check_int("resample", resample, 1)
+    moves, done, i = [], {}, 0
+    while i < n:
+        moves.append(1)
+        i += 1
+        if resample > 1 and i < n and i % jump == 0 and done.get(i, 0) < resample - 1:
+            done[i] = done.get(i, 0) + 1
+            back = min(jump, i)
+            moves.append(-back)
+            i -= back
+    return moves
+
+
+def compose(model_state: torch.Tensor, known_state: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``mask * model_state + (1 - mask) * known_state``, and exactly ``known_state`` where mask == 0.
+
+    mask: (B, 1, h, w) in [0, 1], broadcast over channels."""
+    return torch.where(mask > 0, torch.lerp(known_state, model_state, mask), known_state)
+
+
+def _step_kwargs(scheduler, generators):
+    params = inspect.signature(scheduler.step).parameters
+    kwargs = {"generator": generators} if "generator" in params else {}
+    if "eta" in params:
+        kwargs["eta"] = 0.0
+    return kwargs
+
+
+def _alpha_bar(scheduler, timesteps, index, device) -> torch.Tensor:
+    if index == len(timesteps):
+        return torch.tensor(1.0, device=device)
+    return scheduler.alphas_cumprod[int(timesteps[index])].to(device=device, dtype=torch.float32)
+
+
+def repaint(x0: torch.Tensor, mask: torch.Tensor, predict, scheduler, *, strength: float, steps: int,
+            generators: list[torch.Generator], resample: int = 1, jump: int = 1, progress=None) -> torch.Tensor:
+    """Re-denoise ``x0`` (B, c, h, w), in the model's space, inside ``mask`` (B, 1, h, w) in [0, 1].
+
+    ``predict(x, t)``: the model's output (what ``scheduler`` expects) for the scaled state ``x`` at the
+    0-dim timestep ``t``. ``generators``: one per image. ``progress``: a tqdm bar advanced per move.
+    Returns the final state, (B, c, h, w), equal to ``x0`` wherever the mask is 0.
+    """
+    timesteps = strength_timesteps(scheduler, strength, steps)
+    moves = jump_schedule(len(timesteps), jump, resample)
+    if resample > 1 and (not hasattr(scheduler, "alphas_cumprod") or hasattr(scheduler, "sigmas")):
+        raise ValueError(f"resample > 1 needs a one-step alpha-schedule scheduler (DDPM, DDIM), got "
+                         f"{type(scheduler).__name__}")
+    B = len(x0)
+    device, shape = x0.device, x0.shape[1:]
+    step_kwargs = _step_kwargs(scheduler, generators)
+
+    def noised(index):
+        if index == len(timesteps):
+            return x0
+        return scheduler.add_noise(x0, per_image_randn(generators, shape, device), timesteps[index].expand(B).to(device))
+
+    x, i = noised(0), 0
+    for move in moves:
+        if move == 1:
+            t = timesteps[i]
+            pred = predict(scheduler.scale_model_input(x, t), t.to(device))
+            x = scheduler.step(pred.to(x.dtype), t, x, **step_kwargs).prev_sample
+            i += 1
+            x = compose(x, noised(i), mask)
+        else:
+            a_from = _alpha_bar(scheduler, timesteps, i, device)
+            i += move
+            ratio = _alpha_bar(scheduler, timesteps, i, device) / a_from
+            x = ratio.sqrt() * x + (1 - ratio).sqrt() * per_image_randn(generators, shape, device)
+            x = compose(x, noised(i), mask)
+        if progress is not None:
+            progress.update(1)
+    return x
+
+
+def model_mask(mask: torch.Tensor, size) -> torch.Tensor:
+    """(B, 1, H, W) pixel mask -> (B, 1, h, w) on the model's grid: in a latent cell, the largest value of
+    the pixels it covers (a cell changes if any of its pixels may)."""
+    return mask if tuple(mask.shape[-2:]) == tuple(size) else F.adaptive_max_pool2d(mask, size)
+
+
+def _redenoise(images, masks, predict, scheduler, *, vae, strength, steps, generators, resample, jump,
+               progress) -> torch.Tensor:
+    """Images (B, C, H, W) in [0, 1] re-denoised inside ``masks`` (B, 1, H, W); outside them exactly the input."""
+    x0 = encode(images, vae)
+    m = model_mask(masks, x0.shape[-2:]).to(x0.dtype)
+    out = decode(repaint(x0, m, predict, scheduler, strength=strength, steps=steps, generators=generators,
+                         resample=resample, jump=jump, progress=progress), vae)
+    blended = out if vae is None else torch.lerp(images, out, masks)
+    return torch.where(masks > 0, blended, images)
+
+
+def repaint_images(images: torch.Tensor, masks: torch.Tensor, predict, scheduler, *, strength: float, steps: int,
+                   seed: int, indices: torch.Tensor | None = None, round_index: int = 0, resample: int = 1,
+                   jump: int = 1, vae=None, batch_size: int = 64, progress: bool = False,
+                   desc: str = "RePaint") -> torch.Tensor:
+    """RePaint ``images[indices]`` (B, C, H, W) in [0, 1] inside ``masks[indices]`` (B, 1, H, W) in [0, 1],
+    1 = re-denoise, in batches; returns the new images (len(indices), C, H, W) in [0, 1], equal to the
+    input bit for bit wherever the mask is 0.
+
+    Args:
+        predict: ``predict(x, t, rows)``: the model's output for the scaled state ``x`` of the images
+            ``rows`` (positions in ``images``, to pick their conditions) at the 0-dim timestep ``t``.
+        scheduler: a diffusers scheduler (copied per batch: the caller's is left as it was).
+        strength, steps: :func:`srdiff.diffusion.schedules.strength_timesteps`.
+        seed, round_index: image i's noise comes from ``repaint_generators(seed, round_index, [i])``.
+        indices: the images to repaint (default all).
+        resample, jump: :func:`jump_schedule`.
+        vae: for latent models: the images are encoded, the mask is brought to the latent grid
+            (:func:`model_mask`), composition runs there, the result is decoded and pasted into the
+            input through the pixel mask.
+    """
+    indices = torch.arange(len(images)) if indices is None else indices
+    check_int("batch_size", batch_size, 1)
+    moves = len(jump_schedule(run_steps(steps, strength), jump, resample))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=moves * math.ceil(len(indices) / batch_size), desc=desc, leave=False)
     out = []
-    for start in range(0, len(images), batch_size):
-        known = images[start:start + batch_size] * 2 - 1
-        keep = 1.0 - masks[start:start + batch_size].to(known)
-        scheduler = make_repaint_scheduler(config, steps, jump_length, resamplings)
-        gen = torch.Generator(device=device).manual_seed(image_seed(seed, first_index + start))
-        x = initial_noise(tuple(known.shape), seed, first_index + start, device)
-        timesteps = scheduler.timesteps
-        if progress:
-            from tqdm.auto import tqdm
-
-            timesteps = tqdm(timesteps, desc=f"RePaint {start + len(known)}/{len(images)}", leave=False)
-        t_last = int(scheduler.timesteps[0]) + 1
-        for t in timesteps:
-            t = int(t)
-            if t < t_last:
-                x = scheduler.step(predict(x, torch.tensor(t, device=device)).float(), t, x, known, keep,
-                                   generator=gen).prev_sample
-            else:
-                x = scheduler.undo_step(x, t_last, generator=gen)
-            t_last = t
-        out.append(keep * known + (1 - keep) * x)
-    return ((torch.cat(out) + 1) / 2).clamp(0, 1) if out else images.clone()
-
-
-def inpaint(trained, images: torch.Tensor, masks: torch.Tensor, *, steps: int, jump_length: int = 10,
-            resamplings: int = 10, seed: int = 0, sampler: str = "ddim", batch_size: int = 64,
-            progress: bool = False) -> torch.Tensor:
-    """Fill ``masks``' holes (1 = hole) of ``images`` (N, C, H, W) in [0, 1] with a trained model
-    (:func:`srdiff.trainer.trained.load_trained`): an ``inpaint`` checkpoint through its mask-conditioned
-    sampler (``steps`` of ``sampler``), an unconditional one through :func:`repaint`."""
-    from srdiff.trainer.masks import check_masks
-
-    masks = check_masks(masks, images)
-    task = trained.task
-    if task.name == "inpaint":
-        return task.sample(trained.model, len(images), seed=seed, steps=steps, sampler=sampler, images=images,
-                           masks=masks, batch_size=batch_size, progress=progress)
-    if task.condition is not None:
-        raise ValueError(f"RePaint needs an unconditional model or an 'inpaint' one; this checkpoint is task "
-                         f"{task.name!r}")
-    model = trained.model
-
-    def predict(x, t):
-        return task.predict(model, x, t, Batch(x0=x))
-
-    return repaint(predict, images.to(next(model.parameters()).device), masks, trained.config, steps=steps,
-                   jump_length=jump_length, resamplings=resamplings, seed=seed, batch_size=batch_size,
-                   progress=progress)
+    try:
+        for chunk in indices.split(batch_size):
+            out.append(_redenoise(images[chunk], masks[chunk], lambda x, t, rows=chunk: predict(x, t, rows),
+                                  fresh_scheduler(scheduler), vae=vae, strength=strength, steps=steps,
+                                  generators=repaint_generators(seed, round_index, chunk), resample=resample,
+                                  jump=jump, progress=bar))
+    finally:
+        if bar is not None:
+            bar.close()
+    return torch.cat(out) if out else images[:0]

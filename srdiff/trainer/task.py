@@ -21,9 +21,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-import srdiff
 from srdiff._checks import check_guidance_scale
-from srdiff.trainer import sampling
+from srdiff.diffusion.sampling import guide, sample_loop
+from srdiff.diffusion.schedules import make_scheduler
+from srdiff.noise import amplified_noise_loss
 from srdiff.trainer.backbones import Condition, DenoiserSpec, get_backbone
 
 TASKS: dict[str, type["DenoisingTask"]] = {}
@@ -112,7 +113,7 @@ class DenoisingTask:
     def loss(self, pred: torch.Tensor, batch: Batch, t: torch.Tensor, alphas_cumprod: torch.Tensor,
              fam: torch.Tensor | None, lam: float, *, seed: int, **options) -> torch.Tensor:
         """The denoising loss of one micro-batch (fused ε-loss; ε regenerated from ``seed``)."""
-        return srdiff.amplified_noise_loss(pred, batch.x0, t, alphas_cumprod, fam, lam, seed=seed, **options)
+        return amplified_noise_loss(pred, batch.x0, t, alphas_cumprod, fam, lam, seed=seed, **options)
 
     # ------------------------------------------------------------------ sampling
     def sample_conditions(self, indices: torch.Tensor, seed: int) -> Condition | None:
@@ -133,7 +134,7 @@ class DenoisingTask:
                 return self.predict(model, x, t, Batch(x0=x, cond=cond or Condition()))
             both = Batch(x0=torch.cat([x, x]), cond=cond.cat(self.null_condition(len(x))))
             eps_c, eps_u = self.predict(model, both.x0, t, both).chunk(2)
-            return eps_u + guidance_scale * (eps_c - eps_u)
+            return guide(eps_c, eps_u, guidance_scale)
 
         return predict
 
@@ -148,7 +149,7 @@ class DenoisingTask:
         indices = torch.arange(first_index, first_index + n)
         if conditions is None:
             conditions = self.sample_conditions(indices, seed)
-        return sampling.sample_loop(
+        return sample_loop(
             self.guided_predict(model, scale), self.sample_shape, self.config, n, conditions=conditions,
             steps=steps, sampler=sampler, seed=seed, first_index=first_index, batch_size=batch_size,
             device=next(model.parameters()).device, vae=self.vae, autocast_dtype=autocast_dtype,
@@ -173,9 +174,9 @@ class DenoisingTask:
         out_dir = Path(out_dir)
         clean = self.backbone.plain_copy(model).cpu()
         if self.vae is None:
-            pipe = DDPMPipeline(unet=clean, scheduler=sampling.make_scheduler(self.config, "ddpm"))
+            pipe = DDPMPipeline(unet=clean, scheduler=make_scheduler(self.config, "ddpm"))
         else:
-            pipe = LDMPipeline(vqvae=self.vae.cpu(), unet=clean, scheduler=sampling.make_scheduler(self.config, "ddim"))
+            pipe = LDMPipeline(vqvae=self.vae.cpu(), unet=clean, scheduler=make_scheduler(self.config, "ddim"))
         pipe.save_pretrained(out_dir)
         if self.vae is not None:
             self.vae.to(self.device)
@@ -191,7 +192,7 @@ class DenoisingTask:
         clean = self.backbone.plain_copy(model).cpu()
         folder = "unet" if "UNet" in type(clean).__name__ else "transformer"
         clean.save_pretrained(out_dir / folder)
-        sampling.make_scheduler(self.config, "ddim").save_pretrained(out_dir / "scheduler")
+        make_scheduler(self.config, "ddim").save_pretrained(out_dir / "scheduler")
         if self.vae is not None:
             self.vae.save_pretrained(out_dir / "vae")
         meta = {"task": self.name, "backbone": self.backbone_name, "model_class": type(clean).__name__,

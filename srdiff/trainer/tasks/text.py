@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from srdiff.trainer import lora, sampling
+from srdiff.diffusion.schedules import make_scheduler
+from srdiff.diffusion.seeding import drop_conditions, per_image_choice
+from srdiff.trainer import lora
 from srdiff.trainer.backbones import Condition, DenoiserSpec
 from srdiff.trainer.captions import train_captions
-from srdiff.trainer.seeding import drop_conditions, per_image_choice
 from srdiff.trainer.task import Batch, DenoisingTask, register_task
 from srdiff.trainer.text_encoders import check_pretrained, pretrained_text_encoder, tiny_text_encoder
 
@@ -139,7 +140,7 @@ class TextToImage(DenoisingTask):
             tokenizer = copy.deepcopy(self.encoder.tokenizer)
             tokenizer.model_max_length = self.encoder.max_length
             text_encoder = copy.deepcopy(self.encoder.model).cpu()
-            scheduler = sampling.make_scheduler(c, "ddim")
+            scheduler = make_scheduler(c, "ddim")
             if self.vae is not None and self.backbone_name == "unet-cond":
                 StableDiffusionPipeline(vae=copy.deepcopy(self.vae).cpu(), text_encoder=text_encoder,
                                         tokenizer=tokenizer, unet=unet, scheduler=scheduler, safety_checker=None,

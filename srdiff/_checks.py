@@ -20,8 +20,14 @@ import torch
 BACKENDS = ("triton", "reference")
 # What the ops compute in (accumulating in float32): the kernels', the extension's and the references'.
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The noise ops' alphas_cumprod.
+SUPPORTED_ALPHA_DTYPES = (torch.float32, torch.float64)
 # A denoiser's target; the noise kernels' PREDICTION constexpr indexes this tuple.
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# How a noise recipe treats ε on each side (x_t, target); the noise kernels' X_NOISE and TARGET_NOISE
+# constexprs index this tuple. The named recipes: the paper's, the authors' ADM code's, their U-ViT code's.
+AMPLIFICATIONS = ("plain", "add", "scale")
+RECIPES = {"paper": ("add", "add"), "adm": ("scale", "plain"), "uvit": ("plain", "add")}
 
 
 def check_choice(name: str, value, choices: Iterable) -> None:
@@ -43,7 +49,7 @@ def check_tensor(name: str, t, *, ndim: int | Iterable[int] | None = None, float
 
 def check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...] = SUPPORTED_DTYPES) -> None:
     if t.dtype not in allowed:
-        raise TypeError(f"{name} must be one of {allowed}, got dtype {t.dtype}")
+        raise TypeError(f"{name} must be one of {allowed}, got {t.dtype}")
 
 
 def check_same_dtype(name: str, t: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
@@ -88,9 +94,11 @@ def check_guidance_scale(value, name: str = "guidance_scale") -> float:
 def check_lam(value, name: str = "lam") -> None:
     """A modulation or amplification weight (lam, lam_r, lam_f): a finite real number >= 0 (inf or NaN
     would make every output non-finite)."""
-    check_nonnegative(name, value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+    check_nonnegative(name, value)
 
 
 def check_int(name: str, value, low: int) -> None:

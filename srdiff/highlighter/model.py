@@ -10,10 +10,9 @@ import torch.nn.functional as F
 
 from srdiff._checks import check_choice, check_tensor
 from srdiff._io import load_file, save_atomic
-from srdiff.gradcam import gradcam_reduce
+from srdiff.gradcam import gradcam_reduce, minmax_normalize
 from srdiff.highlighter import backbones
 from srdiff.highlighter.images import resize_square
-from srdiff.reference.gradcam import minmax_normalize
 
 CHECKPOINT_FORMAT = "srdiff.FlawHighlighter/1"
 

@@ -16,11 +16,12 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from srdiff._checks import check_guidance_scale
+from srdiff._checks import PREDICTION_TYPES, RECIPES as RECIPE_PAIRS, check_guidance_scale
+from srdiff.diffusion.schedules import SAMPLERS
 from srdiff.labels import check_labels_source
 
 MODES = ("baseline", "forward", "reverse", "combined", "latent")
-RECIPES = ("paper", "adm", "uvit")
+RECIPES = tuple(RECIPE_PAIRS)
 # Configs written before the named recipes: (amplify, amplified_target) -> recipe.
 _LEGACY_RECIPES = {("add", True): "paper", ("scale", False): "adm"}
 SECTIONS = ("data", "model", "diffusion", "refine", "highlighter", "condition", "text", "inpaint", "optim", "metrics", "run")
@@ -77,7 +78,7 @@ class TrainConfig:
     beta_schedule: str = _f(
         "linear", "diffusion", "noise schedule", choices=("linear", "scaled_linear", "squaredcos_cap_v2")
     )
-    prediction_type: str = _f("epsilon", "diffusion", "UNet target", choices=("epsilon", "v_prediction", "sample"))
+    prediction_type: str = _f("epsilon", "diffusion", "UNet target", choices=PREDICTION_TYPES)
     # refine
     mode: str = _f("combined", "refine", "which refinements the refinement phase uses", choices=MODES)
     steps: int = _f(2000, "refine", "total optimiser steps, base + refinement")
@@ -129,7 +130,7 @@ class TrainConfig:
     # metrics
     eval_samples: int = _f(0, "metrics", "samples for FID/KID/precision/recall at the end of training (0: skip)")
     sample_steps: int = _f(50, "metrics", "sampler steps for final samples and evaluation")
-    sampler: str = _f("ddim", "metrics", "sampler for final samples and evaluation", choices=("ddim", "ddpm"))
+    sampler: str = _f("ddim", "metrics", "sampler for final samples and evaluation", choices=SAMPLERS)
     feature_epochs: int = _f(8, "metrics", "epochs for the locally trained metric feature network")
     features: str = _f("inception", "metrics", "FID/KID/precision-recall features: 'inception' (pytorch-fid "
                        "InceptionV3, offline) or 'local' (a small CNN trained on the data, fast)",

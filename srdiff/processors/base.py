@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from srdiff._checks import check_choice, check_lam
+from srdiff._checks import check_choice, check_int, check_lam
 from srdiff.attention import fam_attention, fam_attention_masked
 from srdiff.fam_embedding import MODES, FAMProjection
 from srdiff.processors import context as fam_state
@@ -50,8 +50,7 @@ class FAMLayer:
         check_choice("mode", mode, MODES)
         if projection is not None and not isinstance(projection, FAMProjection):
             raise TypeError(f"projection must be a FAMProjection or None, got {type(projection).__name__}")
-        if not (isinstance(leading_tokens, int) and not isinstance(leading_tokens, bool) and leading_tokens >= 0):
-            raise ValueError(f"leading_tokens must be an int >= 0, got {leading_tokens!r}")
+        check_int("leading_tokens", leading_tokens, 0)
         self.lam, self.projection, self.mode, self.backend = float(lam), projection, mode, backend
         self.leading_tokens, self.fam_name = leading_tokens, name
         self.projection_kind: str | None = None if projection is None else "external"

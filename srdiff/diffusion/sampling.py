@@ -42,7 +42,7 @@ def sample_loop(
     """``n`` images (n, C, H, W) in [0, 1]: ``steps`` scheduler steps of ``predict(x, t, cond)`` (the
     model's output for the scaled sample ``x`` at timestep ``t``; ``cond``: those images' rows of
     ``conditions``, anything with ``select(rows)``, e.g. the trainer's
-    :class:`~srdiff.trainer.backbones.Condition` with one row per image, or None).
+    :class:`~srdiff.trainer.backbones.base.Condition` with one row per image, or None).
 
     ``shape``: (C, H, W) of one sample in model space. DDIM runs with eta=0, so image ``i`` is a function
     of ``image_seed(seed, first_index + i)`` (and its condition) alone. ``vae``: decode latents through

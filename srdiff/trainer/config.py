@@ -229,9 +229,10 @@ class TrainConfig:
             raise ValueError(f"task must be one of {task_names()}, got {self.task!r}")
         if self.backbone != "auto" and self.backbone not in BACKBONES:
             raise ValueError(f"backbone must be 'auto' or one of {tuple(sorted(BACKBONES))}, got {self.backbone!r}")
+        backbone = get_backbone(TASKS[self.task].default_backbone if self.backbone == "auto" else self.backbone)
+        backbone.check_options(self)  # the [model] keys it reads are its to check
         if self.vae is None:  # latent sides are checked when the VAE is loaded
-            get_backbone(TASKS[self.task].default_backbone if self.backbone == "auto" else self.backbone
-                         ).check_sample_size(self, self.image_size)
+            backbone.check_sample_size(self, self.image_size)
         if not 0.0 < self.holdout < 1.0:
             bad("holdout", "must be in (0, 1)")
         if not self.lr > 0:
@@ -241,15 +242,6 @@ class TrainConfig:
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
             bad("adam_betas", "must be two numbers in [0, 1)")
         _parse_ratio(self.ratio)
-        if not self.block_out_channels or min(self.block_out_channels) < 1:
-            bad("block_out_channels", "must be positive channel counts")
-        if len(self.attention_levels) != len(self.block_out_channels):
-            raise ValueError(
-                f"attention_levels needs one entry per level of block_out_channels {self.block_out_channels}, "
-                f"got {self.attention_levels}"
-            )
-        if any(c % self.norm_num_groups for c in self.block_out_channels):
-            bad("norm_num_groups", f"must divide every entry of block_out_channels {self.block_out_channels}")
         if self.batch_size % self.grad_accum:
             bad("batch_size", f"must be a multiple of grad_accum={self.grad_accum}")
         for name in ("lora_rank", "text_max_length"):

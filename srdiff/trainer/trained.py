@@ -13,7 +13,7 @@ from srdiff.diffusion.masks import check_masks, holes
 from srdiff.diffusion.repaint import repaint_images
 from srdiff.diffusion.schedules import make_scheduler
 from srdiff.trainer import checkpoint
-from srdiff.trainer.backbones import DenoiserSpec
+from srdiff.trainer.backbones.base import DenoiserSpec
 from srdiff.trainer.config import TrainConfig
 from srdiff.trainer.dataset import latent_shape, load_vae
 from srdiff.trainer.task import Batch, DenoisingTask

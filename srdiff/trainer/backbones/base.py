@@ -1,13 +1,17 @@
-"""Denoiser backbones: how to build a model from a :class:`TrainConfig` and how to call it.
+"""What every denoiser backbone shares: the spec a task asks of it, the condition of a batch, the
+:class:`Backbone` protocol and the registry.
 
-A backbone is one class in :data:`BACKBONES`. It knows its model class, which conditions it can take
-(class labels, caption embeddings) and how to pass them; it knows nothing of tasks, data or the loop.
-A task (``srdiff/trainer/tasks``) decides the :class:`DenoiserSpec` (channels, classes, text width) and
-the :class:`Condition` of each batch; the backbone maps them onto its model's arguments.
+A backbone is one class in its own module (``srdiff/trainer/backbones/<name>.py``), registered in
+:data:`BACKBONES`. It owns its model class, its options (the ``TrainConfig`` keys it reads, checked by
+it), which conditions it can take (class labels, caption embeddings) and how to pass them, and its
+export (the diffusers pipeline that samples it, or the folder its weights go to); it knows nothing of
+tasks, data or the loop. A task (``srdiff/trainer/tasks``) decides the :class:`DenoiserSpec` (channels,
+classes, text width) and the :class:`Condition` of each batch; the backbone maps them onto its model.
 
-Add a backbone: subclass :class:`Backbone`, implement ``build``, ``forward`` and ``size_multiple`` (the
-sides it takes), decorate it with :func:`register_backbone`; ``TrainConfig(backbone=...)`` accepts it
-from then on.
+Add a backbone: subclass :class:`Backbone` in a new module, implement ``build``, ``forward`` and
+``size_multiple`` (the sides it takes), list its ``options``, decorate it with :func:`register_backbone`
+and import the module in ``srdiff/trainer/backbones/__init__.py``; ``TrainConfig(backbone=...)`` accepts
+it from then on.
 """
 
 from dataclasses import dataclass
@@ -66,13 +70,25 @@ class Condition:
 
 
 class Backbone:
-    """Builds and calls one kind of denoiser. ``conditions`` lists what it accepts: ``"class"``, ``"text"``."""
+    """Builds, calls and exports one kind of denoiser. ``conditions`` lists what it accepts: ``"class"``,
+    ``"text"``; ``options`` the ``TrainConfig`` keys (``[model]`` section) it reads, which
+    :meth:`check_options` validates when the config is made; ``folder`` the diffusers subfolder its
+    model is saved to."""
 
     name: ClassVar[str]
     conditions: ClassVar[frozenset[str]] = frozenset()
+    options: ClassVar[tuple[str, ...]] = ()
+    folder: ClassVar[str] = "transformer"
+
+    def check_options(self, config) -> None:
+        """Raise ``ValueError`` naming an option of ``config`` this backbone cannot build with."""
 
     def build(self, config, spec: DenoiserSpec) -> nn.Module:
         raise NotImplementedError
+
+    def from_pretrained(self, folder) -> nn.Module:
+        """This backbone's model from a diffusers folder (a local Stable Diffusion ``unet/``)."""
+        raise ValueError(f"a pretrained Stable Diffusion UNet needs backbone 'unet-cond', got {self.name!r}")
 
     def forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
         """The model's prediction (same shape as the noisy sample it denoises)."""
@@ -116,6 +132,12 @@ class Backbone:
         clean.load_state_dict(state)
         return clean
 
+    def pipeline(self, clean: nn.Module, config, *, condition: str | None = None, vae: nn.Module | None = None,
+                 text_encoder: nn.Module | None = None, tokenizer=None):
+        """The diffusers pipeline that samples ``clean`` (a :meth:`plain_copy`) trained with ``condition``
+        (None, ``"class"``, ``"text"``) in pixel space or on ``vae``'s latents, or None where diffusers
+        has none: the task then exports folders (``<folder>/``, ``scheduler/``, ...)."""
+        return None
 
 
 BACKBONES: dict[str, type[Backbone]] = {}
@@ -134,213 +156,28 @@ def get_backbone(name: str) -> Backbone:
     return BACKBONES[name]()
 
 
-def _unet_kwargs(config, spec: DenoiserSpec, attention: str) -> dict:
-    """What both diffusers U-Nets take from the config and the spec; ``{attention}DownBlock2D`` /
-    ``{attention}UpBlock2D`` at the levels ``config.attention_levels`` marks, plain blocks elsewhere."""
-    return dict(
-        sample_size=spec.sample_size,
-        in_channels=spec.in_channels,
-        out_channels=spec.out_channels,
-        block_out_channels=config.block_out_channels,
-        down_block_types=tuple(f"{attention if a else ''}DownBlock2D" for a in config.attention_levels),
-        up_block_types=tuple(f"{attention if a else ''}UpBlock2D" for a in reversed(config.attention_levels)),
-        layers_per_block=config.layers_per_block,
-        norm_num_groups=config.norm_num_groups,
-        num_class_embeds=spec.num_classes + 1 if spec.num_classes else None,
-    )
+def batched(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Timesteps as a (B,) tensor (the samplers pass one scalar for the whole batch)."""
+    t = torch.as_tensor(t, device=x.device)
+    return t.expand(x.shape[0]) if t.ndim == 0 else t
 
 
-def _halvings(config) -> tuple[int, str]:
-    """``UNet2DModel`` halves the side at every level but the last and adds each skip back at its size."""
-    levels = len(config.block_out_channels)
-    return 2 ** (levels - 1), (f"its {levels} levels (block_out_channels {tuple(config.block_out_channels)}) "
-                               f"halve the side {levels - 1} times")
-
-
-@register_backbone
-class UNet(Backbone):
-    """diffusers ``UNet2DModel``: self-attention at the levels ``config.attention_levels`` marks; class
-    labels through its ``num_class_embeds`` table (one extra row: the null class)."""
-
-    name = "unet"
-    conditions = frozenset({"class"})
-
-    def build(self, config, spec: DenoiserSpec) -> nn.Module:
-        from diffusers import UNet2DModel
-
-        self.check(spec)
-        return UNet2DModel(**_unet_kwargs(config, spec, "Attn"), attention_head_dim=config.attention_head_dim)
-
-    def size_multiple(self, config) -> tuple[int, str]:
-        return _halvings(config)
-
-    def forward(self, model, x, t, cond):
-        if cond.class_labels is None:
-            return model(x, t).sample
-        return model(x, t, class_labels=cond.class_labels).sample
-
-
-@register_backbone
-class ConditionUNet(Backbone):
-    """diffusers ``UNet2DConditionModel``: self- and cross-attention (``CrossAttn*Block2D``) at the marked
-    levels. Text: caption embeddings as cross-attention keys. Class labels: its ``num_class_embeds``
-    table; without a caption the cross-attention attends to one zero token."""
-
-    name = "unet-cond"
-    conditions = frozenset({"class", "text"})
-
-    def build(self, config, spec: DenoiserSpec) -> nn.Module:
-        from diffusers import UNet2DConditionModel
-
-        self.check(spec)
-        head_dim = config.attention_head_dim
-        return UNet2DConditionModel(
-            **_unet_kwargs(config, spec, "CrossAttn"),
-            mid_block_type="UNetMidBlock2DCrossAttn",
-            attention_head_dim=tuple(c // head_dim for c in config.block_out_channels),  # diffusers: heads
-            cross_attention_dim=spec.cross_attention_dim or head_dim,
-        )
-
-    def size_multiple(self, config) -> tuple[int, str]:
-        return 1, "its up blocks upsample to each skip's own size"
-
-    def forward(self, model, x, t, cond):
-        context = cond.encoder_hidden_states
-        if context is None:
-            context = x.new_zeros(x.shape[0], 1, model.config.cross_attention_dim)
-        return model(x, t, encoder_hidden_states=context, class_labels=cond.class_labels).sample
-
-
-def _patches(config) -> tuple[int, str]:
-    """Patch-token transformers cut the input into ``patch_size`` x ``patch_size`` patches."""
-    return config.patch_size, f"it cuts the input into patches of patch_size {config.patch_size}"
-
-
-def _heads(config) -> int:
+def transformer_heads(config) -> int:
+    """Attention heads of a transformer backbone: ``hidden_size / attention_head_dim``."""
     if config.hidden_size % config.attention_head_dim:
         raise ValueError(f"hidden_size {config.hidden_size} must be a multiple of attention_head_dim "
                          f"{config.attention_head_dim} (heads = hidden_size / attention_head_dim)")
     return config.hidden_size // config.attention_head_dim
 
 
-@register_backbone
-class DiT(Backbone):
-    """diffusers ``DiTTransformer2DModel`` (Peebles & Xie 2023): patch tokens (``patch_size``), ``depth``
-    blocks of width ``hidden_size``, adaLN-Zero conditioning on timestep and class.
+class TransformerBackbone(Backbone):
+    """What the patch-token transformers (dit, sd3, uvit) share: their options, their check and their size
+    rule (the side a multiple of ``patch_size``)."""
 
-    DiT always takes a class: an unconditional task trains it with one class (label 0). Its label
-    embedding's own dropout (10 %, drawn from the global RNG in train mode) is switched off, because the
-    class task drops labels itself, keyed by (seed, step): the embedding table keeps its null row, which
-    is the null class ``num_classes``.
-    """
+    options = ("patch_size", "depth", "hidden_size", "attention_head_dim")
 
-    name = "dit"
-    conditions = frozenset({"class"})
-
-    def build(self, config, spec: DenoiserSpec) -> nn.Module:
-        from diffusers import DiTTransformer2DModel
-
-        self.check(spec)
-        model = DiTTransformer2DModel(
-            num_attention_heads=_heads(config),
-            attention_head_dim=config.attention_head_dim,
-            in_channels=spec.in_channels,
-            out_channels=spec.out_channels,
-            num_layers=config.depth,
-            sample_size=spec.sample_size,
-            patch_size=config.patch_size,
-            num_embeds_ada_norm=spec.num_classes or 1,
-            norm_num_groups=1,
-        )
-        return _without_label_dropout(model)
+    def check_options(self, config) -> None:
+        transformer_heads(config)
 
     def size_multiple(self, config) -> tuple[int, str]:
-        return _patches(config)
-
-    def forward(self, model, x, t, cond):
-        labels = cond.class_labels
-        if labels is None:
-            labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        return model(x, timestep=_batched(t, x), class_labels=labels).sample
-
-    def plain_copy(self, model: nn.Module) -> nn.Module:
-        return _without_label_dropout(super().plain_copy(model))
-
-
-def _without_label_dropout(model: nn.Module) -> nn.Module:
-    """``model`` with its diffusers ``LabelEmbedding`` dropout off (its table keeps the null row)."""
-    for module in model.modules():
-        if type(module).__name__ == "LabelEmbedding":
-            module.dropout_prob = 0.0
-    return model
-
-
-@register_backbone
-class SD3(Backbone):
-    """diffusers ``SD3Transformer2DModel`` (MM-DiT, Esser et al. 2024): joint attention over caption and
-    patch tokens. Only the patch tokens carry the map (the joint FAM processor gives the caption tokens
-    0). SD3 reads a pooled caption embedding too; where the task's text encoder gives none, the mean of
-    the caption tokens serves (srdiff's choice for tiny CLIP encoders, not SD3's CLIP-L + CLIP-G pool)."""
-
-    name = "sd3"
-    conditions = frozenset({"text"})
-
-    def build(self, config, spec: DenoiserSpec) -> nn.Module:
-        from diffusers import SD3Transformer2DModel
-
-        self.check(spec)
-        if not spec.cross_attention_dim:
-            raise ValueError("backbone 'sd3' needs caption embeddings: use it with task 'text'")
-        return SD3Transformer2DModel(
-            sample_size=spec.sample_size,
-            patch_size=config.patch_size,
-            in_channels=spec.in_channels,
-            out_channels=spec.out_channels,
-            num_layers=config.depth,
-            attention_head_dim=config.attention_head_dim,
-            num_attention_heads=_heads(config),
-            joint_attention_dim=spec.cross_attention_dim,
-            caption_projection_dim=config.hidden_size,
-            pooled_projection_dim=spec.cross_attention_dim,
-            pos_embed_max_size=spec.sample_size // config.patch_size,
-        )
-
-    def size_multiple(self, config) -> tuple[int, str]:
-        return _patches(config)
-
-    def forward(self, model, x, t, cond):
-        context = cond.encoder_hidden_states
-        pooled = cond.pooled if cond.pooled is not None else context.mean(dim=1)
-        return model(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,
-                     timestep=_batched(t, x)).sample
-
-
-def _batched(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Timesteps as a (B,) tensor (the samplers pass one scalar for the whole batch)."""
-    t = torch.as_tensor(t, device=x.device)
-    return t.expand(x.shape[0]) if t.ndim == 0 else t
-
-
-@register_backbone
-class UViT(Backbone):
-    """:class:`srdiff.UViT` (Bao et al. 2023, "All are Worth Words"): time (and class) as tokens, long
-    skips between in- and out-blocks, patch embedding; ``depth`` (even) blocks besides the middle one,
-    width ``hidden_size``. Its in- and out-blocks are modulated, the middle block not, the leading
-    tokens get 0, as in the authors' code."""
-
-    name = "uvit"
-    conditions = frozenset({"class"})
-
-    def build(self, config, spec: DenoiserSpec) -> nn.Module:
-        from srdiff.models.uvit import UViT as UViTModel
-
-        self.check(spec)
-        return UViTModel(sample_size=spec.sample_size, in_channels=spec.in_channels, out_channels=spec.out_channels,
-                         patch_size=config.patch_size, width=config.hidden_size, depth=config.depth,
-                         heads=_heads(config), num_classes=spec.num_classes or 0, lam=config.lam_r)
-
-    def size_multiple(self, config) -> tuple[int, str]:
-        return _patches(config)
-
-    def forward(self, model, x, t, cond):
-        return model(x, _batched(t, x), class_labels=cond.class_labels).sample
+        return config.patch_size, f"it cuts the input into patches of patch_size {config.patch_size}"

@@ -22,7 +22,7 @@ from srdiff.diffusion.masks import check_masks, holes, random_masks
 from srdiff.diffusion.sampling import sample_loop
 from srdiff.diffusion.seeding import MASKS, key, per_image_choice
 from srdiff.noise import amplified_noise_loss
-from srdiff.trainer.backbones import Condition, DenoiserSpec
+from srdiff.trainer.backbones.base import Condition, DenoiserSpec
 from srdiff.trainer.task import Batch, DenoisingTask, register_task
 
 

@@ -82,7 +82,7 @@ def planted_study(model, scheduler, size, args) -> tuple[dict, dict]:
             repaired, masks, report = repair_flaws(planted, model, hl, dilate=args.dilate, feather=args.feather,
                                                    **kw)
             edited = sdedit_flagged(planted, flagged, model, **kw)
-            outside = masks == 0
+            outside_px = (masks == 0).expand_as(planted)
             covered = (box_masks(boxes, size, size) & (masks[:, 0] > 0)).flatten(1).sum(1) / \
                 box_masks(boxes, size, size).flatten(1).sum(1)
             rec[f"strength_{strength}"] = {
@@ -91,9 +91,8 @@ def planted_study(model, scheduler, size, args) -> tuple[dict, dict]:
                     "unflagged_share_of_flagged": float((hl.predict(repaired[flagged]) < 0.5).float().mean())
                     if bool(flagged.any()) else None,
                     "box_error": paired(err_before[flagged], box_error(repaired, test, boxes)[flagged]),
-                    "outside_mask_max_abs_change": float((repaired - planted).abs()[outside.expand_as(planted)].max()),
-                    "outside_mask_bit_exact": bool(torch.equal(repaired[outside.expand_as(planted)],
-                                                               planted[outside.expand_as(planted)])),
+                    "outside_mask_max_abs_change": float((repaired - planted).abs()[outside_px].max()),
+                    "outside_mask_bit_exact": bool(torch.equal(repaired[outside_px], planted[outside_px])),
                     "outside_box_change": float(outside_box_change(repaired, planted, boxes)[flagged].mean()),
                     "mask_area": float((masks[flagged] > 0).float().mean()),
                     "empty_mask_share_of_flagged": float((masks[flagged].flatten(1).amax(1) == 0).float().mean()),
@@ -180,8 +179,8 @@ def generated_study(pipe, size, args) -> tuple[dict, tuple]:
                 "pixels_changed": float((change > 0).float().mean()),
                 "fid_gain_per_mean_abs_change": (fid_before - fid) / float(change.mean()) if change.mean() > 0 else None,
             }
-        rec["repair"]["outside_mask_bit_exact"] = bool(torch.equal(
-            repaired.images[(repaired.masks == 0).expand_as(samples)], samples[(repaired.masks == 0).expand_as(samples)]))
+        kept = (repaired.masks == 0).expand_as(samples)
+        rec["repair"]["outside_mask_bit_exact"] = bool(torch.equal(repaired.images[kept], samples[kept]))
         out["strengths"][str(strength)] = rec
         print(strength, json.dumps({k: v["fid"] for k, v in rec.items() if isinstance(v, dict)}), flush=True)
         if strength == args.figure_strength:
@@ -289,7 +288,8 @@ def main() -> None:
     figures.mkdir(parents=True, exist_ok=True)
     rows = []
     for kind, (clean, fake, fam, mask, fixed, edited) in examples.items():
-        rows += [rgb(clean), rgb(fake), viz.overlay(fake, fam), viz.overlay(fake, mask[:, 0]), rgb(fixed), rgb(edited)]
+        rows += [rgb(clean), rgb(fake), viz.overlay(fake, fam), viz.overlay(fake, mask[:, 0]), rgb(fixed),
+                 rgb(edited)]
     if rows:
         save_rows([torch.cat(rows[i::6]) for i in range(6)], figures / "planted.png")
     samples, fam, mask, fixed, edited, fresh = figure

@@ -1,7 +1,8 @@
 """FAM-modulated attention: the paper's reverse-process change K_sr = K (1 + lam M_emb),
 V_sr = V (1 + lam M_emb), as fused flash attention or as "scale K and V once, then SDPA".
 
-Follow a call: :func:`fam_attention` checks its arguments and picks a path (:func:`attention_path`):
+Follow a call: :func:`fam_attention` checks its arguments (the shared checks of ``srdiff/_checks.py``)
+and picks a path (:func:`attention_path`):
 ``"triton"``, the fused Triton kernels (``srdiff/kernels/fam_attention.py``: forward, backward with
 d(fam), registered as ``torch.library.triton_op`` so ``torch.compile(fullgraph=True)`` traces them),
 which never write s*K or s*V; or ``"sdpa"``, K and V scaled once (on CUDA by one fused Triton pass
@@ -9,7 +10,9 @@ each way, ``srdiff/kernels/fam_prescale.py``; elsewhere by :func:`srdiff.referen
 PyTorch ops), then ``F.scaled_dot_product_attention`` (cuDNN first on Hopper). On CUDA a stored table
 (``attention_dispatch.json``, generated from the GPU benchmarks) picks the faster per device, dtype,
 head dim, sequence length and direction, the fused kernel wherever the scaled copies would not fit in
-memory. :class:`FAMAttention` is a self-attention module around it.
+memory. :func:`fam_attention_masked` (the FAM processors' layers with an attention mask) scales K and V
+once and calls SDPA with the mask. :class:`FAMAttention` is a self-attention module around
+:func:`fam_attention`.
 """
 
 import contextlib

@@ -1,6 +1,7 @@
 """Grad-CAM reduction: from a layer's activations and gradients to one normalised map per image.
 
-Follow a call: :func:`gradcam_reduce` checks its arguments, then runs ``torch.ops.srdiff.gradcam_reduce``
+Follow a call: :func:`gradcam_reduce` checks its arguments (the shared checks of ``srdiff/_checks.py``),
+then runs ``torch.ops.srdiff.gradcam_reduce``
 (``csrc/ops.cpp`` schema; ``csrc/cpu/gradcam_cpu.cpp``, ``csrc/cuda/gradcam_cuda.cu`` kernels) or,
 when the extension is unavailable, :func:`srdiff.reference.gradcam_reduce_ref`.
 

@@ -1,7 +1,8 @@
 """Forward-process noise amplification (the paper's, the ADM code's and the U-ViT code's recipes) and
 its ε-loss, fused.
 
-Follow a call: :func:`amplified_add_noise` / :func:`amplified_noise_loss` check their arguments, then
+Follow a call: :func:`amplified_add_noise` / :func:`amplified_noise_loss` check their arguments (the shared
+checks and recipes of ``srdiff/_checks.py``), then
 run the Triton kernels of ``srdiff/kernels/noise.py`` (CUDA tensors; CPU tensors under TRITON_INTERPRET=1),
 the CPU kernels of ``srdiff._C`` (:mod:`srdiff.noise_extension`: CPU tensors when the extension is
 built; the same ε stream as the Triton kernels) or :mod:`srdiff.reference.noise` (CPU tensors

@@ -6,6 +6,12 @@ composed with the input at every step, optional resampling jumps), so the pixels
 the input's, bit for bit; rounds repeat on the images the highlighter still flags. :func:`sdedit` is
 the unmasked baseline (SDEdit, Meng et al. 2022): the same loop with a mask of ones.
 
+Follow a call: :func:`repair_flaws` checks its arguments, flags images (``highlighter.predict``), makes
+their masks (:func:`flaw_masks` of ``highlighter.fam``) and runs
+:func:`srdiff.diffusion.repaint.repaint_images` (batches, per-image generators, VAE encode/decode, the
+paste) -> :func:`srdiff.diffusion.repaint.repaint` (the loop: ``scheduler.step``, then
+:func:`~srdiff.diffusion.repaint.compose` with the noised input); rounds repeat on what is still flagged.
+
 Works with any denoiser called ``model(x_t, t, **kwargs)`` (a diffusers ``UNet2DModel``, whose output's
 ``.sample`` is used, or a plain callable returning the prediction the scheduler expects), any
 diffusers scheduler with ``add_noise``, ``set_timesteps`` and ``step``, in pixel space ([-1, 1]) or

@@ -13,6 +13,11 @@ diffusers scheduler with ``add_noise``, ``set_timesteps`` and ``step`` (resampli
 alpha-schedule ones, DDPM and DDIM), in pixel space ([-1, 1]) or a VAE's latent space. Every image's
 noise comes from its own generator (:func:`srdiff.diffusion.seeding.repaint_generators`), so results
 depend on neither the batch size nor the device.
+
+Follow a call: :func:`repaint_images` splits the images into batches -> ``_redenoise`` (:func:`encode`
+to model space, :func:`model_mask` to its grid) -> :func:`repaint` (:func:`strength_timesteps`,
+:func:`jump_schedule`; per move ``predict`` + ``scheduler.step`` + :func:`compose`, or a q(x_a | x_b)
+draw + :func:`compose`) -> :func:`decode` and the paste through the pixel mask.
 """
 
 import inspect

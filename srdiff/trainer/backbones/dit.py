@@ -3,13 +3,8 @@
 import torch
 from torch import nn
 
-from srdiff.trainer.backbones.base import (
-    DenoiserSpec,
-    TransformerBackbone,
-    batched,
-    register_backbone,
-    transformer_heads,
-)
+from srdiff.trainer.backbones.base import DenoiserSpec, TransformerBackbone, batched, register_backbone
+from srdiff.trainer.backbones.base import transformer_heads
 
 
 @register_backbone

@@ -221,7 +221,7 @@ class TrainConfig:
         check_labels_source(self.labels)
         if not 0.0 <= self.condition_dropout < 1.0:
             bad("condition_dropout", "must be in [0, 1)")
-        from srdiff.trainer.backbones import BACKBONES, get_backbone
+        from srdiff.trainer.backbones.base import BACKBONES, get_backbone
         from srdiff.trainer.task import TASKS
         from srdiff.trainer.tasks import task_names
 

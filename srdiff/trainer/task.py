@@ -25,8 +25,7 @@ from srdiff._checks import check_guidance_scale
 from srdiff.diffusion.sampling import guide, sample_loop
 from srdiff.diffusion.schedules import make_scheduler
 from srdiff.noise import amplified_noise_loss
-from srdiff.trainer.backbones import get_backbone
-from srdiff.trainer.backbones.base import Condition, DenoiserSpec
+from srdiff.trainer.backbones.base import Condition, DenoiserSpec, get_backbone
 
 TASKS: dict[str, type["DenoisingTask"]] = {}
 

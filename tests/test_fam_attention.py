@@ -450,6 +450,25 @@ def test_sdpa_path_matches_oracle(fam_shape, layout, dtype):
     _check_against_oracle(q, k, v, fam, 0.5, dtype, lambda *a: srdiff.fam_attention(*a, backend="reference"))
 
 
+@pytest.mark.parametrize("fam_shape", ["N", "BHN"])
+def test_masked_path_equals_attention_over_the_kept_keys(fam_shape):
+    """fam_attention_masked (the processors' masked layers): keys a boolean mask drops do not count, so the
+    result is the oracle over the kept keys alone; the arguments are checked as fam_attention's are."""
+    from srdiff.attention import fam_attention_masked
+
+    q, k, v, fam = _inputs(9, 13, 16, fam_shape, "contiguous", torch.float32)
+    kept = 7
+    mask = torch.zeros(q.shape[0], 1, q.shape[2], k.shape[2], dtype=torch.bool)
+    mask[..., :kept] = True
+    out = fam_attention_masked(q, k, v, fam, 0.5, mask)
+    want = fam_attention_ref(q, k[:, :, :kept], v[:, :, :kept], fam[..., :kept], 0.5)
+    assert_close(out, want, dtype=torch.float32, reduce_dim=kept, name="out")
+    with pytest.raises(TypeError, match=r"k dtype torch.float16 must equal q dtype torch.float32"):
+        fam_attention_masked(q, k.half(), v, fam, 0.5, mask)
+    with pytest.raises(ValueError, match=r"lam must be finite, got inf"):
+        fam_attention_masked(q, k, v, fam, float("inf"), mask)
+
+
 @pytest.mark.parametrize("backend", [None, "reference"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 def test_unmodulated_is_exactly_sdpa_on_cpu(backend, dtype):

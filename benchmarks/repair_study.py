@@ -38,9 +38,9 @@ def paired(before: torch.Tensor, after: torch.Tensor) -> dict:
 
 
 def sdedit_flagged(images, flagged, model, **kwargs) -> torch.Tensor:
-    """SDEdit (:func:`srdiff.repair.sdedit`: the repair loop with a mask of ones) on the flagged images
+    """SDEdit (:func:`srdiff.repair.sdedit`: the RePaint loop with a mask of ones) on the flagged images
     only, with the noise each image gets in :func:`repair_flaws` (its seed follows its index)."""
-    ones = flagged[:, None, None].float().expand(-1, *images.shape[-2:])
+    ones = flagged[:, None, None, None].float().expand(-1, 1, *images.shape[-2:])
     return repair_flaws(images, model, masks=ones, **kwargs)[0]
 
 
@@ -82,8 +82,8 @@ def planted_study(model, scheduler, size, args) -> tuple[dict, dict]:
             repaired, masks, report = repair_flaws(planted, model, hl, dilate=args.dilate, feather=args.feather,
                                                    **kw)
             edited = sdedit_flagged(planted, flagged, model, **kw)
-            outside = masks == 0
-            covered = (box_masks(boxes, size, size) & (masks > 0)).flatten(1).sum(1) / \
+            outside_px = (masks == 0).expand_as(planted)
+            covered = (box_masks(boxes, size, size) & (masks[:, 0] > 0)).flatten(1).sum(1) / \
                 box_masks(boxes, size, size).flatten(1).sum(1)
             rec[f"strength_{strength}"] = {
                 "repair": {
@@ -91,8 +91,8 @@ def planted_study(model, scheduler, size, args) -> tuple[dict, dict]:
                     "unflagged_share_of_flagged": float((hl.predict(repaired[flagged]) < 0.5).float().mean())
                     if bool(flagged.any()) else None,
                     "box_error": paired(err_before[flagged], box_error(repaired, test, boxes)[flagged]),
-                    "outside_mask_max_abs_change": float((repaired - planted).abs()[outside[:, None]].max()),
-                    "outside_mask_bit_exact": bool(torch.equal(repaired[outside[:, None]], planted[outside[:, None]])),
+                    "outside_mask_max_abs_change": float((repaired - planted).abs()[outside_px].max()),
+                    "outside_mask_bit_exact": bool(torch.equal(repaired[outside_px], planted[outside_px])),
                     "outside_box_change": float(outside_box_change(repaired, planted, boxes)[flagged].mean()),
                     "mask_area": float((masks[flagged] > 0).float().mean()),
                     "empty_mask_share_of_flagged": float((masks[flagged].flatten(1).amax(1) == 0).float().mean()),
@@ -179,8 +179,8 @@ def generated_study(pipe, size, args) -> tuple[dict, tuple]:
                 "pixels_changed": float((change > 0).float().mean()),
                 "fid_gain_per_mean_abs_change": (fid_before - fid) / float(change.mean()) if change.mean() > 0 else None,
             }
-        rec["repair"]["outside_mask_bit_exact"] = bool(torch.equal(
-            repaired.images[(repaired.masks == 0)[:, None]], samples[(repaired.masks == 0)[:, None]]))
+        kept = (repaired.masks == 0).expand_as(samples)
+        rec["repair"]["outside_mask_bit_exact"] = bool(torch.equal(repaired.images[kept], samples[kept]))
         out["strengths"][str(strength)] = rec
         print(strength, json.dumps({k: v["fid"] for k, v in rec.items() if isinstance(v, dict)}), flush=True)
         if strength == args.figure_strength:
@@ -273,7 +273,7 @@ def main() -> None:
     from diffusers import DDIMPipeline
 
     from srdiff.repair_pipeline import FlawRepairPipeline
-    from srdiff.trainer.sampling import make_scheduler
+    from srdiff.diffusion.schedules import make_scheduler
     from srdiff.trainer.trained import load_ema_unet
 
     start = time.perf_counter()
@@ -288,11 +288,12 @@ def main() -> None:
     figures.mkdir(parents=True, exist_ok=True)
     rows = []
     for kind, (clean, fake, fam, mask, fixed, edited) in examples.items():
-        rows += [rgb(clean), rgb(fake), viz.overlay(fake, fam), viz.overlay(fake, mask), rgb(fixed), rgb(edited)]
+        rows += [rgb(clean), rgb(fake), viz.overlay(fake, fam), viz.overlay(fake, mask[:, 0]), rgb(fixed),
+                 rgb(edited)]
     if rows:
         save_rows([torch.cat(rows[i::6]) for i in range(6)], figures / "planted.png")
     samples, fam, mask, fixed, edited, fresh = figure
-    save_rows([rgb(samples), viz.overlay(samples, fam), viz.overlay(samples, mask), rgb(fixed),
+    save_rows([rgb(samples), viz.overlay(samples, fam), viz.overlay(samples, mask[:, 0]), rgb(fixed),
                (rgb(fixed) - rgb(samples)).abs().clamp(0, 1) * 4, rgb(edited), rgb(fresh)], figures / "generated.png")
     result = {
         "command": "OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.repair_study " + " ".join(

@@ -1,7 +1,8 @@
 """FAM-modulated attention: the paper's reverse-process change K_sr = K (1 + lam M_emb),
 V_sr = V (1 + lam M_emb), as fused flash attention or as "scale K and V once, then SDPA".
 
-Follow a call: :func:`fam_attention` checks its arguments and picks a path (:func:`attention_path`):
+Follow a call: :func:`fam_attention` checks its arguments (the shared checks of ``srdiff/_checks.py``)
+and picks a path (:func:`attention_path`):
 ``"triton"``, the fused Triton kernels (``srdiff/kernels/fam_attention.py``: forward, backward with
 d(fam), registered as ``torch.library.triton_op`` so ``torch.compile(fullgraph=True)`` traces them),
 which never write s*K or s*V; or ``"sdpa"``, K and V scaled once (on CUDA by one fused Triton pass
@@ -9,7 +10,9 @@ each way, ``srdiff/kernels/fam_prescale.py``; elsewhere by :func:`srdiff.referen
 PyTorch ops), then ``F.scaled_dot_product_attention`` (cuDNN first on Hopper). On CUDA a stored table
 (``attention_dispatch.json``, generated from the GPU benchmarks) picks the faster per device, dtype,
 head dim, sequence length and direction, the fused kernel wherever the scaled copies would not fit in
-memory. :class:`FAMAttention` is a self-attention module around it.
+memory. :func:`fam_attention_masked` (the FAM processors' layers with an attention mask) scales K and V
+once and calls SDPA with the mask. :class:`FAMAttention` is a self-attention module around
+:func:`fam_attention`.
 """
 
 import contextlib
@@ -22,10 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from srdiff._checks import check_finite, check_nonnegative, check_same_device, check_tensor, resolve_backend
+from srdiff._checks import (
+    SUPPORTED_DTYPES,
+    check_dtype,
+    check_finite,
+    check_lam,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+    resolve_backend,
+)
 from srdiff.reference.attention import fam_as_bhn, fam_attention_sdpa
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The fused kernels' head dims (srdiff/kernels/fam_attention.py: MIN_HEAD_DIM, MAX_HEAD_DIM); the SDPA
 # paths take any. Kept here so that checking never imports triton.
 TRITON_HEAD_DIMS = (16, 256)
@@ -34,13 +45,6 @@ DISPATCH_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "atten
 # The "sdpa" path allocates s*K and s*V (kept for the backward when autograd needs them); it is taken
 # only while they need at most half the device memory free, checked for copies above this size.
 _MEMORY_CHECK_BYTES = 64 * 2**20
-
-
-def check_lam(lam) -> None:
-    """lam must be a finite real number >= 0 (lam = inf or NaN would make every output non-finite)."""
-    check_nonnegative("lam", lam)
-    if not math.isfinite(lam):
-        raise ValueError(f"lam must be finite, got {lam}")
 
 
 # Appended to shape errors whose shapes fit (B, N, H, D) tensors (diffusers' buffer before its
@@ -55,11 +59,9 @@ def _check_args(q, k, v, fam, lam, scale) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=4)
     B, H, Nq, D = q.shape
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"q must be one of {SUPPORTED_DTYPES}, got dtype {q.dtype}")
+    check_dtype("q", q, SUPPORTED_DTYPES)
     for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name} dtype {t.dtype} must equal q dtype {q.dtype}")
+        check_same_dtype(name, t, "q", q)
     if k.shape[:2] != (B, H) or k.shape[3] != D:
         swapped = k.shape[0] == B and k.shape[2] == Nq and k.shape[3] == D
         raise ValueError(
@@ -72,7 +74,9 @@ def _check_args(q, k, v, fam, lam, scale) -> None:
         raise ValueError(f"q and k must be non-empty, got q {tuple(q.shape)} and k {tuple(k.shape)}")
     check_same_device(q=q, k=k, v=v, fam=fam)
     check_lam(lam)
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0 and math.isfinite(scale)):
+    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)):
+        raise TypeError(f"scale must be None or a positive finite number, got {type(scale).__name__}")
+    if scale is not None and not (scale > 0 and math.isfinite(scale)):
         raise ValueError(f"scale must be None or a positive finite number, got {scale!r}")
     if fam is None:
         return
@@ -236,9 +240,10 @@ def fam_attention(
             paths are unaffected.
 
     Raises:
-        TypeError / ValueError naming the argument and its value: ranks, shapes (with a hint when
-        q, k, v look like (B, N, H, D)), dtypes, devices, a non-finite or negative lam, a bad scale,
-        backend or head dim, a non-finite fam or a 1 + lam * fam <= 0.
+        TypeError naming the argument: a wrong argument type or dtype (docs/errors.md); ValueError
+        naming the argument and its value: ranks, shapes (with a hint when q, k, v look like
+        (B, N, H, D)), devices, a non-finite or negative lam, a bad scale, backend or head dim, a
+        non-finite fam or a 1 + lam * fam <= 0.
 
     Returns:
         (B, H, Nq, D) in q's dtype. Accumulation is float32; float32 inputs use exact float32
@@ -283,6 +288,16 @@ def fam_attention(
     if fam is not None and lam == 0.0 and not fam.requires_grad:
         fam = None
     return FAMAttentionFunction.apply(q, k, v, None if fam is None else fam_as_bhn(fam), lam, scale, deterministic)
+
+
+def fam_attention_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fam: torch.Tensor | None, lam: float,
+                         attn_mask: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+    """:func:`fam_attention` with an SDPA ``attn_mask`` (bool, or additive float, broadcast to
+    (B, H, Nq, Nk)): K and V scaled once, then ``F.scaled_dot_product_attention`` (the fused kernels take
+    no mask). The FAM processors call it for masked layers; ``fam`` is not checked for values (the
+    processors checked the map on entry to the context)."""
+    _check_args(q, k, v, fam, lam, scale)
+    return fam_attention_sdpa(q, k, v, fam, float(lam), scale=scale, attn_mask=attn_mask)
 
 
 class FAMAttention(nn.Module):

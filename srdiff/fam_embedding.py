@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from srdiff._checks import check_choice, check_tensor
+from srdiff._checks import check_choice, check_int, check_tensor
 
 MODES = ("bilinear", "area")
 
@@ -44,8 +44,7 @@ def fam_to_tokens(
             and all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)):
         raise ValueError(f"grid must be two positive ints (h, w), got {grid!r}")
     check_choice("mode", mode, MODES)
-    if not (isinstance(extra_tokens, int) and extra_tokens >= 0):
-        raise ValueError(f"extra_tokens must be an int >= 0, got {extra_tokens!r}")
+    check_int("extra_tokens", extra_tokens, 0)
     batched = fam.dim() == 3
     maps = fam if batched else fam[None]
     if tuple(maps.shape[-2:]) != tuple(grid):
@@ -78,8 +77,7 @@ class FAMProjection(nn.Module):
 
     def __init__(self, hidden: int = 8):
         super().__init__()
-        if not (isinstance(hidden, int) and hidden > 0):
-            raise ValueError(f"hidden must be a positive int, got {hidden!r}")
+        check_int("hidden", hidden, 1)
         self.net = nn.Sequential(
             nn.Conv2d(1, hidden, 3, padding=1),
             nn.SiLU(),

@@ -1,8 +1,13 @@
 """Grad-CAM reduction: from a layer's activations and gradients to one normalised map per image.
 
-Follow a call: :func:`gradcam_reduce` checks its arguments, then runs ``torch.ops.srdiff.gradcam_reduce``
+Follow a call: :func:`gradcam_reduce` checks its arguments (the shared checks of ``srdiff/_checks.py``),
+then runs ``torch.ops.srdiff.gradcam_reduce``
 (``csrc/ops.cpp`` schema; ``csrc/cpu/gradcam_cpu.cpp``, ``csrc/cuda/gradcam_cuda.cu`` kernels) or,
 when the extension is unavailable, :func:`srdiff.reference.gradcam_reduce_ref`.
+
+``minmax_normalize`` is the per-map scaling the op applies (pytorch-grad-cam's), for maps combined
+after it (the highlighter's mirrored and multi-layer means); it is the reference's function, which
+the kernels reproduce.
 """
 
 from collections.abc import Sequence
@@ -10,11 +15,16 @@ from collections.abc import Sequence
 import torch
 
 from srdiff import _extension
-from srdiff._checks import check_choice, check_same_device, check_tensor
-from srdiff.reference.gradcam import gradcam_reduce_ref
+from srdiff._checks import (
+    SUPPORTED_DTYPES,
+    check_choice,
+    check_dtype,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+)
+from srdiff.reference.gradcam import gradcam_reduce_ref, minmax_normalize
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SUPPORTED_DEVICES = ("cpu", "cuda")
 BACKENDS = ("extension", "reference")
 
 
@@ -26,10 +36,8 @@ def _check_args(activations, gradients, size) -> None:
         raise ValueError(
             f"gradients must have the shape of activations {tuple(activations.shape)}, got {tuple(gradients.shape)}"
         )
-    if activations.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"activations must be one of {SUPPORTED_DTYPES}, got {activations.dtype}")
-    if gradients.dtype != activations.dtype:
-        raise TypeError(f"gradients dtype {gradients.dtype} must equal activations dtype {activations.dtype}")
+    check_dtype("activations", activations, SUPPORTED_DTYPES)
+    check_same_dtype("gradients", gradients, "activations", activations)
     check_same_device(activations=activations, gradients=gradients)
     if activations.numel() == 0:
         raise ValueError(f"activations must be non-empty, got shape {tuple(activations.shape)}")

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from srdiff._checks import check_int
+
 SIZE = 299
 INPUT_RANGE = (-1.0, 0.9921875)  # the TF graph's (v - 128) / 128 for v in 0..255
 NUM_FEATURES = 2048
@@ -71,8 +73,7 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self, path: str | Path | None = None, batch_size: int = 50):
         super().__init__()
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        check_int("batch_size", batch_size, 1)
         self.path = Path(path) if path is not None else weights_path()
         if not self.path.is_file():
             raise ValueError(f"Inception weights {str(self.path)!r} are not a file")

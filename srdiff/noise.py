@@ -1,7 +1,8 @@
 """Forward-process noise amplification (the paper's, the ADM code's and the U-ViT code's recipes) and
 its ε-loss, fused.
 
-Follow a call: :func:`amplified_add_noise` / :func:`amplified_noise_loss` check their arguments, then
+Follow a call: :func:`amplified_add_noise` / :func:`amplified_noise_loss` check their arguments (the shared
+checks and recipes of ``srdiff/_checks.py``), then
 run the Triton kernels of ``srdiff/kernels/noise.py`` (CUDA tensors; CPU tensors under TRITON_INTERPRET=1),
 the CPU kernels of ``srdiff._C`` (:mod:`srdiff.noise_extension`: CPU tensors when the extension is
 built; the same ε stream as the Triton kernels) or :mod:`srdiff.reference.noise` (CPU tensors
@@ -22,10 +23,20 @@ import torch
 import torch.nn.functional as F
 
 from srdiff import _extension, noise_extension
-from srdiff._checks import check_choice, check_nonnegative, check_same_device, check_tensor, resolve_backend
-from srdiff.reference.noise import (
+from srdiff._checks import (
     AMPLIFICATIONS,
+    PREDICTION_TYPES,
     RECIPES,
+    SUPPORTED_ALPHA_DTYPES,
+    SUPPORTED_DTYPES,
+    check_choice,
+    check_dtype,
+    check_lam,
+    check_same_device,
+    check_tensor,
+    resolve_backend,
+)
+from srdiff.reference.noise import (
     add_noise_from_epsilon,
     amplified_add_noise_ref,
     amplified_noise_loss_ref,
@@ -34,10 +45,7 @@ from srdiff.reference.noise import (
     reference_noise,
 )
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SUPPORTED_ALPHA_DTYPES = (torch.float32, torch.float64)
 SUPPORTED_DEVICES = ("cpu", "cuda")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 AMPLIFY_MODES = ("add", "scale")  # the deprecated amplify= keyword
 REDUCTIONS = ("mean", "sum", "none")
 MAX_SEED = 2**63 - 1
@@ -61,11 +69,6 @@ def _resolve_backend(backend: str | None, device: torch.device) -> str:
             raise RuntimeError(f"backend='extension' but srdiff._C has no noise kernels: {why}")
         return backend
     return resolve_backend(backend, device, BACKENDS)
-
-
-def _check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
-    if t.dtype not in allowed:
-        raise TypeError(f"{name} must be one of {allowed}, got {t.dtype}")
 
 
 def _batch_map(fam: torch.Tensor, shape: torch.Size, resize: bool) -> torch.Tensor:
@@ -97,12 +100,6 @@ def _check_seed(seed) -> None:
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be in [0, 2**63 - 1], got {seed}")
-
-
-def _check_lam(lam) -> None:
-    if isinstance(lam, (int, float)) and not isinstance(lam, bool) and not math.isfinite(lam):
-        raise ValueError(f"lam must be finite, got {lam}")
-    check_nonnegative("lam", lam)
 
 
 def _resolve_recipe(recipe, amplify_, amplified_target) -> tuple[str, str]:
@@ -173,7 +170,7 @@ def _check_args(
 ) -> torch.Tensor | None:
     """Checks shared by both functions; returns the map as (1 | B, H, W) (None without one)."""
     check_tensor("x0", x0, ndim=4)
-    _check_dtype("x0", x0, SUPPORTED_DTYPES)
+    check_dtype("x0", x0, SUPPORTED_DTYPES)
     if x0.numel() == 0:
         raise ValueError(f"x0 must be non-empty, got shape {tuple(x0.shape)}")
     if x0.device.type not in SUPPORTED_DEVICES:
@@ -181,7 +178,7 @@ def _check_args(
     B = x0.shape[0]
     if pred is not None:
         check_tensor("pred", pred)
-        _check_dtype("pred", pred, SUPPORTED_DTYPES)
+        check_dtype("pred", pred, SUPPORTED_DTYPES)
         if pred.shape != x0.shape:
             raise ValueError(f"pred must have the shape of x0 {tuple(x0.shape)}, got {tuple(pred.shape)}")
     check_tensor("timesteps", timesteps, ndim=1)
@@ -190,7 +187,7 @@ def _check_args(
     if timesteps.shape[0] != B:
         raise ValueError(f"timesteps must have shape (B,) = ({B},), got {tuple(timesteps.shape)}")
     check_tensor("alphas_cumprod", alphas_cumprod, ndim=1)
-    _check_dtype("alphas_cumprod", alphas_cumprod, SUPPORTED_ALPHA_DTYPES)
+    check_dtype("alphas_cumprod", alphas_cumprod, SUPPORTED_ALPHA_DTYPES)
     if alphas_cumprod.numel() == 0:
         raise ValueError("alphas_cumprod must be non-empty, got shape (0,)")
     if noise is not None:
@@ -199,7 +196,7 @@ def _check_args(
             raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
         if seed is not None:
             raise ValueError("pass either noise or seed, not both: with noise given, no ε is drawn")
-    _check_lam(lam)
+    check_lam(lam)
     _check_seed(seed)
     if prediction_type not in PREDICTION_TYPES:
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)

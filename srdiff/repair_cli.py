@@ -45,7 +45,7 @@ def add_commands(sub) -> None:
 def _load_model(args, device):
     """(model, scheduler, vae, image size, channels) from --ckpt or --pipeline."""
     if args.ckpt:
-        from srdiff.trainer.sampling import make_scheduler
+        from srdiff.diffusion.schedules import make_scheduler
         from srdiff.trainer.trained import load_ema_unet
 
         unet, config, vae = load_ema_unet(args.ckpt, device)
@@ -60,13 +60,13 @@ def _load_model(args, device):
 
 
 def contact_sheet(before, masks, after):
-    """(3N, 3, H, W): per image, the input, its mask over it (jet), the repair: one row of three."""
+    """(3N, 3, H, W): per image, the input, its mask (N, 1, H, W) over it (jet), the repair: one row of three."""
     import torch
 
     from srdiff.viz import overlay
 
     rgb = lambda x: x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # noqa: E731
-    return torch.stack([rgb(before), overlay(before, masks), rgb(after)], dim=1).flatten(0, 1)
+    return torch.stack([rgb(before), overlay(before, masks[:, 0]), rgb(after)], dim=1).flatten(0, 1)
 
 
 def _repair(args) -> None:
@@ -100,7 +100,7 @@ def _repair(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_grid(images, out / "before.png", upscale=args.scale)
     save_grid(repaired, out / "after.png", upscale=args.scale)
-    save_grid(masks[:, None].expand(-1, 3, -1, -1), out / "masks.png", upscale=args.scale)
+    save_grid(masks.expand(-1, 3, -1, -1), out / "masks.png", upscale=args.scale)
     save_grid(contact_sheet(images, masks, repaired), out / "contact-sheet.png", nrow=3, upscale=args.scale)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     torch.save(repaired, out / "repaired.pt")

@@ -9,7 +9,7 @@ import torch
 @dataclass
 class FlawRepairOutput:
     """What :class:`FlawRepairPipeline` returns: ``images`` (B, C, H, W) repaired, in [0, 1];
-    ``originals`` the images before repair; ``masks`` (B, H, W) in [0, 1]; ``report`` as
+    ``originals`` the images before repair; ``masks`` (B, 1, H, W) in [0, 1]; ``report`` as
     :func:`srdiff.repair_flaws` gives it."""
 
     images: torch.Tensor

@@ -6,6 +6,8 @@ import os
 import numpy as np
 import torch
 
+from srdiff._checks import check_int
+
 # Matplotlib's "jet" as five anchors; enough for a heatmap and no matplotlib import.
 _JET = torch.tensor(
     [[0.0, 0.0, 0.5], [0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.5, 0.0, 0.0]]
@@ -50,8 +52,7 @@ def save_png(picture: np.ndarray | torch.Tensor, path: str | os.PathLike, upscal
     """Write a uint8 (H, W, 3) array, or a (C, H, W) tensor in [0, 1], as PNG (nearest upscaling)."""
     from PIL import Image
 
-    if not isinstance(upscale, int) or isinstance(upscale, bool) or upscale < 1:
-        raise ValueError(f"upscale must be an int >= 1, got {upscale!r}")
+    check_int("upscale", upscale, 1)
     if isinstance(picture, torch.Tensor):
         picture = grid(picture[None], nrow=1, pad=0)
     img = Image.fromarray(picture)

@@ -102,7 +102,7 @@ class TestFAMProjection:
         assert not torch.equal(proj(mfam), mfam)
 
     def test_bad_arguments(self):
-        with pytest.raises(ValueError, match=r"hidden must be a positive int, got 0"):
+        with pytest.raises(ValueError, match=r"hidden must be an int >= 1, got 0"):
             srdiff.FAMProjection(hidden=0)
         with pytest.raises(ValueError, match=r"m must have 2 or 3 dims, got shape \(1, 1, 4, 4\)"):
             srdiff.FAMProjection()(torch.rand(1, 1, 4, 4))

@@ -296,7 +296,7 @@ def test_fit_learns_an_easy_task():
     "kwargs, error, message",
     [
         pytest.param({"epochs": 2, "steps": 2}, ValueError, "give epochs or steps, not both", id="both"),
-        pytest.param({"epochs": 0}, ValueError, "epochs must be a positive int, got 0", id="epochs"),
+        pytest.param({"epochs": 0}, ValueError, "epochs must be an int >= 1, got 0", id="epochs"),
         pytest.param({"batch_size": 1}, ValueError, "batch_size must be >= 2", id="batch"),
         pytest.param({"val_fraction": 1.0}, ValueError, r"val_fraction must be in \[0, 1\)", id="val"),
     ],

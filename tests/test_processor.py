@@ -474,6 +474,14 @@ def test_bad_input():
             pass
     with pytest.raises(ValueError, match=r"lam must be >= 0, got -0.1"):
         srdiff.FAMAttnProcessor(-0.1)
+    for cls in (srdiff.FAMAttnProcessor, srdiff.FAMJointAttnProcessor, srdiff.FAMFluxAttnProcessor):
+        for lam in (float("inf"), float("nan")):
+            with pytest.raises(ValueError, match=rf"lam must be finite, got {lam}"):
+                cls(lam=lam)
+        with pytest.raises(TypeError, match=r"lam must be a real number, got str"):
+            cls(lam="0.1")
+    with pytest.raises(ValueError, match=r"lam must be finite, got inf"):
+        srdiff.set_fam_attn_processor(_unet2d(), lam=float("inf"))
     with pytest.raises(ValueError, match=r"mode must be one of .* got 'cubic'"):
         srdiff.FAMAttnProcessor(mode="cubic")
     with pytest.raises(TypeError, match=r"projection must be a FAMProjection or None, got Linear"):

@@ -1,4 +1,5 @@
-"""Flaw repair (srdiff.repair): masks, the strength schedule, RePaint composition, latent path, pipeline, CLI."""
+"""Flaw repair (srdiff.repair) and the RePaint it runs (srdiff.diffusion): masks, the strength schedule,
+composition, latent path, pipeline, CLI."""
 
 import json
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from srdiff import repair
+from srdiff.diffusion import repaint, schedules
 from srdiff.highlighter import FlawHighlighter
 
 
@@ -29,9 +31,9 @@ def images(n: int = 3, channels: int = 1, size: int = 8, seed: int = 0):
 
 
 def box_mask(n: int = 3, size: int = 8):
-    m = torch.zeros(n, size, size)
-    m[:, 2:5, 3:7] = 1.0
-    m[:, 1, 3:7] = 0.5  # a soft edge
+    m = torch.zeros(n, 1, size, size)
+    m[:, :, 2:5, 3:7] = 1.0
+    m[:, :, 1, 3:7] = 0.5  # a soft edge
     return m
 
 
@@ -47,12 +49,12 @@ def test_flaw_masks_threshold_dilate_feather():
     fam[:, 0, 0] = 0.4
     fam[1] *= 0.5  # same shape, half the scale
     relative = repair.flaw_masks(fam, threshold=0.5, dilate=0, feather=0)
-    assert relative.sum(dim=(1, 2)).tolist() == [1.0, 1.0]
+    assert relative.shape == (2, 1, 9, 9) and relative.sum(dim=(1, 2, 3)).tolist() == [1.0, 1.0]
     absolute = repair.flaw_masks(fam, threshold=0.6, threshold_mode="absolute", dilate=0, feather=0)
-    assert absolute.sum(dim=(1, 2)).tolist() == [1.0, 0.0]
-    grown = repair.flaw_masks(fam[:1], threshold=0.5, dilate=1, feather=0)[0]
+    assert absolute.sum(dim=(1, 2, 3)).tolist() == [1.0, 0.0]
+    grown = repair.flaw_masks(fam[:1], threshold=0.5, dilate=1, feather=0)[0, 0]
     assert grown[3:6, 3:6].eq(1).all() and grown.sum() == 9
-    soft = repair.flaw_masks(fam[:1], threshold=0.5, dilate=1, feather=1)[0]
+    soft = repair.flaw_masks(fam[:1], threshold=0.5, dilate=1, feather=1)[0, 0]
     assert soft[3:6, 3:6].eq(1).all()
     ring = soft[1:8, 1:8].clone()
     ring[2:5, 2:5] = 0.5
@@ -61,36 +63,39 @@ def test_flaw_masks_threshold_dilate_feather():
     assert repair.flaw_masks(torch.zeros(1, 4, 4), threshold=0.0).eq(0).all()  # an empty map flags nothing
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(threshold=1.5), "threshold"), (dict(threshold_mode="top"), "threshold_mode"),
-    (dict(dilate=-1), "dilate"), (dict(feather=0.5), "feather"),
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(threshold=1.5), ValueError, "threshold"), (dict(threshold="0.5"), TypeError, "threshold"),
+    (dict(threshold_mode="top"), ValueError, "threshold_mode"),
+    (dict(dilate=-1), ValueError, "dilate"), (dict(feather=0.5), TypeError, "feather"),
 ])
-def test_flaw_masks_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_flaw_masks_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
         repair.flaw_masks(torch.zeros(1, 4, 4), **kwargs)
 
 
 # ---------------------------------------------------------------- schedule
 def test_strength_timesteps():
     s = scheduler("ddim")
-    full = repair.strength_timesteps(s, 1.0, 20)
+    full = schedules.strength_timesteps(s, 1.0, 20)
     assert full.tolist() == list(range(95, -1, -5))
-    half = repair.strength_timesteps(s, 0.5, 20)
+    half = schedules.strength_timesteps(s, 0.5, 20)
     assert half.tolist() == full[10:].tolist()
-    assert repair.strength_timesteps(s, 0.01, 20).tolist() == [0]  # at least one step
-    assert repair.run_steps(20, 0.33) == 6
-    for bad in (0.0, -0.1, 1.01, True):
+    assert schedules.strength_timesteps(s, 0.01, 20).tolist() == [0]  # at least one step
+    assert schedules.run_steps(20, 0.33) == 6
+    for bad in (0.0, -0.1, 1.01):
         with pytest.raises(ValueError, match="strength"):
-            repair.strength_timesteps(s, bad, 20)
+            schedules.strength_timesteps(s, bad, 20)
+    with pytest.raises(TypeError, match="strength"):
+        schedules.strength_timesteps(s, True, 20)
 
 
 def test_jump_schedule():
-    assert repair.jump_schedule(4, 1, 1) == [1, 1, 1, 1]
-    assert repair.jump_schedule(4, 2, 2) == [1, 1, -2, 1, 1, 1, 1]
-    moves = repair.jump_schedule(10, 2, 3)
+    assert repaint.jump_schedule(4, 1, 1) == [1, 1, 1, 1]
+    assert repaint.jump_schedule(4, 2, 2) == [1, 1, -2, 1, 1, 1, 1]
+    moves = repaint.jump_schedule(10, 2, 3)
     assert sum(moves) == 10 and moves.count(-2) == 8  # r - 1 jumps back at steps 2, 4, 6, 8
     with pytest.raises(ValueError, match="jump"):
-        repair.jump_schedule(4, 0, 2)
+        repaint.jump_schedule(4, 0, 2)
 
 
 # ---------------------------------------------------------------- composition
@@ -99,7 +104,7 @@ def test_outside_mask_is_exact(kind, resample):
     x, m = images(), box_mask()
     out, masks, report = repair.repair_flaws(x, tiny_unet(), masks=m, scheduler=scheduler(kind), strength=0.6,
                                              steps=10, resample=resample, jump=2, progress=False)
-    outside = (m == 0)[:, None]
+    outside = m == 0
     assert torch.equal(out[outside], x[outside])
     assert not torch.equal(out[~outside], x[~outside])
     assert torch.equal(x, images())  # the input is not written
@@ -111,7 +116,7 @@ def test_outside_mask_is_exact(kind, resample):
 def test_compose_is_exact_where_mask_is_zero():
     known, model_state = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     mask = torch.tensor([0.0, 0.3, 1.0, 0.0]).view(1, 1, 2, 2).repeat_interleave(2, -1).repeat_interleave(2, -2)
-    out = repair.compose(model_state, known, mask.expand(2, 1, 4, 4))
+    out = repaint.compose(model_state, known, mask.expand(2, 1, 4, 4))
     zero = (mask == 0).expand(2, 3, 4, 4)
     assert torch.equal(out[zero], known[zero])
     one = (mask == 1).expand(2, 3, 4, 4)
@@ -120,7 +125,7 @@ def test_compose_is_exact_where_mask_is_zero():
 
 def test_zero_mask_returns_the_input():
     x = images()
-    out, masks, report = repair.repair_flaws(x, tiny_unet(), masks=torch.zeros(3, 8, 8), scheduler=scheduler(),
+    out, masks, report = repair.repair_flaws(x, tiny_unet(), masks=torch.zeros(3, 1, 8, 8), scheduler=scheduler(),
                                              progress=False)
     assert torch.equal(out, x) and masks.eq(0).all()
     assert report["summary"]["repaired"] == 0 and report["summary"]["mean_abs_change"] == 0.0
@@ -150,7 +155,7 @@ def test_sdedit_changes_everything_with_the_same_noise():
     x = images()
     s = scheduler()
     edited = repair.sdedit(x, tiny_unet(), scheduler=s, strength=0.5, steps=10, seed=1, progress=False)
-    ones, _, _ = repair.repair_flaws(x, tiny_unet(), masks=torch.ones(3, 8, 8), scheduler=s, strength=0.5, steps=10,
+    ones, _, _ = repair.repair_flaws(x, tiny_unet(), masks=torch.ones(3, 1, 8, 8), scheduler=s, strength=0.5, steps=10,
                                      seed=1, progress=False)
     assert torch.equal(edited, ones)
     assert (edited != x).float().mean() > 0.9
@@ -180,15 +185,15 @@ def tiny_vae():
 def test_latent_path_composes_on_the_latent_grid_and_pastes_pixels():
     vae = tiny_vae()
     x = images(2, size=16)
-    m = torch.zeros(2, 16, 16)
-    m[:, 4:9, 6:12] = 1.0
+    m = torch.zeros(2, 1, 16, 16)
+    m[:, :, 4:9, 6:12] = 1.0
     out, masks, report = repair.repair_flaws(x, tiny_unet(channels=2, size=8), masks=m, vae=vae,
                                              scheduler=scheduler(), strength=0.7, steps=10, progress=False)
-    outside = (m == 0)[:, None]
+    outside = m == 0
     assert torch.equal(out[outside], x[outside])
     assert not torch.equal(out[~outside], x[~outside])
     assert report["settings"]["latent"] is True
-    grid = repair._model_mask(m, (8, 8))
+    grid = repaint.model_mask(m, (8, 8))
     assert grid.shape == (2, 1, 8, 8) and grid[0, 0, 2:5, 3:6].eq(1).all() and grid.sum() == 2 * 9
 
 
@@ -204,7 +209,7 @@ def test_rounds_repeat_while_flagged():
     out, masks, report = repair.repair_flaws(x, tiny_unet(), hl, scheduler=scheduler(), steps=10, rounds=3,
                                              flag_threshold=0.0, dilate=0, feather=0, progress=False)
     assert [r["rounds"] for r in report["images"]] == [3, 3]  # flagged at every threshold: all rounds run
-    outside = (masks == 0)[:, None]
+    outside = masks == 0
     assert outside.any() and (~outside).any()
     assert torch.equal(out[outside], x[outside])
     assert report["summary"]["flagged_before"] == 1.0
@@ -215,9 +220,10 @@ def test_rounds_repeat_while_flagged():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(strength=0.0), "strength"), (dict(strength=1.5), "strength"),
-    (dict(masks=torch.zeros(3, 8, 7)), "masks shape"), (dict(masks=torch.zeros(2, 8, 8)), "masks shape"),
+    (dict(masks=torch.zeros(3, 1, 8, 7)), "masks must be 8x8"), (dict(masks=torch.zeros(2, 1, 8, 8)), "one per image"),
+    (dict(masks=torch.zeros(3, 2, 8, 8)), r"masks must be \(B, 1, H, W\)"),
     (dict(highlighter=tiny_highlighter(3)), "3-channel"), (dict(rounds=0), "rounds"),
-    (dict(masks=torch.zeros(3, 8, 8), rounds=2), "rounds"), (dict(masks=torch.full((3, 8, 8), 2.0)), r"\[0, 1\]"),
+    (dict(masks=torch.zeros(3, 1, 8, 8), rounds=2), "rounds"), (dict(masks=torch.full((3, 1, 8, 8), 2.0)), r"\[0, 1\]"),
     (dict(images=images() * 2), "images must lie"), (dict(resample=0), "resample"),
     (dict(highlighter=None), "highlighter is needed"),
 ])
@@ -242,7 +248,7 @@ def test_pipeline_generates_and_repairs():
     pipe = FlawRepairPipeline(DDPMPipeline(unet=tiny_unet(), scheduler=scheduler("ddpm")), tiny_highlighter())
     out = pipe(batch_size=2, num_inference_steps=4, seed=0, steps=10, flag_threshold=0.0, progress=False)
     assert out.images.shape == out.originals.shape == (2, 1, 8, 8)
-    outside = (out.masks == 0)[:, None]
+    outside = out.masks == 0
     assert outside.any() and (~outside).any()  # neither side of the check is empty
     assert torch.equal(out.images[outside], out.originals[outside])
     again = pipe(out.originals, steps=10, flag_threshold=0.0, progress=False)
@@ -258,7 +264,7 @@ def test_pipeline_on_a_latent_diffusion_pipeline():
                               tiny_highlighter())
     out = pipe(batch_size=2, num_inference_steps=3, seed=0, steps=10, flag_threshold=0.0, progress=False)
     assert out.images.shape == (2, 1, 16, 16) and out.report["settings"]["latent"] is True
-    outside = (out.masks == 0)[:, None]
+    outside = out.masks == 0
     assert outside.any() and (~outside).any()  # neither side of the check is empty
     assert torch.equal(out.images[outside], out.originals[outside])
 
@@ -301,7 +307,7 @@ def test_cli_end_to_end(tmp_path, kind):
     assert report["summary"]["images"] == 3 and report["summary"]["max_abs_change_outside_mask"] == 0.0
     assert report["settings"]["latent"] is (kind == "latent")
     repaired, masks = torch.load(out / "repaired.pt"), torch.load(out / "masks.pt")
-    outside = (masks == 0)[:, None]
+    outside = masks == 0
     assert outside.any()
     assert torch.equal(repaired[outside], images(3, size=size)[outside])
     assert not torch.equal(repaired, images(3, size=size))

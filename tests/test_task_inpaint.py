@@ -1,7 +1,7 @@
 """Inpainting both ways: the mask-conditioned task (2C+1 channels, seeded thick masks, hole loss, forward
-amplification on the noised channels only, mFAM over the holes, export, load, resume) and RePaint with
-an unconditional model (known pixels kept, an oracle denoiser fills the hole with the truth), and
-``srdiff inpaint``."""
+amplification on the noised channels only, mFAM over the holes, export, load, resume) and RePaint at
+strength 1 with an unconditional model (known pixels kept, an oracle denoiser fills the hole with the
+truth), and ``srdiff inpaint``."""
 
 import subprocess
 import sys
@@ -11,9 +11,10 @@ import torch
 from utils import tiny_config
 
 import srdiff
+from srdiff.diffusion.masks import box_mask, check_masks, random_masks
+from srdiff.diffusion.repaint import repaint_images
+from srdiff.diffusion.schedules import make_scheduler
 from srdiff.trainer import SelfRefiningTrainer, TrainConfig
-from srdiff.trainer.masks import box_mask, check_masks, random_masks
-from srdiff.trainer.repaint import repaint
 from srdiff.trainer.trained import load_trained
 
 INPAINT = dict(task="inpaint", mask_kind="mixed")
@@ -32,7 +33,7 @@ def test_masks_are_seeded_thick_and_binary():
     assert rows.sum() >= 4 and cols.sum() >= 4  # sides of at least 20 % of the image
     with pytest.raises(ValueError, match="mask_kind must be one of"):
         random_masks(1, 8, seed=0, kind="blobs")
-    with pytest.raises(ValueError, match=r"masks must be 8x8 like the images .*got 16x16"):
+    with pytest.raises(ValueError, match=r"masks must be 8x8 like the images, got 16x16"):
         check_masks(torch.ones(1, 1, 16, 16), torch.zeros(2, 1, 8, 8))
     with pytest.raises(ValueError, match="mask_kind must be one of"):
         TrainConfig(mask_kind="blobs")
@@ -105,30 +106,31 @@ def test_inpaint_task_end_to_end(tmp_path):
                  "--out", str(tmp_path / "eval.json")]) == 0, "srdiff eval fills the run's own images"
 
 
-def test_repaint_keeps_the_known_pixels_and_an_oracle_fills_the_hole():
-    """With the exact ε of a one-image data set (x_t = √ā x* + √(1-ā) ε), RePaint must return x* in the hole."""
-    cfg = TrainConfig(num_train_timesteps=100, image_size=8)
-    from diffusers import DDPMScheduler
-
-    ac = DDPMScheduler(num_train_timesteps=100).alphas_cumprod
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_repaint_keeps_the_known_pixels_and_an_oracle_fills_the_hole(prediction_type):
+    """With the exact prediction of a one-image data set (x_t = √ā x* + √(1-ā) ε), RePaint at strength 1
+    (what ``srdiff inpaint`` runs with an unconditional model) must return x* in the hole."""
+    cfg = TrainConfig(num_train_timesteps=100, image_size=8, prediction_type=prediction_type)
+    scheduler = make_scheduler(cfg, "ddpm")
+    ac = scheduler.alphas_cumprod
     truth = torch.rand(2, 1, 8, 8)
     target = truth * 2 - 1
 
-    def oracle(x, t):
+    def oracle(x, t, rows):
         a = ac[int(t)]
-        return (x - a.sqrt() * target) / (1 - a).sqrt()
+        eps = (x - a.sqrt() * target[rows]) / (1 - a).sqrt()
+        return eps if prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * target[rows]
 
     masks = random_masks(2, 8, seed=0, kind="boxes")
     known = truth * (1 - masks)  # the hole's content is not given
-    out = repaint(oracle, known, masks, cfg, steps=10, jump_length=2, resamplings=2, seed=0)
+    kwargs = dict(strength=1.0, steps=10, jump=2, resample=2, seed=0)
+    out = repaint_images(known, masks, oracle, scheduler, **kwargs)
     torch.testing.assert_close(out[masks == 0], known[masks == 0], rtol=0, atol=0)
     torch.testing.assert_close(out, truth, rtol=0, atol=1e-5)
-    again = repaint(oracle, known, masks, cfg, steps=10, jump_length=2, resamplings=2, seed=0)
-    torch.testing.assert_close(again, out, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="jump_length must be an int >= 1"):
-        repaint(oracle, known, masks, cfg, steps=10, jump_length=0)
-    with pytest.raises(ValueError, match="needs an epsilon-prediction model"):
-        repaint(oracle, known, masks, cfg.replace(prediction_type="v_prediction"), steps=10)
+    again = repaint_images(known, masks, oracle, scheduler, **kwargs, batch_size=1)
+    torch.testing.assert_close(again, out, rtol=0, atol=0)  # each image's noise is its own
+    with pytest.raises(ValueError, match="jump must be an int >= 1"):
+        repaint_images(known, masks, oracle, scheduler, **{**kwargs, "jump": 0})
 
 
 def _cli(*args):

@@ -13,7 +13,7 @@ import srdiff
 from srdiff.trainer import SelfRefiningTrainer, checkpoint
 from srdiff.trainer.captions import digit_caption, folder_captions
 from srdiff.trainer.lora import add_lora
-from srdiff.trainer.sampling import initial_noise
+from srdiff.diffusion.seeding import initial_noise
 from srdiff.trainer.text_encoders import check_pretrained, tiny_tokenizer
 from srdiff.trainer.trained import load_trained
 

@@ -49,6 +49,27 @@ def test_every_backbone_states_the_sides_it_takes(name):
                 backbone.check_sample_size(config.replace(image_size=side), side)
 
 
+def test_backbones_own_their_options_and_export():
+    """Each backbone names the [model] keys it reads and checks them when the config is made; what it
+    does not read it does not check. Export asks the backbone: a pipeline, or its folder."""
+    import dataclasses
+
+    model_keys = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["section"] == "model"}
+    for name, cls in BACKBONES.items():
+        assert cls.options and set(cls.options) <= model_keys, name
+        assert cls.folder in ("unet", "transformer"), name
+    with pytest.raises(ValueError, match=r"hidden_size 20 must be a multiple of attention_head_dim 8"):
+        TrainConfig(backbone="dit", hidden_size=20, attention_head_dim=8)
+    with pytest.raises(ValueError, match=r"norm_num_groups must divide every entry of block_out_channels"):
+        TrainConfig(backbone="unet-cond", norm_num_groups=7)
+    assert TrainConfig(backbone="dit", norm_num_groups=7).norm_num_groups == 7  # a U-Net key: not DiT's to check
+    unet = get_backbone("unet").build(TrainConfig(), DenoiserSpec(1, 1, 8))
+    assert type(get_backbone("unet").pipeline(unet, TrainConfig())).__name__ == "DDPMPipeline"
+    assert get_backbone("unet").pipeline(unet, TrainConfig(), condition="class") is None
+    with pytest.raises(ValueError, match=r"pretrained Stable Diffusion UNet needs backbone 'unet-cond', got 'dit'"):
+        get_backbone("dit").from_pretrained("sd15/unet")
+
+
 def test_legacy_config_keys_become_recipes():
     old = TrainConfig().to_dict()
     del old["recipe"]

@@ -48,10 +48,10 @@ def test_phases_cycles_and_outputs(tmp_path):
 @pytest.mark.slow
 def test_modes_route_the_mfam(tmp_path, monkeypatch):
     """baseline never refreshes; forward passes the mFAM to the noise; reverse only to the attention."""
-    import srdiff
+    from srdiff.trainer import trainer as loop
 
     seen = {"noise": [], "context": []}
-    add_noise, context = srdiff.amplified_add_noise, srdiff.fam_context
+    add_noise, context = loop.amplified_add_noise, loop.fam_context
 
     def spy_noise(*args, **kwargs):
         seen["noise"].append(kwargs["fam"] is not None and kwargs["lam"] > 0)
@@ -61,8 +61,8 @@ def test_modes_route_the_mfam(tmp_path, monkeypatch):
         seen["context"].append(mfam is not None)
         return context(mfam)
 
-    monkeypatch.setattr(srdiff, "amplified_add_noise", spy_noise)
-    monkeypatch.setattr(srdiff, "fam_context", spy_context)
+    monkeypatch.setattr(loop, "amplified_add_noise", spy_noise)
+    monkeypatch.setattr(loop, "fam_context", spy_context)
     for mode, noise, ctx in (("baseline", [False] * 4, []), ("forward", [False, False, True, True], []),
                              ("reverse", [False] * 4, [False, False, True, True])):
         seen["noise"].clear()
@@ -145,17 +145,17 @@ def test_written_files_follow_the_umask(tmp_path, mask):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    import srdiff
+    from srdiff.trainer import task
 
     cfg = tiny(tmp_path, steps=6, ratio="1:0", checkpoint_every=2)
-    loss_fn, calls = srdiff.amplified_noise_loss, []
+    loss_fn, calls = task.amplified_noise_loss, []
 
     def exploding(*args, **kwargs):
         calls.append(1)
         loss = loss_fn(*args, **kwargs)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(srdiff, "amplified_noise_loss", exploding)
+    monkeypatch.setattr(task, "amplified_noise_loss", exploding)
     trainer = SelfRefiningTrainer(cfg)
     with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 3 \(base phase\); training stopped "
                                                  r"without writing a checkpoint, the last good checkpoint is .*last.pt"):
@@ -168,15 +168,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
 def test_a_start_that_wrote_no_checkpoint_is_set_aside_by_the_rerun(tmp_path, monkeypatch):
     """A start whose loss blew up before its first checkpoint left config.json and metrics.jsonl: the
     corrected rerun (with resume or without) moves them aside, with a warning, and trains there."""
-    import srdiff
+    from srdiff.trainer import task
 
     cfg = tiny(tmp_path, steps=2, ratio="1:0", mode="baseline")
-    loss_fn = srdiff.amplified_noise_loss
-    monkeypatch.setattr(srdiff, "amplified_noise_loss", lambda *a, **k: loss_fn(*a, **k) * float("nan"))
+    loss_fn = task.amplified_noise_loss
+    monkeypatch.setattr(task, "amplified_noise_loss", lambda *a, **k: loss_fn(*a, **k) * float("nan"))
     with pytest.raises(NonFiniteLossError):
         SelfRefiningTrainer(cfg).train()
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "metrics.jsonl", "srdiff.lock"]
-    monkeypatch.setattr(srdiff, "amplified_noise_loss", loss_fn)
+    monkeypatch.setattr(task, "amplified_noise_loss", loss_fn)
     with pytest.warns(UserWarning, match=r"held a start that wrote no checkpoint \(config.json, metrics.jsonl\)"):
         SelfRefiningTrainer(cfg).train(resume=True)
     (aside,) = tmp_path.glob("run.old-*")

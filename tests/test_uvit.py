@@ -57,10 +57,21 @@ def test_shapes_tokens_and_config():
     ({"sample_size": 9}, r"sample_size must be positive ints divisible by patch_size=2, got 9"),
     ({"heads": 3}, r"heads must divide width, got width=32, heads=3"),
     ({"fam_projection": "each"}, r"fam_projection must be one of"),
+    ({"depth": 0}, r"depth must be an int >= 2, got 0"),
     ({"lam": -1.0}, r"lam must be >= 0"),
+    ({"lam": float("inf")}, r"lam must be finite, got inf"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
+        _uvit(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"width": 32.0}, r"width must be an int, got 32.0 \(float\)"),
+    ({"lam": "0.1"}, r"lam must be a real number, got str"),
+])
+def test_bad_config_type(kwargs, match):
+    with pytest.raises(TypeError, match=match):
         _uvit(**kwargs)
 
 

@@ -8,12 +8,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from srdiff._checks import check_choice, check_tensor
+from srdiff._checks import check_choice, check_int, check_tensor
 from srdiff._io import load_file, save_atomic
-from srdiff.gradcam import gradcam_reduce
+from srdiff.gradcam import gradcam_reduce, minmax_normalize
 from srdiff.highlighter import backbones
 from srdiff.highlighter.images import resize_square
-from srdiff.reference.gradcam import minmax_normalize
 
 CHECKPOINT_FORMAT = "srdiff.FlawHighlighter/1"
 
@@ -77,13 +76,12 @@ class FlawHighlighter(nn.Module):
         super().__init__()
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {in_channels!r}")
-        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 8:
-            raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
+        check_int("image_size", image_size, 8)
         check_choice("pool", pool, backbones.POOLS)
         check_choice("head", head, backbones.HEADS)
         check_choice("map_stride", map_stride, (16, 8, 4))
-        if not isinstance(width, int) or width < 1 or not isinstance(stages, int) or stages < 1:
-            raise ValueError(f"width and stages must be positive ints, got width={width!r}, stages={stages!r}")
+        check_int("width", width, 1)
+        check_int("stages", stages, 1)
         self.in_channels, self.image_size = in_channels, image_size
         if isinstance(backbone, nn.Module):
             self.net, default_targets, self.backbone_name = backbone, [], "custom"
@@ -229,8 +227,7 @@ class FlawHighlighter(nn.Module):
         activations (``torch.autograd.grad``), also under ``torch.no_grad()``.
         """
         self.check_images(images)
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        check_int("batch_size", batch_size, 1)
         B, _, H, W = images.shape
         if B == 0:
             return torch.zeros(0, H, W, device=images.device)

@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from srdiff._checks import check_int
 from srdiff.highlighter.images import resize_square
 
 
@@ -123,15 +124,16 @@ def fit(
     if epochs is not None and steps is not None:
         raise ValueError(f"give epochs or steps, not both (got epochs={epochs}, steps={steps})")
     for name, value in (("epochs", epochs), ("steps", steps), ("batch_size", batch_size)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if value is not None:
+            check_int(name, value, 1)
     if batch_size < 2:
         raise ValueError(f"batch_size must be >= 2 (half real, half fake), got {batch_size}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if len(real) < 2 or len(fake) < 2:
         raise ValueError(f"need at least 2 real and 2 fake images, got {len(real)} real and {len(fake)} fake")
-    if not isinstance(shift, int) or shift < 0 or shift >= model.image_size:
+    check_int("shift", shift, 0)
+    if shift >= model.image_size:
         raise ValueError(f"shift must be an int in [0, image_size), got {shift!r}")
     if epochs is None and steps is None:
         epochs = 30

@@ -64,9 +64,9 @@ import torch
 import triton
 import triton.language as tl
 
+from srdiff._checks import SUPPORTED_DTYPES
 from srdiff.kernels.utils import input_guard, new_empty, triton_interpreting
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 LOG2E = 1.4426950408889634  # 1 / ln(2)
 # E of the forward's reference (module docstring): the largest exponent a p may reach, per input dtype

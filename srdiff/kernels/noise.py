@@ -25,12 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from srdiff._checks import AMPLIFICATIONS, PREDICTION_TYPES, SUPPORTED_ALPHA_DTYPES, SUPPORTED_DTYPES
 from srdiff.kernels.utils import input_guard, new_empty
-
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SUPPORTED_ALPHA_DTYPES = (torch.float32, torch.float64)
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # the kernels' PREDICTION constexpr indexes this
-AMPLIFICATIONS = ("plain", "add", "scale")  # X_NOISE and TARGET_NOISE index this
 
 MAX_BLOCK = 4096
 MIN_BLOCK = 64

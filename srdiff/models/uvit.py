@@ -29,7 +29,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from srdiff._checks import check_choice, check_nonnegative, check_tensor
+from srdiff._checks import check_choice, check_int, check_lam, check_tensor
 from srdiff.attention import FAMAttention
 from srdiff.fam_embedding import FAMProjection
 from srdiff.processors import context as fam_state
@@ -70,10 +70,9 @@ class UViTConfig:
 
     def __post_init__(self):
         for name in ("in_channels", "patch_size", "width", "heads"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not (isinstance(self.depth, int) and self.depth >= 2 and self.depth % 2 == 0):
+            check_int(name, getattr(self, name), 1)
+        check_int("depth", self.depth, 2)
+        if self.depth % 2:
             raise ValueError(f"depth must be an even int >= 2 (depth // 2 in- and out-blocks), got {self.depth!r}")
         if self.width % self.heads:
             raise ValueError(f"heads must divide width, got width={self.width}, heads={self.heads}")
@@ -81,9 +80,8 @@ class UViTConfig:
             if not (isinstance(h, int) and h > 0 and h % self.patch_size == 0):
                 raise ValueError(f"sample_size must be positive ints divisible by patch_size={self.patch_size}, "
                                  f"got {self.sample_size!r}")
-        if not (isinstance(self.num_classes, int) and self.num_classes >= 0):
-            raise ValueError(f"num_classes must be an int >= 0, got {self.num_classes!r}")
-        check_nonnegative("lam", self.lam)
+        check_int("num_classes", self.num_classes, 0)
+        check_lam(self.lam)
         check_choice("fam_projection", self.fam_projection, PROJECTIONS)
 
     @property

@@ -6,9 +6,15 @@ family, installed by a table, and the context that holds the active mFAM.
         eps = unet(x_t, t).sample
     loss(eps).backward()                                     # outside the context: fine
 
-Modules: :mod:`.context` (fam_context, the per-forward record), :mod:`.base` (what every FAM layer
-shares), :mod:`.self_attention`, :mod:`.joint` and :mod:`.flux` (the processors), :mod:`.table` (which replaces
-which), :mod:`.install` (set/remove/introspect). See docs/processors.md.
+Modules: :mod:`.context` (fam_context, the per-forward record, the per-layer map, checkpoint replay),
+:mod:`.base` (what every FAM layer and processor shares), :mod:`.self_attention`, :mod:`.joint` and
+:mod:`.flux` (the processors), :mod:`.table` (which replaces which), :mod:`.install`
+(set/remove/introspect). See docs/processors.md.
+
+Follow a call: a processor's ``__call__`` -> ``self.active()`` (the innermost :class:`.context.FAMContext`,
+or None: the original processor runs) -> ``self.grid_of`` (``FAMContext.layer_grid``: the layer's token grid
+from the input's (H, W)) -> ``self.token_fam`` (``FAMContext.layer_tokens``: M_emb once per forward, resized
+to the grid, counted) -> ``self.attend`` -> :func:`srdiff.attention.fam_attention`.
 """
 
 from srdiff.processors.base import FAMLayer, FAMLayerInfo

@@ -1,15 +1,17 @@
 """What every FAM layer shares (diffusers processors and srdiff's own attention blocks): its
-settings, the last grid it modulated, and the step from the active context to its per-token map."""
+settings, the last grid it modulated, and the step from the active context to its per-token map; and
+what every FAM processor shares: the diffusers processor it replaces."""
 
+import importlib
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from srdiff._checks import check_choice, check_nonnegative
-from srdiff.attention import fam_attention
+from srdiff._checks import check_choice, check_int, check_lam
+from srdiff.attention import fam_attention, fam_attention_masked
 from srdiff.fam_embedding import MODES, FAMProjection
 from srdiff.processors import context as fam_state
-from srdiff.reference.attention import fam_attention_sdpa
 
 
 @dataclass(frozen=True)
@@ -44,12 +46,11 @@ class FAMLayer:
 
     def __init__(self, lam: float = 0.025, *, projection: FAMProjection | None = None, mode: str = "bilinear",
                  backend: str | None = None, leading_tokens: int = 0, name: str = "<unnamed layer>"):
-        check_nonnegative("lam", lam)
+        check_lam(lam)
         check_choice("mode", mode, MODES)
         if projection is not None and not isinstance(projection, FAMProjection):
             raise TypeError(f"projection must be a FAMProjection or None, got {type(projection).__name__}")
-        if not (isinstance(leading_tokens, int) and not isinstance(leading_tokens, bool) and leading_tokens >= 0):
-            raise ValueError(f"leading_tokens must be an int >= 0, got {leading_tokens!r}")
+        check_int("leading_tokens", leading_tokens, 0)
         self.lam, self.projection, self.mode, self.backend = float(lam), projection, mode, backend
         self.leading_tokens, self.fam_name = leading_tokens, name
         self.projection_kind: str | None = None if projection is None else "external"
@@ -65,33 +66,17 @@ class FAMLayer:
         return None if context is None or self.lam == 0.0 else context
 
     def grid_of(self, context: "fam_state.FAMContext", n_spatial: int) -> tuple[int, int]:
-        """The (h, w) grid of this layer's ``n_spatial`` image tokens, from the model input's (H, W)."""
-        record = fam_state.current_forward()
-        input_hw = context.grid or (None if record is None else record.input_hw)
-        if input_hw is None:
-            raise ValueError(
-                f"layer {self.fam_name!r}: cannot place its {n_spatial} tokens on the image: the model's input "
-                "grid is unknown. Install with srdiff.set_fam_attn_processor(model, ...) (a hook records the "
-                "input's (H, W)) or pass srdiff.fam_context(mfam, grid=(H, W))"
-            )
-        grid = fam_state.token_grid(n_spatial, input_hw)
-        if grid is None:
-            raise ValueError(
-                f"layer {self.fam_name!r}: its {n_spatial} image tokens form no grid of the {input_hw[0]}x"
-                f"{input_hw[1]} input (ceil(H/f) x ceil(W/f) or H//f x W//f for an integer f); "
-                f"leading_tokens={self.leading_tokens}"
-            )
-        return grid
+        """The (h, w) grid of this layer's ``n_spatial`` image tokens (:meth:`FAMContext.layer_grid`)."""
+        return context.layer_grid(self.fam_name, n_spatial, self.leading_tokens)
 
     def token_fam(self, context: "fam_state.FAMContext", grid: tuple[int, int], batch_size: int,
                   trailing: int = 0, leading: int | None = None) -> torch.Tensor:
         """This layer's per-key map: ``leading`` zeros (default ``leading_tokens``), the resized M_emb,
         ``trailing`` zeros (text tokens after the image)."""
         leading = self.leading_tokens if leading is None else leading
-        fam = fam_state.layer_fam(context, self.projection, self.lam, grid, self.mode, leading, trailing,
-                                  batch_size)
+        fam = context.layer_tokens(self.fam_name, self.projection, self.lam, grid, self.mode, leading, trailing,
+                                   batch_size)
         self.last_grid = grid
-        fam_state.note_modulated(self.fam_name)
         return fam
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fam: torch.Tensor,
@@ -100,8 +85,32 @@ class FAMLayer:
         fused kernels take no mask). The map was checked on entry to the context (or after the
         projection), so the op does not check it again."""
         if attention_mask is not None:
-            return fam_attention_sdpa(q, k, v, fam, self.lam, attn_mask=attention_mask)
+            return fam_attention_masked(q, k, v, fam, self.lam, attention_mask)
         return fam_attention(q, k, v, fam, self.lam, backend=self.backend, check_fam=False)
+
+
+class FAMProcessor(FAMLayer):
+    """Base of the FAM versions of diffusers attention processors (one subclass per attention family).
+
+    ``original``: the processor it replaces, which runs every call the modulation leaves alone (no
+    context, no map, ``lam == 0``, cross-attention), unchanged; default a fresh instance of the first
+    class in :attr:`replaces`. Other arguments: see :class:`FAMLayer`.
+    """
+
+    #: qualified names of the diffusers processor classes this one replaces (the installer's table,
+    #: :data:`srdiff.processors.table.FAM_PROCESSORS`, is built from them; the first is the default)
+    replaces: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, lam: float = 0.025, *, original=None, **kwargs):
+        super().__init__(lam, **kwargs)
+        if original is None:
+            module, _, name = self.replaces[0].rpartition(".")
+            original = getattr(importlib.import_module(module), name)()
+        self.original = original
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(lam={self.lam}, projection={self.projection_kind}, mode={self.mode!r}, "
+                f"replaces={type(self.original).__name__})")
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -9,14 +9,17 @@ Two slots, both per process:
   :class:`srdiff.FAMProjection` runs once per forward, never once per context, so a second step
   inside one context sees the updated projection and builds a fresh graph).
 
-Gradient checkpointing re-runs blocks during backward, possibly after the context has exited: the
-installer wraps the model's checkpoint function so that the re-run sees the context and forward
-record of the original run (:func:`replay_state`), and the recomputation is identical.
+A layer asks its context for everything the map needs (:meth:`FAMContext.layer_grid`,
+:meth:`FAMContext.layer_tokens`): the grid its tokens form, M_emb resized to it, the count of what was
+modulated. Gradient checkpointing re-runs blocks during backward, possibly after the context has
+exited: the installer wraps the model's checkpoint function in a :class:`ReplayingCheckpoint`, so
+that the re-run sees the context and forward record of the original run, and the recomputation is
+identical.
 """
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +29,69 @@ from srdiff.fam_embedding import FAMProjection, fam_to_tokens
 
 
 class FAMContext:
-    """What :func:`fam_context` holds: the map, the explicit input grid, strictness, a modulation count."""
+    """What :func:`fam_context` holds (the map, the explicit input grid, strictness, a modulation count)
+    and what a layer derives from it in the current forward."""
 
     def __init__(self, mfam: torch.Tensor, grid: tuple[int, int] | None, strict: bool):
         self.mfam, self.grid, self.strict = mfam, grid, strict
         self.modulated = 0
+
+    def input_hw(self) -> tuple[int, int] | None:
+        """The model input's (H, W): the explicit grid, else what the current forward recorded, else None."""
+        return self.grid or (None if _FORWARD is None else _FORWARD.input_hw)
+
+    def layer_grid(self, layer: str, n_spatial: int, leading_tokens: int = 0) -> tuple[int, int]:
+        """The (h, w) grid of layer ``layer``'s ``n_spatial`` image tokens, from the model input's (H, W)."""
+        input_hw = self.input_hw()
+        if input_hw is None:
+            raise ValueError(
+                f"layer {layer!r}: cannot place its {n_spatial} tokens on the image: the model's input "
+                "grid is unknown. Install with srdiff.set_fam_attn_processor(model, ...) (a hook records the "
+                "input's (H, W)) or pass srdiff.fam_context(mfam, grid=(H, W))"
+            )
+        grid = token_grid(n_spatial, input_hw)
+        if grid is None:
+            raise ValueError(
+                f"layer {layer!r}: its {n_spatial} image tokens form no grid of the {input_hw[0]}x"
+                f"{input_hw[1]} input (ceil(H/f) x ceil(W/f) or H//f x W//f for an integer f); "
+                f"leading_tokens={leading_tokens}"
+            )
+        return grid
+
+    def m_emb(self, projection: FAMProjection | None, lam: float) -> torch.Tensor:
+        """M_emb in image space: the mFAM, or ``projection(mFAM)`` computed once per forward (checked
+        once: finite and 1 + lam * M_emb > 0)."""
+        if projection is None:
+            return self.mfam
+        record = _FORWARD
+        if record is not None and id(projection) in record.projected:
+            return record.projected[id(projection)]
+        m_emb = projection(self.mfam)
+        # Resizing keeps values within [min, max] of the map, so checking the image-space map once
+        # covers every layer's tokens.
+        check_finite("M_emb (FAMProjection output)", m_emb)
+        if not torch.compiler.is_compiling() and lam > 0 and not 1.0 + lam * m_emb.min().item() > 0:
+            raise ValueError(f"1 + lam * M_emb must be > 0: the FAMProjection output reaches "
+                             f"{m_emb.min().item():.6g} with lam={lam}")
+        if record is not None:
+            record.projected[id(projection)] = m_emb
+        return m_emb
+
+    def layer_tokens(self, layer: str, projection: FAMProjection | None, lam: float, grid: tuple[int, int],
+                     mode: str, leading: int = 0, trailing: int = 0, batch_size: int | None = None) -> torch.Tensor:
+        """The per-token map of layer ``layer``: M_emb resized to ``grid``, ``leading`` zeros before the
+        grid tokens and ``trailing`` zeros after them (text tokens of joint attention), (N,) or (B, N);
+        the layer counts as modulated (for ``strict`` and :func:`srdiff.fam_layers`)."""
+        tokens = fam_to_tokens(self.m_emb(projection, lam), grid, mode=mode, extra_tokens=leading)
+        if trailing:
+            tokens = F.pad(tokens, (0, trailing))
+        if batch_size is not None and tokens.dim() == 2 and tokens.shape[0] not in (1, batch_size):
+            raise ValueError(f"mfam holds {tokens.shape[0]} maps but the layer sees a batch of {batch_size}: "
+                             "pass one (H, W) map or one per image")
+        self.modulated += 1
+        if _FORWARD is not None:
+            _FORWARD.modulated.append(layer)
+        return tokens
 
 
 class ForwardRecord:
@@ -153,6 +214,31 @@ def replay_state(context: FAMContext | None, record: ForwardRecord | None) -> It
         _ACTIVE, _FORWARD = saved
 
 
+class ReplayingCheckpoint:
+    """Wraps a diffusers ``_gradient_checkpointing_func``: the block's recomputation during backward
+    runs with the context and forward record of its original run, so it recomputes the same
+    modulation inside the context, outside it, or inside another one."""
+
+    def __init__(self, inner: Callable):
+        self.inner = inner
+
+    def __call__(self, block, *args, **kwargs):
+        context, record = _ACTIVE, _FORWARD
+        snapshot = None if record is None else record.snapshot()
+        calls = 0
+
+        def run(*block_args, **block_kwargs):
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return block(*block_args, **block_kwargs)
+            replay = None if snapshot is None else snapshot.snapshot()
+            with replay_state(context, replay):
+                return block(*block_args, **block_kwargs)
+
+        return self.inner(run, *args, **kwargs)
+
+
 def warn_on_aspect_mismatch(mfam: torch.Tensor, input_hw: tuple[int, int]) -> None:
     """Warn once per (map size, input size) whose aspect ratios differ (the map is resized anyway)."""
     H, W = mfam.shape[-2:]
@@ -176,46 +262,3 @@ def token_grid(n_tokens: int, input_hw: tuple[int, int]) -> tuple[int, int] | No
             if grid[0] * grid[1] == n_tokens:
                 return grid
     return None
-
-
-def projected_map(context: FAMContext, projection: FAMProjection | None, lam: float) -> torch.Tensor:
-    """M_emb in image space: the mFAM, or ``projection(mFAM)`` computed once per forward (checked
-    once: finite and 1 + lam * M_emb > 0)."""
-    if projection is None:
-        return context.mfam
-    record = _FORWARD
-    if record is not None and id(projection) in record.projected:
-        return record.projected[id(projection)]
-    m_emb = projection(context.mfam)
-    # Resizing keeps values within [min, max] of the map, so checking the image-space map once
-    # covers every layer's tokens.
-    check_finite("M_emb (FAMProjection output)", m_emb)
-    if not torch.compiler.is_compiling() and lam > 0 and not 1.0 + lam * m_emb.min().item() > 0:
-        raise ValueError(f"1 + lam * M_emb must be > 0: the FAMProjection output reaches "
-                         f"{m_emb.min().item():.6g} with lam={lam}")
-    if record is not None:
-        record.projected[id(projection)] = m_emb
-    return m_emb
-
-
-def layer_fam(context: FAMContext, projection: FAMProjection | None, lam: float, grid: tuple[int, int],
-              mode: str, leading: int = 0, trailing: int = 0, batch_size: int | None = None) -> torch.Tensor:
-    """The per-token map of one layer: M_emb resized to ``grid``, ``leading`` zeros before the grid
-    tokens and ``trailing`` zeros after them (text tokens of joint attention). (N,) or (B, N)."""
-    tokens = fam_to_tokens(projected_map(context, projection, lam), grid, mode=mode, extra_tokens=leading)
-    if trailing:
-        tokens = F.pad(tokens, (0, trailing))
-    if batch_size is not None and tokens.dim() == 2 and tokens.shape[0] not in (1, batch_size):
-        raise ValueError(f"mfam holds {tokens.shape[0]} maps but the layer sees a batch of {batch_size}: "
-                         "pass one (H, W) map or one per image")
-    return tokens
-
-
-def note_modulated(name: str) -> None:
-    """Count a modulated layer in the context and the forward record (for ``strict`` and
-    :func:`srdiff.fam_layers`)."""
-    if _ACTIVE is not None:
-        _ACTIVE.modulated += 1
-    if _FORWARD is not None:
-        _FORWARD.modulated.append(name)
-

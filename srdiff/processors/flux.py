@@ -6,30 +6,19 @@ columns in its columns 1 and 2) or ``fam_context(mfam, grid=(h, w))`` gives."""
 
 import torch
 
-from srdiff.processors.base import FAMLayer
+from srdiff.processors.base import FAMProcessor
 
 
-class FAMFluxAttnProcessor(FAMLayer):
+class FAMFluxAttnProcessor(FAMProcessor):
     """The modulated ``FluxAttnProcessor`` (projections, RMS norms and rotary embeddings as there, the
     attention by :func:`srdiff.fam_attention`). Unmodulated calls run the original unchanged.
     Arguments: see :class:`srdiff.FAMAttnProcessor`."""
 
     family = "FluxAttnProcessor"
-
-    def __init__(self, lam: float = 0.025, *, original=None, **kwargs):
-        super().__init__(lam, **kwargs)
-        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
-
-        self.original = FluxAttnProcessor() if original is None else original
-
-    def __repr__(self) -> str:
-        return f"FAMFluxAttnProcessor(lam={self.lam}, projection={self.projection_kind}, mode={self.mode!r})"
+    replaces = ("diffusers.models.transformers.transformer_flux.FluxAttnProcessor",)
 
     def _image_grid(self, context) -> tuple[int, int]:
-        from srdiff.processors.context import current_forward
-
-        record = current_forward()
-        grid = context.grid or (None if record is None else record.input_hw)
+        grid = context.input_hw()
         if grid is None:
             raise ValueError(f"layer {self.fam_name!r}: Flux's packed token grid is unknown: call the model with "
                              "img_ids (the hook reads it) or pass srdiff.fam_context(mfam, grid=(h, w))")

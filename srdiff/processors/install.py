@@ -18,6 +18,7 @@ from torch import nn
 
 from srdiff.fam_embedding import FAMProjection
 from srdiff.processors import context as fam_state
+from srdiff.processors.context import ReplayingCheckpoint
 from srdiff.processors.base import FAMLayer, FAMLayerInfo
 from srdiff.processors.table import FAM_PROCESSORS, fam_processor_for, qualified_name
 
@@ -25,31 +26,6 @@ PROJECTIONS = ("per_layer", "shared")
 PROJECTION_ATTR = "fam_projection"
 _INSTALLATION_ATTR = "_srdiff_fam"
 _INPUT_NAMES = ("sample", "hidden_states", "x")
-
-
-class ReplayingCheckpoint:
-    """Wraps a diffusers ``_gradient_checkpointing_func``: the block's recomputation during backward
-    runs with the context and forward record of its original run, so it recomputes the same
-    modulation inside the context, outside it, or inside another one."""
-
-    def __init__(self, inner: Callable):
-        self.inner = inner
-
-    def __call__(self, block, *args, **kwargs):
-        context, record = fam_state.active_context(), fam_state.current_forward()
-        snapshot = None if record is None else record.snapshot()
-        calls = 0
-
-        def run(*block_args, **block_kwargs):
-            nonlocal calls
-            calls += 1
-            if calls == 1:
-                return block(*block_args, **block_kwargs)
-            replay = None if snapshot is None else snapshot.snapshot()
-            with fam_state.replay_state(context, replay):
-                return block(*block_args, **block_kwargs)
-
-        return self.inner(run, *args, **kwargs)
 
 
 class _Installation:

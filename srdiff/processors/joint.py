@@ -3,10 +3,10 @@ attend jointly; only image tokens carry a map value, text tokens get 0."""
 
 import torch
 
-from srdiff.processors.base import FAMLayer, merge_heads, split_heads
+from srdiff.processors.base import FAMProcessor, merge_heads, split_heads
 
 
-class FAMJointAttnProcessor(FAMLayer):
+class FAMJointAttnProcessor(FAMProcessor):
     """The modulated ``JointAttnProcessor2_0``.
 
     The image tokens (``hidden_states``, (B, N, C), N = the patch grid's cells) come first in the
@@ -19,15 +19,7 @@ class FAMJointAttnProcessor(FAMLayer):
     """
 
     family = "JointAttnProcessor2_0"
-
-    def __init__(self, lam: float = 0.025, *, original=None, **kwargs):
-        super().__init__(lam, **kwargs)
-        from diffusers.models.attention_processor import JointAttnProcessor2_0
-
-        self.original = JointAttnProcessor2_0() if original is None else original
-
-    def __repr__(self) -> str:
-        return f"FAMJointAttnProcessor(lam={self.lam}, projection={self.projection_kind}, mode={self.mode!r})"
+    replaces = ("diffusers.models.attention_processor.JointAttnProcessor2_0",)
 
     @staticmethod
     def _heads(attn, x: torch.Tensor, to_q, to_k, to_v, norm_q, norm_k):

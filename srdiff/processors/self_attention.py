@@ -3,10 +3,10 @@ self-attention of UNet2DModel, UNet2DConditionModel (``attn1``), DiT and PixArt.
 
 import torch
 
-from srdiff.processors.base import FAMLayer, merge_heads, split_heads
+from srdiff.processors.base import FAMProcessor, merge_heads, split_heads
 
 
-class FAMAttnProcessor(FAMLayer):
+class FAMAttnProcessor(FAMProcessor):
     """A diffusers attention processor that modulates keys and values with the active mFAM.
 
     Inside a :func:`srdiff.fam_context` with a map and ``lam > 0``, a self-attention call runs
@@ -19,26 +19,24 @@ class FAMAttnProcessor(FAMLayer):
     Args:
         lam, projection, mode, backend, leading_tokens, name: see :class:`srdiff.processors.base.FAMLayer`.
         original: the processor it replaces (default ``AttnProcessor2_0()``); a
-            ``FusedAttnProcessor2_0`` makes it project with the layer's fused ``to_qkv``.
+            ``FusedAttnProcessor2_0`` makes it project with the layer's fused ``to_qkv``
+            (:class:`srdiff.processors.base.FAMProcessor`).
 
     With an ``attention_mask`` the modulated layer runs K/V prescaling + SDPA. Under
     ``torch.autocast`` the kernels run in the autocast dtype.
     """
 
     family = "AttnProcessor2_0"
+    replaces = ("diffusers.models.attention_processor.AttnProcessor2_0",
+                "diffusers.models.attention_processor.FusedAttnProcessor2_0")
 
     def __init__(self, lam: float = 0.025, *, original=None, **kwargs):
-        super().__init__(lam, **kwargs)
-        from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
+        super().__init__(lam, original=original, **kwargs)
+        from diffusers.models.attention_processor import FusedAttnProcessor2_0
 
-        self.original = AttnProcessor2_0() if original is None else original
         self.fused = isinstance(self.original, FusedAttnProcessor2_0)
         if self.fused:
             self.family = "FusedAttnProcessor2_0"
-
-    def __repr__(self) -> str:
-        return (f"FAMAttnProcessor(lam={self.lam}, projection={self.projection_kind}, mode={self.mode!r}, "
-                f"replaces={type(self.original).__name__})")
 
     def _project(self, attn, hidden_states: torch.Tensor):
         if self.fused:

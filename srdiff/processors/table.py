@@ -6,14 +6,10 @@ from srdiff.processors.flux import FAMFluxAttnProcessor
 from srdiff.processors.joint import FAMJointAttnProcessor
 from srdiff.processors.self_attention import FAMAttnProcessor
 
-_DIFFUSERS = "diffusers.models.attention_processor."
-
-# qualified name of the diffusers processor class -> the FAM processor that replaces it
+# qualified name of the diffusers processor class -> the FAM processor that replaces it (each FAM
+# processor lists what it replaces in its ``replaces``; a new family is one class added here)
 FAM_PROCESSORS: dict[str, type] = {
-    _DIFFUSERS + "AttnProcessor2_0": FAMAttnProcessor,
-    _DIFFUSERS + "FusedAttnProcessor2_0": FAMAttnProcessor,
-    _DIFFUSERS + "JointAttnProcessor2_0": FAMJointAttnProcessor,
-    "diffusers.models.transformers.transformer_flux.FluxAttnProcessor": FAMFluxAttnProcessor,
+    name: cls for cls in (FAMAttnProcessor, FAMJointAttnProcessor, FAMFluxAttnProcessor) for name in cls.replaces
 }
 
 

@@ -20,8 +20,7 @@ is None), in float32 on x0's device: a different stream from the Triton kernels'
 import torch
 import torch.nn.functional as F
 
-AMPLIFICATIONS = ("plain", "add", "scale")
-RECIPES = {"paper": ("add", "add"), "adm": ("scale", "plain"), "uvit": ("plain", "add")}
+from srdiff._checks import RECIPES
 
 
 def recipe_pair(recipe: str | tuple[str, str]) -> tuple[str, str]:
@@ -112,7 +111,7 @@ def amplified_add_noise_ref(
 
     x0: (B, C, H, W); timesteps: (B,) integer; alphas_cumprod: (T,); noise: None or (B, C, H, W);
     fam: None or a map broadcasting to (B, 1, H, W): (H, W), (B, H, W) or (B, 1, H, W); recipe: a
-    name of :data:`RECIPES` or an (x_t, target) pair of :data:`AMPLIFICATIONS`. Computes in float32
+    name of :data:`srdiff._checks.RECIPES` or an (x_t, target) pair of :data:`srdiff._checks.AMPLIFICATIONS`. Computes in float32
     when ``upcast`` (else in x0's dtype) and returns (x_t, target) in x0's dtype, or (x_t, None)
     without ``return_target``. Differentiable by autograd.
     """

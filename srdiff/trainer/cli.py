@@ -152,8 +152,7 @@ def _sampling_kwargs(args, trained) -> dict:
 
 def _inpaint(args) -> int:
     from srdiff import data as srdata
-    from srdiff.trainer.masks import check_masks, read_masks
-    from srdiff.trainer.repaint import inpaint
+    from srdiff.diffusion.masks import check_masks, read_masks
     from srdiff.trainer.trained import load_trained
 
     trained = load_trained(args.ckpt, args.device)
@@ -161,8 +160,8 @@ def _inpaint(args) -> int:
     masks = check_masks(read_masks(args.masks), images, name="--masks")
     args.n, args.export = len(images), None
     outputs = _sample_outputs(args)
-    filled = inpaint(trained, images, masks, steps=args.steps, jump_length=args.jump_length,
-                     resamplings=args.resamplings, seed=args.seed, sampler=args.sampler, progress=True)
+    filled = trained.inpaint(images, masks, steps=args.steps, jump=args.jump_length, resample=args.resamplings,
+                             seed=args.seed, sampler=args.sampler, progress=True)
     _write_samples(filled, args, outputs)
     return 0
 

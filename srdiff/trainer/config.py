@@ -16,11 +16,12 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from srdiff._checks import check_guidance_scale
+from srdiff._checks import PREDICTION_TYPES, RECIPES as RECIPE_PAIRS, check_guidance_scale
+from srdiff.diffusion.schedules import SAMPLERS
 from srdiff.labels import check_labels_source
 
 MODES = ("baseline", "forward", "reverse", "combined", "latent")
-RECIPES = ("paper", "adm", "uvit")
+RECIPES = tuple(RECIPE_PAIRS)
 # Configs written before the named recipes: (amplify, amplified_target) -> recipe.
 _LEGACY_RECIPES = {("add", True): "paper", ("scale", False): "adm"}
 SECTIONS = ("data", "model", "diffusion", "refine", "highlighter", "condition", "text", "inpaint", "optim", "metrics", "run")
@@ -77,7 +78,7 @@ class TrainConfig:
     beta_schedule: str = _f(
         "linear", "diffusion", "noise schedule", choices=("linear", "scaled_linear", "squaredcos_cap_v2")
     )
-    prediction_type: str = _f("epsilon", "diffusion", "UNet target", choices=("epsilon", "v_prediction", "sample"))
+    prediction_type: str = _f("epsilon", "diffusion", "UNet target", choices=PREDICTION_TYPES)
     # refine
     mode: str = _f("combined", "refine", "which refinements the refinement phase uses", choices=MODES)
     steps: int = _f(2000, "refine", "total optimiser steps, base + refinement")
@@ -129,7 +130,7 @@ class TrainConfig:
     # metrics
     eval_samples: int = _f(0, "metrics", "samples for FID/KID/precision/recall at the end of training (0: skip)")
     sample_steps: int = _f(50, "metrics", "sampler steps for final samples and evaluation")
-    sampler: str = _f("ddim", "metrics", "sampler for final samples and evaluation", choices=("ddim", "ddpm"))
+    sampler: str = _f("ddim", "metrics", "sampler for final samples and evaluation", choices=SAMPLERS)
     feature_epochs: int = _f(8, "metrics", "epochs for the locally trained metric feature network")
     features: str = _f("inception", "metrics", "FID/KID/precision-recall features: 'inception' (pytorch-fid "
                        "InceptionV3, offline) or 'local' (a small CNN trained on the data, fast)",
@@ -220,7 +221,7 @@ class TrainConfig:
         check_labels_source(self.labels)
         if not 0.0 <= self.condition_dropout < 1.0:
             bad("condition_dropout", "must be in [0, 1)")
-        from srdiff.trainer.backbones import BACKBONES, get_backbone
+        from srdiff.trainer.backbones.base import BACKBONES, get_backbone
         from srdiff.trainer.task import TASKS
         from srdiff.trainer.tasks import task_names
 
@@ -228,9 +229,10 @@ class TrainConfig:
             raise ValueError(f"task must be one of {task_names()}, got {self.task!r}")
         if self.backbone != "auto" and self.backbone not in BACKBONES:
             raise ValueError(f"backbone must be 'auto' or one of {tuple(sorted(BACKBONES))}, got {self.backbone!r}")
+        backbone = get_backbone(TASKS[self.task].default_backbone if self.backbone == "auto" else self.backbone)
+        backbone.check_options(self)  # the [model] keys it reads are its to check
         if self.vae is None:  # latent sides are checked when the VAE is loaded
-            get_backbone(TASKS[self.task].default_backbone if self.backbone == "auto" else self.backbone
-                         ).check_sample_size(self, self.image_size)
+            backbone.check_sample_size(self, self.image_size)
         if not 0.0 < self.holdout < 1.0:
             bad("holdout", "must be in (0, 1)")
         if not self.lr > 0:
@@ -240,15 +242,6 @@ class TrainConfig:
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
             bad("adam_betas", "must be two numbers in [0, 1)")
         _parse_ratio(self.ratio)
-        if not self.block_out_channels or min(self.block_out_channels) < 1:
-            bad("block_out_channels", "must be positive channel counts")
-        if len(self.attention_levels) != len(self.block_out_channels):
-            raise ValueError(
-                f"attention_levels needs one entry per level of block_out_channels {self.block_out_channels}, "
-                f"got {self.attention_levels}"
-            )
-        if any(c % self.norm_num_groups for c in self.block_out_channels):
-            bad("norm_num_groups", f"must divide every entry of block_out_channels {self.block_out_channels}")
         if self.batch_size % self.grad_accum:
             bad("batch_size", f"must be a multiple of grad_accum={self.grad_accum}")
         for name in ("lora_rank", "text_max_length"):

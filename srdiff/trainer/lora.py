@@ -8,6 +8,8 @@ import copy
 import torch
 from torch import nn
 
+from srdiff._checks import check_int
+
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -17,8 +19,7 @@ def add_lora(model: nn.Module, rank: int) -> nn.Module:
     :data:`LORA_TARGETS` raises ``ValueError`` naming ``lora_rank``."""
     from peft import LoraConfig
 
-    if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"lora_rank must be an int >= 1, got {rank!r}")
+    check_int("lora_rank", rank, 1)
     targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(LORA_TARGETS)]
     if not targets or not hasattr(model, "add_adapter"):
         raise ValueError(f"lora_rank={rank} needs attention layers with {list(LORA_TARGETS)} in a diffusers model; "

@@ -14,7 +14,7 @@ from torch import nn
 
 from srdiff import viz
 from srdiff.trainer import distributed
-from srdiff.trainer.seeding import HL_FIT, HL_SAMPLES, MFAM, key
+from srdiff.diffusion.seeding import HL_FIT, HL_SAMPLES, MFAM, key
 
 
 class RefinementCycle:

@@ -1,12 +1,12 @@
 """The task seam: what differs between training an unconditional, a class-conditional, a text-to-image
 and an inpainting denoiser, and nothing else.
 
-A task owns: the :class:`~srdiff.trainer.backbones.DenoiserSpec` it needs (decided from the data once,
+A task owns: the :class:`~srdiff.trainer.backbones.base.DenoiserSpec` it needs (decided from the data once,
 then saved in the checkpoint), building the denoiser through its backbone, the batch (model-space images
 plus labels / caption embeddings / masks), the denoiser call, the loss, sampling (with classifier-free
-guidance where it has a condition), the samples an mFAM refresh looks at, and export to the matching
-diffusers pipeline. The training loop (``srdiff/trainer/trainer.py``) calls a task; a task never imports
-the loop.
+guidance where it has a condition), the samples an mFAM refresh looks at, and export (to the diffusers
+pipeline its backbone names, or folders). The training loop (``srdiff/trainer/trainer.py``) calls a task;
+a task never imports the loop, and never asks which backbone it has.
 
 Add a task: subclass :class:`DenoisingTask` in ``srdiff/trainer/tasks/<name>.py``, decorate it with
 :func:`register_task`, and import the module in ``srdiff/trainer/tasks/__init__.py`` (which builds tasks:
@@ -21,10 +21,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-import srdiff
 from srdiff._checks import check_guidance_scale
-from srdiff.trainer import sampling
-from srdiff.trainer.backbones import Condition, DenoiserSpec, get_backbone
+from srdiff.diffusion.sampling import guide, sample_loop
+from srdiff.diffusion.schedules import make_scheduler
+from srdiff.noise import amplified_noise_loss
+from srdiff.trainer.backbones.base import Condition, DenoiserSpec, get_backbone
 
 TASKS: dict[str, type["DenoisingTask"]] = {}
 
@@ -112,7 +113,7 @@ class DenoisingTask:
     def loss(self, pred: torch.Tensor, batch: Batch, t: torch.Tensor, alphas_cumprod: torch.Tensor,
              fam: torch.Tensor | None, lam: float, *, seed: int, **options) -> torch.Tensor:
         """The denoising loss of one micro-batch (fused ε-loss; ε regenerated from ``seed``)."""
-        return srdiff.amplified_noise_loss(pred, batch.x0, t, alphas_cumprod, fam, lam, seed=seed, **options)
+        return amplified_noise_loss(pred, batch.x0, t, alphas_cumprod, fam, lam, seed=seed, **options)
 
     # ------------------------------------------------------------------ sampling
     def sample_conditions(self, indices: torch.Tensor, seed: int) -> Condition | None:
@@ -133,7 +134,7 @@ class DenoisingTask:
                 return self.predict(model, x, t, Batch(x0=x, cond=cond or Condition()))
             both = Batch(x0=torch.cat([x, x]), cond=cond.cat(self.null_condition(len(x))))
             eps_c, eps_u = self.predict(model, both.x0, t, both).chunk(2)
-            return eps_u + guidance_scale * (eps_c - eps_u)
+            return guide(eps_c, eps_u, guidance_scale)
 
         return predict
 
@@ -148,7 +149,7 @@ class DenoisingTask:
         indices = torch.arange(first_index, first_index + n)
         if conditions is None:
             conditions = self.sample_conditions(indices, seed)
-        return sampling.sample_loop(
+        return sample_loop(
             self.guided_predict(model, scale), self.sample_shape, self.config, n, conditions=conditions,
             steps=steps, sampler=sampler, seed=seed, first_index=first_index, batch_size=batch_size,
             device=next(model.parameters()).device, vae=self.vae, autocast_dtype=autocast_dtype,
@@ -163,35 +164,35 @@ class DenoisingTask:
 
     # ------------------------------------------------------------------ export
     def export(self, model: nn.Module, out_dir: str | os.PathLike) -> Path:
-        """Write ``model`` (plain attention) as the matching diffusers pipeline: ``DDPMPipeline`` for a
-        pixel ``UNet2DModel``, ``LDMPipeline`` with the VAE for a latent one; other backbones (no diffusers
-        pipeline samples a pixel DiT or U-ViT) as :meth:`export_folders`."""
-        from diffusers import DDPMPipeline, LDMPipeline
-
-        if self.backbone_name != "unet":
-            return self.export_folders(model, out_dir)
-        out_dir = Path(out_dir)
+        """Write ``model`` (plain attention) as the diffusers pipeline its backbone names for this task
+        (:meth:`~srdiff.trainer.backbones.base.Backbone.pipeline`: ``DDPMPipeline`` for a pixel
+        ``UNet2DModel``, ``LDMPipeline`` with the VAE for a latent one), else (no diffusers pipeline samples
+        a pixel DiT or U-ViT) as :meth:`export_folders`."""
         clean = self.backbone.plain_copy(model).cpu()
-        if self.vae is None:
-            pipe = DDPMPipeline(unet=clean, scheduler=sampling.make_scheduler(self.config, "ddpm"))
-        else:
-            pipe = LDMPipeline(vqvae=self.vae.cpu(), unet=clean, scheduler=sampling.make_scheduler(self.config, "ddim"))
-        pipe.save_pretrained(out_dir)
-        if self.vae is not None:
-            self.vae.to(self.device)
-        return out_dir
+        vae = None if self.vae is None else self.vae.cpu()
+        try:
+            pipe = self.backbone.pipeline(clean, self.config, condition=self.condition, vae=vae)
+            if pipe is None:
+                return self.export_folders(model, out_dir, clean=clean)
+            pipe.save_pretrained(out_dir)
+        finally:
+            if self.vae is not None:
+                self.vae.to(self.device)
+        return Path(out_dir)
 
-    def export_folders(self, model: nn.Module, out_dir: str | os.PathLike, **info) -> Path:
-        """``<denoiser>/`` (``save_pretrained``: ``unet/`` or ``transformer/``), ``scheduler/``, ``vae/`` in latent
-        mode, and ``srdiff_task.json`` (the task, its backbone and ``info``: how to call the model), for
-        models no diffusers pipeline runs. Load with ``<ModelClass>.from_pretrained(out_dir, subfolder=...)``."""
+    def export_folders(self, model: nn.Module, out_dir: str | os.PathLike, *, clean: nn.Module | None = None,
+                       **info) -> Path:
+        """``<denoiser>/`` (``save_pretrained`` into the backbone's folder: ``unet/`` or ``transformer/``),
+        ``scheduler/``, ``vae/`` in latent mode, and ``srdiff_task.json`` (the task, its backbone and
+        ``info``: how to call the model), for models no diffusers pipeline runs. Load with
+        ``<ModelClass>.from_pretrained(out_dir, subfolder=...)``. ``clean``: ``model``'s plain copy, if made."""
         import json
 
         out_dir = Path(out_dir)
-        clean = self.backbone.plain_copy(model).cpu()
-        folder = "unet" if "UNet" in type(clean).__name__ else "transformer"
+        clean = self.backbone.plain_copy(model).cpu() if clean is None else clean
+        folder = self.backbone.folder
         clean.save_pretrained(out_dir / folder)
-        sampling.make_scheduler(self.config, "ddim").save_pretrained(out_dir / "scheduler")
+        make_scheduler(self.config, "ddim").save_pretrained(out_dir / "scheduler")
         if self.vae is not None:
             self.vae.save_pretrained(out_dir / "vae")
         meta = {"task": self.name, "backbone": self.backbone_name, "model_class": type(clean).__name__,

@@ -9,11 +9,14 @@ from torch import nn
 
 from srdiff._device import resolve_device
 from srdiff._io import follow_umask
+from srdiff.diffusion.masks import check_masks, holes
+from srdiff.diffusion.repaint import repaint_images
+from srdiff.diffusion.schedules import make_scheduler
 from srdiff.trainer import checkpoint
-from srdiff.trainer.backbones import DenoiserSpec
+from srdiff.trainer.backbones.base import DenoiserSpec
 from srdiff.trainer.config import TrainConfig
 from srdiff.trainer.dataset import latent_shape, load_vae
-from srdiff.trainer.task import DenoisingTask
+from srdiff.trainer.task import Batch, DenoisingTask
 from srdiff.trainer.tasks import get_task
 
 
@@ -27,6 +30,35 @@ class TrainedModel:
     def sample(self, n: int, **kwargs) -> torch.Tensor:
         """``n`` images in [0, 1]; keywords as :meth:`srdiff.trainer.task.DenoisingTask.sample`."""
         return self.task.sample(self.model, n, **kwargs)
+
+    @torch.no_grad()
+    def inpaint(self, images: torch.Tensor, masks: torch.Tensor, *, steps: int, jump: int = 10, resample: int = 10,
+                seed: int = 0, sampler: str = "ddim", batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+        """Fill the holes of ``images`` (N, C, H, W) in [0, 1]; ``masks`` (N or 1, 1, H, W) or (N, H, W) in
+        [0, 1], a hole where > 0.5 (:func:`srdiff.diffusion.masks.holes`). Returns (N, C, H, W) in [0, 1],
+        equal to ``images`` outside the holes.
+
+        An ``inpaint`` checkpoint fills them through its mask-conditioned sampler (``steps`` of ``sampler``);
+        an unconditional one through RePaint at ``strength=1``
+        (:func:`srdiff.diffusion.repaint.repaint_images`: DDPM steps, ``jump`` and ``resample`` as RePaint's
+        jump length and resamplings; image i's noise keyed by (seed, 0, i), as in flaw repair).
+        """
+        masks = holes(check_masks(masks, images))
+        task = self.task
+        if task.name == "inpaint":
+            return task.sample(self.model, len(images), seed=seed, steps=steps, sampler=sampler, images=images,
+                               masks=masks, batch_size=batch_size, progress=progress)
+        if task.condition is not None:
+            raise ValueError(f"RePaint needs an unconditional model or an 'inpaint' one; this checkpoint is task "
+                             f"{task.name!r}")
+        device = next(self.model.parameters()).device
+
+        def predict(x, t, rows):
+            return task.predict(self.model, x, t, Batch(x0=x))
+
+        return repaint_images(images.to(device).float(), masks.to(device), predict, make_scheduler(self.config, "ddpm"),
+                              strength=1.0, steps=steps, seed=seed, resample=resample, jump=jump, vae=self.vae,
+                              batch_size=batch_size, progress=progress, desc="RePaint")
 
     def export(self, out_dir: str | os.PathLike):
         """The task's diffusers pipeline (or folders) under ``out_dir``, its files following the umask."""

@@ -21,10 +21,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import srdiff
 from srdiff import viz
 from srdiff._device import resolve_device
 from srdiff._io import follow_umask
+from srdiff.diffusion.schedules import make_scheduler
+from srdiff.diffusion.seeding import DATA, FINAL, NOISE, TIMESTEPS, key
+from srdiff.noise import amplified_add_noise
+from srdiff.processors.context import fam_context
+from srdiff.processors.install import set_fam_attn_processor
 from srdiff.run_dir import OutDirError, RunLock, prepare_out_dir, set_aside_failed_start
 from srdiff.trainer import checkpoint, distributed
 from srdiff.trainer.config import TrainConfig
@@ -34,8 +38,6 @@ from srdiff.trainer.metrics import evaluate_generator
 from srdiff.trainer.refinement import RefinementCycle
 from srdiff.trainer.resume import SCHEDULE_FIELDS, check_schedule
 from srdiff.trainer.run_log import RunLog
-from srdiff.trainer.sampling import make_scheduler
-from srdiff.trainer.seeding import DATA, FINAL, NOISE, TIMESTEPS, key
 from srdiff.trainer.tasks import get_task
 
 # Config fields a resumed run may change: they do not alter the trajectory (steps and ratio may too, by the
@@ -107,7 +109,7 @@ class SelfRefiningTrainer:
         self.fam_layers: list[str] = []
         if config.refine_reverse:
             projection = None if config.fam_projection == "none" else config.fam_projection
-            self.fam_layers = srdiff.set_fam_attn_processor(self.denoiser, lam=config.lam_r, projection=projection)
+            self.fam_layers = set_fam_attn_processor(self.denoiser, lam=config.lam_r, projection=projection)
             self.denoiser.to(self.device)  # the learned projections the processors registered
         self.ema = EMA(self.denoiser, config.ema_decay)
         self.model = self.denoiser
@@ -185,9 +187,9 @@ class SelfRefiningTrainer:
         # Timesteps come from randint(0, T), alphas_cumprod from the scheduler, the mFAM from Grad-CAM
         # (finite by construction): the value checks' device syncs would buy nothing in the hot loop.
         options = dict(recipe=c.recipe, prediction_type=c.prediction_type, check_values=False)
-        x_t, _ = srdiff.amplified_add_noise(batch.x0, t, self.alphas_cumprod, fam=fam, lam=lam, seed=seed,
+        x_t, _ = amplified_add_noise(batch.x0, t, self.alphas_cumprod, fam=fam, lam=lam, seed=seed,
                                             return_target=False, **options)
-        context = srdiff.fam_context(self.mfam if refine else None) if c.refine_reverse else contextlib.nullcontext()
+        context = fam_context(self.mfam if refine else None) if c.refine_reverse else contextlib.nullcontext()
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else contextlib.nullcontext())
         with context, autocast:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from srdiff.trainer.backbones import Condition, DenoiserSpec
-from srdiff.trainer.seeding import drop_conditions, per_image_choice
+from srdiff.trainer.backbones.base import Condition, DenoiserSpec
+from srdiff.diffusion.seeding import drop_conditions, per_image_choice
 from srdiff.trainer.task import Batch, DenoisingTask, register_task
 
 

@@ -1,7 +1,7 @@
 """Inpainting with a mask-conditioned denoiser (the Stable Diffusion inpainting recipe): the model reads
 ``in_channels = 2 C + 1`` channels, the noisy sample, the hole mask and the masked image (holes set to 0;
 in latent mode the masked image's VAE latents and the mask resized to the latent grid), and is trained on
-random thick holes (:mod:`srdiff.trainer.masks`) with the loss over the whole image or the hole only
+random thick holes (:mod:`srdiff.diffusion.masks`) with the loss over the whole image or the hole only
 (``config.loss_region``).
 
 Forward amplification touches the noised channels only: the loop noises ``Batch.x0`` alone and
@@ -9,7 +9,7 @@ Forward amplification touches the noised channels only: the loop noises ``Batch.
 refresh is the mean of the inpainted samples' FAMs over their holes (per pixel, weighted by how many
 holes cover it): outside its hole a sample is the known image, and its map there says nothing about the
 fill. RePaint, the other route (any unconditional model, no inpainting training), is
-:mod:`srdiff.trainer.repaint`.
+:meth:`srdiff.trainer.trained.TrainedModel.inpaint` (:mod:`srdiff.diffusion.repaint` at ``strength=1``).
 """
 
 import os
@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import srdiff
-from srdiff.trainer import sampling
-from srdiff.trainer.backbones import Condition, DenoiserSpec
-from srdiff.trainer.masks import check_masks, random_masks
-from srdiff.trainer.seeding import MASKS, key, per_image_choice
+from srdiff.diffusion.masks import check_masks, holes, random_masks
+from srdiff.diffusion.sampling import sample_loop
+from srdiff.diffusion.seeding import MASKS, key, per_image_choice
+from srdiff.noise import amplified_noise_loss
+from srdiff.trainer.backbones.base import Condition, DenoiserSpec
 from srdiff.trainer.task import Batch, DenoisingTask, register_task
 
 
@@ -66,7 +66,7 @@ class Inpainting(DenoisingTask):
         """The ε-loss over the whole image (``loss_region='image'``) or the mean over the hole pixels."""
         if self.config.loss_region == "image":
             return super().loss(pred, batch, t, alphas_cumprod, fam, lam, seed=seed, **options)
-        per_pixel = srdiff.amplified_noise_loss(pred, batch.x0, t, alphas_cumprod, fam, lam, seed=seed,
+        per_pixel = amplified_noise_loss(pred, batch.x0, t, alphas_cumprod, fam, lam, seed=seed,
                                                 reduction="none", **options)
         hole = batch.extras["mask"].to(per_pixel)
         return (per_pixel * hole).sum() / (hole.sum() * per_pixel.shape[1]).clamp_min(1.0)
@@ -98,7 +98,7 @@ class Inpainting(DenoisingTask):
             raise ValueError("masks= must come with images=")
         if len(images) != n:
             raise ValueError(f"images must hold n={n} images, got {len(images)}")
-        masks = check_masks(masks, images)
+        masks = holes(check_masks(masks, images))
         out = []
         for start in range(0, n, batch_size):
             part_images, part_masks = images[start:start + batch_size], masks[start:start + batch_size]
@@ -107,7 +107,7 @@ class Inpainting(DenoisingTask):
             def predict(x, t, cond, extras=extras):
                 return self.predict(model, x, t, Batch(x0=x, extras=extras))
 
-            filled = sampling.sample_loop(
+            filled = sample_loop(
                 predict, self.sample_shape, self.config, len(part_images), steps=steps, sampler=sampler, seed=seed,
                 first_index=first_index + start, batch_size=len(part_images), device=next(model.parameters()).device,
                 vae=self.vae, autocast_dtype=autocast_dtype, progress=progress, model=model)

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from srdiff.trainer import lora, sampling
-from srdiff.trainer.backbones import Condition, DenoiserSpec
+from srdiff.diffusion.schedules import make_scheduler
+from srdiff.diffusion.seeding import drop_conditions, per_image_choice
+from srdiff.trainer import lora
+from srdiff.trainer.backbones.base import Condition, DenoiserSpec
 from srdiff.trainer.captions import train_captions
-from srdiff.trainer.seeding import drop_conditions, per_image_choice
 from srdiff.trainer.task import Batch, DenoisingTask, register_task
 from srdiff.trainer.text_encoders import check_pretrained, pretrained_text_encoder, tiny_text_encoder
 
@@ -78,12 +79,7 @@ class TextToImage(DenoisingTask):
         if c.pretrained is None:
             model = super().build_denoiser()
         else:
-            from diffusers import UNet2DConditionModel
-
-            if self.backbone_name != "unet-cond":
-                raise ValueError(f"pretrained {c.pretrained!r} holds a Stable Diffusion UNet: backbone must be "
-                                 f"'unet-cond', got {self.backbone_name!r}")
-            model = UNet2DConditionModel.from_pretrained(check_pretrained(c.pretrained, ("unet",)) / "unet")
+            model = self.backbone.from_pretrained(check_pretrained(c.pretrained, ("unet",)) / "unet")
             want = {"in_channels": self.spec.in_channels, "cross_attention_dim": self.spec.cross_attention_dim}
             for name, value in want.items():
                 if model.config[name] != value:
@@ -139,16 +135,15 @@ class TextToImage(DenoisingTask):
             tokenizer = copy.deepcopy(self.encoder.tokenizer)
             tokenizer.model_max_length = self.encoder.max_length
             text_encoder = copy.deepcopy(self.encoder.model).cpu()
-            scheduler = sampling.make_scheduler(c, "ddim")
-            if self.vae is not None and self.backbone_name == "unet-cond":
-                StableDiffusionPipeline(vae=copy.deepcopy(self.vae).cpu(), text_encoder=text_encoder,
-                                        tokenizer=tokenizer, unet=unet, scheduler=scheduler, safety_checker=None,
-                                        feature_extractor=None, requires_safety_checker=False).save_pretrained(out_dir)
+            pipe = self.backbone.pipeline(unet, c, condition="text",
+                                          vae=None if self.vae is None else copy.deepcopy(self.vae).cpu(),
+                                          text_encoder=text_encoder, tokenizer=tokenizer)
+            if pipe is not None:
+                pipe.save_pretrained(out_dir)
             else:
-                denoiser = "unet" if self.backbone_name == "unet-cond" else "transformer"
                 vae = [("vae", self.vae)] if self.vae is not None else []
-                for name, part in ((denoiser, unet), ("text_encoder", text_encoder), ("tokenizer", tokenizer),
-                                   ("scheduler", scheduler), *vae):
+                for name, part in ((self.backbone.folder, unet), ("text_encoder", text_encoder),
+                                   ("tokenizer", tokenizer), ("scheduler", make_scheduler(c, "ddim")), *vae):
                     part.save_pretrained(out_dir / name)
         (out_dir / "srdiff_task.json").write_text(json.dumps(info, indent=2) + "\n")
         return out_dir

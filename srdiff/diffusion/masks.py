@@ -1,10 +1,15 @@
-"""Random thick inpainting holes, seeded: free-form strokes (LaMa's "thick" irregular masks, Suvorov et
-al. 2022; RePaint's evaluation masks are of this kind) and boxes. Convention everywhere in srdiff: 1 marks
-the hole (to be filled), 0 the known pixels, as in diffusers' inpainting pipelines."""
+"""Masks: the one convention, its checker, random thick holes and mask files.
+
+Convention everywhere in srdiff: a mask is (B, 1, H, W) float in [0, 1], 1 marks the hole (to be filled or
+re-denoised), 0 the known pixels (kept bit for bit), values between a soft edge, as in diffusers'
+inpainting pipelines. :func:`check_masks` is the one checker. Random holes, seeded: free-form strokes
+(LaMa's "thick" irregular masks, Suvorov et al. 2022; RePaint's evaluation masks are of this kind) and boxes."""
 
 from pathlib import Path
 
 import torch
+
+from srdiff._checks import check_tensor
 
 MASK_KINDS = ("mixed", "strokes", "boxes")
 
@@ -65,19 +70,33 @@ def random_masks(n: int, size: int, *, seed: int, kind: str = "mixed") -> torch.
     return torch.stack(out)[:, None] if out else torch.zeros(0, 1, size, size)
 
 
-def check_masks(masks: torch.Tensor, images: torch.Tensor, name: str = "masks") -> torch.Tensor:
-    """``masks`` as (N, 1, H, W) float {0, 1} (binarised at 0.5) matching ``images`` (N, C, H, W): one mask
-    per image, or one for all; a wrong size raises ``ValueError`` naming ``name``."""
+def check_masks(masks, images: torch.Tensor, name: str = "masks") -> torch.Tensor:
+    """``masks`` as (B, 1, H, W) float32 in [0, 1] for ``images`` (B, C, H, W): given as (B, 1, H, W) or
+    (B, H, W), one per image or one for all; bool (True = hole) or floating. Anything else raises
+    (``TypeError``: not a tensor, another dtype; ``ValueError``: shape, count, values outside [0, 1]),
+    naming ``name``."""
+    check_tensor(name, masks, ndim=(3, 4))
+    if masks.dtype != torch.bool and not masks.is_floating_point():
+        raise TypeError(f"{name} must be bool or floating (1 = hole), got dtype {masks.dtype}")
     if masks.dim() == 3:
         masks = masks[:, None]
-    if masks.dim() != 4 or masks.shape[1] != 1:
-        raise ValueError(f"{name} must be (N, 1, H, W) or (N, H, W), got shape {tuple(masks.shape)}")
+    if masks.shape[1] != 1:
+        raise ValueError(f"{name} must be (B, 1, H, W) or (B, H, W), got shape {tuple(masks.shape)}")
     if masks.shape[-2:] != images.shape[-2:]:
-        raise ValueError(f"{name} must be {images.shape[-2]}x{images.shape[-1]} like the images (the model's "
-                         f"resolution), got {masks.shape[-2]}x{masks.shape[-1]}")
+        raise ValueError(f"{name} must be {images.shape[-2]}x{images.shape[-1]} like the images, got "
+                         f"{masks.shape[-2]}x{masks.shape[-1]}")
     if len(masks) not in (1, len(images)):
         raise ValueError(f"{name} must hold one mask or one per image ({len(images)}), got {len(masks)}")
-    return (masks.float() > 0.5).float().expand(len(images), -1, -1, -1).contiguous()
+    masks = masks.float()
+    if masks.numel() and not (bool((masks >= 0).all()) and bool((masks <= 1).all())):
+        raise ValueError(f"{name} must lie in [0, 1], got values in [{masks.min().item()}, {masks.max().item()}]")
+    return masks.expand(len(images), -1, -1, -1).contiguous()
+
+
+def holes(masks: torch.Tensor) -> torch.Tensor:
+    """Checked masks made binary: a pixel is a hole where its mask is > 0.5 (what a mask-conditioned
+    model was trained on, and how ``srdiff inpaint`` reads anti-aliased mask images)."""
+    return (masks > 0.5).float()
 
 
 def read_masks(source: str, name: str = "--masks") -> torch.Tensor:

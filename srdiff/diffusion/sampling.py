@@ -1,4 +1,5 @@
-"""The sampling loop: any denoiser through diffusers' DDIM/DDPM schedulers, seeded per image.
+"""The sampling loop: any denoiser through diffusers' DDIM/DDPM schedulers, seeded per image, with
+classifier-free guidance for conditional models.
 
 No FAM is needed at inference: the modulation is a training-time device, and outside
 ``srdiff.fam_context`` the FAM processors are plain attention.
@@ -9,37 +10,14 @@ import contextlib
 import torch
 from torch import nn
 
-SAMPLERS = ("ddim", "ddpm")
+from srdiff.diffusion.schedules import make_scheduler
+from srdiff.diffusion.seeding import image_seed, initial_noise
 
 
-def make_scheduler(config, kind: str = "ddpm"):
-    """The diffusers scheduler (DDPM for training and ancestral sampling, DDIM for fast sampling)."""
-    from diffusers import DDIMScheduler, DDPMScheduler
-
-    if kind not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {kind!r}")
-    cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
-    return cls(
-        num_train_timesteps=config.num_train_timesteps,
-        beta_schedule=config.beta_schedule,
-        prediction_type=config.prediction_type,
-        clip_sample=config.vae is None,
-    )
-
-
-def image_seed(seed: int, index: int) -> int:
-    """The seed of image ``index``'s starting noise: sampling does not depend on how images are batched
-    or spread over ranks."""
-    return (seed * 1_000_003 + index) % (2**63 - 1)
-
-
-def initial_noise(shape, seed: int, first_index: int, device) -> torch.Tensor:
-    """(n, C, H, W) standard normals, row i drawn from its own generator (``image_seed(seed, first_index + i)``)."""
-    rows = [
-        torch.randn(shape[1:], generator=torch.Generator().manual_seed(image_seed(seed, first_index + i)))
-        for i in range(shape[0])
-    ]
-    return torch.stack(rows).to(device)
+def guide(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022): ``ε_u + s (ε_c - ε_u)``; s = 1 is the conditional
+    prediction alone."""
+    return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
 @torch.no_grad()
@@ -63,7 +41,8 @@ def sample_loop(
 ) -> torch.Tensor:
     """``n`` images (n, C, H, W) in [0, 1]: ``steps`` scheduler steps of ``predict(x, t, cond)`` (the
     model's output for the scaled sample ``x`` at timestep ``t``; ``cond``: those images' rows of
-    ``conditions``, a :class:`~srdiff.trainer.backbones.Condition` with one row per image, or None).
+    ``conditions``, anything with ``select(rows)``, e.g. the trainer's
+    :class:`~srdiff.trainer.backbones.base.Condition` with one row per image, or None).
 
     ``shape``: (C, H, W) of one sample in model space. DDIM runs with eta=0, so image ``i`` is a function
     of ``image_seed(seed, first_index + i)`` (and its condition) alone. ``vae``: decode latents through
@@ -105,33 +84,21 @@ def sample_loop(
     return torch.cat(out)
 
 
-def sample(
-    unet: nn.Module,
-    config,
-    n: int,
-    *,
-    steps: int = 50,
-    sampler: str = "ddim",
-    seed: int = 0,
-    first_index: int = 0,
-    batch_size: int = 256,
-    vae: nn.Module | None = None,
-    autocast_dtype: torch.dtype | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
-    """``n`` images (n, C, H, W) in [0, 1] from an unconditional diffusers ``UNet2DModel`` (see
-    :func:`sample_loop`; conditional models sample through their task: ``load_trained(...).sample``)."""
-    shape = (unet.config.out_channels, unet.config.sample_size, unet.config.sample_size)
-    return sample_loop(lambda x, t, cond: unet(x, t).sample, shape, config, n, steps=steps, sampler=sampler,
-                       seed=seed, first_index=first_index, batch_size=batch_size,
-                       device=next(unet.parameters()).device, vae=vae, autocast_dtype=autocast_dtype,
-                       progress=progress, model=unet)
+def encode(images: torch.Tensor, vae: nn.Module | None) -> torch.Tensor:
+    """Images in [0, 1] -> model space: pixels in [-1, 1], or the VAE's latents (``latent_dist.mode()``,
+    or a ``VQModel``'s ``latents``) times its ``scaling_factor``, in float32."""
+    x = images * 2 - 1
+    if vae is None:
+        return x
+    encoded = vae.encode(x.to(next(vae.parameters()).dtype))
+    latents = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
+    return latents.float() * vae.config.scaling_factor
 
 
 def decode(x: torch.Tensor, vae: nn.Module | None) -> torch.Tensor:
-    """Model space -> images in [0, 1]: pixels in [-1, 1], or latents through the VAE decoder."""
+    """Model space -> images in [0, 1]: pixels in [-1, 1], or latents through the VAE decoder (in its dtype)."""
     if vae is not None:
-        x = vae.decode(x / vae.config.scaling_factor).sample
+        x = vae.decode((x / vae.config.scaling_factor).to(next(vae.parameters()).dtype)).sample
     return ((x.float() + 1) / 2).clamp(0, 1)
 
 

@@ -387,19 +387,21 @@ def test_fam_on_one_image_file_and_refuses_to_overwrite(tmp_path, highlighter, c
 
 
 # ---------------------------------------------------------------------- srdiff sample
-class _FakeTrained:
-    config = type("Config", (), {"task": "unconditional"})()
-    task = type("Task", (), {"condition": None})()
+class _FakeTask:
+    """An unconditional task whose sampling costs nothing: the loaded model's checks are the real ones."""
 
-    def sample(self, n, **kwargs):
+    name, backbone_name, condition = "unconditional", "unet", None
+
+    def sample(self, model, n, **kwargs):
         return torch.rand(n, 1, 8, 8)
 
 
 @pytest.fixture
 def fake_checkpoint(monkeypatch):
-    from srdiff.trainer import trained
+    from srdiff.trainer import TrainConfig, trained
 
-    monkeypatch.setattr(trained, "load_trained", lambda path, device: _FakeTrained())
+    fake = trained.TrainedModel(model=None, config=TrainConfig(), task=_FakeTask(), vae=None, path="any.pt")
+    monkeypatch.setattr(trained, "load_trained", lambda path, device: fake)
 
 
 def test_sample_writes_a_grid_and_one_png_per_image(tmp_path, fake_checkpoint, capsys):

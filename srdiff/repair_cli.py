@@ -86,10 +86,6 @@ def _model(args, source, n: int) -> dict:
     if args.ckpt:
         return {"model": source.denoiser(**conditions, guidance_scale=args.guidance_scale, sampler=args.sampler,
                                          names=flags)}
-    for flag, value in (("--prompt", args.prompt), ("--guidance-scale", args.guidance_scale)):
-        if value is not None:
-            raise ValueError(f"{flag} needs --ckpt (a trainer checkpoint, which knows its text encoder and "
-                             f"guidance); --pipeline {args.pipeline} gives a UNet called with class labels at most")
     labels = conditions.get("class_labels")
     return {"model": source.unet, "scheduler": source.scheduler, "vae": getattr(source, "vqvae", None) or
             getattr(source, "vae", None), "class_labels": None if labels is None else torch.as_tensor(labels)}
@@ -117,6 +113,10 @@ def _repair(args) -> None:
 
     out = Path(args.out)
     refuse_existing([out / name for name in OUTPUTS], overwrite=args.overwrite)
+    for flag, value in (("--prompt", args.prompt), ("--guidance-scale", args.guidance_scale)):
+        if args.pipeline and value is not None:
+            raise ValueError(f"{flag} needs --ckpt (a trainer checkpoint: its task encodes prompts and guides); the "
+                             f"UNet of --pipeline {args.pipeline} is called with class labels at most")
     device = resolve_device(args.device)
     source, size, channels = _load_source(args, device)
     highlighter = FlawHighlighter.load(args.highlighter, map_location=device)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from srdiff._checks import check_choice, check_int, check_tensor
-from srdiff.diffusion.denoiser import Denoiser
+from srdiff.diffusion.denoiser import Denoiser, gives_denoiser
 from srdiff.diffusion.masks import check_masks
 from srdiff.diffusion.repaint import jump_schedule, repaint_images
 from srdiff.diffusion.schedules import check_strength
@@ -111,8 +111,8 @@ def _check_labels(class_labels, B: int):
     return class_labels
 
 
-def as_denoiser(model, images: torch.Tensor, *, scheduler=None, vae=None, class_labels=None,
-                model_kwargs: dict | None = None) -> Denoiser:
+def _as_denoiser(model, images: torch.Tensor, *, scheduler=None, vae=None, class_labels=None,
+                 model_kwargs: dict | None = None) -> Denoiser:
     """``model`` as the :class:`~srdiff.diffusion.denoiser.Denoiser` RePaint calls, for ``images``.
 
     A :class:`Denoiser` (a trained srdiff model's ``trained.denoiser(class_labels=..., prompts=...)``)
@@ -123,20 +123,20 @@ def as_denoiser(model, images: torch.Tensor, *, scheduler=None, vae=None, class_
         for name, value in (("vae", vae), ("class_labels", class_labels), ("model_kwargs", model_kwargs)):
             if value is not None:
                 raise ValueError(f"{name} must not be given with a Denoiser, which carries its own VAE and "
-                                 f"conditions (made by trained.denoiser(class_labels=..., prompts=...)); got {name} "
-                                 f"of type {type(value).__name__}")
+                                 "conditions (made by trained.denoiser(class_labels=..., prompts=...)); got "
+                                 f"{name} of type {type(value).__name__}")
         if model.count is not None and model.count != len(images):
-            raise ValueError(f"model carries the conditions of {model.count} images (the class_labels or prompts "
-                             f"it was made with), but images holds {len(images)}")
+            raise ValueError(f"model carries the conditions of {model.count} images (the class_labels or "
+                             f"prompts it was made with), but images holds {len(images)}")
         if scheduler is not None:
             return replace(model, scheduler=scheduler)
         if model.scheduler is None:
             raise ValueError("scheduler is needed: this Denoiser carries none")
         return model
-    if callable(getattr(model, "denoiser", None)):
-        raise TypeError(f"model is a trained srdiff model ({type(model).__name__}): pass model.denoiser(class_labels="
-                        "..., prompts=..., guidance_scale=...), its task's own denoiser call with its conditions, "
-                        "scheduler and VAE")
+    if gives_denoiser(model):
+        raise TypeError(f"model is a trained srdiff model ({type(model).__name__}): pass "
+                        "model.denoiser(class_labels=..., prompts=..., guidance_scale=...), its task's own "
+                        "denoiser call with its conditions, scheduler and VAE")
     if not callable(model):
         raise TypeError(f"model must be a denoiser called model(x_t, t, **kwargs) or a Denoiser, got "
                         f"{type(model).__name__}")
@@ -149,8 +149,8 @@ def as_denoiser(model, images: torch.Tensor, *, scheduler=None, vae=None, class_
 
 
 @torch.no_grad()
-def sdedit(images: torch.Tensor, model, *, scheduler=None, strength: float = 0.5, steps: int = 50, seed: int = 0,
-           vae=None, class_labels=None, model_kwargs: dict | None = None, batch_size: int = 64,
+def sdedit(images: torch.Tensor, model, *, scheduler=None, strength: float = 0.5, steps: int = 50,
+           seed: int = 0, vae=None, class_labels=None, model_kwargs: dict | None = None, batch_size: int = 64,
            progress: bool = True) -> torch.Tensor:
     """SDEdit (the unmasked baseline): every image noised to ``strength`` and denoised, (B, C, H, W) in [0, 1].
 
@@ -160,12 +160,13 @@ def sdedit(images: torch.Tensor, model, *, scheduler=None, strength: float = 0.5
     check_strength(strength)
     check_int("steps", steps, 1)
     check_int("batch_size", batch_size, 1)
-    denoiser = as_denoiser(model, images, scheduler=scheduler, vae=vae, class_labels=class_labels,
-                           model_kwargs=model_kwargs)
+    denoiser = _as_denoiser(model, images, scheduler=scheduler, vae=vae, class_labels=class_labels,
+                            model_kwargs=model_kwargs)
     x = images.to(denoiser.device).float()
     ones = torch.ones(len(x), 1, *x.shape[-2:], device=denoiser.device)
-    return repaint_images(x, ones, denoiser.predictor, denoiser.scheduler, strength=strength, steps=steps, seed=seed,
-                          vae=denoiser.vae, batch_size=batch_size, progress=progress, desc="sdedit").to(images.device)
+    edited = repaint_images(x, ones, denoiser.predictor, denoiser.scheduler, strength=strength, steps=steps,
+                            seed=seed, vae=denoiser.vae, batch_size=batch_size, progress=progress, desc="sdedit")
+    return edited.to(images.device)
 
 
 @torch.no_grad()
@@ -224,7 +225,8 @@ def repair_flaws(
             ``batch_size`` or the device's RNG.
         masks: (B, 1, H, W) in [0, 1] (or (B, H, W), or one for all) to use instead of the
             highlighter's (one round); every image with a non-empty mask is repaired, flagged or not.
-        vae: for plain latent models (a Denoiser carries its own): images are encoded (``latent_dist.mode()`` x ``scaling_factor``), the
+        vae: for plain latent models (a Denoiser carries its own): images are encoded
+            (``latent_dist.mode()`` x ``scaling_factor``), the
             mask is brought to the latent grid (a cell's largest pixel value), composition runs in
             latent space, the result is decoded and pasted into the input through the pixel mask.
         class_labels: (B,) labels for plain class-conditional UNets (passed as ``class_labels=``); a
@@ -254,8 +256,8 @@ def repair_flaws(
     if masks is not None and rounds > 1:
         raise ValueError(f"given masks serve one round; rounds must be 1, got {rounds}")
     given = None if masks is None else check_masks(masks, images)
-    denoiser = as_denoiser(model, images, scheduler=scheduler, vae=vae, class_labels=class_labels,
-                           model_kwargs=model_kwargs)
+    denoiser = _as_denoiser(model, images, scheduler=scheduler, vae=vae, class_labels=class_labels,
+                            model_kwargs=model_kwargs)
     device = denoiser.device
     current = images.to(device, torch.float32, copy=True)  # never the caller's tensor: it is written in place
     B = len(current)

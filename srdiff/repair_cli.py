@@ -22,15 +22,16 @@ def add_commands(sub) -> None:
     p.add_argument("--out", required=True, help="output folder: " + ", ".join(OUTPUTS))
     labels = p.add_mutually_exclusive_group()
     labels.add_argument("--class", dest="class_labels", type=int, nargs="+",
-                        help="class-conditional models (needed by them): the class of each image, cycled over the "
-                             "images")
+                        help="class-conditional models (needed by them): the class of each image, cycled over "
+                             "the images")
     labels.add_argument("--class-labels", dest="class_labels_file",
                         help="class-conditional models: a tensor file of (N,) class labels, one per image")
     p.add_argument("--prompt", nargs="+",
-                   help="--ckpt of a text-to-image run (needed by it): the prompt of each image, cycled over the images")
+                   help="--ckpt of a text-to-image run (needed by it): the prompt of each image, cycled over the "
+                        "images")
     p.add_argument("--guidance-scale", type=guidance_scale_arg,
-                   help="--ckpt of a class or text run: classifier-free guidance scale, finite and >= 0 (default: "
-                        "the run's)")
+                   help="--ckpt of a class or text run: classifier-free guidance scale, finite and >= 0 "
+                        "(default: the run's)")
     p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"), help="--ckpt only: the scheduler")
     p.add_argument("--strength", type=float, default=0.5, help="how far the flagged regions are noised, in (0, 1]")
     p.add_argument("--steps", type=int, default=50, help="scheduler steps over the whole schedule (strength x steps run)")
@@ -70,9 +71,10 @@ def _load_source(args, device):
     return pipe, size, channels
 
 
-def _model(args, source, n: int) -> dict:
-    """``repair_flaws``' model keywords for ``n`` images: --ckpt's :class:`~srdiff.diffusion.denoiser.Denoiser`
-    (its task's own denoiser call with the images' conditions), or --pipeline's UNet, scheduler and VAE."""
+def _model_kwargs(args, source, n: int) -> dict:
+    """``repair_flaws``' model keywords for ``n`` images: --ckpt's
+    :class:`~srdiff.diffusion.denoiser.Denoiser` (its task's own denoiser call with the images' conditions),
+    or --pipeline's UNet, scheduler and VAE."""
     import torch
 
     from srdiff._io import load_file
@@ -84,8 +86,8 @@ def _model(args, source, n: int) -> dict:
         conditions["class_labels"] = load_file(args.class_labels_file, "a tensor file of (N,) class labels")
         flags["class_labels"] = "--class-labels"
     if args.ckpt:
-        return {"model": source.denoiser(**conditions, guidance_scale=args.guidance_scale, sampler=args.sampler,
-                                         names=flags)}
+        return {"model": source.denoiser(**conditions, guidance_scale=args.guidance_scale,
+                                         sampler=args.sampler, names=flags)}
     labels = conditions.get("class_labels")
     return {"model": source.unet, "scheduler": source.scheduler, "vae": getattr(source, "vqvae", None) or
             getattr(source, "vae", None), "class_labels": None if labels is None else torch.as_tensor(labels)}
@@ -115,22 +117,23 @@ def _repair(args) -> None:
     refuse_existing([out / name for name in OUTPUTS], overwrite=args.overwrite)
     for flag, value in (("--prompt", args.prompt), ("--guidance-scale", args.guidance_scale)):
         if args.pipeline and value is not None:
-            raise ValueError(f"{flag} needs --ckpt (a trainer checkpoint: its task encodes prompts and guides); the "
-                             f"UNet of --pipeline {args.pipeline} is called with class labels at most")
+            raise ValueError(f"{flag} needs --ckpt (a trainer checkpoint: its task encodes prompts and guides); "
+                             f"the UNet of --pipeline {args.pipeline} is called with class labels at most")
     device = resolve_device(args.device)
     source, size, channels = _load_source(args, device)
     highlighter = FlawHighlighter.load(args.highlighter, map_location=device)
     images, names = read_images(args.images, size, channels)
     repaired, masks, report = repair_flaws(
-        images, highlighter=highlighter, **_model(args, source, len(images)), strength=args.strength,
+        images, highlighter=highlighter, **_model_kwargs(args, source, len(images)), strength=args.strength,
         steps=args.steps, threshold=args.threshold, threshold_mode=args.threshold_mode, dilate=args.dilate,
         feather=args.feather, rounds=args.rounds, flag_threshold=args.flag_threshold, only_flagged=args.only_flagged,
         resample=args.resample, jump=args.jump, seed=args.seed, batch_size=args.batch_size, progress=args.progress)
     for record, name in zip(report["images"], names):
         record["name"] = name
     report["source"] = {"ckpt": args.ckpt, "pipeline": args.pipeline, "highlighter": args.highlighter,
-                        "images": args.images, "class": args.class_labels, "class_labels": args.class_labels_file,
-                        "prompt": args.prompt, "guidance_scale": args.guidance_scale}
+                        "images": args.images, "class": args.class_labels,
+                        "class_labels": args.class_labels_file, "prompt": args.prompt,
+                        "guidance_scale": args.guidance_scale}
     out.mkdir(parents=True, exist_ok=True)
     save_grid(images, out / "before.png", upscale=args.scale)
     save_grid(repaired, out / "after.png", upscale=args.scale)

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from srdiff.diffusion.denoiser import gives_denoiser
+
 
 @dataclass
 class FlawRepairOutput:
@@ -43,21 +45,22 @@ class FlawRepairPipeline:
 
     def __init__(self, pipeline, highlighter):
         #: a trained srdiff model (it gives its own Denoiser), not a diffusers pipeline
-        self.trained = callable(getattr(pipeline, "denoiser", None))
+        self.trained = gives_denoiser(pipeline)
         if not self.trained:
             for name in ("unet", "scheduler"):
                 if getattr(pipeline, name, None) is None:
-                    raise TypeError(f"pipeline must be a trained srdiff model (srdiff.load_trained) or have a {name!r} "
-                                    f"(a diffusers DDPMPipeline, DDIMPipeline or LDMPipeline), got "
+                    raise TypeError(f"pipeline must be a trained srdiff model (srdiff.load_trained) or have a "
+                                    f"{name!r} (a diffusers DDPMPipeline, DDIMPipeline or LDMPipeline), got "
                                     f"{type(pipeline).__name__}")
         self.pipeline, self.highlighter = pipeline, highlighter
-        self.vae = pipeline.vae if self.trained else getattr(pipeline, "vqvae", None) or getattr(pipeline, "vae", None)
+        self.vae = pipeline.vae if self.trained else (getattr(pipeline, "vqvae", None)
+                                                      or getattr(pipeline, "vae", None))
 
     def _refuse(self, **given) -> None:
         for name, value in given.items():
             if value is not None:
-                raise ValueError(f"{name} needs a trained srdiff model (srdiff.load_trained), whose task builds the "
-                                 f"condition; the wrapped {type(self.pipeline).__name__} takes none here")
+                raise ValueError(f"{name} needs a trained srdiff model (srdiff.load_trained), whose task builds "
+                                 f"the condition; the wrapped {type(self.pipeline).__name__} takes none here")
 
     def generate(self, batch_size: int, num_inference_steps: int = 50, seed: int = 0, *, class_labels=None,
                  prompts: list[str] | None = None, guidance_scale: float | None = None) -> torch.Tensor:
@@ -65,8 +68,8 @@ class FlawRepairPipeline:
         task samples image i with ``class_labels[i]`` or ``prompts[i]`` where given, guided at
         ``guidance_scale`` (default the run's); a diffusers pipeline takes none of them."""
         if self.trained:
-            return self.pipeline.sample(batch_size, seed=seed, steps=num_inference_steps, class_labels=class_labels,
-                                        prompts=prompts, guidance_scale=guidance_scale)
+            return self.pipeline.sample(batch_size, seed=seed, steps=num_inference_steps,
+                                        class_labels=class_labels, prompts=prompts, guidance_scale=guidance_scale)
         self._refuse(class_labels=class_labels, prompts=prompts, guidance_scale=guidance_scale)
         result = self.pipeline(batch_size=batch_size, num_inference_steps=num_inference_steps,
                                generator=torch.Generator().manual_seed(seed), output_type="np")
@@ -101,4 +104,3 @@ class FlawRepairPipeline:
             images = self.generate(batch_size, num_inference_steps, seed, **conditions)
         repaired, masks, report = repair_flaws(images, model, self.highlighter, seed=seed, **repair_kwargs)
         return FlawRepairOutput(images=repaired, originals=images, masks=masks, report=report)
-

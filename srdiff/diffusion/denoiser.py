@@ -60,4 +60,12 @@ class Denoiser:
 
             return predict
 
-        return cls(predictor, torch.device(device), scheduler, vae, None if class_labels is None else len(class_labels))
+        count = None if class_labels is None else len(class_labels)
+        return cls(predictor, torch.device(device), scheduler, vae, count)
+
+
+def gives_denoiser(model) -> bool:
+    """Whether ``model`` makes its own :class:`Denoiser` for the conditions it is given: a trained srdiff
+    model (``srdiff.load_trained(path)``, whose ``denoiser(class_labels=..., prompts=...,
+    guidance_scale=...)`` and ``sample(n, ...)`` run its task), rather than a plain model or pipeline."""
+    return callable(getattr(model, "denoiser", None))

@@ -10,7 +10,7 @@ from srdiff.trainer import ablation
 from srdiff.trainer.config import TrainConfig, add_config_flags, config_overrides
 
 EXIT_DIVERGED = 1  # the loss became NaN or inf (srdiff.cli.main: 2 for user errors, 130 for Ctrl-C)
-#: the flags that carry a loaded model's condition arguments (srdiff.trainer.trained.ARGUMENTS), for its errors
+#: the flags of a loaded model's condition arguments (srdiff.trainer.trained.ARGUMENTS), named in its errors
 CONDITION_FLAGS = {"class_labels": "--class", "prompts": "--prompt", "guidance_scale": "--guidance-scale"}
 
 

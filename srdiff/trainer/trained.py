@@ -78,8 +78,8 @@ class TrainedModel:
             return self.config.guidance_scale
         name = names["guidance_scale"]
         if self.task.condition is None:
-            raise ValueError(f"{name} needs a conditional checkpoint (task 'class' or 'text'); {self._describe()}, "
-                             "so there is nothing to guide")
+            raise ValueError(f"{name} needs a conditional checkpoint (task 'class' or 'text'); "
+                             f"{self._describe()}, so there is nothing to guide")
         return check_guidance_scale(guidance_scale, name)
 
     def sample(self, n: int, *, class_labels=None, prompts=None, guidance_scale: float | None = None,
@@ -106,7 +106,8 @@ class TrainedModel:
         conditions = self.conditions(class_labels=class_labels, prompts=prompts, names=names)
         kind = self.task.condition
         if kind is not None and conditions is None:
-            raise ValueError(f"{names[CONDITION_ARGUMENTS[kind]]} is needed to re-denoise with it: {self._describe()}")
+            raise ValueError(f"{names[CONDITION_ARGUMENTS[kind]]} is needed to re-denoise with it: "
+                             f"{self._describe()}")
         count = None if conditions is None else len(class_labels if kind == "class" else prompts)
         return Denoiser(self.task.predictor(self.model, conditions, self.guidance(guidance_scale, names)),
                         self.device, self.scheduler(sampler), self.vae, count)
@@ -133,8 +134,8 @@ class TrainedModel:
                              f"{task.name!r}")
         denoiser = self.denoiser(sampler="ddpm")
         return repaint_images(images.to(self.device).float(), masks.to(self.device), denoiser.predictor,
-                              denoiser.scheduler, strength=1.0, steps=steps, seed=seed, resample=resample, jump=jump,
-                              vae=self.vae, batch_size=batch_size, progress=progress, desc="RePaint")
+                              denoiser.scheduler, strength=1.0, steps=steps, seed=seed, resample=resample,
+                              jump=jump, vae=self.vae, batch_size=batch_size, progress=progress, desc="RePaint")
 
     def export(self, out_dir: str | os.PathLike):
         """The task's diffusers pipeline (or folders) under ``out_dir``, its files following the umask."""

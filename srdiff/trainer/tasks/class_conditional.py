@@ -63,7 +63,8 @@ class ClassConditional(DenoisingTask):
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise TypeError(f"class labels must be integers, got dtype {labels.dtype}")
         if labels.dim() != 1:
-            raise ValueError(f"class labels must hold one label per image, shape (n,), got shape {tuple(labels.shape)}")
+            raise ValueError(f"class labels must hold one label per image, shape (n,), got shape "
+                             f"{tuple(labels.shape)}")
         labels = labels.long()
         bad = labels[(labels < 0) | (labels >= self.num_classes)]
         if len(bad):

@@ -113,9 +113,10 @@ class Inpainting(DenoisingTask):
         for start in range(0, n, batch_size):
             part_images, part_masks = images[start:start + batch_size], masks[start:start + batch_size]
             filled = sample_loop(
-                self.filling(model, part_images, part_masks), self.sample_shape, self.config, len(part_images), steps=steps, sampler=sampler, seed=seed,
-                first_index=first_index + start, batch_size=len(part_images), device=next(model.parameters()).device,
-                vae=self.vae, autocast_dtype=autocast_dtype, progress=progress, model=model)
+                self.filling(model, part_images, part_masks), self.sample_shape, self.config, len(part_images),
+                steps=steps, sampler=sampler, seed=seed, first_index=first_index + start,
+                batch_size=len(part_images), device=next(model.parameters()).device, vae=self.vae,
+                autocast_dtype=autocast_dtype, progress=progress, model=model)
             hole = part_masks.to(filled)
             out.append(hole * filled + (1 - hole) * part_images.to(filled))
         return torch.cat(out) if out else images[:0].clone()

@@ -444,9 +444,15 @@ def test_guidance_scale_must_be_finite_and_not_negative(command, scale, capsys):
     assert "argument --guidance-scale: the scale must be a finite number >= 0" in capsys.readouterr().err
 
 
-def test_guidance_scale_needs_a_conditional_checkpoint(tmp_path, fake_checkpoint, capsys):
-    assert cli.main(["sample", "--ckpt", "any.pt", "--guidance-scale", "3", "--out", str(tmp_path / "g.png")]) == 2
-    assert "--guidance-scale needs a conditional checkpoint" in _err_line(capsys)
+@pytest.mark.parametrize("flags, message", [
+    (["--guidance-scale", "3"], "--guidance-scale needs a conditional checkpoint"),
+    (["--class", "3"], "--class needs a class-conditional checkpoint"),
+    (["--prompt", "a seven"], "--prompt needs a text-conditional checkpoint"),
+])
+def test_conditions_need_a_checkpoint_that_takes_them(tmp_path, fake_checkpoint, capsys, flags, message):
+    assert cli.main(["sample", "--ckpt", "any.pt", *flags, "--out", str(tmp_path / "g.png")]) == 2
+    err = _err_line(capsys)
+    assert message in err and "checkpoint any.pt is task 'unconditional' (backbone 'unet'), which takes no" in err
     assert not (tmp_path / "g.png").exists()
 
 

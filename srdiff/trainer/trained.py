@@ -31,6 +31,10 @@ _TAKES = {None: "no condition", "class": "a class label per image", "text": "a p
 
 @dataclass
 class TrainedModel:
+    """A checkpoint's EMA denoiser with what samples and re-denoises with it: :meth:`sample`, :meth:`denoiser`
+    (flaw repair), :meth:`inpaint`, :meth:`export`. The class labels or prompts a conditional task takes are
+    checked once, here (:meth:`conditions`, :meth:`guidance`), for the Python API and the CLI alike."""
+
     model: nn.Module  # the EMA denoiser, eval mode, no gradients
     config: TrainConfig
     task: DenoisingTask
@@ -85,7 +89,8 @@ class TrainedModel:
     def sample(self, n: int, *, class_labels=None, prompts=None, guidance_scale: float | None = None,
                names: dict = ARGUMENTS, **kwargs) -> torch.Tensor:
         """``n`` images in [0, 1], image i of class ``class_labels[i]`` or prompt ``prompts[i]`` where given
-        (else the task draws them), guided at ``guidance_scale`` (default: the run's); other keywords as
+        (else the task draws them), guided at ``guidance_scale`` (default: the run's), errors naming the
+        arguments as ``names`` calls them (:meth:`conditions`); other keywords as
         :meth:`srdiff.trainer.task.DenoisingTask.sample`."""
         conditions = self.conditions(class_labels=class_labels, prompts=prompts, n=n, names=names)
         if conditions is not None:
@@ -102,7 +107,7 @@ class TrainedModel:
         known pixels and the holes), with the run's noise schedule (``sampler`` ``"ddim"`` or ``"ddpm"``) and
         VAE. Image i is conditioned on ``class_labels[i]`` (a class model needs them) or ``prompts[i]`` (a
         text model needs them); a missing condition, or one this model cannot take, raises ``ValueError``
-        naming the argument."""
+        naming the argument (as ``names`` calls it: :meth:`conditions`)."""
         conditions = self.conditions(class_labels=class_labels, prompts=prompts, names=names)
         kind = self.task.condition
         if kind is not None and conditions is None:

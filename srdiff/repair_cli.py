@@ -13,7 +13,8 @@ def add_commands(sub) -> None:
     p = sub.add_parser("repair", help="repair the flaws a highlighter finds, re-denoising only there (training-free)",
                        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt", help="trainer checkpoint (checkpoints/last.pt): its EMA model, config and VAE")
+    source.add_argument("--ckpt", help="trainer checkpoint (checkpoints/last.pt) of any task and backbone: its EMA "
+                                       "model, task, config and VAE")
     source.add_argument("--pipeline", help="a saved diffusers pipeline folder (DDPMPipeline, DDIMPipeline, LDMPipeline)")
     p.add_argument("--highlighter", required=True, help="checkpoint from 'srdiff highlighter train' (or a trainer run's highlighter.pt)")
     p.add_argument("--images", required=True,
@@ -21,12 +22,12 @@ def add_commands(sub) -> None:
                         "(e.g. from 'srdiff sample --tensor-out')")
     p.add_argument("--out", required=True, help="output folder: " + ", ".join(OUTPUTS))
     labels = p.add_mutually_exclusive_group()
-    labels.add_argument("--class", dest="class_labels", type=int, nargs="+",
+    labels.add_argument("--class", dest="class_labels", type=int, nargs="+", metavar="K",
                         help="class-conditional models (needed by them): the class of each image, cycled over "
                              "the images")
-    labels.add_argument("--class-labels", dest="class_labels_file",
+    labels.add_argument("--class-labels", dest="class_labels_file", metavar="FILE",
                         help="class-conditional models: a tensor file of (N,) class labels, one per image")
-    p.add_argument("--prompt", nargs="+",
+    p.add_argument("--prompt", nargs="+", metavar="TEXT",
                    help="--ckpt of a text-to-image run (needed by it): the prompt of each image, cycled over the "
                         "images")
     p.add_argument("--guidance-scale", type=guidance_scale_arg,

@@ -12,19 +12,24 @@ their masks (:func:`flaw_masks` of ``highlighter.fam``) and runs
 paste) -> :func:`srdiff.diffusion.repaint.repaint` (the loop: ``scheduler.step``, then
 :func:`~srdiff.diffusion.repaint.compose` with the noised input); rounds repeat on what is still flagged.
 
-Works with any denoiser called ``model(x_t, t, **kwargs)`` (a diffusers ``UNet2DModel``, whose output's
-``.sample`` is used, or a plain callable returning the prediction the scheduler expects), any
-diffusers scheduler with ``add_noise``, ``set_timesteps`` and ``step``, in pixel space ([-1, 1]) or
-in the latent space of a VAE (``AutoencoderKL`` or ``VQModel``).
+Works with every checkpoint the trainer makes, every task and backbone, through the task's own denoiser
+call (``srdiff.load_trained(path).denoiser(class_labels=..., prompts=...)``: a
+:class:`~srdiff.diffusion.denoiser.Denoiser` carrying the conditions, guidance, noise schedule and VAE),
+and with any plain denoiser called ``model(x_t, t, **kwargs)`` (a diffusers ``UNet2DModel``, whose
+output's ``.sample`` is used, or a callable returning the prediction the scheduler expects) with any
+diffusers scheduler with ``add_noise``, ``set_timesteps`` and ``step``, in pixel space ([-1, 1]) or in
+the latent space of a VAE (``AutoencoderKL`` or ``VQModel``).
 """
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from srdiff._checks import check_choice, check_int, check_tensor
+from srdiff.diffusion.denoiser import Denoiser, gives_denoiser
 from srdiff.diffusion.masks import check_masks
 from srdiff.diffusion.repaint import jump_schedule, repaint_images
 from srdiff.diffusion.schedules import check_strength
@@ -106,25 +111,46 @@ def _check_labels(class_labels, B: int):
     return class_labels
 
 
-def _predictor(model, class_labels, model_kwargs):
-    """``predict(x, t, rows)`` for :func:`~srdiff.diffusion.repaint.repaint_images`: ``model(x, t, **kwargs)``
-    with the rows' class labels; a diffusers output's ``.sample`` (or a tuple's first entry) is the prediction."""
+def _as_denoiser(model, images: torch.Tensor, *, scheduler=None, vae=None, class_labels=None,
+                 model_kwargs: dict | None = None) -> Denoiser:
+    """``model`` as the :class:`~srdiff.diffusion.denoiser.Denoiser` RePaint calls, for ``images``.
 
-    def predict(x, t, rows):
-        kwargs = dict(model_kwargs or {})
-        if class_labels is not None:
-            kwargs["class_labels"] = class_labels[rows]
-        out = model(x, t, **kwargs)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        return getattr(out, "sample", out)
-
-    return predict
+    A :class:`Denoiser` (a trained srdiff model's ``trained.denoiser(class_labels=..., prompts=...)``)
+    carries its VAE and conditions, so ``vae``, ``class_labels`` and ``model_kwargs`` are refused beside
+    it; ``scheduler`` replaces its own. A plain model (``model(x_t, t, **kwargs)``) needs ``scheduler``
+    and takes the rest. Raises ``ValueError``/``TypeError`` naming the argument."""
+    if isinstance(model, Denoiser):
+        for name, value in (("vae", vae), ("class_labels", class_labels), ("model_kwargs", model_kwargs)):
+            if value is not None:
+                raise ValueError(f"{name} must not be given with a Denoiser, which carries its own VAE and "
+                                 "conditions (made by trained.denoiser(class_labels=..., prompts=...)); got "
+                                 f"{name} of type {type(value).__name__}")
+        if model.count is not None and model.count != len(images):
+            raise ValueError(f"model carries the conditions of {model.count} images (the class_labels or "
+                             f"prompts it was made with), but images holds {len(images)}")
+        if scheduler is not None:
+            return replace(model, scheduler=scheduler)
+        if model.scheduler is None:
+            raise ValueError("scheduler is needed: this Denoiser carries none")
+        return model
+    if gives_denoiser(model):
+        raise TypeError(f"model is a trained srdiff model ({type(model).__name__}): pass "
+                        "model.denoiser(class_labels=..., prompts=..., guidance_scale=...), its task's own "
+                        "denoiser call with its conditions, scheduler and VAE")
+    if not callable(model):
+        raise TypeError(f"model must be a denoiser called model(x_t, t, **kwargs) or a Denoiser, got "
+                        f"{type(model).__name__}")
+    if scheduler is None:
+        raise ValueError("scheduler is needed for a plain model: the diffusers scheduler of its noise schedule")
+    device = _device(model, images)
+    labels = _check_labels(class_labels, len(images))
+    return Denoiser.from_model(model, device=device, scheduler=scheduler, vae=vae, model_kwargs=model_kwargs,
+                               class_labels=None if labels is None else labels.to(device))
 
 
 @torch.no_grad()
-def sdedit(images: torch.Tensor, model, *, scheduler, strength: float = 0.5, steps: int = 50, seed: int = 0,
-           vae=None, class_labels=None, model_kwargs: dict | None = None, batch_size: int = 64,
+def sdedit(images: torch.Tensor, model, *, scheduler=None, strength: float = 0.5, steps: int = 50,
+           seed: int = 0, vae=None, class_labels=None, model_kwargs: dict | None = None, batch_size: int = 64,
            progress: bool = True) -> torch.Tensor:
     """SDEdit (the unmasked baseline): every image noised to ``strength`` and denoised, (B, C, H, W) in [0, 1].
 
@@ -134,13 +160,13 @@ def sdedit(images: torch.Tensor, model, *, scheduler, strength: float = 0.5, ste
     check_strength(strength)
     check_int("steps", steps, 1)
     check_int("batch_size", batch_size, 1)
-    device = _device(model, images)
-    x = images.to(device).float()
-    labels = _check_labels(class_labels, len(x))
-    ones = torch.ones(len(x), 1, *x.shape[-2:], device=device)
-    return repaint_images(x, ones, _predictor(model, labels, model_kwargs), scheduler, strength=strength, steps=steps,
-                          seed=seed, vae=vae, batch_size=batch_size, progress=progress,
-                          desc="sdedit").to(images.device)
+    denoiser = _as_denoiser(model, images, scheduler=scheduler, vae=vae, class_labels=class_labels,
+                            model_kwargs=model_kwargs)
+    x = images.to(denoiser.device).float()
+    ones = torch.ones(len(x), 1, *x.shape[-2:], device=denoiser.device)
+    edited = repaint_images(x, ones, denoiser.predictor, denoiser.scheduler, strength=strength, steps=steps,
+                            seed=seed, vae=denoiser.vae, batch_size=batch_size, progress=progress, desc="sdedit")
+    return edited.to(images.device)
 
 
 @torch.no_grad()
@@ -149,7 +175,7 @@ def repair_flaws(
     model,
     highlighter=None,
     *,
-    scheduler,
+    scheduler=None,
     threshold: float = 0.5,
     threshold_mode: str = "relative",
     dilate: int = 1,
@@ -173,16 +199,19 @@ def repair_flaws(
 
     Args:
         images: (B, C, H, W) in [0, 1], e.g. a model's samples.
-        model: the denoiser, called ``model(x_t, t, **model_kwargs)`` with ``t`` a 0-dim tensor: a
-            diffusers UNet (``.sample`` of its output is used) or a plain callable returning the
-            prediction ``scheduler`` expects (ε for the trainer's models). Runs on its parameters' device
-            (the highlighter on its own).
+        model: a trained srdiff model's :class:`~srdiff.diffusion.denoiser.Denoiser`
+            (``srdiff.load_trained(path).denoiser(...)``: any task and backbone through the task's own
+            denoiser call, with the class labels or prompts of the images, classifier-free guidance, the
+            run's scheduler and VAE), or a plain denoiser called ``model(x_t, t, **model_kwargs)`` with
+            ``t`` a 0-dim tensor: a diffusers UNet (``.sample`` of its output is used) or a callable
+            returning the prediction ``scheduler`` expects. Runs on its device (a module's: its
+            parameters'; the highlighter on its own).
         highlighter: a :class:`srdiff.FlawHighlighter` for C-channel images; masks come from
             ``highlighter.fam`` and flags from ``highlighter.predict`` (P(fake) >= ``flag_threshold``).
             Optional when ``masks`` is given and ``rounds == 1``.
         scheduler: a diffusers scheduler with ``add_noise``, ``set_timesteps`` and ``step`` (copied:
-            the caller's is left as it was); the one the model was trained with (for the trainer's
-            models :func:`srdiff.diffusion.schedules.make_scheduler` ``(config, "ddim")``).
+            the caller's is left as it was) of the schedule the model was trained with; needed for a plain
+            model, replaces a Denoiser's own (the run's DDIM or DDPM).
         threshold, threshold_mode, dilate, feather: the mask (:func:`flaw_masks`).
         strength: in (0, 1]: how far the masked region is noised
             (:func:`srdiff.diffusion.schedules.strength_timesteps`);
@@ -196,11 +225,13 @@ def repair_flaws(
             ``batch_size`` or the device's RNG.
         masks: (B, 1, H, W) in [0, 1] (or (B, H, W), or one for all) to use instead of the
             highlighter's (one round); every image with a non-empty mask is repaired, flagged or not.
-        vae: for latent models: images are encoded (``latent_dist.mode()`` x ``scaling_factor``), the
+        vae: for plain latent models (a Denoiser carries its own): images are encoded
+            (``latent_dist.mode()`` x ``scaling_factor``), the
             mask is brought to the latent grid (a cell's largest pixel value), composition runs in
             latent space, the result is decoded and pasted into the input through the pixel mask.
-        class_labels: (B,) labels for class-conditional UNets (passed as ``class_labels=``).
-        model_kwargs: more keyword arguments for the model (e.g. ``encoder_hidden_states``).
+        class_labels: (B,) labels for plain class-conditional UNets (passed as ``class_labels=``); a
+            Denoiser carries its own.
+        model_kwargs: more keyword arguments for a plain model (e.g. ``encoder_hidden_states``).
 
     Returns:
         ``(repaired, masks, report)``: repaired (B, C, H, W) in [0, 1] on ``images``' device, equal to
@@ -225,14 +256,12 @@ def repair_flaws(
     if masks is not None and rounds > 1:
         raise ValueError(f"given masks serve one round; rounds must be 1, got {rounds}")
     given = None if masks is None else check_masks(masks, images)
-    device = _device(model, images)
+    denoiser = _as_denoiser(model, images, scheduler=scheduler, vae=vae, class_labels=class_labels,
+                            model_kwargs=model_kwargs)
+    device = denoiser.device
     current = images.to(device, torch.float32, copy=True)  # never the caller's tensor: it is written in place
-    labels = _check_labels(class_labels, len(current))
-    if labels is not None:
-        labels = labels.to(device)
     B = len(current)
     union = torch.zeros(B, 1, *current.shape[-2:], device=device)
-    predict = _predictor(model, labels, model_kwargs)
     rounds_run = torch.zeros(B, dtype=torch.long)
 
     hl_device = _device(highlighter, current) if highlighter is not None else device
@@ -258,9 +287,10 @@ def repair_flaws(
         if len(active) == 0:
             break
         current[active.to(device)] = repaint_images(
-            current, m.new_zeros(B, *m.shape[1:]).index_copy(0, active.to(device), m), predict, scheduler,
-            strength=strength, steps=steps, seed=seed, indices=active, round_index=r, resample=resample, jump=jump,
-            vae=vae, batch_size=batch_size, progress=progress, desc=f"repair round {r + 1}/{rounds}")
+            current, m.new_zeros(B, *m.shape[1:]).index_copy(0, active.to(device), m), denoiser.predictor,
+            denoiser.scheduler, strength=strength, steps=steps, seed=seed, indices=active, round_index=r,
+            resample=resample, jump=jump, vae=denoiser.vae, batch_size=batch_size, progress=progress,
+            desc=f"repair round {r + 1}/{rounds}")
         union[active.to(device)] = torch.maximum(union[active.to(device)], m)
         rounds_run[active] += 1
         if r + 1 < rounds:
@@ -271,8 +301,8 @@ def repair_flaws(
                      settings=dict(threshold=threshold, threshold_mode=threshold_mode, dilate=dilate, feather=feather,
                                    strength=strength, steps=steps, rounds=rounds, flag_threshold=flag_threshold,
                                    only_flagged=only_flagged, resample=resample, jump=jump, seed=seed,
-                                   masks_given=given is not None, latent=vae is not None,
-                                   scheduler=type(scheduler).__name__))
+                                   masks_given=given is not None, latent=denoiser.vae is not None,
+                                   scheduler=type(denoiser.scheduler).__name__))
     return current.to(images.device), union.to(images.device), report
 
 

@@ -4,6 +4,8 @@ import argparse
 import json
 from pathlib import Path
 
+from srdiff.trainer.cli import guidance_scale_arg
+
 OUTPUTS = ("before.png", "after.png", "masks.png", "contact-sheet.png", "report.json", "repaired.pt", "masks.pt")
 
 
@@ -11,14 +13,26 @@ def add_commands(sub) -> None:
     p = sub.add_parser("repair", help="repair the flaws a highlighter finds, re-denoising only there (training-free)",
                        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt", help="trainer checkpoint (checkpoints/last.pt): its EMA model, config and VAE")
+    source.add_argument("--ckpt", help="trainer checkpoint (checkpoints/last.pt) of any task and backbone: its EMA "
+                                       "model, task, config and VAE")
     source.add_argument("--pipeline", help="a saved diffusers pipeline folder (DDPMPipeline, DDIMPipeline, LDMPipeline)")
     p.add_argument("--highlighter", required=True, help="checkpoint from 'srdiff highlighter train' (or a trainer run's highlighter.pt)")
     p.add_argument("--images", required=True,
                    help="'digits', an image folder, an image file or a tensor file (N, C, H, W) in [0, 1] "
                         "(e.g. from 'srdiff sample --tensor-out')")
     p.add_argument("--out", required=True, help="output folder: " + ", ".join(OUTPUTS))
-    p.add_argument("--class-labels", help="tensor file of (N,) class labels, for class-conditional models")
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument("--class", dest="class_labels", type=int, nargs="+", metavar="K",
+                        help="class-conditional models (needed by them): the class of each image, cycled over "
+                             "the images")
+    labels.add_argument("--class-labels", dest="class_labels_file", metavar="FILE",
+                        help="class-conditional models: a tensor file of (N,) class labels, one per image")
+    p.add_argument("--prompt", nargs="+", metavar="TEXT",
+                   help="--ckpt of a text-to-image run (needed by it): the prompt of each image, cycled over the "
+                        "images")
+    p.add_argument("--guidance-scale", type=guidance_scale_arg,
+                   help="--ckpt of a class or text run: classifier-free guidance scale, finite and >= 0 "
+                        "(default: the run's)")
     p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"), help="--ckpt only: the scheduler")
     p.add_argument("--strength", type=float, default=0.5, help="how far the flagged regions are noised, in (0, 1]")
     p.add_argument("--steps", type=int, default=50, help="scheduler steps over the whole schedule (strength x steps run)")
@@ -42,21 +56,42 @@ def add_commands(sub) -> None:
     p.set_defaults(func=_repair)
 
 
-def _load_model(args, device):
-    """(model, scheduler, vae, image size, channels) from --ckpt or --pipeline."""
+def _load_source(args, device):
+    """(the trained model of --ckpt or the pipeline of --pipeline, image size, channels)."""
     if args.ckpt:
-        from srdiff.diffusion.schedules import make_scheduler
-        from srdiff.trainer.trained import load_ema_unet
+        from srdiff.trainer.trained import load_trained
 
-        unet, config, vae = load_ema_unet(args.ckpt, device)
-        return unet, make_scheduler(config, args.sampler), vae, config.image_size, config.channels
+        trained = load_trained(args.ckpt, device)
+        return trained, trained.config.image_size, trained.config.channels
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(args.pipeline).to(device)
     vae = getattr(pipe, "vqvae", None) or getattr(pipe, "vae", None)
     size = pipe.unet.config.sample_size * (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1)
     channels = vae.config.in_channels if vae is not None else pipe.unet.config.in_channels
-    return pipe.unet, pipe.scheduler, vae, size, channels
+    return pipe, size, channels
+
+
+def _model_kwargs(args, source, n: int) -> dict:
+    """``repair_flaws``' model keywords for ``n`` images: --ckpt's
+    :class:`~srdiff.diffusion.denoiser.Denoiser` (its task's own denoiser call with the images' conditions),
+    or --pipeline's UNet, scheduler and VAE."""
+    import torch
+
+    from srdiff._io import load_file
+    from srdiff.trainer.cli import CONDITION_FLAGS, condition_kwargs
+
+    conditions = condition_kwargs(args, n)
+    flags = dict(CONDITION_FLAGS)
+    if args.class_labels_file:
+        conditions["class_labels"] = load_file(args.class_labels_file, "a tensor file of (N,) class labels")
+        flags["class_labels"] = "--class-labels"
+    if args.ckpt:
+        return {"model": source.denoiser(**conditions, guidance_scale=args.guidance_scale,
+                                         sampler=args.sampler, names=flags)}
+    labels = conditions.get("class_labels")
+    return {"model": source.unet, "scheduler": source.scheduler, "vae": getattr(source, "vqvae", None) or
+            getattr(source, "vae", None), "class_labels": None if labels is None else torch.as_tensor(labels)}
 
 
 def contact_sheet(before, masks, after):
@@ -81,22 +116,25 @@ def _repair(args) -> None:
 
     out = Path(args.out)
     refuse_existing([out / name for name in OUTPUTS], overwrite=args.overwrite)
+    for flag, value in (("--prompt", args.prompt), ("--guidance-scale", args.guidance_scale)):
+        if args.pipeline and value is not None:
+            raise ValueError(f"{flag} needs --ckpt (a trainer checkpoint: its task encodes prompts and guides); "
+                             f"the UNet of --pipeline {args.pipeline} is called with class labels at most")
     device = resolve_device(args.device)
-    model, scheduler, vae, size, channels = _load_model(args, device)
+    source, size, channels = _load_source(args, device)
     highlighter = FlawHighlighter.load(args.highlighter, map_location=device)
     images, names = read_images(args.images, size, channels)
-    labels = None
-    if args.class_labels:
-        labels = torch.load(args.class_labels, map_location="cpu", weights_only=True)
     repaired, masks, report = repair_flaws(
-        images, model, highlighter, scheduler=scheduler, vae=vae, class_labels=labels, strength=args.strength,
+        images, highlighter=highlighter, **_model_kwargs(args, source, len(images)), strength=args.strength,
         steps=args.steps, threshold=args.threshold, threshold_mode=args.threshold_mode, dilate=args.dilate,
         feather=args.feather, rounds=args.rounds, flag_threshold=args.flag_threshold, only_flagged=args.only_flagged,
         resample=args.resample, jump=args.jump, seed=args.seed, batch_size=args.batch_size, progress=args.progress)
     for record, name in zip(report["images"], names):
         record["name"] = name
     report["source"] = {"ckpt": args.ckpt, "pipeline": args.pipeline, "highlighter": args.highlighter,
-                        "images": args.images}
+                        "images": args.images, "class": args.class_labels,
+                        "class_labels": args.class_labels_file, "prompt": args.prompt,
+                        "guidance_scale": args.guidance_scale}
     out.mkdir(parents=True, exist_ok=True)
     save_grid(images, out / "before.png", upscale=args.scale)
     save_grid(repaired, out / "after.png", upscale=args.scale)

@@ -387,19 +387,21 @@ def test_fam_on_one_image_file_and_refuses_to_overwrite(tmp_path, highlighter, c
 
 
 # ---------------------------------------------------------------------- srdiff sample
-class _FakeTrained:
-    config = type("Config", (), {"task": "unconditional"})()
-    task = type("Task", (), {"condition": None})()
+class _FakeTask:
+    """An unconditional task whose sampling costs nothing: the loaded model's checks are the real ones."""
 
-    def sample(self, n, **kwargs):
+    name, backbone_name, condition = "unconditional", "unet", None
+
+    def sample(self, model, n, **kwargs):
         return torch.rand(n, 1, 8, 8)
 
 
 @pytest.fixture
 def fake_checkpoint(monkeypatch):
-    from srdiff.trainer import trained
+    from srdiff.trainer import TrainConfig, trained
 
-    monkeypatch.setattr(trained, "load_trained", lambda path, device: _FakeTrained())
+    fake = trained.TrainedModel(model=None, config=TrainConfig(), task=_FakeTask(), vae=None, path="any.pt")
+    monkeypatch.setattr(trained, "load_trained", lambda path, device: fake)
 
 
 def test_sample_writes_a_grid_and_one_png_per_image(tmp_path, fake_checkpoint, capsys):
@@ -442,9 +444,15 @@ def test_guidance_scale_must_be_finite_and_not_negative(command, scale, capsys):
     assert "argument --guidance-scale: the scale must be a finite number >= 0" in capsys.readouterr().err
 
 
-def test_guidance_scale_needs_a_conditional_checkpoint(tmp_path, fake_checkpoint, capsys):
-    assert cli.main(["sample", "--ckpt", "any.pt", "--guidance-scale", "3", "--out", str(tmp_path / "g.png")]) == 2
-    assert "--guidance-scale needs a conditional checkpoint" in _err_line(capsys)
+@pytest.mark.parametrize("flags, message", [
+    (["--guidance-scale", "3"], "--guidance-scale needs a conditional checkpoint"),
+    (["--class", "3"], "--class needs a class-conditional checkpoint"),
+    (["--prompt", "a seven"], "--prompt needs a text-conditional checkpoint"),
+])
+def test_conditions_need_a_checkpoint_that_takes_them(tmp_path, fake_checkpoint, capsys, flags, message):
+    assert cli.main(["sample", "--ckpt", "any.pt", *flags, "--out", str(tmp_path / "g.png")]) == 2
+    err = _err_line(capsys)
+    assert message in err and "checkpoint any.pt is task 'unconditional' (backbone 'unet'), which takes no" in err
     assert not (tmp_path / "g.png").exists()
 
 

@@ -116,10 +116,13 @@ def test_repaint_keeps_the_known_pixels_and_an_oracle_fills_the_hole(prediction_
     truth = torch.rand(2, 1, 8, 8)
     target = truth * 2 - 1
 
-    def oracle(x, t, rows):
-        a = ac[int(t)]
-        eps = (x - a.sqrt() * target[rows]) / (1 - a).sqrt()
-        return eps if prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * target[rows]
+    def oracle(rows, images, masks):
+        def predict(x, t):
+            a = ac[int(t)]
+            eps = (x - a.sqrt() * target[rows]) / (1 - a).sqrt()
+            return eps if prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * target[rows]
+
+        return predict
 
     masks = random_masks(2, 8, seed=0, kind="boxes")
     known = truth * (1 - masks)  # the hole's content is not given

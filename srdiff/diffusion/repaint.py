@@ -8,16 +8,18 @@ The state starts as the input noised to the first timestep ``strength`` selects
 input noised afresh to the new timestep. With ``resample`` r > 1, after every ``jump`` steps the state
 is sent ``jump`` steps back up the chain (a draw of q(x_a | x_b)) and denoised again, r - 1 times
 (:func:`jump_schedule`), so the fill harmonises with what is kept. At the end the pixels outside the
-mask are the input's, bit for bit. Works with any denoiser called ``predict(x, t, rows)``, any
-diffusers scheduler with ``add_noise``, ``set_timesteps`` and ``step`` (resampling: the one-step
-alpha-schedule ones, DDPM and DDIM), in pixel space ([-1, 1]) or a VAE's latent space. Every image's
-noise comes from its own generator (:func:`srdiff.diffusion.seeding.repaint_generators`), so results
-depend on neither the batch size nor the device.
+mask are the input's, bit for bit. Works with any denoiser (:mod:`srdiff.diffusion.denoiser`: a plain
+model, or a trained srdiff model of any task through its own denoiser call), any diffusers scheduler
+with ``add_noise``, ``set_timesteps`` and ``step`` (resampling: the one-step alpha-schedule ones, DDPM
+and DDIM), in pixel space ([-1, 1]) or a VAE's latent space. Every image's noise comes from its own
+generator (:func:`srdiff.diffusion.seeding.repaint_generators`), so results depend on neither the batch
+size nor the device.
 
-Follow a call: :func:`repaint_images` splits the images into batches -> ``_redenoise`` (:func:`encode`
-to model space, :func:`model_mask` to its grid) -> :func:`repaint` (:func:`strength_timesteps`,
-:func:`jump_schedule`; per move ``predict`` + ``scheduler.step`` + :func:`compose`, or a q(x_a | x_b)
-draw + :func:`compose`) -> :func:`decode` and the paste through the pixel mask.
+Follow a call: :func:`repaint_images` splits the images into batches, each with the ``predict`` its
+denoiser's ``predictor(rows, images, masks)`` gives -> ``_redenoise`` (:func:`encode` to model space,
+:func:`model_mask` to its grid) -> :func:`repaint` (:func:`strength_timesteps`, :func:`jump_schedule`;
+per move ``predict`` + ``scheduler.step`` + :func:`compose`, or a q(x_a | x_b) draw + :func:`compose`)
+-> :func:`decode` and the paste through the pixel mask.
 """
 
 import inspect
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from srdiff._checks import check_int
+from srdiff.diffusion.denoiser import Predictor
 from srdiff.diffusion.sampling import decode, encode
 from srdiff.diffusion.schedules import fresh_scheduler, run_steps, strength_timesteps
 from srdiff.diffusion.seeding import per_image_randn, repaint_generators
@@ -130,17 +133,19 @@ def _redenoise(images, masks, predict, scheduler, *, vae, strength, steps, gener
     return torch.where(masks > 0, blended, images)
 
 
-def repaint_images(images: torch.Tensor, masks: torch.Tensor, predict, scheduler, *, strength: float, steps: int,
-                   seed: int, indices: torch.Tensor | None = None, round_index: int = 0, resample: int = 1,
-                   jump: int = 1, vae=None, batch_size: int = 64, progress: bool = False,
+def repaint_images(images: torch.Tensor, masks: torch.Tensor, predictor: Predictor, scheduler, *, strength: float,
+                   steps: int, seed: int, indices: torch.Tensor | None = None, round_index: int = 0,
+                   resample: int = 1, jump: int = 1, vae=None, batch_size: int = 64, progress: bool = False,
                    desc: str = "RePaint") -> torch.Tensor:
     """RePaint ``images[indices]`` (B, C, H, W) in [0, 1] inside ``masks[indices]`` (B, 1, H, W) in [0, 1],
     1 = re-denoise, in batches; returns the new images (len(indices), C, H, W) in [0, 1], equal to the
     input bit for bit wherever the mask is 0.
 
     Args:
-        predict: ``predict(x, t, rows)``: the model's output for the scaled state ``x`` of the images
-            ``rows`` (positions in ``images``, to pick their conditions) at the 0-dim timestep ``t``.
+        predictor: ``predictor(rows, images, masks)`` gives the ``predict(x, t)`` of a batch: the model's
+            output for the scaled state ``x`` at the 0-dim timestep ``t``, for the images ``rows``
+            (positions in ``images``, to pick their conditions), given those images and their masks
+            (:mod:`srdiff.diffusion.denoiser`).
         scheduler: a diffusers scheduler (copied per batch: the caller's is left as it was).
         strength, steps: :func:`srdiff.diffusion.schedules.strength_timesteps`.
         seed, round_index: image i's noise comes from ``repaint_generators(seed, round_index, [i])``.
@@ -161,7 +166,7 @@ def repaint_images(images: torch.Tensor, masks: torch.Tensor, predict, scheduler
     out = []
     try:
         for chunk in indices.split(batch_size):
-            out.append(_redenoise(images[chunk], masks[chunk], lambda x, t, rows=chunk: predict(x, t, rows),
+            out.append(_redenoise(images[chunk], masks[chunk], predictor(chunk, images[chunk], masks[chunk]),
                                   fresh_scheduler(scheduler), vae=vae, strength=strength, steps=steps,
                                   generators=repaint_generators(seed, round_index, chunk), resample=resample,
                                   jump=jump, progress=bar))

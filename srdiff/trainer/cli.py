@@ -10,6 +10,8 @@ from srdiff.trainer import ablation
 from srdiff.trainer.config import TrainConfig, add_config_flags, config_overrides
 
 EXIT_DIVERGED = 1  # the loss became NaN or inf (srdiff.cli.main: 2 for user errors, 130 for Ctrl-C)
+#: the flags of a loaded model's condition arguments (srdiff.trainer.trained.ARGUMENTS), named in its errors
+CONDITION_FLAGS = {"class_labels": "--class", "prompts": "--prompt", "guidance_scale": "--guidance-scale"}
 
 
 def _train(args) -> int:
@@ -82,7 +84,7 @@ def _sample(args) -> int:
 
     outputs = _sample_outputs(args)
     trained = load_trained(args.ckpt, args.device)
-    images = trained.sample(args.n, **_sampling_kwargs(args, trained))
+    images = trained.sample(args.n, **_sampling_kwargs(args, args.n))
     _write_samples(images, args, outputs)
     if args.export:
         print(f"exported the EMA denoiser (task {trained.config.task!r}) to {trained.export(args.export)}")
@@ -128,25 +130,25 @@ def _write_samples(images, args, outputs: dict) -> None:
         print(f"wrote the (N, C, H, W) tensor in [0, 1] to {outputs['tensor']}")
 
 
-def _sampling_kwargs(args, trained) -> dict:
-    """The task sampler's keywords from ``--steps --sampler --seed [--class] [--guidance-scale]``."""
-    kwargs = dict(steps=args.steps, sampler=args.sampler, seed=args.seed, progress=True)
-    if args.guidance_scale is not None:
-        if trained.task.condition is None:
-            raise ValueError(f"--guidance-scale needs a conditional checkpoint (task 'class' or 'text'); {args.ckpt} "
-                             f"is task {trained.config.task!r}, which has no condition to guide")
-        kwargs["guidance_scale"] = args.guidance_scale
-    if getattr(args, "class_labels", None) is not None:
-        import torch
+def _sampling_kwargs(args, n: int) -> dict:
+    """The sampler's keywords for ``n`` images from ``--steps --sampler --seed [--class] [--prompt]
+    [--guidance-scale]`` (checked by :meth:`~srdiff.trainer.trained.TrainedModel.sample`, its errors naming
+    the flags)."""
+    return dict(steps=args.steps, sampler=args.sampler, seed=args.seed, progress=True,
+                guidance_scale=args.guidance_scale, names=CONDITION_FLAGS, **condition_kwargs(args, n))
 
-        if trained.task.condition != "class":
-            raise ValueError(f"--class needs a class-conditional checkpoint; {args.ckpt} is task {trained.config.task!r}")
-        labels = torch.tensor(args.class_labels).repeat(-(-args.n // len(args.class_labels)))[: args.n]
-        kwargs["conditions"] = trained.task.labels_condition(labels)
+
+def condition_kwargs(args, n: int) -> dict:
+    """``class_labels`` / ``prompts`` for ``n`` images from ``--class`` / ``--prompt`` (each cycled over the
+    images, as given), where given."""
+    def cycled(values):
+        return [values[i % len(values)] for i in range(n)]
+
+    kwargs = {}
+    if getattr(args, "class_labels", None) is not None:
+        kwargs["class_labels"] = cycled(args.class_labels)
     if getattr(args, "prompt", None) is not None:
-        if trained.task.condition != "text":
-            raise ValueError(f"--prompt needs a text-to-image checkpoint; {args.ckpt} is task {trained.config.task!r}")
-        kwargs["conditions"] = trained.task.prompt_condition((args.prompt * args.n)[: args.n])
+        kwargs["prompts"] = cycled(args.prompt)
     return kwargs
 
 
@@ -180,7 +182,7 @@ def _eval(args) -> int:
     trained.task.data = data  # what a task draws its sampling inputs from (inpainting: images to fill)
     config = trained.config.replace(features=args.features or trained.config.features, device=args.device)
     result = evaluate_generator(
-        config, lambda n: trained.sample(n, **_sampling_kwargs(args, trained)),
+        config, lambda n: trained.sample(n, **_sampling_kwargs(args, n)),
         args.n, data.train_images, data.train_labels, data.holdout_images, data.holdout_labels,
     )
     text = json.dumps(result, indent=2)
@@ -240,11 +242,11 @@ def _common_sampling(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--guidance-scale", type=_guidance_scale,
+    p.add_argument("--guidance-scale", type=guidance_scale_arg,
                    help="classifier-free guidance scale, finite and >= 0 (default: the run's)")
 
 
-def _guidance_scale(text: str) -> float:
+def guidance_scale_arg(text: str) -> float:
     """``--guidance-scale``: refused by argparse (exit 2) unless finite and >= 0, before a checkpoint loads."""
     from srdiff._checks import check_guidance_scale
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from srdiff._checks import check_guidance_scale
+from srdiff.diffusion.denoiser import Predictor
 from srdiff.diffusion.sampling import guide, sample_loop
 from srdiff.diffusion.schedules import make_scheduler
 from srdiff.noise import amplified_noise_loss
@@ -137,6 +138,18 @@ class DenoisingTask:
             return guide(eps_c, eps_u, guidance_scale)
 
         return predict
+
+    def predictor(self, model: nn.Module, conditions: Condition | None, guidance_scale: float) -> Predictor:
+        """The task's denoiser call as RePaint asks for it (:mod:`srdiff.diffusion.denoiser`):
+        ``predictor(rows, images, masks)`` gives a batch's ``predict(x, t)``, :meth:`guided_predict` with
+        image i conditioned on row i of ``conditions`` (None: unconditional)."""
+        guided = self.guided_predict(model, guidance_scale)
+
+        def predictor(rows, images, masks):
+            cond = None if conditions is None else conditions.select(rows.to(self.device))
+            return lambda x, t: guided(x, t, cond)
+
+        return predictor
 
     @torch.no_grad()
     def sample(self, model: nn.Module, n: int, *, seed: int, steps: int, sampler: str = "ddim",

@@ -56,8 +56,16 @@ class ClassConditional(DenoisingTask):
         return Batch(x0=self.data.train_data[indices].to(self.device),
                      cond=Condition(class_labels=labels.to(self.device)))
 
-    def check_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        labels = torch.as_tensor(labels, dtype=torch.long)
+    def check_labels(self, labels) -> torch.Tensor:
+        """``labels`` (one per image: a sequence or an (n,) tensor of ints) as (n,) int64 in [0, num_classes);
+        anything else raises (``TypeError``: not integers; ``ValueError``: shape, range)."""
+        labels = torch.as_tensor(labels)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"class labels must be integers, got dtype {labels.dtype}")
+        if labels.dim() != 1:
+            raise ValueError(f"class labels must hold one label per image, shape (n,), got shape "
+                             f"{tuple(labels.shape)}")
+        labels = labels.long()
         bad = labels[(labels < 0) | (labels >= self.num_classes)]
         if len(bad):
             raise ValueError(f"class labels must be in [0, {self.num_classes}), got {bad[0].item()}")

@@ -54,6 +54,16 @@ class Inpainting(DenoisingTask):
         extras = batch.extras
         return torch.cat([x_t, extras["mask"].to(x_t.dtype), extras["masked"].to(x_t.dtype)], dim=1)
 
+    def filling(self, model, images: torch.Tensor, masks: torch.Tensor):
+        """``predict(x, t, cond=None)``: the model's prediction for the noisy sample ``x`` at ``t``, given the
+        known ``images`` (B, C, H, W) in [0, 1] and their binary holes ``masks`` (B, 1, H, W)."""
+        extras = self.conditioning(images, masks)
+
+        def predict(x, t, cond=None):
+            return self.predict(model, x, t, Batch(x0=x, extras=extras))
+
+        return predict
+
     # ------------------------------------------------------------------ training
     def batch(self, indices: torch.Tensor, *, step: int, micro: int) -> Batch:
         """Images ``indices`` with random holes of ``config.mask_kind`` keyed by (seed, step, micro)."""
@@ -102,18 +112,20 @@ class Inpainting(DenoisingTask):
         out = []
         for start in range(0, n, batch_size):
             part_images, part_masks = images[start:start + batch_size], masks[start:start + batch_size]
-            extras = self.conditioning(part_images, part_masks)
-
-            def predict(x, t, cond, extras=extras):
-                return self.predict(model, x, t, Batch(x0=x, extras=extras))
-
             filled = sample_loop(
-                predict, self.sample_shape, self.config, len(part_images), steps=steps, sampler=sampler, seed=seed,
-                first_index=first_index + start, batch_size=len(part_images), device=next(model.parameters()).device,
-                vae=self.vae, autocast_dtype=autocast_dtype, progress=progress, model=model)
+                self.filling(model, part_images, part_masks), self.sample_shape, self.config, len(part_images),
+                steps=steps, sampler=sampler, seed=seed, first_index=first_index + start,
+                batch_size=len(part_images), device=next(model.parameters()).device, vae=self.vae,
+                autocast_dtype=autocast_dtype, progress=progress, model=model)
             hole = part_masks.to(filled)
             out.append(hole * filled + (1 - hole) * part_images.to(filled))
         return torch.cat(out) if out else images[:0].clone()
+
+    def predictor(self, model, conditions, guidance_scale):
+        """RePaint with this model (flaw repair): each batch's images are the known pixels and its masks the
+        holes, where > 0.5 (:func:`srdiff.diffusion.masks.holes`: the model was trained on binary holes), read
+        as the model's extra channels. The task has no condition to guide: ``conditions`` is None."""
+        return lambda rows, images, masks: self.filling(model, images, holes(masks))
 
     def refresh_samples(self, model, n: int, *, seed: int, first_index: int, **sample_kwargs):
         """Inpainted training images and their holes (n, H, W) as the weights of the mFAM mean."""

@@ -91,8 +91,8 @@ clean:
 
 # Every benchmark on the machine at hand -> benchmarks/results/<machine>/, then the README section.
 bench: install
-	$(PY) -m benchmarks.run $(BENCH_ARGS)
-	$(PY) -m benchmarks.report
+	PYTHONPATH=benchmarks $(PY) -m srdiff_bench.run $(BENCH_ARGS)
+	PYTHONPATH=benchmarks $(PY) -m srdiff_bench.report
 
 bench-report: install
-	$(PY) -m benchmarks.report
+	PYTHONPATH=benchmarks $(PY) -m srdiff_bench.report

@@ -10,12 +10,12 @@
 #
 # Everything is written to $OUT as it happens (at most 8 files come back), named <stamp>_<commit>_<what>:
 #   _log.txt      every step's output, the plan, the environment
-#   _tests.jsonl  one line per pytest result of every step as it finishes (benchmarks/live_log.py)
+#   _tests.jsonl  one line per pytest result of every step as it finishes (benchmarks/srdiff_bench/live_log.py)
 #   _tests.xml    junit of the test step (written when pytest ends, also on its timeout's SIGINT)
 #   _bench.jsonl  one line per finished benchmark case, per unavailable provider, per chunk start
 #   _extra.tgz    what chunks leave under $WORK/extra (ablation results), packed after every step
-# Afterwards, here: python -m benchmarks.store <files_at>   (results -> benchmarks/results/<gpu>/), then
-# python -m benchmarks.dispatch_table (the attention dispatch's table from the two paths' rows) and benchmarks.report
+# Afterwards, here: PYTHONPATH=benchmarks python -m srdiff_bench.store <files_at>   (results -> benchmarks/results/<gpu>/), then
+# PYTHONPATH=benchmarks python -m srdiff_bench.dispatch_table (the attention dispatch's table from the two paths' rows) and srdiff_bench.report
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -123,7 +123,7 @@ else
   WORK=${WORK:-$ROOT/runs/gpu-rehearsal-work}
   XDIST_N=2
   # The CUDA tests skip here: the interpreter's attention tests stand in, through the same machinery.
-  TESTS=(tests/test_fam_attention.py -p benchmarks.rehearsal_shim) TESTS_K="triton_matches_oracle and not cuda and fp32 and "
+  TESTS=(tests/test_fam_attention.py -p srdiff_bench.rehearsal_shim) TESTS_K="triton_matches_oracle and not cuda and fp32 and "
   export SRDIFF_BENCH_QUICK=1 FORCE_CUDA=0 MAX_JOBS=2
 fi
 unset TRITON_INTERPRET  # tests/conftest.py sets it where no GPU is visible; benchmarks refuse it
@@ -174,7 +174,7 @@ fi
 # ---- srdiff straight from this tree: no install step, so nothing that can fail or run slow stands
 # between the checkout and the Triton kernels (srdiff/kernels/). Then srdiff._C is built in place; if that fails or runs out of time, srdiff runs without it
 # (as with SRDIFF_SKIP_EXT=1: the Triton kernels as ever, Grad-CAM on its reference), and says so.
-export PYTHONPATH="$ROOT:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$ROOT:$ROOT/benchmarks:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 importable() {  # srdiff and srdiff.kernels import from this tree (judged by the line it prints, not
   # by an exit status a timeout during interpreter shutdown would spoil); logs whether srdiff._C is in use
   local said
@@ -195,7 +195,7 @@ raise SystemExit(0 if _extension.HAS_EXT and os.path.realpath(c.__file__).starts
 }
 WARM_PID=""
 if [ "$CALL" = 1 ]; then  # the attention benchmarks' compiles, while nvcc builds
-  timeout -s INT -k 5 "$(budget build)" $PY -m benchmarks.warm_triton >"$WORK/warm_triton.log" 2>&1 &
+  timeout -s INT -k 5 "$(budget build)" $PY -m srdiff_bench.warm_triton >"$WORK/warm_triton.log" 2>&1 &
   WARM_PID=$!
 fi
 if has_ext; then
@@ -220,7 +220,7 @@ for n in (\"torch\", \"triton\", \"numpy\", \"diffusers\", \"grad-cam\", \"pytes
     except E: print(n, \"not installed\")"'
 
 # ---- tests ----------------------------------------------------------------------------------------------
-PYTEST=($PY -m pytest -p no:cacheprovider -p benchmarks.live_log -rA)
+PYTEST=($PY -m pytest -p no:cacheprovider -p srdiff_bench.live_log -rA)
 XDIST=() TIMEOUT=()
 if has_module xdist; then XDIST=(-n "$XDIST_N"); else step "pytest-xdist missing: tests run in one process"; fi
 if has_module pytest_timeout; then TIMEOUT=(--timeout 100); else step "pytest-timeout missing: no per-test limit"; fi
@@ -240,15 +240,15 @@ bench() {  # bench CHUNK FILE [-k EXPR]
     --benchmark-columns=median,rounds
 }
 if [ "$CALL" = 1 ]; then
-  bench ceilings benchmarks/bench_ceilings.py
-  bench attention_fwd benchmarks/bench_attention.py -k "not bwd and not flex"
-  bench attention_fwdbwd benchmarks/bench_attention.py -k "bwd and not flex"
-  bench noise benchmarks/bench_noise.py
-  bench gradcam benchmarks/bench_gradcam.py
-  bench fam benchmarks/bench_fam.py
-  bench flex benchmarks/bench_attention.py -k flex
+  bench ceilings benchmarks/srdiff_bench/bench_ceilings.py
+  bench attention_fwd benchmarks/srdiff_bench/bench_attention.py -k "not bwd and not flex"
+  bench attention_fwdbwd benchmarks/srdiff_bench/bench_attention.py -k "bwd and not flex"
+  bench noise benchmarks/srdiff_bench/bench_noise.py
+  bench gradcam benchmarks/srdiff_bench/bench_gradcam.py
+  bench fam benchmarks/srdiff_bench/bench_fam.py
+  bench flex benchmarks/srdiff_bench/bench_attention.py -k flex
 else
-  bench train benchmarks/bench_train.py
+  bench train benchmarks/srdiff_bench/bench_train.py
   if [ -f configs/ablation_gpu.toml ]; then
     run_step ablation $PY -m srdiff ablate --config configs/ablation_gpu.toml --out "$WORK/extra/ablation"
     pack_extra

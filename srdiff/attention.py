@@ -113,7 +113,7 @@ def _triton_supports(q: torch.Tensor) -> bool:
 def _load_dispatch_table() -> dict:
     """The stored table (``attention_dispatch.json``): ``default`` (path per direction, and its basis)
     and ``measured`` entries (device capability, dtype, head dim D, sequence length N, direction, both
-    paths' times and peak memory, the faster path), written by ``python -m benchmarks.dispatch_table``.
+    paths' times and peak memory, the faster path), written by ``PYTHONPATH=benchmarks python -m srdiff_bench.dispatch_table``.
     Read once, at import (so that torch.compile traces the dispatch as plain Python on constants)."""
     with open(DISPATCH_TABLE) as f:
         return json.load(f)

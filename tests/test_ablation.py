@@ -8,7 +8,7 @@ import pytest
 from srdiff.trainer import TrainConfig, checkpoint
 from srdiff.trainer.ablation import (bootstrap_mean_interval, markdown, paired_summary, plan, report, run_ablation,
                                      scaled_cycles)
-from utils import TINY_TRAIN
+from srdiff_testing import TINY_TRAIN
 
 TINY = {**TINY_TRAIN, "steps": 4, "cycle": 1, "highlighter_finetune_steps": 0, "eval_samples": 16, "feature_epochs": 1}
 

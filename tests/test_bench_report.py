@@ -1,4 +1,4 @@
-"""benchmarks/report.py: the README's performance section comes from stored JSON, ratios and % of peak
+"""benchmarks/srdiff_bench/report.py: the README's performance section comes from stored JSON, ratios and % of peak
 are computed from it, unavailable providers get their reason, and GPU tables sit beside CPU ones.
 The GPU run's plumbing: its JSON-lines results survive a kill and store per chunk, and its plan fits."""
 
@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from benchmarks import report, store
+from srdiff_bench import report, store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -148,8 +148,8 @@ def test_live_log_keeps_finished_results_through_a_kill(tmp_path):
         "def test_skips(): pytest.skip('planted skip')\n"
         "def test_hangs(): time.sleep(120)\n")
     log = tmp_path / "live.jsonl"
-    env = {**os.environ, "SRDIFF_LIVE_JSONL": str(log), "PYTHONPATH": ROOT}
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "benchmarks.live_log", "-p", "no:cacheprovider",
+    env = {**os.environ, "SRDIFF_LIVE_JSONL": str(log), "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "benchmarks")])}
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "srdiff_bench.live_log", "-p", "no:cacheprovider",
                              "-q", "-c", os.devnull, "--rootdir", str(tmp_path), str(tmp_path / "test_victim.py")],
                             env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -224,9 +224,9 @@ def test_static_table_is_rendered_from_the_stored_checks(tmp_path, monkeypatch):
 
 
 def test_dispatch_table_from_the_stored_gpu_rows(tmp_path):
-    """benchmarks.dispatch_table pairs the two forced paths per case (both must have run), names the
+    """srdiff_bench.dispatch_table pairs the two forced paths per case (both must have run), names the
     faster with both times and peak memories, and keeps the table's default."""
-    from benchmarks import dispatch_table
+    from srdiff_bench import dispatch_table
 
     def case(provider, ms, D=128, N=4096, mode="fwd"):
         return _case("fam_attention", provider, ms, shape={"B": 4, "H": 16, "N": N, "D": D}, mode=mode,

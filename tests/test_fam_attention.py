@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 import srdiff
 import srdiff.kernels.fam_attention as kernels
 from srdiff.reference import fam_attention_ref, fam_attention_sdpa
-from utils import DTYPES, assert_close, assert_no_worse_than_reference, strided
+from srdiff_testing import DTYPES, assert_close, assert_no_worse_than_reference, strided
 
 B, H = 2, 3
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -568,7 +568,7 @@ def test_compile_fullgraph_cpu_path():
 # own arguments, so with the JIT's pointer-alignment and stride-divisibility specialisation.
 _SM90_COMPILE = """
 import torch
-from benchmarks.compile_sm90 import captured_launches, compile_as_jit, load_widths
+from srdiff_bench.compile_sm90 import captured_launches, compile_as_jit, load_widths
 import srdiff.kernels.fam_attention as K
 
 for dtype, head_dim, every_config in [(torch.bfloat16, 128, True), (torch.bfloat16, 40, False),

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import srdiff
-from utils import assert_close
+from srdiff_testing import assert_close
 
 
 def test_same_size_is_the_row_major_flattening():

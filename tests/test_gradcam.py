@@ -14,7 +14,7 @@ import torch
 import srdiff
 from srdiff import _extension, noise_extension
 from srdiff.reference import gradcam_reduce_ref
-from utils import DTYPES, assert_close, channels_last_like, cpu_and_cuda, needs_ext, strided
+from srdiff_testing import DTYPES, assert_close, channels_last_like, cpu_and_cuda, needs_ext, strided
 
 SHAPES = [
     pytest.param((2, 64, 8, 8), id="B2-C64-8x8"),

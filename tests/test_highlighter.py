@@ -15,7 +15,7 @@ import torch.nn as nn
 import srdiff
 from srdiff import cli
 from srdiff.highlighter import FlawHighlighter
-from utils import assert_close, cpu_and_cuda, strided
+from srdiff_testing import assert_close, cpu_and_cuda, strided
 
 
 def _small(**kwargs):

@@ -46,6 +46,54 @@ def test_third_party_imports_from_the_repo_root_get_their_own_packages():
     _run([sys.executable, "-c", code], cwd=REPO)
 
 
+# Every name this checkout can put ahead of site-packages, by the folder that lands on sys.path: the root
+# (`python -m srdiff` and `make demo` run there), tests/ (pytest's rootdir-less imports), benchmarks/
+# (`make bench` and pytest: PYTHONPATH=benchmarks) and examples/ (`python examples/<script>.py`). Only
+# regular packages and modules count: a folder without __init__.py (configs/, docs/, csrc/) is at most a
+# namespace package, which any installed distribution of that name outranks. Each name below was checked
+# against the package index (no distribution of that name, 2026-12-07); a new one must be checked the same
+# way before it is added. pytest's own test_*.py / conftest.py conventions are not listed.
+IMPORT_NAMES = {
+    ".": {"srdiff", "setup"},
+    "tests": {"srdiff_testing", "fam_reference"},
+    "benchmarks": {"srdiff_bench"},
+    "examples": set(),
+}
+
+
+def _importable_names(folder: Path) -> set[str]:
+    if not folder.is_dir():
+        return set()
+    modules = {p.stem for p in folder.glob("*.py") if not p.stem.startswith("test_") and p.stem != "conftest"}
+    packages = {p.name for p in folder.iterdir() if (p / "__init__.py").is_file()}
+    return modules | packages
+
+
+def test_every_importable_name_of_the_repo_was_checked_against_the_package_index():
+    """A module or package added where it can be imported by its bare name (e.g. a top-level `kernels/`
+    package, a `tests/utils.py`) fails here until its name is checked against the package index and listed:
+    such a folder once took `import kernels` away from transformers (issue 21)."""
+    found = {folder: _importable_names(REPO / folder) for folder in IMPORT_NAMES}
+    unchecked = {folder: sorted(names - IMPORT_NAMES[folder]) for folder, names in found.items()
+                 if names - IMPORT_NAMES[folder]}
+    assert not unchecked, (f"importable by their bare names but not in IMPORT_NAMES: {unchecked}; check each "
+                           "against the package index (a distribution of that name could be shadowed), then list it")
+    gone = {folder: sorted(IMPORT_NAMES[folder] - names) for folder, names in found.items()
+            if IMPORT_NAMES[folder] - names}
+    assert not gone, f"listed in IMPORT_NAMES but no longer in the repository: {gone}"
+
+
+def test_no_importable_name_of_the_repo_is_an_installed_distribution():
+    """What the check above can test on any machine: none of those names is the top-level import of a
+    distribution installed here (srdiff itself and setuptools' `setup` convention aside)."""
+    import importlib.metadata
+
+    installed = importlib.metadata.packages_distributions()
+    ours = set().union(*IMPORT_NAMES.values()) - {"srdiff", "setup"}
+    clashes = {name: installed[name] for name in ours if name in installed}
+    assert not clashes, f"these import names of the repository shadow installed distributions: {clashes}"
+
+
 def _tracked_tree(dest: Path) -> Path:
     """The files git tracks, as they are in the working tree (what an sdist of this checkout holds)."""
     files = _run(["git", "ls-files", "-z"], cwd=REPO).stdout.split("\0")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import srdiff
 from srdiff.reference import amplified_add_noise_ref, amplified_noise_loss_ref
-from utils import DTYPES, EXTENSION, assert_close, channels_last_like, needs_ext, strided
+from srdiff_testing import DTYPES, EXTENSION, assert_close, channels_last_like, needs_ext, strided
 
 T = 1000
 LAM = 0.5  # far above the paper's 0.01, so that a misplaced map value shows in every dtype

@@ -20,7 +20,7 @@ from scipy import stats
 import srdiff
 from srdiff.kernels.noise import _box_muller
 from srdiff.reference import amplified_add_noise_ref
-from utils import EXTENSION, assert_close, cpu_and_cuda, needs_ext
+from srdiff_testing import EXTENSION, assert_close, cpu_and_cuda, needs_ext
 
 T = 1000
 SHAPE = (4, 3, 97, 89)  # 103,596 draws, odd planes: the rows of 4 straddle image rows

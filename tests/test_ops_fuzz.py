@@ -21,7 +21,7 @@ import srdiff
 from srdiff import noise_extension
 from srdiff import _extension
 from srdiff.reference import amplified_add_noise_ref, amplified_noise_loss_ref, gradcam_reduce_ref
-from utils import assert_close, channels_last_like, strided
+from srdiff_testing import assert_close, channels_last_like, strided
 
 T = 1000
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))

@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 from fam_reference import halving_grid, original_processors, prescaled
-from utils import assert_close, cpu_and_cuda
+from srdiff_testing import assert_close, cpu_and_cuda
 
 import srdiff
 from srdiff.processors.context import token_grid

@@ -13,7 +13,7 @@ import contextlib
 import pytest
 import torch
 from fam_reference import checkpointing_gradients, original_processors, prescaled
-from utils import assert_close
+from srdiff_testing import assert_close
 
 import srdiff
 

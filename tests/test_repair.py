@@ -277,7 +277,7 @@ def _source(kind: str, tmp_path):
         DDPMPipeline(unet=tiny_unet(), scheduler=scheduler("ddpm")).save_pretrained(tmp_path / "pipe")
         return ["--pipeline", str(tmp_path / "pipe")], 8
     from srdiff.trainer import SelfRefiningTrainer
-    from tests.utils import tiny_config
+    from srdiff_testing import tiny_config
 
     extra = dict(attention_levels=(False, False), image_size=8)
     if kind == "latent":

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 from test_task_text import tiny_vae
-from utils import tiny_config
+from srdiff_testing import tiny_config
 
 from srdiff import cli
 from srdiff.diffusion.denoiser import Denoiser

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from utils import tiny_config
+from srdiff_testing import tiny_config
 
 import srdiff
 from srdiff.diffusion.masks import box_mask, check_masks, random_masks

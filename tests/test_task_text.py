@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from utils import kill_and_resume, run_losses, tiny_config
+from srdiff_testing import kill_and_resume, run_losses, tiny_config
 
 import srdiff
 from srdiff.trainer import SelfRefiningTrainer, checkpoint

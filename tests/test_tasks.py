@@ -10,7 +10,7 @@ from srdiff.trainer.backbones import BACKBONES, Condition, DenoiserSpec, get_bac
 from srdiff.trainer.task import TASKS
 from srdiff.trainer.tasks import get_task, task_names
 from srdiff.trainer.trained import load_trained
-from utils import tiny_config
+from srdiff_testing import tiny_config
 
 
 def test_registries_name_their_members():

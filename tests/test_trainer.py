@@ -12,7 +12,7 @@ import torch
 
 from srdiff.trainer import NonFiniteLossError, SelfRefiningTrainer, TrainConfig
 from srdiff.trainer import checkpoint
-from utils import config_flags as flags, kill_and_resume, run_losses as losses, srdiff_cli as cli, tiny_config
+from srdiff_testing import config_flags as flags, kill_and_resume, run_losses as losses, srdiff_cli as cli, tiny_config
 
 def tiny(tmp_path, name="run", **kw) -> TrainConfig:
     return tiny_config(tmp_path, name, **kw)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from srdiff.trainer import SelfRefiningTrainer, TrainConfig
-from tests.utils import assert_close
+from srdiff_testing import assert_close
 
 _WORKER = """
 import json, sys, torch

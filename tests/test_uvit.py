@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 from fam_reference import checkpointing_gradients, prescaled
-from utils import assert_close
+from srdiff_testing import assert_close
 
 import srdiff
 from srdiff.models import UViT, UViTConfig

@@ -102,7 +102,7 @@ def _prune(resident: str, tiles_in: int, tiles_acc: int, register_tiles_in: int,
     with a map, lse2 and delta in dK/dV, the map in dQ). Shared memory holds the input tiles once,
     num_stages buffers of each streamed tile and num_stages - 1 of each vector, plus 1 KiB: Triton
     3.8's allocation at sm_90 for the largest kept tiles (where the budget binds), an upper bound for
-    small ones, whose buffers it shares (benchmarks/compile_sm90.py, with the JIT's specialisation).
+    small ones, whose buffers it shares (benchmarks/srdiff_bench/compile_sm90.py, with the JIT's specialisation).
     Budgets: 128 registers a thread for the resident tiles (half the cap of a config with
     ``maxnreg``: the rest holds the score tile) and Hopper's 227 KiB of shared memory. float32 inputs
     multiply exactly with FMAs, not tensor cores; beyond 32 x 32 tiles those dots spill heavily, so
@@ -136,13 +136,13 @@ def _prune(resident: str, tiles_in: int, tiles_acc: int, register_tiles_in: int,
 def _dkdv_register_tiles(block_d: int) -> int:
     """Input tiles the dK/dV pass holds in registers: none up to BLOCK_D = 128, where k and v stay
     wgmma operands in shared memory (so 128 keys fit at D = 128: 64x128 MMAs, no spill in the loop),
-    both beyond, where the static check (benchmarks/sass_sm90.py) finds the loop spilling otherwise."""
+    both beyond, where the static check (benchmarks/srdiff_bench/sass_sm90.py) finds the loop spilling otherwise."""
     return 0 if block_d <= 128 else 2
 
 
 # Hopper first, largest tiles first; the 8-warp 32/64-row configs serve head dims 160-256. Each
 # kept candidate is a compile on first use. Forward: two stages (three cost the modulated loop
-# register-pressure instructions: benchmarks/sass_sm90.py), 128 x 64 capped at 128 registers (two
+# register-pressure instructions: benchmarks/srdiff_bench/sass_sm90.py), 128 x 64 capped at 128 registers (two
 # CTAs an SM, kept up to D = 64, where it does not spill).
 _FWD_CONFIGS = _configs([(128, 128, 8, 2), (128, 64, 8, 2, 128), (64, 64, 4, 2), (64, 32, 8, 2)])
 _BWD_DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 2), (32, 64, 4, 3),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import srdiff
-from benchmarks.common import DEVICE, measure, require_module, unavailable
+from srdiff_bench.common import DEVICE, measure, require_module, unavailable
 from srdiff import _extension
 from srdiff.reference import gradcam_reduce_ref
 

@@ -14,7 +14,7 @@ network work, better localisation: docs/highlighter.md).
 import pytest
 import torch
 
-from benchmarks.common import DEVICE, QUICK, measure, require_module
+from srdiff_bench.common import DEVICE, QUICK, measure, require_module
 
 OP = "fam"
 CASES = [

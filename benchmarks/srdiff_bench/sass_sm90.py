@@ -1,10 +1,10 @@
 """The static sm_90 check: what each kept config of the attention kernels becomes in SASS, with and
 without a map, stored as JSON and rendered into docs/attention.md.
 
-    python -m benchmarks.sass_sm90                        # bf16, D = 64 and 128, every kept config
-    python -m benchmarks.sass_sm90 --head-dims 64 --dtype fp16 --out /tmp/x.json
+    PYTHONPATH=benchmarks python -m srdiff_bench.sass_sm90                        # bf16, D = 64 and 128, every kept config
+    PYTHONPATH=benchmarks python -m srdiff_bench.sass_sm90 --head-dims 64 --dtype fp16 --out /tmp/x.json
 
-Each kernel is compiled as the JIT would (benchmarks/compile_sm90.py: the launchers' own arguments,
+Each kernel is compiled as the JIT would (benchmarks/srdiff_bench/compile_sm90.py: the launchers' own arguments,
 so the JIT's specialisation) twice: with a map (HAS_FAM, and FAM_GRAD in dK/dV) and without one. The
 unmodulated compile is the in-house baseline: the same source with the modulation compiled out. Per
 compile the cubin gives:
@@ -33,11 +33,11 @@ from collections import Counter
 import torch
 import triton
 
-from benchmarks.compile_sm90 import DTYPES, KERNELS, captured_launches, compile_as_jit
-from benchmarks.store import write_json
+from srdiff_bench.compile_sm90 import DTYPES, KERNELS, captured_launches, compile_as_jit
+from srdiff_bench.store import write_json
 import srdiff.kernels.fam_attention as K
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "sm90-static")
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "sm90-static")
 NV_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 # Hopper (sm_90) per-SM limits (CUDA occupancy calculator, compute capability 9.0).
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"datetime": stamp.isoformat(timespec="seconds"), "commit": commit, "target": "sm_90a",
               "triton": triton.__version__, "torch": torch.__version__, "dtype": args.dtype, "rows": rows}
     write_json(out, record)
-    print(f"wrote {out}; next: python -m benchmarks.report")
+    print(f"wrote {out}; next: PYTHONPATH=benchmarks python -m srdiff_bench.report")
     return 0
 
 

@@ -1,7 +1,7 @@
 """A pytest plugin that writes one JSON line per test result the moment it is known, so a test run
 killed by its timeout still says which tests passed, failed or were skipped, and why.
 
-    SRDIFF_LIVE_JSONL=results.jsonl python -m pytest -p benchmarks.live_log tests ...
+    SRDIFF_LIVE_JSONL=results.jsonl python -m pytest -p srdiff_bench.live_log tests ...
 
 Each line: nodeid, phase (setup/call/teardown), outcome, duration in seconds, and for failures and
 skips the report text (cut to 4,000 characters). Only phases that say something are written: every

@@ -1,7 +1,7 @@
 """Store what a gpu.sh call brought back: each benchmark chunk as its own JSON-lines file under
 benchmarks/results/<machine>/, the test results under benchmarks/results/<machine>/tests/.
 
-    python -m benchmarks.store <files_at> [--results benchmarks/results]
+    PYTHONPATH=benchmarks python -m srdiff_bench.store <files_at> [--results benchmarks/results]
 
 Files are named <stamp>_<commit>_<chunk>.jsonl (stamp and commit from the name gpu.sh gave them).
 An existing file is never replaced: storing the same call twice is refused.
@@ -13,7 +13,7 @@ import json
 import os
 from collections import defaultdict
 
-from benchmarks.report import HERE
+from srdiff_bench.report import RESULTS
 
 SUFFIX_BENCH, SUFFIX_TESTS = "_bench.jsonl", "_tests.jsonl"
 
@@ -79,10 +79,10 @@ def store(files_at: str, results: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files_at", help="the folder the device call's files were copied to")
-    parser.add_argument("--results", default=os.path.join(HERE, "results"))
+    parser.add_argument("--results", default=RESULTS)
     args = parser.parse_args(argv)
     store(args.files_at, args.results)
-    print("next: python -m benchmarks.report")
+    print("next: PYTHONPATH=benchmarks python -m srdiff_bench.report")
     return 0
 
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import DEVICE, QUICK, measure, on_device, require_module
+from srdiff_bench.common import DEVICE, QUICK, measure, on_device, require_module
 from srdiff.trainer import SelfRefiningTrainer, TrainConfig
 
 DEMO = dict(image_size=16, block_out_channels=(32, 64, 64), attention_levels=(False, True, True), batch_size=64)

@@ -1,6 +1,6 @@
 """Compile the attention kernels the GPU benchmarks will autotune, before the timed chunks need them.
 
-    python -m benchmarks.warm_triton [--jobs 4]
+    PYTHONPATH=benchmarks python -m srdiff_bench.warm_triton [--jobs 4]
 
 gpu.sh runs this while srdiff._C builds (nvcc keeps a few CPU cores busy; the GPU is idle then). Each
 (dtype, head dim) of ``bench_attention.GPU_CASES`` gets its own process, so their cold compiles run
@@ -25,7 +25,7 @@ def warm(dtype_name: str, D: int, modes: tuple[str, ...]) -> str:
     import torch
 
     import srdiff
-    from benchmarks.bench_attention import FORCED, LAM
+    from srdiff_bench.bench_attention import FORCED, LAM
 
     dtype = getattr(torch, dtype_name)
     start = time.perf_counter()
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("warm_triton: no GPU, nothing to compile")
         return 0
-    from benchmarks.bench_attention import GPU_CASES
+    from srdiff_bench.bench_attention import GPU_CASES
 
     groups: dict[tuple[str, int], list[str]] = {}
     for case in GPU_CASES:

@@ -3,7 +3,7 @@
 Providers (GPU): ``srdiff`` (what ``srdiff.fam_attention`` picks: srdiff.attention_path), and both of its
 paths forced: ``srdiff-fused`` (the fused Triton kernels, ``backend="triton"``) and ``srdiff-sdpa`` (K and
 V scaled by one fused Triton pass, then SDPA with cuDNN first on Hopper, ``backend="sdpa"``), whose
-times and peak memory per case ``python -m benchmarks.dispatch_table`` turns into the table the
+times and peak memory per case ``PYTHONPATH=benchmarks python -m srdiff_bench.dispatch_table`` turns into the table the
 dispatch reads; ``sdpa-flash`` and ``sdpa-cudnn`` (SDPA's backends, *unmodulated*: the speeds to beat);
 ``flex-prescaled-v`` (FlexAttention with a score_mod scaling the logits and V prescaled: FlexAttention
 cannot scale V itself); ``xformers-prescaled`` (memory-efficient attention on prescaled K/V, when
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import srdiff
-from benchmarks.common import DEVICE, QUICK, measure, require_cuda, unavailable
+from srdiff_bench.common import DEVICE, QUICK, measure, require_cuda, unavailable
 from srdiff.reference import fam_attention_ref
 
 LAM = 0.025
@@ -62,7 +62,7 @@ GPU_PROVIDERS = [
     "srdiff", "srdiff-fused", "srdiff-sdpa", "sdpa-flash", "sdpa-cudnn", "flex-prescaled-v",
     "xformers-prescaled",
 ]
-# The dispatch's two paths, forced: benchmarks/dispatch_table.py pairs their rows.
+# The dispatch's two paths, forced: benchmarks/srdiff_bench/dispatch_table.py pairs their rows.
 FORCED = {"srdiff-fused": "triton", "srdiff-sdpa": "sdpa"}
 PROVIDERS = GPU_PROVIDERS if DEVICE == "cuda" else ["srdiff", "sdpa", "reference"]
 REFERENCE_MAX_N = 4096

@@ -1,7 +1,7 @@
 """Run every benchmarks/bench_*.py on the machine at hand and store the JSON under
 benchmarks/results/<machine>/<UTC time>_<commit>.json.
 
-    python -m benchmarks.run [--quick] [pytest args, e.g. -k gradcam]
+    PYTHONPATH=benchmarks python -m srdiff_bench.run [--quick] [pytest args, e.g. -k gradcam]
 
 --quick keeps one shape per suite and few rounds (a smoke run, e.g. gpu.sh --cpu); its JSON is
 marked ``quick`` and the report prefers full runs.
@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")  # benchmarks/results
 
 
 def _commit() -> str:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         args.remove("--quick")
         os.environ["SRDIFF_BENCH_QUICK"] = "1"
     os.environ.pop("TRITON_INTERPRET", None)
-    from benchmarks.conftest import machine_label  # after the environment is settled
+    from srdiff_bench.conftest import machine_label  # after the environment is settled
 
     out_dir = os.path.join(RESULTS, machine_label())
     os.makedirs(out_dir, exist_ok=True)

@@ -1,6 +1,6 @@
 """The flaw-repair study behind docs/repair.md: planted artifacts, then a trained model's own samples.
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.repair_study --ckpt runs/repair-demo/checkpoints/last.pt \
+    OMP_NUM_THREADS=1 .venv/bin/PYTHONPATH=benchmarks python -m srdiff_bench.repair_study --ckpt runs/repair-demo/checkpoints/last.pt \
         --pipeline runs/repair-demo/pipeline --highlighter runs/repair-demo/highlighter.pt --out docs/repair-results.json
 
 Part 1 (planted): digits at the model's size with one planted artifact per image (every kind of
@@ -296,7 +296,7 @@ def main() -> None:
     save_rows([rgb(samples), viz.overlay(samples, fam), viz.overlay(samples, mask[:, 0]), rgb(fixed),
                (rgb(fixed) - rgb(samples)).abs().clamp(0, 1) * 4, rgb(edited), rgb(fresh)], figures / "generated.png")
     result = {
-        "command": "OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.repair_study " + " ".join(
+        "command": "OMP_NUM_THREADS=1 .venv/bin/PYTHONPATH=benchmarks python -m srdiff_bench.repair_study " + " ".join(
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), no GPU",
         "model": {"ckpt": args.ckpt, "config": {k: config.to_dict()[k] for k in ("image_size", "mode", "steps", "seed")}},

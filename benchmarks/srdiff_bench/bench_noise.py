@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import srdiff
-from benchmarks.common import DEVICE, measure, on_device, require_module
+from srdiff_bench.common import DEVICE, measure, on_device, require_module
 from srdiff.reference import amplified_add_noise_ref, amplified_noise_loss_ref
 
 OP = "noise"

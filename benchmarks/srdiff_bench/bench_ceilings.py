@@ -4,7 +4,7 @@ device copy bandwidth (bytes read + written) and dense matrix-multiply rate, on 
 import pytest
 import torch
 
-from benchmarks.common import DEVICE, QUICK, measure
+from srdiff_bench.common import DEVICE, QUICK, measure
 
 COPY_MIB = 1024 if DEVICE == "cuda" else 256
 MATMUL_N = 8192 if DEVICE == "cuda" else 1024

@@ -5,7 +5,7 @@ Under ``TRITON_INTERPRET=1``, ``triton.jit`` returns an ``InterpretedFunction``;
 works on functions annotated with triton.jit"), so the GPU image's pair (torch 2.11, triton 3.6) cannot
 run srdiff's ``triton_op`` kernels in the interpreter at all. An interpreted kernel needs no tracing
 wrapper: this returns it as it is. Compiled kernels, and every torch that accepts interpreted ones,
-go through the original. Loaded with ``-p benchmarks.rehearsal_shim``; never on a GPU.
+go through the original. Loaded with ``-p srdiff_bench.rehearsal_shim``; never on a GPU.
 """
 
 import torch.library

@@ -4,7 +4,7 @@ written into the pytest-benchmark JSON so that the report can show both.
 With ``SRDIFF_BENCH_JSONL`` set (gpu.sh sets it), the same records also go to that JSON-lines file as
 they happen: one ``session`` line when a run starts (machine, versions, commit, chunk), one ``case``
 line per finished case (its pytest-benchmark stats and extra_info), one ``unavailable`` line per
-provider that cannot run (benchmarks/common.py). ``benchmarks/report.py`` reads either format.
+provider that cannot run (benchmarks/srdiff_bench/common.py). ``benchmarks/srdiff_bench/report.py`` reads either format.
 """
 
 import datetime
@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks.common import DEVICE, LIVE_JSONL, QUICK, UNAVAILABLE, append_line
+from srdiff_bench.common import DEVICE, LIVE_JSONL, QUICK, UNAVAILABLE, append_line
 
 if "TRITON_INTERPRET" in os.environ:
     raise RuntimeError("benchmarks time real kernels: unset TRITON_INTERPRET")

@@ -1,8 +1,8 @@
 """Write the table srdiff.fam_attention's dispatch reads on CUDA from the stored GPU benchmarks.
 
-    python -m benchmarks.dispatch_table [--results benchmarks/results] [--out srdiff/attention_dispatch.json]
+    PYTHONPATH=benchmarks python -m srdiff_bench.dispatch_table [--results benchmarks/results] [--out srdiff/attention_dispatch.json]
 
-For each GPU machine, the newest run of benchmarks/bench_attention.py (as the report picks it) gives,
+For each GPU machine, the newest run of benchmarks/srdiff_bench/bench_attention.py (as the report picks it) gives,
 per case (dtype, head dim D, sequence length N, direction fwd or fwd+bwd), the median time and the
 peak memory of both paths forced: ``srdiff-fused`` (backend "triton") and ``srdiff-sdpa`` (backend
 "sdpa"). Each case where both ran becomes one ``measured`` entry naming the faster path; machines of
@@ -14,8 +14,8 @@ import argparse
 import json
 import os
 
-from benchmarks.report import HERE, ROOT, latest_by_machine_and_op, load_runs, machine_is_gpu
-from benchmarks.store import write_json
+from srdiff_bench.report import RESULTS, ROOT, latest_by_machine_and_op, load_runs, machine_is_gpu
+from srdiff_bench.store import write_json
 
 OP = "fam_attention"
 PATHS = {"srdiff-fused": "triton", "srdiff-sdpa": "sdpa"}
@@ -53,7 +53,7 @@ def measured_entries(results: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", default=os.path.join(HERE, "results"))
+    parser.add_argument("--results", default=RESULTS)
     parser.add_argument("--out", default=TABLE)
     args = parser.parse_args(argv)
     with open(args.out) as f:

@@ -3,7 +3,7 @@ refresh's mFAM statistics and fine-tune accuracy; timings and paths left out), e
 checkpoints/base.pt and last.pt (weights, EMA, optimiser, mFAM, highlighter, RNG states) and every PNG.
 Raises AssertionError naming the first difference.
 
-    python -m benchmarks.compare_runs RUN_A RUN_B     (two --out-dir folders of `srdiff train`)
+    PYTHONPATH=benchmarks python -m srdiff_bench.compare_runs RUN_A RUN_B     (two --out-dir folders of `srdiff train`)
 
 Used to show that a restructure changes no result (docs/architecture.md).
 """

@@ -6,8 +6,8 @@ count versus narrower copies) -- per head dim, next to D = 64.
 The arguments are the launchers' own (captured from a call on CPU tensors laid out as diffusers hands
 them over), so the pointer-alignment and stride-divisibility specialisation is the JIT's.
 
-    python -m benchmarks.compile_sm90                       # survey: bf16, D = 40 64 72 80 128 160
-    python -m benchmarks.compile_sm90 --dtype fp16 --head-dims 64 128 --all-configs
+    PYTHONPATH=benchmarks python -m srdiff_bench.compile_sm90                       # survey: bf16, D = 40 64 72 80 128 160
+    PYTHONPATH=benchmarks python -m srdiff_bench.compile_sm90 --dtype fp16 --head-dims 64 128 --all-configs
 """
 
 import argparse

@@ -20,11 +20,13 @@ resamples, seeded) and how many seeds improved (difference < 0).
 import argparse
 import json
 import random
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from srdiff.trainer.ablation_costs import Stopwatch
 from srdiff.trainer.config import TrainConfig
 
 MODES = ("baseline", "forward", "reverse", "combined")
@@ -36,6 +38,8 @@ PAPER_REFINE_STEPS = 1000  # the paper's cycles are scaled by refine_steps / thi
 SWEEP_AXES = ("lam_f", "lam_r", "ratio", "cycle")
 METRICS = ("fid", "kid_mean", "precision", "recall")
 BOOTSTRAP_RESAMPLES = 10_000
+KEPT = ("config.json", "eval.json", "metrics.jsonl", "cost.json", "samples.png")  # per run, beside ablation.json
+MIN_MAP_STD = 1e-3  # an mFAM whose std over pixels is below this is constant: the run's refinement had no map
 
 
 def scaled_cycles(refine_steps: int) -> list[int]:
@@ -70,32 +74,43 @@ def _run_dir(root: Path, seed: int, mode: str, changes: dict) -> Path:
     return root / f"seed{seed}" / f"{mode}{suffix}"
 
 
-def plan(config: TrainConfig, *, seeds, modes, recipes=(), sweeps=None, sweep_seeds=None) -> list[Run]:
+def plan(config: TrainConfig, *, seeds, modes, recipes=(), sweeps=None, sweep_seeds=None,
+         base_seed: int | None = None) -> list[Run]:
     """Every run the ablation needs, baselines first; runs that coincide (e.g. the combined run and the
     sweep point at the configured value) appear once per (kind, axis, value, seed) but share a directory.
 
     seeds: the seeds of the mode and recipe tables; modes: a subset of :data:`MODES` (the baseline is
     always trained, as the base of the others); recipes: combined-mode runs per recipe; sweeps:
     ``{axis: values}`` for axes of :data:`SWEEP_AXES` (combined mode) on ``sweep_seeds`` (default: the
-    first seed)."""
+    first seed).
+
+    base_seed: None, one base phase per seed (each seed's baseline trains it, the seed's other runs refine
+    from it); a seed, **one shared base**: that seed's baseline trains it (first in the plan) and every other
+    run of every seed, baselines included, refines from it, on its train/held-out split (``data_seed``), so
+    the seeds vary the refinement phase only."""
     _check_plan(config, seeds, modes, recipes, sweeps or {})
     root = Path(config.out_dir)
+    if base_seed is not None:
+        config = config.replace(data_seed=base_seed)
     defaults = config.to_dict()
 
     def run(seed, mode, kind, axis, value, **changes):
         changes = {k: v for k, v in changes.items() if defaults[k] != v}
-        base = _run_dir(root, seed, "baseline", {}) / "checkpoints" / "base.pt"
+        owner = seed if base_seed is None else base_seed
+        base = _run_dir(root, owner, "baseline", {}) / "checkpoints" / "base.pt"
         cfg = config.replace(mode=mode, seed=seed, out_dir=str(_run_dir(root, seed, mode, changes)), **changes)
-        from_scratch = mode == "baseline" or "ratio" in changes
+        from_scratch = (mode == "baseline" and seed == owner) or "ratio" in changes
         return Run(cfg, None if from_scratch else base, kind, axis, value)
 
     runs = []
-    for seed in seeds:
+    if base_seed is not None and base_seed not in seeds:
+        runs.append(run(base_seed, "baseline", "mode", "mode", "baseline"))
+    for seed in sorted(seeds, key=lambda s: s != base_seed):
         runs.append(run(seed, "baseline", "mode", "mode", "baseline"))
         runs += [run(seed, m, "mode", "mode", m) for m in modes if m != "baseline"]
         runs += [run(seed, "combined", "recipe", "recipe", r, recipe=r) for r in recipes]
     for seed in sweep_seeds if sweep_seeds is not None else list(seeds)[:1]:
-        if seed not in seeds:
+        if seed not in seeds and seed != base_seed:
             runs.append(run(seed, "baseline", "mode", "mode", "baseline"))
         for axis, values in (sweeps or {}).items():
             runs += [run(seed, "combined", "sweep", axis, v, **{axis: v}) for v in values]
@@ -120,38 +135,94 @@ def _check_plan(config: TrainConfig, seeds, modes, recipes, sweeps: dict) -> Non
             raise ValueError(f"sweep ratio {ratio!r} leaves no base or no refinement steps out of {config.steps}")
 
 
-def execute(run: Run) -> dict:
-    """Train and evaluate one run, or reuse its ``eval.json`` if the same config finished before; a run
-    stopped part way continues from its last checkpoint."""
+def _check_config(folder: Path, run: Run) -> None:
+    if (folder / "config.json").is_file():
+        saved = json.loads((folder / "config.json").read_text())
+        if saved != run.config.to_dict():
+            changed = sorted(k for k, v in run.config.to_dict().items() if saved.get(k) != v)
+            raise ValueError(f"{folder} holds a run with a different config ({', '.join(changed)}): "
+                             "delete it or choose another out_dir")
+
+
+def keep(run_dir: Path, store: Path) -> None:
+    """Copy a finished run's small results (:data:`KEPT`, the mFAM of every refresh and the FAM overlays of the
+    first and last) from ``run_dir`` to ``store``: what is committed, and what a later ablation reuses."""
+    files = [run_dir / name for name in KEPT if (run_dir / name).is_file()]
+    cycles = sorted((run_dir / "figures").glob("cycle_*_fam.png"))
+    files += sorted((run_dir / "figures").glob("cycle_*_mfam.png")) + cycles[:1] + cycles[1:][-1:]
+    for path in files:
+        target = store / path.relative_to(run_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+
+
+def train_base(run: Run) -> Path:
+    """Train the base phase of ``run`` (a from-scratch baseline) again, to ``checkpoints/base.pt`` in its
+    folder: every draw is keyed by (seed, step), so the weights are the first training's bit for bit."""
+    from srdiff.trainer.trainer import SelfRefiningTrainer
+
+    trainer = SelfRefiningTrainer(run.config)
+    print(f"[ablation] training the base phase of {run.name} again ({run.config.base_steps} steps)", flush=True)
+    while trainer.step < run.config.base_steps:
+        trainer.train_step()
+    return trainer.save_checkpoint("base.pt")
+
+
+def execute(run: Run, store: Path | None = None) -> dict:
+    """Train and evaluate one run, or reuse the ``eval.json`` the same config left in ``store`` or in its run
+    folder; a run stopped part way continues from its last checkpoint. A finished run's small results are
+    copied to ``store`` (:func:`keep`), with ``cost.json``: the training's wall and CPU seconds and load."""
     from srdiff.trainer.trainer import SelfRefiningTrainer
 
     out = Path(run.config.out_dir)
-    eval_path = out / "eval.json"
-    if (out / "config.json").is_file():
-        saved = json.loads((out / "config.json").read_text())
-        if saved != run.config.to_dict():
-            changed = sorted(k for k, v in run.config.to_dict().items() if saved.get(k) != v)
-            raise ValueError(f"{out} holds a run with a different config ({', '.join(changed)}): "
-                             "delete it or choose another out_dir")
-    if not eval_path.is_file():
-        SelfRefiningTrainer(run.config).train(resume=True, init_from=str(run.init_from) if run.init_from else None)
-    return json.loads(eval_path.read_text())
+    for folder in (out, store) if store is not None else (out,):
+        _check_config(folder, run)
+    if store is not None and (store / "eval.json").is_file():
+        return json.loads((store / "eval.json").read_text())
+    if not (out / "eval.json").is_file():
+        resumed = (out / "checkpoints" / "last.pt").is_file()
+        with Stopwatch(every=30.0) as watch:
+            SelfRefiningTrainer(run.config).train(resume=True, init_from=str(run.init_from) if run.init_from else None)
+        cost = {"training_and_evaluation": watch.record(), "resumed": resumed}
+        (out / "cost.json").write_text(json.dumps(cost, indent=2) + "\n")
+    if store is not None:
+        keep(out, store)
+    return json.loads((out / "eval.json").read_text())
 
 
-def _record(run: Run, result: dict) -> dict:
+def map_quality(metrics_path: str | Path) -> dict:
+    """Per refresh of a run's ``metrics.jsonl``: the highlighter's balanced accuracy and the mFAM's mean, max
+    and std; ``map_ok`` is False when some refresh gave an empty (max 0) or constant (std <
+    :data:`MIN_MAP_STD`) mFAM, None for a run without refreshes (the baseline)."""
+    fields = ("step", "highlighter_balanced_accuracy", "mfam_mean", "mfam_max", "mfam_std", "empty_fam_fraction")
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if '"refresh"' in line]
+    refreshes = [{k: r.get(k) for k in fields} for r in records if r.get("event") == "refresh"]
+    ok = None
+    if refreshes:
+        ok = all(r["mfam_max"] > 0 and (r["mfam_std"] is None or r["mfam_std"] >= MIN_MAP_STD) for r in refreshes)
+    return {"refreshes": refreshes, "map_ok": ok}
+
+
+def _record(run: Run, result: dict, folder: Path) -> dict:
+    cost = json.loads((folder / "cost.json").read_text()) if (folder / "cost.json").is_file() else None
     return {"kind": run.kind, "axis": run.axis, "value": run.value, "seed": run.config.seed,
             "mode": run.config.mode, "dir": run.name, **{k: result[k] for k in (*METRICS, "kid_std", "n_real", "n_fake")},
-            "feature_net": result["feature_net"], "sampling_seconds": result.get("sampling_seconds")}
+            "feature_net": result["feature_net"], "sampling_seconds": result.get("sampling_seconds"), "cost": cost,
+            **map_quality(folder / "metrics.jsonl")}
 
 
 def run_ablation(config: TrainConfig, *, seeds, modes=MODES, out, recipes=(), sweeps=None, sweep_seeds=None,
-                 command: str | None = None) -> dict:
+                 base_seed: int | None = None, command: str | None = None) -> dict:
     """Train and evaluate the :func:`plan`, store ``out/ablation.json`` (rewritten after every run, so a
-    partial result is always on disk) and the report generated from it; returns the JSON's content.
+    partial result is always on disk), every finished run's small results under ``out/runs/<seed>/<name>``
+    (:func:`keep`: reused by a later call, so a committed ``out`` resumes where it stopped) and the report
+    generated from it; returns the JSON's content. A base checkpoint missing when a run needs it (its
+    baseline was reused from ``out``) is trained again, to the same weights (:func:`train_base`).
 
     ``out`` may already hold the results of this same config (they are extended); results of another
     config raise ``ValueError`` rather than being overwritten."""
-    runs = plan(config, seeds=seeds, modes=modes, recipes=recipes, sweeps=sweeps, sweep_seeds=sweep_seeds)
+    runs = plan(config, seeds=seeds, modes=modes, recipes=recipes, sweeps=sweeps, sweep_seeds=sweep_seeds,
+                base_seed=base_seed)
     out = Path(out)
     json_path = out / "ablation.json"
     if json_path.is_file():
@@ -161,20 +232,23 @@ def run_ablation(config: TrainConfig, *, seeds, modes=MODES, out, recipes=(), sw
                              "(nothing was overwritten)")
     result = {"config": config.to_dict(), "command": command, "seeds": list(seeds), "modes": list(modes),
               "recipes": list(recipes), "sweeps": {k: list(v) for k, v in (sweeps or {}).items()},
-              "sweep_seeds": list(sweep_seeds if sweep_seeds is not None else list(seeds)[:1]), "runs": [],
-              "seconds": 0.0}
+              "sweep_seeds": list(sweep_seeds if sweep_seeds is not None else list(seeds)[:1]),
+              "base_seed": base_seed, "runs": [], "seconds": 0.0}
     out.mkdir(parents=True, exist_ok=True)
+    bases = {Path(r.config.out_dir) / "checkpoints" / "base.pt": r for r in runs if r.init_from is None}
     start = time.perf_counter()
     done: dict[str, dict] = {}
     for i, run in enumerate(runs, 1):
-        key = run.config.out_dir
+        key, store = run.config.out_dir, out / "runs" / run.name
         t0 = time.perf_counter()
-        reused = key in done or (Path(key) / "eval.json").is_file()
+        reused = key in done or (store / "eval.json").is_file() or (Path(key) / "eval.json").is_file()
+        if not reused and run.init_from is not None and not run.init_from.is_file():
+            train_base(bases[run.init_from])
         if key not in done:
-            done[key] = execute(run)
+            done[key] = execute(run, store)
         print(f"[ablation {i}/{len(runs)}] {run.name}: FID {done[key]['fid']:.3f} "
               f"({'reused' if reused else f'{time.perf_counter() - t0:.0f} s'})", flush=True)
-        result["runs"].append(_record(run, done[key]))
+        result["runs"].append(_record(run, done[key], store))
         result["seconds"] = time.perf_counter() - start
         json_path.write_text(json.dumps(result, indent=2) + "\n")
     report(json_path)
@@ -386,7 +460,7 @@ def plot_sweep(axis: str, points: list[dict], result: dict, path: Path, label: s
 # What the ablation runs, beside the TrainConfig: a flag, else the config file's [ablation] table, else this.
 PLAN_DEFAULTS = {"seeds": [0, 1, 2, 3, 4], "modes": list(MODES), "recipes": list(RECIPES), "sweep_seeds": None,
                  "sweep_lam_f": list(LAMBDAS), "sweep_lam_r": list(LAMBDAS), "sweep_ratio": list(RATIOS),
-                 "sweep_cycle": None, "out": None}
+                 "sweep_cycle": None, "base_seed": None, "base_curve": [], "out": None}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -405,9 +479,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep-cycle", type=int, nargs="*",
                    help="cycle values (default: the paper's 50/100/500 scaled to the refinement steps; none: skip)")
     p.add_argument("--no-sweeps", action="store_true", help="skip every sweep")
+    p.add_argument("--base-seed", type=int, help="one base phase shared by every seed, trained by this seed's "
+                                                 "baseline (default: one base phase per seed)")
     p.add_argument("--out", help="where ablation.json, ablation.md and the PNGs go "
                                  "(default: docs/figures/ablation/<config file name>)")
     p.add_argument("--report", metavar="JSON", help="only regenerate the tables and plots from a stored ablation.json")
+    p.add_argument("--costs", action="store_true",
+                   help="instead of the ablation: time its units (steps, refreshes, samples, Inception images; wall "
+                        "and CPU seconds, load) on this machine -> OUT/costs.json")
+    p.add_argument("--base-curve", type=int, nargs="*", metavar="STEP",
+                   help="instead of the ablation: the plain model's FID/KID/precision/recall at these steps "
+                        "(none given: the [ablation] table's base_curve) -> OUT/base_curve.{json,png}, "
+                        "OUT/base_curve_samples.png; runs under OUT_DIR/base_curve")
 
 
 def _read_file(path: str) -> dict:
@@ -453,7 +536,22 @@ def command(args: argparse.Namespace) -> str:
     if args.report:
         return report(args.report)
     config, s = resolve(args)
+    if args.costs:
+        from srdiff.trainer import ablation_costs
+
+        costs = ablation_costs.measure_costs(config.replace(out_dir=str(Path(config.out_dir) / "costs")))
+        path = ablation_costs.write(costs, Path(s["out"]) / "costs.json")
+        return f"{path}:\n" + json.dumps(costs["units"], indent=2)
+    if args.base_curve is not None:
+        from srdiff.trainer.base_curve import run_base_curve
+
+        points = args.base_curve or s["base_curve"]
+        if not points:
+            raise ValueError("--base-curve needs steps: give them or set base_curve in the [ablation] table")
+        curve = run_base_curve(config.replace(out_dir=str(Path(config.out_dir) / "base_curve")), points, s["out"])
+        return "\n".join(f"step {p['step']}: FID {p['fid']:.2f}, precision {p['precision']:.3f}, "
+                         f"recall {p['recall']:.3f}" for p in curve["points"])
     sweeps = {} if args.no_sweeps else {axis: s[f"sweep_{axis}"] for axis in SWEEP_AXES if s[f"sweep_{axis}"]}
     run_ablation(config, seeds=s["seeds"], modes=s["modes"], out=s["out"], recipes=s["recipes"], sweeps=sweeps,
-                 sweep_seeds=s["sweep_seeds"], command=shlex.join(["srdiff", *sys.argv[1:]]))
+                 sweep_seeds=s["sweep_seeds"], base_seed=s["base_seed"], command=shlex.join(["srdiff", *sys.argv[1:]]))
     return (Path(s["out"]) / "ablation.md").read_text()

@@ -37,7 +37,7 @@ def load_dataset(config, device: torch.device) -> Dataset:
     images = srdata.load_images(config.data, config.image_size, config.channels)
     labels = srdata.load_labels(config.data, config.image_size)
     try:
-        train_idx, hold_idx = srdata.split(torch.arange(len(images)), config.holdout, seed=config.seed)
+        train_idx, hold_idx = srdata.split(torch.arange(len(images)), config.holdout, seed=config.split_seed)
     except ValueError as exc:
         raise ValueError(f"data {config.data!r}: {exc}") from None
     train = images[train_idx]

@@ -519,8 +519,10 @@ def resolve(args: argparse.Namespace) -> tuple[TrainConfig, dict]:
         config = TrainConfig.from_dict(data, where=f"config file {args.config!r}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     config = config.replace(**overrides) if config is not None else TrainConfig(**overrides)
-    settings = {k: getattr(args, k) if getattr(args, k) is not None else table.get(k, default)
-                for k, default in PLAN_DEFAULTS.items()}
+    given = {k: getattr(args, k) for k in PLAN_DEFAULTS if getattr(args, k) is not None}
+    if given.get("base_curve") == []:  # --base-curve alone: the table's steps
+        del given["base_curve"]
+    settings = {k: given[k] if k in given else table.get(k, default) for k, default in PLAN_DEFAULTS.items()}
     if settings["sweep_cycle"] is None:
         settings["sweep_cycle"] = default_sweeps(config)["cycle"]
     if settings["out"] is None:
@@ -545,7 +547,7 @@ def command(args: argparse.Namespace) -> str:
     if args.base_curve is not None:
         from srdiff.trainer.base_curve import run_base_curve
 
-        points = args.base_curve or s["base_curve"]
+        points = s["base_curve"]
         if not points:
             raise ValueError("--base-curve needs steps: give them or set base_curve in the [ablation] table")
         curve = run_base_curve(config.replace(out_dir=str(Path(config.out_dir) / "base_curve")), points, s["out"])

@@ -208,6 +208,7 @@ def _record(run: Run, result: dict, folder: Path) -> dict:
     return {"kind": run.kind, "axis": run.axis, "value": run.value, "seed": run.config.seed,
             "mode": run.config.mode, "dir": run.name, **{k: result[k] for k in (*METRICS, "kid_std", "n_real", "n_fake")},
             "feature_net": result["feature_net"], "sampling_seconds": result.get("sampling_seconds"), "cost": cost,
+            "from_base": run.init_from is not None,
             **map_quality(folder / "metrics.jsonl")}
 
 
@@ -274,17 +275,71 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def detectable_effect(sd: float, n: int, *, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest mean paired difference a two-sided paired t-test at ``alpha`` detects with ``power``,
+    given the paired differences' standard deviation ``sd`` over ``n`` seeds: (t_{1-alpha/2} + t_{power}) sd / sqrt(n),
+    t with n - 1 degrees of freedom. ``nan`` below two seeds."""
+    from scipy.stats import t
+
+    if n < 2:
+        return float("nan")
+    return float((t.ppf(1 - alpha / 2, n - 1) + t.ppf(power, n - 1)) * sd / n**0.5)
+
+
+def verdict(summary: dict) -> str:
+    """One plain sentence on a paired FID difference: its 95 % interval below 0 helps, above 0 hurts."""
+    lo, hi = summary["delta_ci"]
+    if hi < 0:
+        return "helps (lower FID on the paired seeds, interval below 0)"
+    if lo > 0:
+        return "hurts (higher FID on the paired seeds, interval above 0)"
+    return (f"no effect distinguishable at this scale (the design detects a mean |ΔFID| of "
+            f"{summary['detectable']:.2f} or more with 80 % power)")
+
+
+def _maps(rows: list[dict]) -> dict:
+    """The refreshes' highlighter balanced accuracy and mFAM mean/max, each (min, max) over runs and refreshes."""
+    refreshes = [f for r in rows for f in r.get("refreshes") or []]
+    if not refreshes:
+        return {}
+
+    def span(field):
+        values = [f[field] for f in refreshes if f.get(field) is not None]
+        return (min(values), max(values)) if values else None
+
+    return {"refreshes": len(refreshes), **{field: span(field) for field in (
+        "highlighter_balanced_accuracy", "mfam_mean", "mfam_max", "mfam_std", "empty_fam_fraction")}}
+
+
+def _cost(rows: list[dict]) -> dict:
+    """Mean wall and CPU seconds of the runs that refined a base checkpoint in one go (a resumed run's cost is
+    partial, a run from scratch also trained the base phase)."""
+    costs = [r["cost"]["training_and_evaluation"] for r in rows
+             if r.get("cost") and r.get("from_base") and not r["cost"].get("resumed")]
+    if not costs:
+        return {}
+    return {"runs_timed": len(costs), "wall_s": statistics.fmean(c["wall_s"] for c in costs),
+            "cpu_s": statistics.fmean(c["cpu_s"] for c in costs),
+            "load": (min(c["load_min"] for c in costs), max(c["load_max"] for c in costs))}
+
+
 def paired_summary(rows: list[dict], baseline_fid: dict[int, float]) -> dict:
     """Mean +- std of each metric over ``rows`` (one per seed) and the paired FID differences to
-    ``baseline_fid[seed]``: per seed, their mean, 95 % bootstrap interval and how many are < 0."""
+    ``baseline_fid[seed]``: per seed, their mean, 95 % bootstrap interval, how many are < 0, their std,
+    the smallest effect they could detect (:func:`detectable_effect`) and the :func:`verdict`. Runs whose
+    map was empty or constant (``map_ok`` False) failed: they are listed in ``failed`` and left out."""
+    failed = sorted(r["seed"] for r in rows if r.get("map_ok") is False)
+    rows = [r for r in rows if r.get("map_ok") is not False]
     deltas = {r["seed"]: r["fid"] - baseline_fid[r["seed"]] for r in rows if r["seed"] in baseline_fid}
-    summary = {m: _mean_std([r[m] for r in rows]) for m in METRICS}
-    summary["n"] = len(rows)
+    summary = {m: _mean_std([r[m] for r in rows]) for m in METRICS} if rows else {}
+    summary.update(n=len(rows), failed=failed, maps=_maps(rows), cost=_cost(rows))
     if deltas:
         values = [deltas[s] for s in sorted(deltas)]
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
         summary.update(delta_per_seed={str(s): deltas[s] for s in sorted(deltas)}, delta_mean=statistics.fmean(values),
                        delta_ci=bootstrap_mean_interval(values), improved=sum(v < 0 for v in values),
-                       paired=len(values))
+                       paired=len(values), delta_sd=sd, detectable=detectable_effect(sd, len(values)))
+        summary["verdict"] = verdict(summary)
     return summary
 
 
@@ -339,6 +394,8 @@ def _delta_cells(s: dict, name: str) -> str:
 
 
 def _row(name: str, s: dict) -> str:
+    if not s["n"]:
+        return f"| {name} | every run failed (empty or constant map) | – | – | – | – | – | – |"
     fid, kid, prec, rec = s["fid"], s["kid_mean"], s["precision"], s["recall"]
     return (f"| {name} | {fid[0]:.3f} ± {fid[1]:.3f} | {_delta_cells(s, name)} | {1e3 * kid[0]:.2f} ± {1e3 * kid[1]:.2f} | "
             f"{prec[0]:.3f} ± {prec[1]:.3f} | {rec[0]:.3f} ± {rec[1]:.3f} |")
@@ -368,7 +425,13 @@ def markdown(result: dict) -> str:
                   "| --- |" + " --- |" * len(seeds)]
         for m, s in summary["modes"].items():
             if m != "baseline" and "delta_per_seed" in s:
-                lines.append(f"| {m} | " + " | ".join(f"{s['delta_per_seed'][str(x)]:+.3f}" for x in seeds) + " |")
+                lines.append(f"| {m} | " + " | ".join(f"{s['delta_per_seed'].get(str(x), float('nan')):+.3f}"
+                                                      for x in seeds) + " |")
+        lines += ["", "What it shows (paired by seed; 95 % percentile bootstrap over seeds, which under-covers at "
+                  "five seeds; smallest detectable effect from the paired spread, two-sided paired t-test, "
+                  "α = 0.05, power 0.8):", ""]
+        lines += [_verdict_line(m, s) for m, s in summary["modes"].items() if m != "baseline"]
+        lines += _maps_table(summary["modes"]) + _cost_lines(summary["modes"])
     if summary["recipes"]:
         recipe_seeds = sorted({r["seed"] for r in result["runs"] if r["kind"] == "recipe"})
         lines += ["", f"Recipes (combined mode from the same base checkpoints; seeds {', '.join(map(str, recipe_seeds))}; "
@@ -382,6 +445,46 @@ def markdown(result: dict) -> str:
                       f"{', '.join(map(str, seeds))}; other settings as above):", "", header.format(what=axis)]
             lines += [_row(str(p["value"]), p) for p in points]
     return "\n".join(lines)
+
+
+def _verdict_line(name: str, s: dict) -> str:
+    if "verdict" not in s:
+        return f"- **{name}**: no paired run finished" + (f" (failed: seed {', '.join(map(str, s['failed']))})"
+                                                        if s["failed"] else "") + "."
+    lo, hi = s["delta_ci"]
+    failed = f"; failed (empty or constant map), left out: seed {', '.join(map(str, s['failed']))}" if s["failed"] else ""
+    return (f"- **{name}**: ΔFID {s['delta_mean']:+.3f} [{lo:+.3f}, {hi:+.3f}], {s['improved']}/{s['paired']} seeds "
+            f"improved, paired sd {s['delta_sd']:.3f}{failed}: {s['verdict']}.")
+
+
+def _span(pair, digits: int = 3) -> str:
+    return "–" if not pair else f"{pair[0]:.{digits}f}–{pair[1]:.{digits}f}"
+
+
+def _maps_table(summaries: dict) -> list[str]:
+    rows = [(m, s["maps"]) for m, s in summaries.items() if s.get("maps")]
+    if not rows:
+        return []
+    lines = ["", "Maps (min–max over every refresh of every seed; a run with an empty or constant mFAM counts as "
+             "failed):", "", "| mode | refreshes | highlighter balanced accuracy | mFAM mean | mFAM max | mFAM std | "
+             "empty FAMs | failed runs |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for m, maps in rows:
+        failed = ", ".join(f"seed {x}" for x in summaries[m]["failed"]) or "none"
+        lines.append(f"| {m} | {maps['refreshes']} | {_span(maps['highlighter_balanced_accuracy'])} | "
+                     f"{_span(maps['mfam_mean'])} | {_span(maps['mfam_max'])} | {_span(maps['mfam_std'])} | "
+                     f"{_span(maps['empty_fam_fraction'], 2)} | {failed} |")
+    return lines
+
+
+def _cost_lines(summaries: dict) -> list[str]:
+    rows = [(m, s["cost"]) for m, s in summaries.items() if s.get("cost")]
+    if not rows:
+        return []
+    lines = ["", "Cost per run (training from the base checkpoint, refreshes and the evaluation; mean over the runs "
+             "timed; the 1-minute load average seen while they ran):", ""]
+    lines += [f"- {m}: {c['wall_s'] / 60:.1f} min wall, {c['cpu_s'] / 60:.1f} min CPU ({c['runs_timed']} runs, "
+              f"load {c['load'][0]:.1f}–{c['load'][1]:.1f})" for m, c in rows]
+    return lines
 
 
 def _base_steps(config: dict) -> int:
@@ -436,9 +539,11 @@ def plot_deltas(summary: dict, path: Path, label: str) -> None:
 
 
 def plot_sweep(axis: str, points: list[dict], result: dict, path: Path, label: str) -> None:
-    """FID per value of one axis (mean over the sweep seeds, each seed's point in grey) and the baseline."""
+    """FID per value of one axis (mean over the sweep seeds, each seed's point in grey) and the baseline;
+    values whose every run failed (empty or constant map) are left out."""
     plt = _pyplot()
-    runs = result["runs"]
+    runs = [r for r in result["runs"] if r.get("map_ok") is not False]
+    points = [p for p in points if p["n"]]
     base = [r["fid"] for r in runs if r["kind"] == "mode" and r["value"] == "baseline" and r["seed"] in result["sweep_seeds"]]
     xs = list(range(len(points)))
     fig, ax = plt.subplots(figsize=(4.2, 3.2))
@@ -491,6 +596,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="instead of the ablation: the plain model's FID/KID/precision/recall at these steps "
                         "(none given: the [ablation] table's base_curve) -> OUT/base_curve.{json,png}, "
                         "OUT/base_curve_samples.png; runs under OUT_DIR/base_curve")
+    p.add_argument("--map-study", metavar="CKPT",
+                   help="instead of the ablation: how much the flaw maps of highlighter variants trained on the samples "
+                        "of this (base) checkpoint are the digit itself -> OUT/map_study.{json,png}")
 
 
 def _read_file(path: str) -> dict:
@@ -544,6 +652,12 @@ def command(args: argparse.Namespace) -> str:
         costs = ablation_costs.measure_costs(config.replace(out_dir=str(Path(config.out_dir) / "costs")))
         path = ablation_costs.write(costs, Path(s["out"]) / "costs.json")
         return f"{path}:\n" + json.dumps(costs["units"], indent=2)
+    if args.map_study:
+        from srdiff.trainer.map_study import run_map_study
+
+        study = run_map_study(args.map_study, s["out"])
+        return json.dumps({name: {k: v for k, v in r.items() if k != "planted"} for name, r in study["variants"].items()},
+                          indent=2)
     if args.base_curve is not None:
         from srdiff.trainer.base_curve import run_base_curve
 

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from srdiff.trainer.ablation_costs import Stopwatch
 from srdiff.trainer.config import TrainConfig
 
@@ -226,12 +228,18 @@ def run_ablation(config: TrainConfig, *, seeds, modes=MODES, out, recipes=(), sw
                 base_seed=base_seed)
     out = Path(out)
     json_path = out / "ablation.json"
+    threads = torch.get_num_threads()
     if json_path.is_file():
-        stored = json.loads(json_path.read_text()).get("config")
-        if stored != config.to_dict():
+        stored = json.loads(json_path.read_text())
+        if stored.get("config") != config.to_dict():
             raise ValueError(f"{json_path} holds results of a different config: choose another --out "
                              "(nothing was overwritten)")
-    result = {"config": config.to_dict(), "command": command, "seeds": list(seeds), "modes": list(modes),
+        if stored.get("torch_threads", threads) != threads:
+            raise ValueError(f"{json_path} was run with {stored['torch_threads']} torch thread(s), this process has "
+                             f"{threads}: set OMP_NUM_THREADS={stored['torch_threads']} (CPU results, the shared base "
+                             "included, are bit-identical only with the same thread count)")
+    result = {"config": config.to_dict(), "command": command, "torch_threads": threads, "seeds": list(seeds),
+              "modes": list(modes),
               "recipes": list(recipes), "sweeps": {k: list(v) for k, v in (sweeps or {}).items()},
               "sweep_seeds": list(sweep_seeds if sweep_seeds is not None else list(seeds)[:1]),
               "base_seed": base_seed, "runs": [], "seconds": 0.0}

@@ -44,11 +44,15 @@ def run_base_curve(config: TrainConfig, points: list[int], out: str | Path) -> d
     config = TrainConfig.from_dict(plain).replace(mode="baseline", steps=points[-1], progress=False)
     out = Path(out)
     json_path = out / "base_curve.json"
-    result = {"config": config.to_dict(), "points": []}
+    result = {"config": config.to_dict(), "torch_threads": torch.get_num_threads(), "points": []}
     if json_path.is_file():
         stored = json.loads(json_path.read_text())
         if stored["config"] != config.to_dict():
             raise ValueError(f"{json_path} holds a curve of another config: choose another out (nothing was overwritten)")
+        if stored.setdefault("torch_threads", result["torch_threads"]) != result["torch_threads"]:
+            raise ValueError(f"{json_path} was run with {stored['torch_threads']} torch thread(s), this process has "
+                             f"{result['torch_threads']}: set OMP_NUM_THREADS={stored['torch_threads']} (the weights "
+                             "are bit-identical only with the same thread count)")
         result = stored
     trainer = SelfRefiningTrainer(config)
     done = [p["step"] for p in result["points"]]

@@ -92,6 +92,7 @@ def plot(result: dict, path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     steps = [p["step"] for p in result["points"]]
     fig, ax = plt.subplots(figsize=(5.2, 3.4))
@@ -99,6 +100,11 @@ def plot(result: dict, path: str | Path) -> None:
     ax.set(xlabel="base steps (batch %d)" % result["config"]["batch_size"], ylabel="FID (Inception)"
            if result["config"]["features"] == "inception" else "FID (local features)")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    fids = [p["fid"] for p in result["points"]]
+    nice = [m * 10**e for e in range(-1, 4) for m in (1, 1.5, 2, 3, 4, 6)]
+    ax.set_yticks([v for v in nice if min(fids) / 1.2 <= v <= max(fids) * 1.2])
     right = ax.twinx()
     right.plot(steps, [p["precision"] for p in result["points"]], "s--", color="tab:green", label="precision")
     right.plot(steps, [p["recall"] for p in result["points"]], "^--", color="tab:orange", label="recall")

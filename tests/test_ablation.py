@@ -246,3 +246,15 @@ def test_init_from_another_seed_needs_the_same_split(tmp_path):
     with pytest.raises(ValueError, match=r"its train/held-out split has seed 0, this run's 1; set data_seed = 0"):
         SelfRefiningTrainer(other).train(init_from=str(base))
     SelfRefiningTrainer(other.replace(data_seed=0)).train(init_from=str(base))
+
+
+@pytest.mark.slow
+def test_highlighter_layer_sets_the_grad_cam_layer(tmp_path):
+    from srdiff.highlighter import FlawHighlighter
+    from srdiff.trainer import SelfRefiningTrainer
+
+    cfg = TrainConfig(**{**TINY, "eval_samples": 0, "highlighter_layer": "features.stage2"}, out_dir=str(tmp_path))
+    SelfRefiningTrainer(cfg).train()
+    assert FlawHighlighter.load(tmp_path / "highlighter.pt").target_layers == ["features.stage2"]
+    refresh = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"refresh"' in x]
+    assert len(refresh) == 2 and all(0 <= r["highlighter_balanced_accuracy"] <= 1 for r in refresh)

@@ -92,6 +92,9 @@ class TrainConfig:
     # highlighter
     highlighter: str | None = _f(None, "highlighter", "a saved FlawHighlighter to start from (else trained)")
     highlighter_backbone: str = _f("small", "highlighter", "FlawHighlighter backbone")
+    highlighter_layer: str | None = _f(None, "highlighter", "the highlighter's Grad-CAM layer (None: the backbone's "
+                                       "default, its last stage; 'features.stage2': one stage earlier, a map twice "
+                                       "as fine, which the ablation uses: docs/trainer.md)")
     highlighter_epochs: int = _f(10, "highlighter", "pre-training epochs at the phase switch (real vs samples)")
     highlighter_samples: int = _f(256, "highlighter", "EMA samples drawn for the pre-training")
     highlighter_finetune_steps: int = _f(0, "highlighter", "fine-tune steps on fresh samples each cycle (0: off)")

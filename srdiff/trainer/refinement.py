@@ -71,8 +71,9 @@ class RefinementCycle:
             return {"highlighter": "loaded", "path": c.highlighter}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(key(HL_FIT, c.seed))
+            layers = None if c.highlighter_layer is None else [c.highlighter_layer]
             self.highlighter = FlawHighlighter(backbone=c.highlighter_backbone, in_channels=c.channels,
-                                               image_size=c.image_size).to(self.device)
+                                               image_size=c.image_size, target_layers=layers).to(self.device)
         fake, _ = self._sharded(c.highlighter_samples, key(HL_SAMPLES, c.seed))
         history = self._fit(fake, key(HL_FIT, c.seed, 0), epochs=c.highlighter_epochs)
         best = max(history, key=lambda h: h["balanced_accuracy"]) if history else {}

@@ -41,8 +41,8 @@ RESUMABLE_CHANGES = ("out_dir", "progress", "checkpoint_every", "eval_samples", 
 # Fields a run started from another run's base checkpoint (``init_from``) may change: what only the
 # refinement phase reads.
 REFINE_FIELDS = ("mode", "cycle", "lam_f", "lam_r", "recipe", "mfam_samples",
-                 "mfam_sampler_steps", "highlighter", "highlighter_backbone", "highlighter_epochs",
-                 "highlighter_samples", "highlighter_finetune_steps")
+                 "mfam_sampler_steps", "highlighter", "highlighter_backbone", "highlighter_layer",
+                 "highlighter_epochs", "highlighter_samples", "highlighter_finetune_steps")
 
 __all__ = ["NonFiniteLossError", "OutDirError", "SelfRefiningTrainer"]
 

@@ -258,3 +258,101 @@ def test_highlighter_layer_sets_the_grad_cam_layer(tmp_path):
     assert FlawHighlighter.load(tmp_path / "highlighter.pt").target_layers == ["features.stage2"]
     refresh = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"refresh"' in x]
     assert len(refresh) == 2 and all(0 <= r["highlighter_balanced_accuracy"] <= 1 for r in refresh)
+
+
+def test_costs_table_and_run_costs_from_stored_units():
+    from srdiff.trainer.ablation_costs import markdown, run_cost
+
+    unit = {"units": 1, "load_mean": 0.2, "load_min": 0.1, "load_max": 0.3, "idle": True}
+    costs = {"units": {name: {**unit, "cpu_s": cpu, "wall_s": cpu / 2} for name, cpu in (
+                 ("base_step", 0.5), ("first_refresh", 20.0), ("refresh", 4.0), ("refine_step", 0.6),
+                 ("samples_1000", 80.0), ("inception_1000", 300.0))},
+             "config": {"data": "mnist", "image_size": 16, "block_out_channels": [32, 64, 64], "batch_size": 64,
+                        "mfam_samples": 64, "mfam_sampler_steps": 20, "highlighter_epochs": 10,
+                        "highlighter_samples": 256, "highlighter_finetune_steps": 20, "sample_steps": 30},
+             "machine": {"cpu": "test CPU", "cores": 2, "torch_threads": 1, "nice": 5, "torch": "x"},
+             "plan": {"base_steps": 3000, "refine_steps": 1000, "cycle": 100, "eval_samples": 1000, "seeds": 5,
+                      "refined_modes": 3}}
+    plan = dict(refine_steps=1000, cycle=100, eval_samples=1000)
+    # 1000 refinement steps, the first refresh and 9 later ones, 1,000 samples and their Inception features
+    assert run_cost(costs, base_steps=0, **plan) == pytest.approx(600 + 20 + 9 * 4 + 80 + 300)
+    assert run_cost(costs, base_steps=0, refine=False, **plan) == pytest.approx(500 + 80 + 300)
+    assert run_cost(costs, base_steps=0, basis="wall_s", **plan) == pytest.approx((600 + 20 + 36 + 380) / 2)
+    text = markdown(costs)
+    assert "| base training step (batch 64) | 0.500 | 0.250 | 0.1–0.3 | yes |" in text
+    assert "the shared base phase (3000 steps) 1,500; a refinement run" in text
+    assert f"{(1500 + 5 * 880 + 15 * 1036) / 3600:.1f} CPU-hours" in text
+
+
+@pytest.mark.slow
+def test_base_curve_resumes_and_matches_a_longer_run_bit_for_bit(tmp_path):
+    from srdiff.trainer import SelfRefiningTrainer
+    from srdiff.trainer.base_curve import run_base_curve, same_weights
+
+    cfg = TrainConfig(**{**TINY, "eval_samples": 16}, out_dir=str(tmp_path / "curve"), cache_dir=str(tmp_path / "c"))
+    out = tmp_path / "out"
+    first = run_base_curve(cfg.replace(mode="combined", lam_f=0.5), [2], out)  # refinement settings do not matter
+    assert [p["step"] for p in first["points"]] == [2] and first["config"]["mode"] == "baseline"
+    curve = run_base_curve(cfg, [2, 3], out / "longer")
+    again = run_base_curve(cfg, [2, 3], out / "longer")  # every point done: nothing is trained
+    assert again == curve and curve["points"][0]["fid"] == first["points"][0]["fid"]
+    for name in ("base_curve.json", "base_curve.md", "base_curve.png", "base_curve_samples.png"):
+        assert (out / "longer" / name).is_file()
+    assert "| 3 |" in (out / "longer" / "base_curve.md").read_text()
+    # the curve's step-2 checkpoint is a 4-step run's base checkpoint (ratio 1:1), bit for bit
+    SelfRefiningTrainer(cfg.replace(mode="baseline", eval_samples=0, out_dir=str(tmp_path / "run"))).train()
+    assert same_weights(tmp_path / "curve" / "checkpoints" / "step2.pt", tmp_path / "run" / "checkpoints" / "base.pt")
+    assert not same_weights(tmp_path / "curve" / "checkpoints" / "step3.pt",
+                            tmp_path / "run" / "checkpoints" / "base.pt")
+    with pytest.raises(ValueError, match="holds a curve of another config"):
+        run_base_curve(cfg.replace(lr=1e-2), [2, 3], out / "longer")
+
+
+@pytest.mark.slow
+def test_map_study_scores_every_variant(tmp_path):
+    from srdiff.trainer import SelfRefiningTrainer
+    from srdiff.trainer.map_study import digit_overlap, run_map_study
+
+    SelfRefiningTrainer(TrainConfig(**{**TINY, "eval_samples": 0, "mode": "baseline"}, out_dir=str(tmp_path))).train()
+    study = run_map_study(tmp_path / "checkpoints" / "base.pt", tmp_path / "out", variants=("default", "stage2"),
+                          n_eval=16)
+    assert list(study["variants"]) == ["default", "stage2"] and study["step"] == 2
+    for v in study["variants"].values():
+        assert 0 <= v["balanced_accuracy"] <= 1 and set(v["planted"]) >= {"blur"}
+        assert v["empty"] == 1.0 and v["mass_on_digit"] is None or 0 <= v["mass_on_digit"] <= 1  # tiny: maybe all empty
+    assert (tmp_path / "out" / "map_study.png").is_file() and "| stage2 |" in (tmp_path / "out" / "map_study.md").read_text()
+    with pytest.raises(ValueError, match=r"variants must be among .*, got \['finest'\]"):
+        run_map_study(tmp_path / "checkpoints" / "base.pt", tmp_path / "out", variants=("finest",))
+
+
+def test_digit_overlap_of_maps_that_are_the_strokes_or_not():
+    import torch
+
+    from srdiff.trainer.map_study import digit_overlap
+
+    images = torch.zeros(4, 1, 8, 8)
+    images[:, :, 2:6, 3:5] = 1.0  # an 8-pixel stroke, 1/8 of the image
+    on = digit_overlap(images, images[:, 0])
+    assert on["mass_on_digit"] == 1.0 and on["iou_digit"] == 1.0 and on["digit_area"] == 0.125
+    assert on["digit_lift"] == 8.0 and on["corr_image"] == pytest.approx(1.0) and on["empty"] == 0.0
+    off = digit_overlap(images, 1 - images[:, 0])
+    assert off["mass_on_digit"] == 0.0 and off["corr_image"] == pytest.approx(-1.0)
+    empty = torch.zeros(4, 8, 8)
+    assert digit_overlap(images, empty)["mass_on_digit"] is None and digit_overlap(images, empty)["empty"] == 1.0
+    empty[0] = images[0, 0]
+    assert digit_overlap(images, empty)["empty"] == 0.75  # the ratios count the non-empty map only
+    assert digit_overlap(images, empty)["mass_on_digit"] == 1.0
+
+
+@pytest.mark.slow
+def test_measure_costs_times_every_unit(tmp_path):
+    from srdiff.trainer.ablation_costs import measure_costs
+
+    costs = measure_costs(TrainConfig(**TINY, out_dir=str(tmp_path)), steps=1, samples=2, images=1)
+    assert list(costs["units"]) == ["base_step", "first_refresh", "refresh", "refine_step", "samples_1000",
+                                    "inception_1000"]
+    for unit in costs["units"].values():
+        assert unit["wall_s"] > 0 and unit["cpu_s"] > 0 and unit["load_min"] <= unit["load_mean"] <= unit["load_max"]
+    assert costs["units"]["samples_1000"]["units"] == 0.002 and costs["machine"]["cores"] >= 1
+    with pytest.raises(ValueError, match="steps, samples and images must be positive"):
+        measure_costs(TrainConfig(**TINY, out_dir=str(tmp_path)), steps=0)

@@ -501,9 +501,13 @@ def _base_steps(config: dict) -> int:
 
 def report(json_path: str | Path) -> str:
     """Write ``ablation.md``, ``ablation.png`` and one ``sweep_<axis>.png`` per swept axis next to the stored
-    ``ablation.json``, generated from it alone; returns the markdown."""
+    ``ablation.json``, generated from it alone; returns the markdown. The other stored results regenerate
+    their own: ``costs.json`` -> ``costs.md``, ``base_curve.json`` -> ``base_curve.{md,png}``,
+    ``map_study.json`` -> ``map_study.md``."""
     json_path = Path(json_path)
     result = json.loads(json_path.read_text())
+    if json_path.name in ("costs.json", "base_curve.json", "map_study.json"):
+        return _other_report(json_path, result)
     out = json_path.parent
     text = markdown(result)
     (out / "ablation.md").write_text(text + "\n")
@@ -514,6 +518,17 @@ def report(json_path: str | Path) -> str:
     for axis, points in summary["sweeps"].items():
         if points:
             plot_sweep(axis, points, result, out / f"sweep_{axis}.png", label)
+    return text
+
+
+def _other_report(json_path: Path, result: dict) -> str:
+    from srdiff.trainer import ablation_costs, base_curve, map_study
+
+    module = {"costs.json": ablation_costs, "base_curve.json": base_curve, "map_study.json": map_study}[json_path.name]
+    text = module.markdown(result)
+    json_path.with_suffix(".md").write_text(text + "\n")
+    if module is base_curve:
+        base_curve.plot(result, json_path.with_suffix(".png"))
     return text
 
 
@@ -596,7 +611,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                  "baseline (default: one base phase per seed)")
     p.add_argument("--out", help="where ablation.json, ablation.md and the PNGs go "
                                  "(default: docs/figures/ablation/<config file name>)")
-    p.add_argument("--report", metavar="JSON", help="only regenerate the tables and plots from a stored ablation.json")
+    p.add_argument("--report", metavar="JSON", help="only regenerate the tables and plots from a stored ablation.json "
+                                                    "(or costs.json, base_curve.json, map_study.json)")
     p.add_argument("--costs", action="store_true",
                    help="instead of the ablation: time its units (steps, refreshes, samples, Inception images; wall "
                         "and CPU seconds, load) on this machine -> OUT/costs.json")
@@ -658,6 +674,9 @@ def command(args: argparse.Namespace) -> str:
         from srdiff.trainer import ablation_costs
 
         costs = ablation_costs.measure_costs(config.replace(out_dir=str(Path(config.out_dir) / "costs")))
+        costs["plan"] = {"base_steps": config.base_steps, "refine_steps": config.steps - config.base_steps,
+                         "cycle": config.cycle, "eval_samples": config.eval_samples, "seeds": len(s["seeds"]),
+                         "refined_modes": len([m for m in s["modes"] if m != "baseline"])}
         path = ablation_costs.write(costs, Path(s["out"]) / "costs.json")
         return f"{path}:\n" + json.dumps(costs["units"], indent=2)
     if args.map_study:

@@ -131,7 +131,44 @@ def run_cost(costs: dict, *, base_steps: int, refine_steps: int, cycle: int, eva
 
 
 def write(costs: dict, path: str | Path) -> Path:
+    """``path`` (JSON) and its :func:`markdown` beside it (same name, ``.md``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(costs, indent=2) + "\n")
+    path.with_suffix(".md").write_text(markdown(costs) + "\n")
     return path
+
+
+UNIT_NAMES = {"base_step": "base training step (batch {batch_size})",
+              "refine_step": "refinement step, combined mode (batch {batch_size})",
+              "first_refresh": "first refresh: {highlighter_samples} samples, the highlighter trained "
+                               "({highlighter_epochs} epochs), {mfam_samples} samples and their FAMs",
+              "refresh": "later refresh: {mfam_samples} samples x {mfam_sampler_steps} DDIM steps, "
+                         "{highlighter_finetune_steps} fine-tune steps, FAMs",
+              "samples_1000": "1,000 evaluation samples x {sample_steps} DDIM steps",
+              "inception_1000": "1,000 Inception images (features)"}
+
+
+def markdown(costs: dict) -> str:
+    """The stored ``costs`` as a table per unit, then what a run and the modes x seeds table of its ``plan``
+    (``{base_steps, refine_steps, cycle, eval_samples, seeds, refined_modes}``) cost from them."""
+    c, m = costs["config"], costs["machine"]
+    base_steps, refine_steps, cycle, eval_samples, seeds, refined_modes = (costs["plan"][k] for k in (
+        "base_steps", "refine_steps", "cycle", "eval_samples", "seeds", "refined_modes"))
+    lines = [f"Measured on {m['cpu']} ({m['cores']} cores), torch {m['torch']}, {m['torch_threads']} thread(s), "
+             f"nice {m['nice']}; {c['data']} at {c['image_size']} px, UNet {c['block_out_channels']}.", "",
+             "| unit | CPU s | wall s | load average while measured | idle |", "| --- | --- | --- | --- | --- |"]
+    for name, u in costs["units"].items():
+        lines.append(f"| {UNIT_NAMES[name].format(**c)} | {u['cpu_s']:.3f} | {u['wall_s']:.3f} | "
+                     f"{u['load_min']:.1f}–{u['load_max']:.1f} | {'yes' if u['idle'] else 'no'} |")
+    plan = dict(refine_steps=refine_steps, cycle=cycle, eval_samples=eval_samples)
+    refined = run_cost(costs, base_steps=0, **plan)
+    plain = run_cost(costs, base_steps=0, refine=False, **plan)
+    base = base_steps * costs["units"]["base_step"]["cpu_s"]
+    table = base + seeds * plain + seeds * refined_modes * refined
+    lines += ["", f"From these, in CPU seconds: the shared base phase ({base_steps} steps) {base:,.0f}; a refinement "
+              f"run ({refine_steps} steps, a refresh every {cycle}, {eval_samples} samples evaluated) {refined:,.0f}; "
+              f"a baseline run {plain:,.0f}; the modes x seeds table ({seeds} seeds, {refined_modes} refined modes) "
+              f"{table:,.0f} = {table / 3600:.1f} CPU-hours, about as many wall hours with one thread on an idle "
+              "machine."]
+    return "\n".join(lines)

@@ -79,6 +79,7 @@ def run_base_curve(config: TrainConfig, points: list[int], out: str | Path) -> d
         torch.save(rows, rows_path)
         json_path.write_text(json.dumps(result, indent=2) + "\n")
         plot(result, out / "base_curve.png")
+        (out / "base_curve.md").write_text(markdown(result) + "\n")
         shown = [rows[str(p["step"])] for p in result["points"] if str(p["step"]) in rows]
         viz.save_grid(torch.cat(shown), out / "base_curve_samples.png", nrow=ROW, upscale=2)
         print(f"[base curve] step {target}: FID {scores['fid']:.2f}, precision {scores['precision']:.3f}, "
@@ -135,3 +136,20 @@ def same_weights(a: str | Path, b: str | Path) -> bool:
     sa, sb = checkpoint.load(a), checkpoint.load(b)
     ta, tb = (_tensors({part: s[part] for part in ("model", "ema", "optimizer")}) for s in (sa, sb))
     return sa["step"] == sb["step"] and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def markdown(result: dict) -> str:
+    """The stored curve as a table: per step the metrics and the CPU and wall seconds it took."""
+    c = result["config"]
+    lines = [f"Plain model (baseline mode) on {c['data']} at {c['image_size']} px, batch {c['batch_size']}, seed "
+             f"{c['seed']}; {result['points'][0]['n_fake']} EMA samples x {c['sample_steps']} DDIM steps (the same "
+             f"sampling seed at every step) against {result['points'][0]['n_real']} held-out images, "
+             f"{result['points'][0]['feature_net']}.", "",
+             "| steps | FID | KID ×10³ | precision | recall | training since the last point: CPU s / wall s | "
+             "evaluation: CPU s / wall s | load average |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for p in result["points"]:
+        t, e = p["training"], p["evaluation"]
+        lines.append(f"| {p['step']} | {p['fid']:.2f} | {1e3 * p['kid_mean']:.2f} | {p['precision']:.3f} | "
+                     f"{p['recall']:.3f} | {t['cpu_s']:.0f} / {t['wall_s']:.0f} | {e['cpu_s']:.0f} / {e['wall_s']:.0f} | "
+                     f"{min(t['load_min'], e['load_min']):.1f}–{max(t['load_max'], e['load_max']):.1f} |")
+    return "\n".join(lines)

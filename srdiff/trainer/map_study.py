@@ -16,8 +16,8 @@ training images), then scored on fresh samples it never saw:
   (:mod:`srdiff.highlighter.planted`, kinds the highlighter was never trained on) against ``chance``,
   the box's share of the image.
 
-``map_study.json`` holds the numbers; ``map_study.png`` shows, per variant, the first samples' FAMs and
-the mFAM. Nothing here changes a run: a variant is adopted by configuring it.
+``map_study.json`` holds the numbers, ``map_study.md`` the table drawn from them; ``map_study.png`` shows,
+per variant, the first samples' FAMs and the mFAM. Nothing here changes a run: a variant is adopted by configuring it.
 """
 
 import json
@@ -50,7 +50,7 @@ def _pearson_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def digit_overlap(images: torch.Tensor, fams: torch.Tensor) -> dict:
     """How much the maps (N, H, W) are the images' own strokes (N, C, H, W); empty maps are left out of
-    the ratios and counted in ``empty``."""
+    the ratios and counted in ``empty`` (every map empty: the ratios are None)."""
     ink = images.float().mean(1) > INK
     fams = fams.float()
     flat, strokes = fams.flatten(1), ink.flatten(1)
@@ -61,13 +61,17 @@ def digit_overlap(images: torch.Tensor, fams: torch.Tensor) -> dict:
     hot = (flat >= 0.5)[full]
     iou = (hot & strokes[full]).sum(1) / (hot | strokes[full]).sum(1).clamp_min(1)
     mfam = fams.mean(0).flatten()
+    summary = {"empty": empty.float().mean().item(),
+               "mfam_mean": mfam.mean().item(), "mfam_max": mfam.max().item(), "mfam_std": mfam.std().item()}
+    if not bool(full.any()):
+        return {**summary, **dict.fromkeys(("mass_on_digit", "digit_area", "digit_lift", "iou_digit", "corr_image",
+                                             "corr_mfam"))}
     return {
-        "empty": empty.float().mean().item(),
+        **summary,
         "mass_on_digit": mass.mean().item(), "digit_area": area.mean().item(),
         "digit_lift": (mass / area.clamp_min(1e-12)).mean().item(), "iou_digit": iou.float().mean().item(),
         "corr_image": _pearson_rows(flat[full], images.float().mean(1).flatten(1)[full]).mean().item(),
         "corr_mfam": _pearson_rows(flat[full], mfam.expand_as(flat[full])).mean().item(),
-        "mfam_mean": mfam.mean().item(), "mfam_max": mfam.max().item(), "mfam_std": mfam.std().item(),
     }
 
 
@@ -133,12 +137,38 @@ def run_map_study(checkpoint: str | Path, out: str | Path, *, variants=tuple(VAR
                                     "train_samples": len(fake), "balanced_accuracy": accuracy,
                                     **digit_overlap(fresh, fams), "planted": pointing}
         rows.append(torch.cat([viz.overlay(fresh[:SHOWN], fams[:SHOWN]), viz.colormap(fams.mean(0))[None]]))
-        print(f"[map study] {name}: balanced accuracy {accuracy:.3f}, mass on digit "
-              f"{result['variants'][name]['mass_on_digit']:.3f} (area {result['variants'][name]['digit_area']:.3f}), "
-              f"corr with mFAM {result['variants'][name]['corr_mfam']:.3f}", flush=True)
+        print(f"[map study] {name}: balanced accuracy {accuracy:.3f}, empty maps {result['variants'][name]['empty']:.2f}",
+              flush=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "map_study.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "map_study.md").write_text(markdown(result) + "\n")
     # row 1: samples; row 2: their strokes; then per variant the first samples' FAMs and, last, the mFAM
     viz.save_grid(torch.cat(rows), out / "map_study.png", nrow=SHOWN + 1, upscale=4)
     return result
+
+
+FLAW_KINDS = ("blur", "warp", "noise", "intensity", "duplicate", "break")  # planted kinds but the control
+
+
+def markdown(result: dict) -> str:
+    """The stored study as a table, one row per variant."""
+    lines = [f"Highlighters trained on samples of the step-{result['step']} model (as many per variant as the "
+             f"column 'trained on' says) vs as many real training digits, scored on {result['n_eval']} fresh "
+             f"samples (strokes: pixels above {result['ink_threshold']}); planted: pointing at one artifact in "
+             "64 held-out real digits, never trained on (mean over blur, warp, noise, intensity, duplicate, break; "
+             "chance = the box's share of the image).", "",
+             "| variant | what | trained on | balanced accuracy | map mass on the strokes (their area) | IoU hot half / strokes | "
+             "corr with the image | corr with the mFAM | mFAM mean / max | planted pointing (chance) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, v in result["variants"].items():
+        pointing = sum(v["planted"][k]["pointing"] for k in FLAW_KINDS) / len(FLAW_KINDS)
+        chance = sum(v["planted"][k]["chance"] for k in FLAW_KINDS) / len(FLAW_KINDS)
+        if v["mass_on_digit"] is None:
+            lines.append(f"| {name} | {v['what']} | {v['train_samples']} | {v['balanced_accuracy']:.3f} | every map "
+                         f"empty | – | – | – | – | {pointing:.2f} ({chance:.2f}) |")
+            continue
+        lines.append(f"| {name} | {v['what']} | {v['train_samples']} | {v['balanced_accuracy']:.3f} | {v['mass_on_digit']:.3f} "
+                     f"({v['digit_area']:.3f}) | {v['iou_digit']:.3f} | {v['corr_image']:+.2f} | {v['corr_mfam']:.2f} | "
+                     f"{v['mfam_mean']:.2f} / {v['mfam_max']:.2f} | {pointing:.2f} ({chance:.2f}) |")
+    return "\n".join(lines)

@@ -59,6 +59,8 @@ class TrainConfig:
     image_size: int = _f(16, "data", "training resolution (pixels); the digits are 8x8 originals, upscaled")
     channels: int = _f(1, "data", "image channels (1 or 3)", choices=(1, 3))
     holdout: float = _f(0.2, "data", "fraction of the images held out for evaluation, in (0, 1)")
+    data_seed: int | None = _f(None, "data", "seed of the train/held-out split (None: seed); runs of several seeds "
+                               "refining one shared base checkpoint keep its split")
     # model
     backbone: str = _f("auto", "model", "denoiser: 'auto' (the task's default), 'unet' (UNet2DModel), 'unet-cond' "
                        "(UNet2DConditionModel), ... (see srdiff.trainer.backbones.BACKBONES)")
@@ -97,6 +99,9 @@ class TrainConfig:
     # highlighter
     highlighter: str | None = _f(None, "highlighter", "a saved FlawHighlighter to start from (else trained)")
     highlighter_backbone: str = _f("small", "highlighter", "FlawHighlighter backbone")
+    highlighter_layer: str | None = _f(None, "highlighter", "the highlighter's Grad-CAM layer (None: the backbone's "
+                                       "default, its last stage; 'features.stage2': one stage earlier, a map twice "
+                                       "as fine, which the ablation uses: docs/trainer.md)")
     highlighter_epochs: int = _f(10, "highlighter", "pre-training epochs at the phase switch (real vs samples)")
     highlighter_samples: int = _f(256, "highlighter", "EMA samples drawn for the pre-training")
     highlighter_finetune_steps: int = _f(0, "highlighter", "fine-tune steps on fresh samples each cycle (0: off)")
@@ -155,6 +160,11 @@ class TrainConfig:
         self._validate()
 
     # ------------------------------------------------------------------ derived values
+    @property
+    def split_seed(self) -> int:
+        """The seed of the train/held-out split: ``data_seed``, else ``seed``."""
+        return self.seed if self.data_seed is None else self.data_seed
+
     @property
     def base_steps(self) -> int:
         """Optimiser steps of the base phase (plain DDPM); the rest are refinement steps."""

@@ -45,7 +45,7 @@ def latent_shape(vae: nn.Module, image_size: int) -> tuple[int, int]:
 def load_dataset(config, device: torch.device) -> Dataset:
     images, labels, class_names = load_labelled(config.data, config.image_size, config.channels, config.labels)
     try:
-        train_idx, hold_idx = srdata.split(torch.arange(len(images)), config.holdout, seed=config.seed)
+        train_idx, hold_idx = srdata.split(torch.arange(len(images)), config.holdout, seed=config.split_seed)
     except ValueError as exc:
         raise ValueError(f"data {config.data!r}: {exc}") from None
     train = images[train_idx]

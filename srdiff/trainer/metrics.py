@@ -245,12 +245,12 @@ def feature_network(config, train, train_labels, test, test_labels) -> tuple[nn.
         return net, {"features": "inception", "network": f"InceptionV3 pool3, 2048-d ({net.path.name})",
                      "identity": net.identity, "task": None, "accuracy": None}
     key = {"data": config.data, "image_size": config.image_size, "channels": config.channels,
-           "holdout": config.holdout, "seed": config.seed, "epochs": config.feature_epochs,
+           "holdout": config.holdout, "seed": config.split_seed, "epochs": config.feature_epochs,
            "labels": train_labels is not None, "n": len(train)}
     net, info = cached_feature_net(
         key, config.cache_dir,
         lambda: train_feature_net(train, train_labels, test, test_labels, epochs=config.feature_epochs,
-                                  seed=config.seed),
+                                  seed=config.split_seed),
     )
     return net, {"features": "local", "network": f"local {info['task']} CNN, 128-d", "identity": info["cached"], **info}
 

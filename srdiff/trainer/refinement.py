@@ -71,8 +71,9 @@ class RefinementCycle:
             return {"highlighter": "loaded", "path": c.highlighter}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(key(HL_FIT, c.seed))
+            layers = None if c.highlighter_layer is None else [c.highlighter_layer]
             self.highlighter = FlawHighlighter(backbone=c.highlighter_backbone, in_channels=c.channels,
-                                               image_size=c.image_size).to(self.device)
+                                               image_size=c.image_size, target_layers=layers).to(self.device)
         fake, _ = self._sharded(c.highlighter_samples, key(HL_SAMPLES, c.seed))
         history = self._fit(fake, key(HL_FIT, c.seed, 0), epochs=c.highlighter_epochs)
         best = max(history, key=lambda h: h["balanced_accuracy"]) if history else {}
@@ -89,17 +90,30 @@ class RefinementCycle:
         if self.highlighter is None:
             event.update(self._pretrain())
         samples, weights = self._sharded(c.mfam_samples, key(MFAM, c.seed, cycle_index))
+        event["highlighter_balanced_accuracy"] = self._balanced_accuracy(samples, key(HL_FIT, c.seed, cycle_index, 2))
         if c.highlighter_finetune_steps > 0 and (cycle_index > 0 or c.highlighter is not None):
             history = self._fit(samples, key(HL_FIT, c.seed, cycle_index + 1), steps=c.highlighter_finetune_steps)
             if history:
                 event["finetune_accuracy"] = history[-1]["accuracy"]
         fams = self.highlighter.fam(samples)
         self.mfam = self._mean_map(fams, weights)
+        empty = distributed.all_reduce_sum((fams.flatten(1).amax(1) == 0).sum().float(), self.dist)
         event.update(seconds=time.perf_counter() - start, mfam_mean=float(self.mfam.mean()),
-                     mfam_max=float(self.mfam.max()))
+                     mfam_max=float(self.mfam.max()), mfam_std=float(self.mfam.std()),
+                     empty_fam_fraction=float(empty) / c.mfam_samples)
         if self.dist.is_main:
             self._save_figures(cycle_index, samples, fams)
         return event
+
+    def _balanced_accuracy(self, fake_local: torch.Tensor, seed: int) -> float:
+        """The highlighter's balanced accuracy on this refresh's samples (all ranks', before any fine-tune on
+        them) against as many real training images: a highlighter at chance gives empty maps."""
+        from srdiff.highlighter.training import evaluate
+
+        fake = distributed.all_gather_cat(fake_local, self.dist)
+        real = self._real_subset(len(fake), seed).to(fake.device)
+        labels = torch.cat([torch.zeros(len(real), dtype=torch.long), torch.ones(len(fake), dtype=torch.long)])
+        return evaluate(self.highlighter, torch.cat([real, fake]), labels)["balanced_accuracy"]
 
     def _mean_map(self, fams: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         """The mFAM over all ranks: the plain mean, or with per-image weights (B, H, W) the weighted

@@ -47,8 +47,8 @@ RESUMABLE_CHANGES = ("out_dir", "progress", "checkpoint_every", "eval_samples", 
 # Fields a run started from another run's base checkpoint (``init_from``) may change: what only the
 # refinement phase reads.
 REFINE_FIELDS = ("mode", "cycle", "lam_f", "lam_r", "recipe", "mfam_samples",
-                 "mfam_sampler_steps", "highlighter", "highlighter_backbone", "highlighter_epochs",
-                 "highlighter_samples", "highlighter_finetune_steps")
+                 "mfam_sampler_steps", "highlighter", "highlighter_backbone", "highlighter_layer",
+                 "highlighter_epochs", "highlighter_samples", "highlighter_finetune_steps")
 
 __all__ = ["NonFiniteLossError", "OutDirError", "SelfRefiningTrainer"]
 
@@ -306,10 +306,17 @@ class SelfRefiningTrainer:
         return True
 
     def init_from(self, path: str) -> None:
-        """Start from another run's base-phase checkpoint (same data, model and base settings): the
-        ablation trains the base phase once per seed and every mode refines from it."""
+        """Start from another run's base-phase checkpoint (same data split, model and base settings): the
+        ablation trains one base phase and every mode and seed refines from it. The seed may differ (it
+        keys the refinement phase's draws) as long as the train/held-out split is the same
+        (``data_seed``)."""
         state = checkpoint.load(path, map_location=self.device)
-        self._check_compatible(state["config"], RESUMABLE_CHANGES + REFINE_FIELDS, f"start from {path}")
+        what = f"start from {path}"
+        self._check_compatible(state["config"], RESUMABLE_CHANGES + REFINE_FIELDS + ("seed", "data_seed"), what)
+        saved_split = TrainConfig.from_dict(state["config"]).split_seed
+        if saved_split != self.config.split_seed:
+            raise ValueError(f"cannot {what}: its train/held-out split has seed {saved_split}, this run's "
+                             f"{self.config.split_seed}; set data_seed = {saved_split}")
         if state["step"] != self.config.base_steps:
             raise ValueError(f"{path} is at step {state['step']}, not at the end of the base phase "
                              f"({self.config.base_steps})")

@@ -22,7 +22,7 @@ import torch
 from srdiff import viz
 from srdiff.trainer.ablation_costs import Stopwatch
 from srdiff.trainer.config import TrainConfig
-from srdiff.trainer.seeding import FINAL, key
+from srdiff.diffusion.seeding import FINAL, key
 
 ROW = 16  # samples per point in base_curve_samples.png
 

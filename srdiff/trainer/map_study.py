@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from srdiff import viz
-from srdiff.trainer.seeding import HL_FIT, HL_SAMPLES, MFAM, key
+from srdiff.diffusion.seeding import HL_FIT, HL_SAMPLES, MFAM, key
 
 INK = 0.5  # a pixel above this is a stroke (as srdiff.highlighter.planted)
 SHOWN = 8  # samples per variant in the figure

@@ -236,6 +236,36 @@ def test_shared_base_ablation_resumes_from_its_stored_results(tmp_path):
 
 
 @pytest.mark.slow
+def test_plan_from_a_given_base_checkpoint(tmp_path):
+    cfg = TrainConfig(**TINY, out_dir=str(tmp_path))
+    base = tmp_path / "curve" / "step2.pt"
+    runs = plan(cfg, seeds=[0, 1], modes=["baseline", "combined"], base_seed=0, base_checkpoint=base,
+                sweeps={"ratio": ["1:3"]}, sweep_seeds=[1])
+    assert [(r.name, r.init_from) for r in runs] == [
+        ("seed0/baseline", base), ("seed0/combined", base), ("seed1/baseline", base), ("seed1/combined", base),
+        ("seed1/combined-ratio1to3", None)]  # a ratio run has its own base phase: from scratch
+    with pytest.raises(ValueError, match=r"base_checkpoint '.*step2.pt' needs base_seed"):
+        plan(cfg, seeds=[0], modes=["baseline"], base_checkpoint=base)
+    with pytest.raises(ValueError, match=r"base_checkpoint '.*step2.pt' does not exist .*--base-curve 2"):
+        run_ablation(cfg, seeds=[0], modes=["baseline"], out=tmp_path / "out", base_seed=0, base_checkpoint=base)
+
+
+def test_a_base_curve_point_continues_as_the_run_from_scratch(tmp_path):
+    """The base seed's baseline refining a base-curve checkpoint (saved with the default ratio) ends at the
+    weights of the same run trained from scratch, bit for bit: the shared base can be the curve's point."""
+    from srdiff.trainer import SelfRefiningTrainer
+    from srdiff.trainer.base_curve import run_base_curve, same_weights
+
+    cfg = TrainConfig(**{**TINY, "eval_samples": 16}, out_dir=str(tmp_path / "curve"), cache_dir=str(tmp_path / "c"))
+    run_base_curve(cfg, [2], tmp_path / "out")
+    run = cfg.replace(mode="baseline", steps=6, ratio="1:2", eval_samples=0)  # base_steps 2, as the point
+    SelfRefiningTrainer(run.replace(out_dir=str(tmp_path / "scratch"))).train()
+    SelfRefiningTrainer(run.replace(out_dir=str(tmp_path / "refined"))).train(
+        init_from=str(tmp_path / "curve" / "checkpoints" / "step2.pt"))
+    assert same_weights(tmp_path / "scratch" / "checkpoints" / "last.pt",
+                        tmp_path / "refined" / "checkpoints" / "last.pt")
+
+
 def test_init_from_another_seed_needs_the_same_split(tmp_path):
     from srdiff.trainer import SelfRefiningTrainer
 

@@ -77,7 +77,7 @@ def _run_dir(root: Path, seed: int, mode: str, changes: dict) -> Path:
 
 
 def plan(config: TrainConfig, *, seeds, modes, recipes=(), sweeps=None, sweep_seeds=None,
-         base_seed: int | None = None) -> list[Run]:
+         base_seed: int | None = None, base_checkpoint: str | Path | None = None) -> list[Run]:
     """Every run the ablation needs, baselines first; runs that coincide (e.g. the combined run and the
     sweep point at the configured value) appear once per (kind, axis, value, seed) but share a directory.
 
@@ -89,9 +89,16 @@ def plan(config: TrainConfig, *, seeds, modes, recipes=(), sweeps=None, sweep_se
     base_seed: None, one base phase per seed (each seed's baseline trains it, the seed's other runs refine
     from it); a seed, **one shared base**: that seed's baseline trains it (first in the plan) and every other
     run of every seed, baselines included, refines from it, on its train/held-out split (``data_seed``), so
-    the seeds vary the refinement phase only."""
+    the seeds vary the refinement phase only.
+
+    base_checkpoint: the shared base as a file instead (needs ``base_seed``, the seed that trained it, for
+    its split), e.g. the base curve's ``step<base_steps>.pt``: every run refines from it, seed ``base_seed``'s
+    baseline too (the draws are keyed by seed and step, so that run continues as it would from scratch)."""
     _check_plan(config, seeds, modes, recipes, sweeps or {})
     root = Path(config.out_dir)
+    if base_checkpoint is not None and base_seed is None:
+        raise ValueError(f"base_checkpoint {str(base_checkpoint)!r} needs base_seed: the seed that trained it "
+                         "(its train/held-out split)")
     if base_seed is not None:
         config = config.replace(data_seed=base_seed)
     defaults = config.to_dict()
@@ -102,6 +109,8 @@ def plan(config: TrainConfig, *, seeds, modes, recipes=(), sweeps=None, sweep_se
         base = _run_dir(root, owner, "baseline", {}) / "checkpoints" / "base.pt"
         cfg = config.replace(mode=mode, seed=seed, out_dir=str(_run_dir(root, seed, mode, changes)), **changes)
         from_scratch = (mode == "baseline" and seed == owner) or "ratio" in changes
+        if base_checkpoint is not None:
+            base, from_scratch = Path(base_checkpoint), "ratio" in changes
         return Run(cfg, None if from_scratch else base, kind, axis, value)
 
     runs = []
@@ -215,7 +224,8 @@ def _record(run: Run, result: dict, folder: Path) -> dict:
 
 
 def run_ablation(config: TrainConfig, *, seeds, modes=MODES, out, recipes=(), sweeps=None, sweep_seeds=None,
-                 base_seed: int | None = None, command: str | None = None) -> dict:
+                 base_seed: int | None = None, base_checkpoint: str | Path | None = None,
+                 command: str | None = None) -> dict:
     """Train and evaluate the :func:`plan`, store ``out/ablation.json`` (rewritten after every run, so a
     partial result is always on disk), every finished run's small results under ``out/runs/<seed>/<name>``
     (:func:`keep`: reused by a later call, so a committed ``out`` resumes where it stopped) and the report
@@ -225,7 +235,10 @@ def run_ablation(config: TrainConfig, *, seeds, modes=MODES, out, recipes=(), sw
     ``out`` may already hold the results of this same config (they are extended); results of another
     config raise ``ValueError`` rather than being overwritten."""
     runs = plan(config, seeds=seeds, modes=modes, recipes=recipes, sweeps=sweeps, sweep_seeds=sweep_seeds,
-                base_seed=base_seed)
+                base_seed=base_seed, base_checkpoint=base_checkpoint)
+    if base_checkpoint is not None and not Path(base_checkpoint).is_file():
+        raise ValueError(f"base_checkpoint {str(base_checkpoint)!r} does not exist (the base curve writes "
+                         f"step<N>.pt: srdiff ablate --base-curve {config.base_steps})")
     out = Path(out)
     json_path = out / "ablation.json"
     threads = torch.get_num_threads()
@@ -242,7 +255,8 @@ def run_ablation(config: TrainConfig, *, seeds, modes=MODES, out, recipes=(), sw
               "modes": list(modes),
               "recipes": list(recipes), "sweeps": {k: list(v) for k, v in (sweeps or {}).items()},
               "sweep_seeds": list(sweep_seeds if sweep_seeds is not None else list(seeds)[:1]),
-              "base_seed": base_seed, "runs": [], "seconds": 0.0}
+              "base_seed": base_seed, "base_checkpoint": None if base_checkpoint is None else str(base_checkpoint),
+              "runs": [], "seconds": 0.0}
     out.mkdir(parents=True, exist_ok=True)
     bases = {Path(r.config.out_dir) / "checkpoints" / "base.pt": r for r in runs if r.init_from is None}
     start = time.perf_counter()
@@ -588,7 +602,7 @@ def plot_sweep(axis: str, points: list[dict], result: dict, path: Path, label: s
 # What the ablation runs, beside the TrainConfig: a flag, else the config file's [ablation] table, else this.
 PLAN_DEFAULTS = {"seeds": [0, 1, 2, 3, 4], "modes": list(MODES), "recipes": list(RECIPES), "sweep_seeds": None,
                  "sweep_lam_f": list(LAMBDAS), "sweep_lam_r": list(LAMBDAS), "sweep_ratio": list(RATIOS),
-                 "sweep_cycle": None, "base_seed": None, "base_curve": [], "out": None}
+                 "sweep_cycle": None, "base_seed": None, "base_checkpoint": None, "base_curve": [], "out": None}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -609,6 +623,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-sweeps", action="store_true", help="skip every sweep")
     p.add_argument("--base-seed", type=int, help="one base phase shared by every seed, trained by this seed's "
                                                  "baseline (default: one base phase per seed)")
+    p.add_argument("--base-checkpoint", metavar="CKPT",
+                   help="the shared base as a checkpoint at the end of the base phase (with --base-seed, the seed that "
+                        "trained it), e.g. the base curve's step<N>.pt: every run refines from it")
     p.add_argument("--out", help="where ablation.json, ablation.md and the PNGs go "
                                  "(default: docs/figures/ablation/<config file name>)")
     p.add_argument("--report", metavar="JSON", help="only regenerate the tables and plots from a stored ablation.json "
@@ -696,5 +713,6 @@ def command(args: argparse.Namespace) -> str:
                          f"recall {p['recall']:.3f}" for p in curve["points"])
     sweeps = {} if args.no_sweeps else {axis: s[f"sweep_{axis}"] for axis in SWEEP_AXES if s[f"sweep_{axis}"]}
     run_ablation(config, seeds=s["seeds"], modes=s["modes"], out=s["out"], recipes=s["recipes"], sweeps=sweeps,
-                 sweep_seeds=s["sweep_seeds"], base_seed=s["base_seed"], command=shlex.join(["srdiff", *sys.argv[1:]]))
+                 sweep_seeds=s["sweep_seeds"], base_seed=s["base_seed"], base_checkpoint=s["base_checkpoint"],
+                 command=shlex.join(["srdiff", *sys.argv[1:]]))
     return (Path(s["out"]) / "ablation.md").read_text()

@@ -309,10 +309,12 @@ class SelfRefiningTrainer:
         """Start from another run's base-phase checkpoint (same data split, model and base settings): the
         ablation trains one base phase and every mode and seed refines from it. The seed may differ (it
         keys the refinement phase's draws) as long as the train/held-out split is the same
-        (``data_seed``)."""
+        (``data_seed``), and the steps and ratio as long as the checkpoint's step is this run's ``base_steps`` (a
+        base trained for N steps, e.g. a point of the base curve, starts any refinement that switches at N)."""
         state = checkpoint.load(path, map_location=self.device)
         what = f"start from {path}"
-        self._check_compatible(state["config"], RESUMABLE_CHANGES + REFINE_FIELDS + ("seed", "data_seed"), what)
+        self._check_compatible(state["config"], RESUMABLE_CHANGES + REFINE_FIELDS + ("seed", "data_seed", "steps", "ratio"),
+                               what)
         saved_split = TrainConfig.from_dict(state["config"]).split_seed
         if saved_split != self.config.split_seed:
             raise ValueError(f"cannot {what}: its train/held-out split has seed {saved_split}, this run's "

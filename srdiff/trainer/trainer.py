@@ -313,8 +313,8 @@ class SelfRefiningTrainer:
         base trained for N steps, e.g. a point of the base curve, starts any refinement that switches at N)."""
         state = checkpoint.load(path, map_location=self.device)
         what = f"start from {path}"
-        self._check_compatible(state["config"], RESUMABLE_CHANGES + REFINE_FIELDS + ("seed", "data_seed", "steps", "ratio"),
-                               what)
+        base_settings = ("seed", "data_seed", "steps", "ratio")
+        self._check_compatible(state["config"], RESUMABLE_CHANGES + REFINE_FIELDS + base_settings, what)
         saved_split = TrainConfig.from_dict(state["config"]).split_seed
         if saved_split != self.config.split_seed:
             raise ValueError(f"cannot {what}: its train/held-out split has seed {saved_split}, this run's "

@@ -52,15 +52,17 @@ def test_the_scan_sees_the_package():
 
 @pytest.mark.parametrize("lower, upper", [
     ("srdiff.diffusion", ("srdiff.trainer", "srdiff.repair", "srdiff.repair_cli", "srdiff.repair_pipeline",
-                          "srdiff.highlighter", "srdiff.cli")),
+                          "srdiff.highlighter", "srdiff.refiner", "srdiff.cli")),
     ("srdiff.kernels", ("srdiff.attention", "srdiff.noise", "srdiff.gradcam", "srdiff.processors",
                         "srdiff.diffusion", "srdiff.highlighter", "srdiff.repair", "srdiff.trainer", "srdiff.models",
                         "srdiff.reference", "srdiff.cli")),
     ("srdiff.reference", ("srdiff.attention", "srdiff.noise", "srdiff.gradcam", "srdiff.kernels",
                           "srdiff.processors", "srdiff.trainer", "srdiff.repair", "srdiff.highlighter")),
     ("srdiff.processors", ("srdiff.diffusion", "srdiff.highlighter", "srdiff.repair", "srdiff.trainer", "srdiff.cli")),
-    ("srdiff.highlighter", ("srdiff.diffusion", "srdiff.repair", "srdiff.trainer", "srdiff.cli")),
-    ("srdiff.repair", ("srdiff.trainer", "srdiff.cli")),
+    ("srdiff.highlighter", ("srdiff.diffusion", "srdiff.repair", "srdiff.refiner", "srdiff.trainer", "srdiff.cli")),
+    ("srdiff.repair", ("srdiff.trainer", "srdiff.refiner", "srdiff.cli")),
+    ("srdiff.refiner", ("srdiff.trainer", "srdiff.repair", "srdiff.cli")),
+    ("srdiff._collectives", ("srdiff",)),
 ])
 def test_no_upward_imports(lower, upper):
     """A layer imports only what lies below it (docs/architecture.md)."""

@@ -4,8 +4,8 @@ highlighter's mFAM, refreshed every ``cycle`` steps from fresh EMA samples, ampl
 
 What differs between tasks (unconditional, class, text, inpainting: the denoiser, the batch, the
 denoiser call, sampling, export) is the task's (``srdiff/trainer/task.py``); the highlighter and the mFAM
-are the refinement cycle's (``refinement.py``); this module keeps the loop, the step, checkpoints and
-resume.
+are the refinement cycle's (:class:`srdiff.Refiner`, which any training loop can use); this module keeps
+the loop, the step, checkpoints and resume.
 
 Every random draw of a step is keyed by (seed, step, global micro-batch index), never by a stateful
 stream (``seeding.py``), so a resumed run repeats an uninterrupted one exactly on CPU, and a DDP run with
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from srdiff import viz
+from srdiff._collectives import all_reduce_sum, barrier
 from srdiff._device import resolve_device
 from srdiff._io import follow_umask
 from srdiff.diffusion.schedules import make_scheduler
@@ -29,13 +30,13 @@ from srdiff.diffusion.seeding import DATA, FINAL, NOISE, TIMESTEPS, key
 from srdiff.noise import amplified_add_noise
 from srdiff.processors.context import fam_context
 from srdiff.processors.install import set_fam_attn_processor
+from srdiff.refiner import EmptyMapError, HighlighterRecipe, Refiner
 from srdiff.run_dir import OutDirError, RunLock, prepare_out_dir, set_aside_failed_start
 from srdiff.trainer import checkpoint, distributed
 from srdiff.trainer.config import TrainConfig
 from srdiff.trainer.dataset import load_dataset
 from srdiff.trainer.ema import EMA
 from srdiff.trainer.metrics import evaluate_generator
-from srdiff.trainer.refinement import RefinementCycle
 from srdiff.trainer.resume import SCHEDULE_FIELDS, check_schedule
 from srdiff.trainer.run_log import RunLog
 from srdiff.trainer.tasks import get_task
@@ -43,14 +44,15 @@ from srdiff.trainer.tasks import get_task
 # Config fields a resumed run may change: they do not alter the trajectory (steps and ratio may too, by the
 # rule of srdiff.trainer.resume.check_schedule).
 RESUMABLE_CHANGES = ("out_dir", "progress", "checkpoint_every", "eval_samples", "sample_steps",
-                     "sampler", "features", "feature_epochs", "inception_weights", "cache_dir", "device")
+                     "sampler", "features", "feature_epochs", "inception_weights", "cache_dir", "device",
+                     "require_fam")
 # Fields a run started from another run's base checkpoint (``init_from``) may change: what only the
 # refinement phase reads.
 REFINE_FIELDS = ("mode", "cycle", "lam_f", "lam_r", "recipe", "mfam_samples",
                  "mfam_sampler_steps", "highlighter", "highlighter_backbone", "highlighter_layer",
                  "highlighter_epochs", "highlighter_samples", "highlighter_finetune_steps")
 
-__all__ = ["NonFiniteLossError", "OutDirError", "SelfRefiningTrainer"]
+__all__ = ["EmptyMapError", "NonFiniteLossError", "OutDirError", "SelfRefiningTrainer"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -124,8 +126,12 @@ class SelfRefiningTrainer:
                                            weight_decay=config.weight_decay, foreach=True)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.alphas_cumprod = make_scheduler(config).alphas_cumprod.to(self.device)
-        self.refinement = RefinementCycle(config, self.device, self.dist, self.train_images, self.out_dir,
-                                          self._refresh_samples)
+        self.refiner = Refiner(
+            config.highlighter or HighlighterRecipe(config.highlighter_backbone, config.highlighter_epochs,
+                                                    config.highlighter_samples, config.highlighter_layer),
+            self.train_images, self._refresh_samples, base_steps=config.base_steps if config.needs_mfam else config.steps,
+            cycle=config.cycle, mfam_samples=config.mfam_samples, finetune_steps=config.highlighter_finetune_steps,
+            seed=config.seed, require_fam=config.require_fam, figures=self.out_dir / "figures", device=self.device)
         self.log = RunLog(self.out_dir)
         self.step = 0
         self.last_checkpoint: Path | None = None
@@ -134,7 +140,7 @@ class SelfRefiningTrainer:
     @property
     def mfam(self) -> torch.Tensor | None:
         """The current mFAM (H, W) in [0, 1], or None before the first refresh."""
-        return self.refinement.mfam
+        return self.refiner.mfam
 
     def parameters(self) -> list[nn.Parameter]:
         """What the optimiser trains: the denoiser's parameters (the learned mFAM projections included:
@@ -147,9 +153,6 @@ class SelfRefiningTrainer:
         if c.batch_size % (w * c.grad_accum):
             raise ValueError(f"batch_size {c.batch_size} must be a multiple of world_size x grad_accum = "
                              f"{w} x {c.grad_accum}")
-        if c.mfam_samples % w or c.highlighter_samples % w:
-            raise ValueError(f"mfam_samples ({c.mfam_samples}) and highlighter_samples ({c.highlighter_samples}) "
-                             f"must be multiples of world_size {w}")
 
     def _lr_factor(self, step: int) -> float:
         c = self.config
@@ -212,7 +215,7 @@ class SelfRefiningTrainer:
                 loss = self._micro_loss(step, j, indices[sl], timesteps[sl].to(self.device))
                 (loss / c.grad_accum).backward()
             loss_sum += loss.detach()
-        loss_sum = distributed.all_reduce_sum(loss_sum, self.dist)
+        loss_sum = all_reduce_sum(loss_sum)
         loss_value = loss_sum.item() / (c.grad_accum * self.dist.world_size)
         if not math.isfinite(loss_value):
             where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
@@ -245,9 +248,14 @@ class SelfRefiningTrainer:
                                          steps=self.config.mfam_sampler_steps, autocast_dtype=self.autocast_dtype)
 
     def refresh_mfam(self) -> dict:
-        """Draw EMA samples on all ranks, optionally fine-tune the highlighter on them, and set the new
-        mFAM (see :class:`srdiff.trainer.refinement.RefinementCycle`)."""
-        return self.refinement.refresh(self.step)
+        """Draw EMA samples on all ranks, fine-tune the highlighter on them, and set the new mFAM
+        (:meth:`srdiff.Refiner.refresh`); returns the refresh's record. An empty or constant map under
+        ``require_fam`` is logged, then raises :class:`srdiff.refiner.EmptyMapError`."""
+        try:
+            return self.refiner.refresh(self.step)
+        except EmptyMapError as exc:
+            self.log.write(exc.record)
+            raise
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -260,7 +268,7 @@ class SelfRefiningTrainer:
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
-            **self.refinement.state_dict(),
+            **self.refiner.state_dict(),
             "rng": checkpoint.rng_state(),
             "world_size": self.dist.world_size,
         }
@@ -271,7 +279,7 @@ class SelfRefiningTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.step = int(state["step"])
-        self.refinement.load_state_dict(state)
+        self.refiner.load_state_dict(state)
         if restore_rng:
             checkpoint.set_rng_state(state["rng"])
 
@@ -280,14 +288,15 @@ class SelfRefiningTrainer:
         path = self.out_dir / "checkpoints" / name
         if self.dist.is_main:
             checkpoint.save_atomic(self.state_dict(), path)
-        distributed.barrier(self.dist)
+        barrier()
         if name == "last.pt":
             self.last_checkpoint, self._checkpoint_step = path, self.step
         return path
 
     def _check_compatible(self, saved: dict, allowed: tuple[str, ...], what: str) -> None:
-        ours = self.config.to_dict()
-        diff = sorted(k for k in ours if k not in allowed and saved.get(k) != ours[k])
+        ours, fields = self.config.to_dict(), TrainConfig.__dataclass_fields__
+        # a field newer than the checkpoint had its default there
+        diff = sorted(k for k in ours if k not in allowed and saved.get(k, fields[k].default) != ours[k])
         if diff:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {ours[k]!r}" for k in diff)
             raise ValueError(f"cannot {what}: the config differs in {details}")
@@ -357,7 +366,7 @@ class SelfRefiningTrainer:
         if self.dist.is_main:
             prepare_out_dir(self.out_dir, resume=resume, overwrite=False)
             set_aside_failed_start(self.out_dir)
-        distributed.barrier(self.dist)  # rank 0 has checked the out dir before any rank reads it
+        barrier()  # rank 0 has checked the out dir before any rank reads it
         resumed = self.resume() if resume else False
         if init_from is not None and not resumed:
             self.init_from(init_from)
@@ -375,7 +384,7 @@ class SelfRefiningTrainer:
         finally:
             self.log.close()
         summary = self._finish()
-        distributed.barrier(self.dist)
+        barrier()
         return summary
 
     def _loop(self) -> None:
@@ -387,7 +396,7 @@ class SelfRefiningTrainer:
         start = time.perf_counter()
         with bar:
             while self.step < c.steps:
-                if self.refinement.due(self.step):
+                if self.refiner.due(self.step):
                     self.log.write(self.refresh_mfam())
                 record = self.train_step()
                 record["seconds"] = time.perf_counter() - start
@@ -416,7 +425,7 @@ class SelfRefiningTrainer:
                    "metrics": str(self.log.path), "loss_plot": str(self.out_dir / "figures" / "loss.png")}
         if not self.dist.is_main:
             return summary
-        highlighter = self.refinement.highlighter
+        highlighter = self.refiner.highlighter
         if highlighter is not None:
             highlighter.save(self.out_dir / "highlighter.pt")
             summary["highlighter"] = str(self.out_dir / "highlighter.pt")

@@ -162,14 +162,16 @@ class Refiner:
     # ------------------------------------------------------------------ the schedule
     def due(self, step: int) -> bool:
         """Whether a refresh runs before step ``step`` (0-based): every ``cycle`` steps from ``base_steps`` on,
-        and at any refinement step while there is no map (a loop resumed without :meth:`load_state_dict`)."""
-        if step < self.base_steps:
+        and at any refinement step while there is no map (a loop resumed without :meth:`load_state_dict`);
+        never twice for one step."""
+        if step < self.base_steps or (self.last_record is not None and self.last_record["step"] == step):
             return False
         return self.mfam is None or (step - self.base_steps) % self.cycle == 0
 
     def step(self, step: int) -> torch.Tensor | None:
-        """The mFAM to train step ``step`` (0-based) with, refreshed first when :meth:`due`; None in the base
-        phase. Call it on every rank at every step (a refresh is a collective)."""
+        """The mFAM to train optimiser step ``step`` (0-based) with, refreshed first when :meth:`due`; None in
+        the base phase. Call it on every rank at every step, or at every micro-batch (a step's later calls
+        return its map): a refresh is a collective."""
         if self.due(step):
             self.refresh(step)
         return self.mfam if step >= self.base_steps else None

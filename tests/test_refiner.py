@@ -57,6 +57,7 @@ def test_the_map_is_none_in_the_base_phase_and_refreshed_every_cycle():
     assert [n for n, _, _ in sampler.calls] == [8, 4, 4, 4] and {f for _, _, f in sampler.calls} == {0}
     assert len({seed for _, seed, _ in sampler.calls}) == 4  # every draw keyed apart
     assert maps[3] is not maps[5] and maps[4] is maps[3] and maps[7] is r.mfam
+    assert r.step(7) is maps[7] and len(sampler.calls) == 4  # a step's second call (a micro-batch) reuses its map
     assert maps[7].shape == (SIZE, SIZE) and 0 <= float(maps[7].min()) and float(maps[7].max()) <= 1
 
 
@@ -171,6 +172,16 @@ def test_bad_arguments_are_refused(changes, error, match):
 def test_bad_recipes_are_refused(changes, match):
     with pytest.raises(ValueError, match=match):
         HighlighterRecipe(**changes)
+
+
+def test_samples_must_split_evenly_over_the_ranks(monkeypatch):
+    import srdiff.refiner
+
+    monkeypatch.setattr(srdiff.refiner, "rank_and_world", lambda group=None: (0, 4))
+    with pytest.raises(ValueError, match="mfam_samples must be a multiple of the world size 4 .* got 6"):
+        refiner(mfam_samples=6)
+    with pytest.raises(ValueError, match="recipe.samples must be a multiple of the world size 4 .* got 10"):
+        refiner(highlighter=HighlighterRecipe(epochs=1, samples=10))
 
 
 def _returns(value):

@@ -26,13 +26,18 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init(device_kind: str) -> DistInfo:
+def init(device_kind: str, *, need_group: bool = False) -> DistInfo:
     """Join the process group torchrun describes (if any, and none is joined yet); returns this process's
-    rank info."""
+    rank info. ``need_group`` (FSDP) joins one for a single torchrun rank too, and refuses a process
+    torchrun did not start."""
     if initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if need_group and "RANK" not in os.environ:
+        raise ValueError("parallel 'fsdp' shards the denoiser over the ranks of a torchrun launch, and this process "
+                         "was not started by one (no RANK in its environment): run `torchrun --nproc_per_node=N -m "
+                         "srdiff train ... --parallel fsdp`, or use parallel 'ddp'")
+    if world == 1 and not need_group:
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     backend = "nccl" if device_kind == "cuda" else "gloo"

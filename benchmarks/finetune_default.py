@@ -1,0 +1,79 @@
+"""How many highlighter fine-tune steps per mFAM refresh? Measured on the demo config: the refinement phase of
+``configs/demo.toml`` from one base checkpoint, once per ``highlighter_finetune_steps`` value; per refresh the
+highlighter's balanced accuracy on that refresh's fresh samples before its fine-tune (how well the highlighter
+trained at the switch still tells the current model's samples from real digits), the mFAM's Pearson
+correlation with the previous refresh's and their mean absolute difference (how far the map moves), and the
+refresh's seconds. ``docs/trainer.md`` renders the table from the stored JSON.
+
+    python -m benchmarks.finetune_default --base RUN/checkpoints/base.pt --value 20 --out benchmarks/results/finetune
+    python -m benchmarks.finetune_default --report benchmarks/results/finetune
+"""
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CONFIG = "configs/demo.toml"
+
+
+def measure(base: str, value: int) -> dict:
+    from srdiff.trainer import SelfRefiningTrainer, TrainConfig
+
+    with tempfile.TemporaryDirectory() as out:
+        config = TrainConfig.from_file(CONFIG, highlighter_finetune_steps=value, eval_samples=0, progress=False,
+                                       out_dir=out)
+        trainer = SelfRefiningTrainer(config)
+        trainer.init_from(base)
+        records, maps, started = [], [], time.perf_counter()
+        while trainer.step < config.steps:
+            if trainer.refiner.due(trainer.step):
+                records.append(trainer.refresh_mfam())
+                maps.append(trainer.mfam.detach().cpu().flatten())
+            trainer.train_step()
+    moves = [{"corr": float(torch.corrcoef(torch.stack([a, b]))[0, 1]), "mean_abs_change": float((b - a).abs().mean())}
+             for a, b in zip(maps, maps[1:])]
+    return {"highlighter_finetune_steps": value, "config": CONFIG, "base": base, "refreshes": records, "moves": moves,
+            "refine_seconds": time.perf_counter() - started, "threads": torch.get_num_threads(),
+            "machine": platform.processor() or platform.machine(), "load_average": os.getloadavg()}
+
+
+def report(folder: Path) -> str:
+    """The markdown table of every ``ft*.json`` in ``folder``: per value, the refreshes after the first."""
+    runs = sorted((json.loads(p.read_text()) for p in folder.glob("ft*.json")),
+                  key=lambda r: r["highlighter_finetune_steps"])
+    lines = ["| fine-tune steps | balanced accuracy before the fine-tune (refreshes 1-4) | mFAM corr. with the previous "
+             "| mean abs. change | mFAM max | seconds per refresh |", "| --- | --- | --- | --- | --- | --- |"]
+    for run in runs:
+        later = run["refreshes"][1:]
+        acc = ", ".join(f"{r['highlighter_balanced_accuracy']:.2f}" for r in later)
+        corr = ", ".join(f"{m['corr']:.3f}" for m in run["moves"])
+        change = ", ".join(f"{m['mean_abs_change']:.3f}" for m in run["moves"])
+        peak = ", ".join(f"{r['mfam_max']:.2f}" for r in later)
+        seconds = sum(r["seconds"] for r in later) / max(1, len(later))
+        lines.append(f"| {run['highlighter_finetune_steps']} | {acc} | {corr} | {change} | {peak} | {seconds:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", help="the demo config's base checkpoint (checkpoints/base.pt of a run of it)")
+    parser.add_argument("--value", type=int, help="highlighter_finetune_steps to measure")
+    parser.add_argument("--out", help="folder for ft<value>.json")
+    parser.add_argument("--report", help="print the table of the JSON files in this folder")
+    args = parser.parse_args()
+    if args.report:
+        print(report(Path(args.report)))
+        return
+    result = measure(args.base, args.value)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"ft{args.value}.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -135,6 +135,11 @@ def test_what_fsdp_cannot_do_is_refused(fsdp_run, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"Sequential \(backbone 'unet'\) has none of the blocks \['down_blocks', "
                                          r"'mid_block', 'up_blocks'\]: use parallel 'ddp'"):
         get_backbone("unet").shard_units(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1)))
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "moved" / "last.pt").write_bytes(last.read_bytes())  # without its shards
+    with pytest.raises(ValueError, match=r"names its shards .*last.shards-000008', which hold no complete sharded "
+                                         r"checkpoint \(no DCP .metadata\): they were moved or deleted"):
+        checkpoint.load(tmp_path / "moved" / "last.pt")
     ddp = SelfRefiningTrainer(config.replace(parallel="ddp", out_dir=str(tmp_path / "ddp")))
     with pytest.raises(ValueError, match="cannot resume from .*: the config differs in parallel: 'fsdp' -> 'ddp'"):
         ddp.resume(str(last))

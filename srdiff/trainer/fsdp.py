@@ -100,13 +100,11 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def consolidate(folder: str | Path, part: str, template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``part`` (one of :data:`PARTS` but the optimiser) of the sharded checkpoint ``folder`` as plain tensors
-    shaped as ``template`` (an unsharded model's state dict, whose keys it fills), in a plain process."""
+    """``part`` (one of :data:`PARTS` but the optimiser) of the sharded checkpoint ``folder`` (as
+    :func:`srdiff.trainer.checkpoint.load` checked and named it) as plain tensors shaped as ``template`` (an
+    unsharded model's state dict, whose keys it fills), in a plain process."""
     if part not in PARTS[:2]:
         raise ValueError(f"part must be one of {PARTS[:2]}, got {part!r}")
-    folder = Path(folder)
-    if not (folder / ".metadata").is_file():
-        raise ValueError(f"{str(folder)!r} is not a sharded checkpoint (no DCP .metadata): was its save interrupted?")
     state = {part: template}
-    dcp.load(state, checkpoint_id=folder)
+    dcp.load(state, checkpoint_id=Path(folder))
     return state[part]

@@ -248,9 +248,10 @@ class SelfRefiningTrainer:
                 f"writing a checkpoint, {where}. Try a lower lr (now {c.lr}) or grad_clip (now {c.grad_clip})."
             )
         if c.grad_clip > 0:
-            grad_norm = fsdp.scalar(torch.nn.utils.clip_grad_norm_(self.parameters(), c.grad_clip))
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), c.grad_clip)
         else:
-            grad_norm = fsdp.scalar(torch.nn.utils.get_total_norm([p.grad for p in self.parameters() if p.grad is not None]))
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.parameters() if p.grad is not None])
+        grad_norm = fsdp.scalar(norm)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.lr_scheduler.step()
@@ -300,10 +301,11 @@ class SelfRefiningTrainer:
         """The checkpoint: everything a resumed run needs. Under FSDP the weights, the EMA's weights and the
         optimiser state are left out: they are the checkpoint's shards (:meth:`save_checkpoint`)."""
         ema = self.ema.state_dict()
-        weights = {"model": self.denoiser.state_dict(), "ema": ema, "optimizer": self.optimizer.state_dict()}
         if self.sharded:
-            ema.pop("model")
+            del ema["model"]  # in the shards, with the denoiser's weights and the optimiser state
             weights = {"ema": ema}
+        else:
+            weights = {"model": self.denoiser.state_dict(), "ema": ema, "optimizer": self.optimizer.state_dict()}
         return {
             "config": self.config.to_dict(),
             "task": self.task.state_dict(),

@@ -243,9 +243,7 @@ def main(args):
                 global_step += 1
                 progress.update(1)
                 logs = {"loss": train_loss, "lr": lr_scheduler.get_last_lr()[0], "mfam": mfam is not None}
-                if refiner.last_record is not None and refiner.last_record["step"] == global_step - 1:
-                    logs.update({f"refresh/{k}": v for k, v in refiner.last_record.items()  # srdiff: the map's record
-                                 if isinstance(v, (int, float))})
+                logs.update(refiner.metrics(global_step - 1))  # srdiff: the numbers of a refresh before this step
                 accelerator.log(logs, step=global_step)
                 progress.set_postfix(loss=f"{train_loss:.4f}")
                 losses.append(train_loss)

@@ -209,6 +209,14 @@ class Refiner:
             self._save_figures(cycle_index, samples, fams)
         return record
 
+    def metrics(self, step: int) -> dict:
+        """The numbers of the refresh that ran before step ``step``, named ``refresh/<field>``, for a tracker
+        (``accelerator.log(refiner.metrics(step), step=...)``); empty when none ran then."""
+        record = self.last_record
+        if record is None or record["step"] != step:
+            return {}
+        return {f"refresh/{name}": value for name, value in record.items() if isinstance(value, (int, float))}
+
     def _check_map(self, record: dict) -> None:
         """An empty or constant map: a warning in ``record`` (and on rank 0), or :class:`EmptyMapError`."""
         if record["mfam_max"] > 0 and record["mfam_std"] >= EMPTY_MAP_STD:

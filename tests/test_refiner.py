@@ -101,6 +101,15 @@ def test_state_dict_resumes_the_cycle_exactly():
         assert torch.equal(resumed.highlighter.state_dict()[name], value), name
 
 
+def test_metrics_are_the_numbers_of_the_refresh_before_that_step_only():
+    r = refiner()
+    assert r.metrics(3) == {}
+    record = r.refresh(3)
+    metrics = r.metrics(3)
+    assert metrics["refresh/cycle"] == 0 and metrics["refresh/mfam_max"] == record["mfam_max"]
+    assert "refresh/event" not in metrics and r.metrics(4) == {}
+
+
 def test_a_refinement_step_without_a_map_refreshes_at_once():
     r = refiner()
     assert r.due(6) and r.step(6) is not None and r.last_record["cycle"] == 1

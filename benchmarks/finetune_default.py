@@ -5,6 +5,7 @@ trained at the switch still tells the current model's samples from real digits),
 correlation with the previous refresh's and their mean absolute difference (how far the map moves), and the
 refresh's seconds. ``docs/trainer.md`` renders the table from the stored JSON.
 
+    python -m benchmarks.finetune_default --make-base RUN          # RUN/checkpoints/base.pt: the base phase only
     python -m benchmarks.finetune_default --base RUN/checkpoints/base.pt --value 20 --out benchmarks/results/finetune
     python -m benchmarks.finetune_default --report benchmarks/results/finetune
 """
@@ -22,19 +23,40 @@ import torch
 CONFIG = "configs/demo.toml"
 
 
-def measure(base: str, value: int) -> dict:
+def make_base(out: str) -> Path:
+    """Train the demo config's base phase alone and write ``out/checkpoints/base.pt``, as a run would at the
+    switch (the base phase is the same in every mode)."""
+    from srdiff.trainer import SelfRefiningTrainer, TrainConfig
+
+    config = TrainConfig.from_file(CONFIG, eval_samples=0, progress=False, out_dir=out)
+    trainer = SelfRefiningTrainer(config)
+    while trainer.step < config.base_steps:
+        trainer.train_step()
+    return trainer.save_checkpoint("base.pt")
+
+
+def measure(base: str, value: int, refreshes: int) -> dict:
+    """The first ``refreshes`` refreshes of the demo's refinement phase from ``base`` with ``value`` fine-tune
+    steps; training stops at the last of them (the steps after it change nothing measured here)."""
     from srdiff.trainer import SelfRefiningTrainer, TrainConfig
 
     with tempfile.TemporaryDirectory() as out:
         config = TrainConfig.from_file(CONFIG, highlighter_finetune_steps=value, eval_samples=0, progress=False,
                                        out_dir=out)
+        most = (config.steps - config.base_steps) // config.cycle
+        if not 2 <= refreshes <= most:
+            raise ValueError(f"refreshes must be in 2..{most} (the demo's refinement phase), got {refreshes}")
         trainer = SelfRefiningTrainer(config)
         trainer.init_from(base)
+        last = config.base_steps + (refreshes - 1) * config.cycle
         records, maps, started = [], [], time.perf_counter()
-        while trainer.step < config.steps:
+        while True:
             if trainer.refiner.due(trainer.step):
                 records.append(trainer.refresh_mfam())
                 maps.append(trainer.mfam.detach().cpu().flatten())
+                print(f"fine-tune {value}: refresh {len(records)}/{refreshes} at step {trainer.step}", flush=True)
+            if trainer.step == last:
+                break
             trainer.train_step()
     moves = [{"corr": float(torch.corrcoef(torch.stack([a, b]))[0, 1]), "mean_abs_change": float((b - a).abs().mean())}
              for a, b in zip(maps, maps[1:])]
@@ -47,7 +69,8 @@ def report(folder: Path) -> str:
     """The markdown table of every ``ft*.json`` in ``folder``: per value, the refreshes after the first."""
     runs = sorted((json.loads(p.read_text()) for p in folder.glob("ft*.json")),
                   key=lambda r: r["highlighter_finetune_steps"])
-    lines = ["| fine-tune steps | balanced accuracy before the fine-tune (refreshes 1-4) | mFAM corr. with the previous "
+    last = len(runs[0]["refreshes"]) - 1
+    lines = [f"| fine-tune steps | balanced accuracy before the fine-tune (refreshes 1-{last}) | mFAM corr. with the previous "
              "| mean abs. change | mFAM max | seconds per refresh |", "| --- | --- | --- | --- | --- | --- |"]
     for run in runs:
         later = run["refreshes"][1:]
@@ -62,15 +85,20 @@ def report(folder: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--make-base", help="train the base phase into this run folder, then stop")
     parser.add_argument("--base", help="the demo config's base checkpoint (checkpoints/base.pt of a run of it)")
     parser.add_argument("--value", type=int, help="highlighter_finetune_steps to measure")
+    parser.add_argument("--refreshes", type=int, default=5, help="how many refreshes to measure (the demo makes 5)")
     parser.add_argument("--out", help="folder for ft<value>.json")
     parser.add_argument("--report", help="print the table of the JSON files in this folder")
     args = parser.parse_args()
     if args.report:
         print(report(Path(args.report)))
         return
-    result = measure(args.base, args.value)
+    if args.make_base:
+        print(make_base(args.make_base))
+        return
+    result = measure(args.base, args.value, args.refreshes)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"ft{args.value}.json").write_text(json.dumps(result, indent=1) + "\n")
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tests.utils import REPO, assert_close, launch_env, saved_highlighter
+from srdiff_testing import REPO, assert_close, launch_env, saved_highlighter
 
 # Runs an example's main() in each process (runpy executes the script; nothing imports `examples`) and keeps
 # what the test compares: the per-step losses, this rank's mFAM and the refresh records.

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from srdiff.trainer import SelfRefiningTrainer, TrainConfig
-from srdiff_testing import TINY_TRAIN, assert_close, assert_trained_like_one_process, run_on_ranks, saved_highlighter
+from srdiff_testing import TINY_TRAIN, assert_trained_like_one_process, run_on_ranks, saved_highlighter
 
 _WORKER = """
 import json, sys, torch
@@ -17,8 +17,8 @@ torch.save({"mfam": trainer.mfam, "model": trainer.denoiser.state_dict(), "world
 distributed.shutdown()
 """
 
-# 6 steps, 3 refreshes; a saved highlighter (tests/utils.py): its maps are not blank, so "identical on both
-# ranks" means something; with one, the highlighter is also fine-tuned at every refresh (rank 0, then
+# 6 steps, 3 refreshes; a saved highlighter (tests/srdiff_testing.py): its maps are not blank, so "identical on
+# both ranks" means something; with one, the highlighter is also fine-tuned at every refresh (rank 0, then
 # broadcast).
 RUN = dict(TINY_TRAIN, mode="combined", steps=6, cycle=2, checkpoint_every=100)
 

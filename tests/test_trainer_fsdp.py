@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from srdiff.trainer import SelfRefiningTrainer, TrainConfig, checkpoint, distributed
-from tests.utils import (TINY_TRAIN, assert_trained_like_one_process, kill_and_resume, run_losses, run_on_ranks,
+from srdiff_testing import (TINY_TRAIN, assert_trained_like_one_process, kill_and_resume, run_losses, run_on_ranks,
                          saved_highlighter)
 
 _WORKER = """

@@ -5,9 +5,11 @@ trained at the switch still tells the current model's samples from real digits),
 correlation with the previous refresh's and their mean absolute difference (how far the map moves), and the
 refresh's seconds. ``docs/trainer.md`` renders the table from the stored JSON.
 
-    python -m benchmarks.finetune_default --make-base RUN          # RUN/checkpoints/base.pt: the base phase only
-    python -m benchmarks.finetune_default --base RUN/checkpoints/base.pt --value 20 --out benchmarks/results/finetune
-    python -m benchmarks.finetune_default --report benchmarks/results/finetune
+    export PYTHONPATH=benchmarks OMP_NUM_THREADS=1
+    python -m srdiff_bench.finetune_default --make-base RUN     # RUN/checkpoints/base.pt: the base phase only
+    python -m srdiff_bench.finetune_default --base RUN/checkpoints/base.pt --value 20 --refreshes 4 \
+        --out benchmarks/results/finetune_default
+    python -m srdiff_bench.finetune_default --report benchmarks/results/finetune_default
 """
 
 import argparse

@@ -80,7 +80,7 @@ def parse_args(input_args=None):
     refine.add_argument("--highlighter", default=None, help="a saved srdiff.FlawHighlighter (default: train one)")
     refine.add_argument("--highlighter_epochs", type=int, default=10)
     refine.add_argument("--highlighter_samples", type=int, default=256)
-    refine.add_argument("--highlighter_finetune_steps", type=int, default=20)
+    refine.add_argument("--highlighter_finetune_steps", type=int, default=0)
     refine.add_argument("--highlighter_real_images", type=int, default=1024, help="real images the highlighter sees")
     refine.add_argument("--require_fam", action="store_true", help="stop on an empty or constant mFAM")
     args = parser.parse_args(input_args)

@@ -120,7 +120,7 @@ class Refiner:
     """
 
     def __init__(self, highlighter: "HighlighterRecipe | FlawHighlighter | str | os.PathLike", real_images: torch.Tensor,
-                 sampler: Sampler, *, base_steps: int, cycle: int, mfam_samples: int = 64, finetune_steps: int = 20,
+                 sampler: Sampler, *, base_steps: int, cycle: int, mfam_samples: int = 64, finetune_steps: int = 0,
                  seed: int = 0, require_fam: bool = False, figures: str | os.PathLike | None = None, group=None,
                  device: torch.device | str | None = None):
         self.path = None

@@ -68,20 +68,28 @@ def measure(base: str, value: int, refreshes: int) -> dict:
 
 
 def report(folder: Path) -> str:
-    """The markdown table of every ``ft*.json`` in ``folder``: per value, the refreshes after the first."""
-    runs = sorted((json.loads(p.read_text()) for p in folder.glob("ft*.json")),
+    """The markdown table of every ``ft*.json`` in ``folder``: per value, the refreshes after the first (the
+    first is the same for every value: its highlighter has just been trained and is not fine-tuned)."""
+    runs = sorted((json.loads(p.read_text()) for p in Path(folder).glob("ft*.json")),
                   key=lambda r: r["highlighter_finetune_steps"])
+    if not runs:
+        raise ValueError(f"no ft*.json in {str(folder)!r}")
+
+    def cells(values, digits):
+        return ", ".join(f"{v:.{digits}f}" for v in values)
+
     last = len(runs[0]["refreshes"]) - 1
-    lines = [f"| fine-tune steps | balanced accuracy before the fine-tune (refreshes 1-{last}) | mFAM corr. with the previous "
-             "| mean abs. change | mFAM max | seconds per refresh |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [f"| fine-tune steps | highlighter balanced accuracy before the fine-tune (refreshes 1-{last}) | empty FAMs "
+             "(share) | mFAM max | mFAM corr. with the previous | mean abs. change | seconds per refresh |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for run in runs:
         later = run["refreshes"][1:]
-        acc = ", ".join(f"{r['highlighter_balanced_accuracy']:.2f}" for r in later)
-        corr = ", ".join(f"{m['corr']:.3f}" for m in run["moves"])
-        change = ", ".join(f"{m['mean_abs_change']:.3f}" for m in run["moves"])
-        peak = ", ".join(f"{r['mfam_max']:.2f}" for r in later)
-        seconds = sum(r["seconds"] for r in later) / max(1, len(later))
-        lines.append(f"| {run['highlighter_finetune_steps']} | {acc} | {corr} | {change} | {peak} | {seconds:.1f} |")
+        seconds = sum(r["seconds"] for r in later) / len(later)
+        lines.append(" | ".join([
+            f"| {run['highlighter_finetune_steps']}", cells([r["highlighter_balanced_accuracy"] for r in later], 2),
+            cells([r["empty_fam_fraction"] for r in later], 2), cells([r["mfam_max"] for r in later], 2),
+            cells([m["corr"] for m in run["moves"]], 3), cells([m["mean_abs_change"] for m in run["moves"]], 3),
+            f"{seconds:.1f} |"]))
     return "\n".join(lines)
 
 
@@ -100,9 +108,16 @@ def main() -> None:
     if args.make_base:
         print(make_base(args.make_base))
         return
+    missing = [flag for flag, value in (("--base", args.base), ("--value", args.value), ("--out", args.out))
+               if value is None]
+    if missing:
+        parser.error(f"a measurement needs {', '.join(missing)} (or give --report or --make-base)")
+    target = Path(args.out) / f"ft{args.value}.json"
+    if target.exists():
+        parser.error(f"{target} exists: move it away to measure again")
     result = measure(args.base, args.value, args.refreshes)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"ft{args.value}.json").write_text(json.dumps(result, indent=1) + "\n")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -104,7 +104,8 @@ class TrainConfig:
                                        "as fine, which the ablation uses: docs/trainer.md)")
     highlighter_epochs: int = _f(10, "highlighter", "pre-training epochs at the phase switch (real vs samples)")
     highlighter_samples: int = _f(256, "highlighter", "EMA samples drawn for the pre-training")
-    highlighter_finetune_steps: int = _f(0, "highlighter", "fine-tune steps on fresh samples each cycle (0: off)")
+    highlighter_finetune_steps: int = _f(0, "highlighter", "fine-tune steps on fresh samples each cycle (0: off; "
+                                         "measured, fine-tunes degraded the highlighter: docs/trainer.md)")
     require_fam: bool = _f(False, "highlighter", "stop the run (exit 1) when a refresh gives an empty or constant "
                            "mFAM, instead of warning and training on (the ablation turns it on)")
     # optim

@@ -34,6 +34,8 @@ _PUBLIC = {
     "amplified_add_noise": "srdiff.noise",
     "amplified_noise_loss": "srdiff.noise",
     "FlawHighlighter": "srdiff.highlighter",
+    "Refiner": "srdiff.refiner",
+    "HighlighterRecipe": "srdiff.refiner",
     "SelfRefiningTrainer": "srdiff.trainer",
     "TrainConfig": "srdiff.trainer",
     "load_trained": "srdiff.trainer.trained",

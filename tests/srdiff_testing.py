@@ -184,13 +184,69 @@ def run_losses(config) -> list[tuple[int, float]]:
         return [(r["step"], r["loss"]) for r in map(json.loads, filter(str.strip, f)) if "loss" in r]
 
 
-def srdiff_cli(*args, **kw):
-    """``python -m srdiff ARGS`` as a Popen with stdout and stderr together, text mode."""
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def launch_env(**extra) -> dict:
+    """The environment of a child process that must import this checkout's srdiff whatever its working
+    directory or script folder (not another installed one). Its thread count is this process's (CPU
+    results are bit-identical only between runs with the same count); torchrun gives each rank one."""
+    import os
+
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def torchrun(ranks: int = 2) -> list[str]:
+    """The command prefix that starts ``ranks`` processes on this machine (gloo on the CPU)."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+
+
+def run_on_ranks(source: str, config, folder, *, ranks: int = 2, timeout: float = 600) -> None:
+    """Write the script ``source`` to ``folder/worker.py`` and run it on ``ranks`` gloo processes (torchrun)
+    with ``config`` (a TrainConfig) as JSON in ``sys.argv[1]``; every rank must exit 0."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    worker = Path(folder) / "worker.py"
+    worker.write_text(source)
+    proc = subprocess.run([*torchrun(ranks), str(worker), json.dumps(config.to_dict())], capture_output=True,
+                          text=True, timeout=timeout, env=launch_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def saved_highlighter(path, *, channels: int = 1, size: int = 8) -> str:
+    """An untrained "small" FlawHighlighter saved at ``path``: its maps are not blank, so a refresh gives a
+    real mFAM (a trained one at chance may give an empty one)."""
+    from srdiff.highlighter import FlawHighlighter
+
+    FlawHighlighter(backbone="small", in_channels=channels, image_size=size).save(path)
+    return str(path)
+
+
+def srdiff_cli(*args, ranks: int = 1, **kw):
+    """``python -m srdiff ARGS`` (under torchrun with ``ranks`` > 1) as a Popen with stdout and stderr
+    together, text mode, unless ``kw`` redirects them."""
     import subprocess
     import sys
 
-    return subprocess.Popen([sys.executable, "-m", "srdiff", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+    launcher = torchrun(ranks) if ranks > 1 else [sys.executable]
+    kw = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True, "env": launch_env(), **kw}
+    return subprocess.Popen([*launcher, "-m", "srdiff", *args], **kw)
+
+
+def kill_tree(proc) -> None:
+    """SIGKILL ``proc`` and every process it started (torchrun's workers run in sessions of their own)."""
+    import psutil
+
+    parent = psutil.Process(proc.pid)
+    for child in parent.children(recursive=True):
+        child.kill()
+    parent.kill()
+    proc.wait()
 
 
 def config_flags(config) -> list[str]:
@@ -207,26 +263,71 @@ def config_flags(config) -> list[str]:
     return out
 
 
-def kill_and_resume(config, *, after_step: int, checkpoint_step: int, timeout: float = 300) -> None:
-    """Train ``config`` with ``srdiff train``, SIGKILL it once step ``after_step`` is logged, check that
-    ``checkpoints/last.pt`` is at ``checkpoint_step``, then ``srdiff train --resume`` it to the end."""
+def kill_and_resume(config, *, after_step: int, checkpoint_step: int, ranks: int = 1, timeout: float = 300) -> None:
+    """Train ``config`` with ``srdiff train`` (under torchrun with ``ranks`` > 1), SIGKILL it (every rank)
+    once step ``after_step`` is logged, check that ``checkpoints/last.pt`` is at ``checkpoint_step``, then
+    ``srdiff train --resume`` it to the end. The output goes to ``<out_dir>.log``."""
     import json
-    import signal
+    import subprocess
     import time
     from pathlib import Path
 
-    proc = srdiff_cli("train", *config_flags(config))
-    log, deadline = Path(config.out_dir) / "metrics.jsonl", time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if log.is_file() and any(json.loads(x).get("step", 0) >= after_step and "loss" in x
-                                 for x in log.read_text().splitlines()):
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read()}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    saved = torch.load(Path(config.out_dir) / "checkpoints" / "last.pt", weights_only=True)
+    out = Path(config.out_dir)
+    with open(out.with_suffix(".log"), "w") as output:
+        proc = srdiff_cli("train", *config_flags(config), ranks=ranks, stdout=output, stderr=subprocess.STDOUT)
+        log, deadline = out / "metrics.jsonl", time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            if log.is_file() and any(json.loads(x).get("step", 0) >= after_step and "loss" in x
+                                     for x in log.read_text().splitlines()):
+                break
+            time.sleep(0.02)
+        ended = proc.poll() is not None
+        kill_tree(proc)
+    assert not ended, f"the run ended before it could be killed:\n{out.with_suffix('.log').read_text()[-3000:]}"
+    saved = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert saved["step"] == checkpoint_step, f"killed at step {saved['step']}, not {checkpoint_step}"
-    resumed = srdiff_cli("train", *config_flags(config), "--resume")
-    out, _ = resumed.communicate(timeout=timeout)
-    assert resumed.returncode == 0, out
+    resumed = srdiff_cli("train", *config_flags(config), "--resume", ranks=ranks)
+    text, _ = resumed.communicate(timeout=timeout)
+    assert resumed.returncode == 0, text[-3000:]
+
+
+def assert_trained_like_one_process(weights: dict, mfam: torch.Tensor, single, initial: dict, run_dir,
+                                    single_dir) -> None:
+    """A run on N ranks (its final ``weights`` and ``mfam``, its ``metrics.jsonl`` in ``run_dir``) against
+    ``single``, a trainer that accumulated the same global batch in N micro-batches from the same ``initial``
+    weights (its log in ``single_dir``).
+
+    Same samples, timesteps and noise per micro-batch; only the order of floating-point sums differs
+    (all-reduce or reduce-scatter vs accumulation, batch 2 vs 4 in the refresh sampler), so agreement is to
+    rounding, as amplified by training. The weights are compared through what training did to them, tensor
+    by tensor and in norm: AdamW divides each gradient element by its own running RMS, so relative rounding
+    errors of the gradient reach the update at full size. Measured (DDP and FSDP): every tensor within
+    1.1e-4 of its update, except the attention key biases (up to 1.6e-2). Their gradient would be exactly
+    zero without the FAM (a bias shared by all keys shifts every logit of a query equally); the
+    (1 + lam*fam) scaling leaves a residue about lam times the size of the terms that cancel, so its
+    relative rounding error is about 1/lam = 40 times larger. A rank that missed the gradient reduction
+    (training on half the batch) would be off by order one everywhere.
+
+    The last mFAM is drawn by those weights (agreeing to 1e-3 of their update) through a sampler whose batch
+    differs: its budget is the weights' 1e-3, relative (measured: 3.9e-5 with the kernels' noise stream). A
+    map refreshed from diverged weights, or not all-reduced, differs by order one. The per-step losses are
+    compared with the float32 forward entry of the table above: they are computed from the same weights up
+    to that rounding."""
+    import json
+    from pathlib import Path
+
+    lam = single.config.lam_r
+    for name, value in single.denoiser.state_dict().items():
+        if not value.is_floating_point():
+            continue
+        bound = 1e-3 / lam if name.endswith("to_k.bias") else 1e-3
+        update = float((value - initial[name]).norm())
+        gap = float((weights[name] - value).norm())
+        assert gap <= bound * update + 1e-7, f"{name}: |ranks - single| = {gap:.3g} > {bound:g} x |update| = {update:.3g}"
+    torch.testing.assert_close(single.mfam, mfam, rtol=1e-3, atol=1e-3 * float(mfam.max()))
+
+    def losses(run):
+        lines = (Path(run) / "metrics.jsonl").read_text().splitlines()
+        return torch.tensor([json.loads(x)["loss"] for x in lines if '"loss"' in x])
+
+    assert_close(losses(run_dir), losses(single_dir), dtype=torch.float32, name="losses")

@@ -52,15 +52,17 @@ def test_the_scan_sees_the_package():
 
 @pytest.mark.parametrize("lower, upper", [
     ("srdiff.diffusion", ("srdiff.trainer", "srdiff.repair", "srdiff.repair_cli", "srdiff.repair_pipeline",
-                          "srdiff.highlighter", "srdiff.cli")),
+                          "srdiff.highlighter", "srdiff.refiner", "srdiff.cli")),
     ("srdiff.kernels", ("srdiff.attention", "srdiff.noise", "srdiff.gradcam", "srdiff.processors",
                         "srdiff.diffusion", "srdiff.highlighter", "srdiff.repair", "srdiff.trainer", "srdiff.models",
                         "srdiff.reference", "srdiff.cli")),
     ("srdiff.reference", ("srdiff.attention", "srdiff.noise", "srdiff.gradcam", "srdiff.kernels",
                           "srdiff.processors", "srdiff.trainer", "srdiff.repair", "srdiff.highlighter")),
     ("srdiff.processors", ("srdiff.diffusion", "srdiff.highlighter", "srdiff.repair", "srdiff.trainer", "srdiff.cli")),
-    ("srdiff.highlighter", ("srdiff.diffusion", "srdiff.repair", "srdiff.trainer", "srdiff.cli")),
-    ("srdiff.repair", ("srdiff.trainer", "srdiff.cli")),
+    ("srdiff.highlighter", ("srdiff.diffusion", "srdiff.repair", "srdiff.refiner", "srdiff.trainer", "srdiff.cli")),
+    ("srdiff.repair", ("srdiff.trainer", "srdiff.refiner", "srdiff.cli")),
+    ("srdiff.refiner", ("srdiff.trainer", "srdiff.repair", "srdiff.cli")),
+    ("srdiff._collectives", ("srdiff",)),
 ])
 def test_no_upward_imports(lower, upper):
     """A layer imports only what lies below it (docs/architecture.md)."""
@@ -99,3 +101,16 @@ def test_tasks_never_branch_on_backbone_names():
             if isinstance(node, ast.Compare):
                 names = {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
                 assert "backbone_name" not in names, f"{path.name}:{node.lineno} compares backbone_name"
+
+
+def test_examples_are_scripts_that_nothing_imports():
+    """``examples/`` holds scripts run by accelerate (``examples`` is a distribution name on PyPI): no package,
+    and no module of srdiff, its tests or its benchmarks imports it."""
+    root = PACKAGE.parent
+    assert sorted(p.name for p in (root / "examples").iterdir() if p.suffix == ".py")
+    assert not (root / "examples" / "__init__.py").exists()
+    for path in [*PACKAGE.rglob("*.py"), *(root / "tests").rglob("*.py"), *(root / "benchmarks").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "examples" or n.startswith("examples.") for n in names), f"{path} imports examples"

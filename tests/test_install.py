@@ -57,7 +57,7 @@ IMPORT_NAMES = {
     ".": {"srdiff", "setup"},
     "tests": {"srdiff_testing", "fam_reference"},
     "benchmarks": {"srdiff_bench"},
-    "examples": set(),
+    "examples": {"train_unconditional", "train_text_to_image_lora"},
 }
 
 

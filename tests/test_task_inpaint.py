@@ -48,7 +48,7 @@ def test_forward_amplification_never_touches_the_mask_channels(tmp_path):
     trainer.denoiser.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
     indices, t = torch.arange(8), torch.full((8,), 50)
     trainer._micro_loss(1, 0, indices, t)
-    trainer.refinement.mfam = torch.rand(8, 8)
+    trainer.refiner.mfam = torch.rand(8, 8)
     trainer._micro_loss(1, 0, indices, t)
     plain, amplified = seen
     batch = trainer.task.batch(indices, step=1, micro=0)

@@ -224,8 +224,6 @@ def test_bad_setups_are_refused(tmp_path):
         SelfRefiningTrainer({"steps": 3})
     with pytest.raises(ValueError, match=r"precision 'bf16' needs a CUDA device"):
         SelfRefiningTrainer(tiny(tmp_path, precision="bf16", device="cpu"))
-    with pytest.raises(ValueError, match=r"mfam_samples \(6\) and highlighter_samples \(8\) must be multiples"):
-        _check_divisibility(tiny(tmp_path, mfam_samples=6), world_size=4)
     with pytest.raises(ValueError, match=r"batch_size 8 must be a multiple of world_size x grad_accum = 3 x 1"):
         _check_divisibility(tiny(tmp_path), world_size=3)
     trainer = SelfRefiningTrainer(tiny(tmp_path, steps=2, ratio="1:0"))

@@ -52,7 +52,7 @@ def test_train_step(benchmark, tmp_path, model, phase, mode):
     trainer = _trainer(model, mode, tmp_path)
     size = model["image_size"]
     if phase == "refine":
-        trainer.refinement.mfam = torch.rand(size, size, generator=torch.Generator().manual_seed(0)).to(trainer.device)
+        trainer.refiner.mfam = torch.rand(size, size, generator=torch.Generator().manual_seed(0)).to(trainer.device)
     step = trainer.config.base_steps if phase == "refine" else 0
 
     def one_step():
@@ -111,7 +111,7 @@ def test_mfam_refresh(benchmark, tmp_path, model, finetune_steps):
                    shape=_shape(model))
     trainer = _trainer(model, "combined", tmp_path, highlighter_finetune_steps=finetune_steps)
     cfg = trainer.config
-    trainer.refinement.highlighter = FlawHighlighter(backbone="small", in_channels=cfg.channels,
+    trainer.refiner.highlighter = FlawHighlighter(backbone="small", in_channels=cfg.channels,
                                                      image_size=cfg.image_size).to(trainer.device)
 
     def refresh():

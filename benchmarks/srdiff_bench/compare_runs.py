@@ -1,5 +1,6 @@
 """Compare two training runs bit for bit: every metrics.jsonl record (per-step loss, lr, grad norm; each
-refresh's mFAM statistics and fine-tune accuracy; timings and paths left out), every tensor of
+refresh's mFAM statistics and fine-tune accuracy; timings and paths left out; fields that only run B
+records, a newer version's, are listed, every field of A must be equal in B), every tensor of
 checkpoints/base.pt and last.pt (weights, EMA, optimiser, mFAM, highlighter, RNG states) and every PNG.
 Raises AssertionError naming the first difference.
 
@@ -39,11 +40,13 @@ def tensors(obj, prefix: str = ""):
 
 def compare(a: Path, b: Path) -> None:
     ra, rb = records(a), records(b)
-    assert ra == rb, [(x, y) for x, y in zip(ra, rb) if x != y][:3] or (len(ra), len(rb))
+    added = sorted({k for x, y in zip(ra, rb) for k in y.keys() - x.keys()})
+    shared = [{k: v for k, v in y.items() if k in x} for x, y in zip(ra, rb)]  # B may record more than A
+    assert len(ra) == len(rb) and ra == shared, [(x, y) for x, y in zip(ra, shared) if x != y][:3] or (len(ra), len(rb))
     steps = sum("event" not in r for r in ra)
     refreshes = [r["mfam_mean"] for r in ra if r.get("event") == "refresh"]
     print(f"metrics.jsonl: {len(ra)} records identical ({steps} steps, {len(refreshes)} refreshes, mFAM means "
-          f"{refreshes})")
+          f"{refreshes})" + (f"; fields only B records: {added}" if added else ""))
     for name in ("base.pt", "last.pt"):
         ca, cb = (torch.load(run / "checkpoints" / name, weights_only=False) for run in (a, b))
         ta, tb = dict(tensors(ca)), dict(tensors(cb))

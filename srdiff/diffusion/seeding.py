@@ -4,7 +4,8 @@ uninterrupted one, N DDP ranks match one process accumulating N micro-batches, a
 does not depend on how images are batched or on the device.
 
 * :func:`key`: the training streams (data order, timesteps, noise, refreshes, condition draws, masks).
-* :func:`image_seed` / :func:`initial_noise`: a sampled image's starting noise (and its batch's DDPM noise).
+* :func:`image_seed` / :func:`initial_noise` / :func:`image_generators`: a sampled image's starting noise
+  (and its batch's DDPM noise), also for a diffusers pipeline.
 * :func:`repaint_generators`: one generator per image of a RePaint call, keyed by (seed, round, image).
 
 The three derivations predate this module and each is frozen: changing one changes every stored result
@@ -57,12 +58,16 @@ def image_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index) % (2**63 - 1)
 
 
+def image_generators(seed: int, first_index: int, n: int) -> list[torch.Generator]:
+    """One CPU generator per image ``first_index .. first_index + n - 1``, seeded ``image_seed(seed, i)``: a
+    diffusers pipeline given them (``generator=[...]``) draws image i's starting noise from (seed, i) alone,
+    as :func:`initial_noise` does."""
+    return [torch.Generator().manual_seed(image_seed(seed, first_index + i)) for i in range(n)]
+
+
 def initial_noise(shape, seed: int, first_index: int, device) -> torch.Tensor:
     """(n, C, H, W) standard normals, row i drawn from its own generator (``image_seed(seed, first_index + i)``)."""
-    rows = [
-        torch.randn(shape[1:], generator=torch.Generator().manual_seed(image_seed(seed, first_index + i)))
-        for i in range(shape[0])
-    ]
+    rows = [torch.randn(shape[1:], generator=g) for g in image_generators(seed, first_index, shape[0])]
     return torch.stack(rows).to(device)
 
 

@@ -16,18 +16,28 @@ from srdiff._io import load_file, save_atomic
 __all__ = ["load", "rng_state", "save_atomic", "set_rng_state"]
 
 
-# What every trainer checkpoint holds (SelfRefiningTrainer.state_dict).
+# What every trainer checkpoint holds (SelfRefiningTrainer.state_dict); a sharded one (parallel "fsdp") names
+# its folder of shards instead of holding the weights and the optimiser state.
 KEYS = ("config", "step", "model", "ema", "optimizer")
+SHARDED_KEYS = ("config", "step", "ema", "sharded")
 
 
 def load(path: str | os.PathLike, map_location="cpu") -> dict:
     """A trainer checkpoint; a missing, unreadable (truncated, another kind of file) or foreign one raises
-    ``ValueError`` naming it (:func:`srdiff._io.load_file`)."""
+    ``ValueError`` naming it (:func:`srdiff._io.load_file`). A sharded checkpoint's ``"sharded"`` comes back
+    as the path of its folder of shards (:mod:`srdiff.trainer.fsdp`), which must exist."""
     state = load_file(path, "a trainer checkpoint (checkpoints/last.pt)", map_location)
-    missing = [k for k in KEYS if k not in state] if isinstance(state, dict) else list(KEYS)
+    keys = SHARDED_KEYS if isinstance(state, dict) and "sharded" in state else KEYS
+    missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
     if missing:
         held = f"a dict without {missing}" if isinstance(state, dict) else f"a {type(state).__name__}"
         raise ValueError(f"{str(Path(path))!r} is not a trainer checkpoint (checkpoints/last.pt): it holds {held}")
+    if "sharded" in state:
+        shards = Path(path).parent / state["sharded"]
+        if not (shards / ".metadata").is_file():
+            raise ValueError(f"{str(Path(path))!r} names its shards {str(shards)!r}, which hold no complete sharded "
+                             "checkpoint (no DCP .metadata): they were moved or deleted")
+        state["sharded"] = str(shards)
     return state
 
 

@@ -1,4 +1,4 @@
-"""``srdiff train | sample | inpaint | eval | ablate | demo``."""
+"""``srdiff train | sample | export | inpaint | eval | ablate | demo``."""
 
 import argparse
 import json
@@ -88,6 +88,17 @@ def _sample(args) -> int:
     _write_samples(images, args, outputs)
     if args.export:
         print(f"exported the EMA denoiser (task {trained.config.task!r}) to {trained.export(args.export)}")
+    return 0
+
+
+def _export(args) -> int:
+    from srdiff.run_dir import refuse_existing
+    from srdiff.trainer.trained import load_trained
+
+    out = Path(args.out)
+    refuse_existing([out] if out.is_file() or (out.is_dir() and any(out.iterdir())) else [], overwrite=args.overwrite)
+    trained = load_trained(args.ckpt, args.device)
+    print(f"exported the EMA denoiser (task {trained.config.task!r}) of {args.ckpt} to {trained.export(out)}")
     return 0
 
 
@@ -289,6 +300,15 @@ def add_commands(sub) -> None:
     p.add_argument("--prompt", nargs="+", help="text-to-image checkpoints: the captions to sample (cycled over --n)")
     p.add_argument("--export", help="directory for the task's diffusers pipeline (save_pretrained)")
     p.set_defaults(func=_sample)
+
+    p = sub.add_parser("export", help="a checkpoint's EMA denoiser as its task's diffusers pipeline (save_pretrained)",
+                       description="Plain and sharded (parallel 'fsdp') checkpoints alike: a sharded one is gathered "
+                                   "from its shards in this one process.")
+    p.add_argument("--ckpt", required=True, help="a trainer checkpoint (checkpoints/last.pt)")
+    p.add_argument("--out", required=True, help="the pipeline's folder (refused if it holds anything, unless --overwrite)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true", help="write into a folder that holds files")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("inpaint", help="fill holes: RePaint with an unconditional checkpoint, or an 'inpaint' one",
                        description="Images are resized to the model's resolution; masks (white/1 = hole, "

@@ -104,7 +104,10 @@ class TrainConfig:
                                        "as fine, which the ablation uses: docs/trainer.md)")
     highlighter_epochs: int = _f(10, "highlighter", "pre-training epochs at the phase switch (real vs samples)")
     highlighter_samples: int = _f(256, "highlighter", "EMA samples drawn for the pre-training")
-    highlighter_finetune_steps: int = _f(0, "highlighter", "fine-tune steps on fresh samples each cycle (0: off)")
+    highlighter_finetune_steps: int = _f(0, "highlighter", "fine-tune steps on fresh samples each cycle (0: off; "
+                                         "measured, fine-tunes degraded the highlighter: docs/trainer.md)")
+    require_fam: bool = _f(False, "highlighter", "stop the run (exit 1) when a refresh gives an empty or constant "
+                           "mFAM, instead of warning and training on (the ablation turns it on)")
     # optim
     batch_size: int = _f(64, "optim", "global batch (all ranks and accumulation steps together)")
     grad_accum: int = _f(1, "optim", "micro-batches per rank and optimiser step")
@@ -150,6 +153,9 @@ class TrainConfig:
     precision: str = _f("auto", "run", "'auto' (bf16 autocast on GPU, fp32 on CPU)", choices=("auto", "fp32", "bf16"))
     compile: bool = _f(False, "run", "torch.compile the UNet")
     checkpoint_every: int = _f(500, "run", "steps between checkpoints (also written at phase changes and the end)")
+    parallel: str = _f("ddp", "run", "how ranks share the denoiser under torchrun: 'ddp' (a replica each) or 'fsdp' "
+                       "(FSDP2: parameters, gradients, optimiser state and EMA sharded per block, sharded "
+                       "torch.distributed.checkpoint checkpoints)", choices=("ddp", "fsdp"))
     progress: bool = _f(True, "run", "tqdm progress bar")
 
     def __post_init__(self):
@@ -215,15 +221,18 @@ class TrainConfig:
                 raise ValueError(f"{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
         for name in ("patch_size", "depth", "hidden_size", "image_size", "steps", "cycle", "mfam_samples",
                      "mfam_sampler_steps", "batch_size", "grad_accum", "layers_per_block", "attention_head_dim", "norm_num_groups",
-                     "num_train_timesteps", "checkpoint_every", "sample_steps", "highlighter_samples"):
+                     "num_train_timesteps", "checkpoint_every", "sample_steps", "highlighter_samples",
+                     "highlighter_epochs"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
         for name in ("lam_f", "lam_r", "weight_decay", "grad_clip", "warmup_steps", "eval_samples",
-                     "highlighter_epochs", "highlighter_finetune_steps", "feature_epochs", "num_classes"):
+                     "highlighter_finetune_steps", "feature_epochs", "num_classes", "seed"):
             if not getattr(self, name) >= 0:
                 bad(name, "must be >= 0")
         if self.image_size < 8:
             bad("image_size", "must be >= 8")
+        if self.highlighter_samples < 2:
+            bad("highlighter_samples", "must be >= 2 (a fit needs two generated images)")
         for name in ("lam_f", "lam_r", "lr"):
             if not math.isfinite(getattr(self, name)):
                 bad(name, "must be finite")

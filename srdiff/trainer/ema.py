@@ -31,6 +31,9 @@ class EMA:
         return {"model": self.model.state_dict(), "num_updates": self.num_updates, "decay": self.decay}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        """:meth:`state_dict`'s output; without ``"model"`` (a sharded checkpoint's: its shards hold the
+        weights) the counters alone."""
+        if "model" in state:
+            self.model.load_state_dict(state["model"])
         self.num_updates = int(state["num_updates"])
         self.decay = float(state["decay"])

@@ -122,7 +122,7 @@ def run_map_study(checkpoint: str | Path, out: str | Path, *, variants=tuple(VAR
     for name in variants:
         model_kwargs, fit_kwargs, factor, what = VARIANTS[name]
         fake = pool[: factor * c.highlighter_samples]
-        fit_seed = key(HL_FIT, c.seed, 0)  # the trainer's pre-training draws (RefinementCycle._pretrain)
+        fit_seed = key(HL_FIT, c.seed, 0)  # the trainer's pre-training draws (srdiff.Refiner._start)
         real = real_subset(data.train_images, len(fake), key(HL_FIT, fit_seed, 1))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(key(HL_FIT, c.seed))

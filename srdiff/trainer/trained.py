@@ -148,7 +148,8 @@ class TrainedModel:
 
 
 def load_trained(path: str | os.PathLike, device: torch.device | str = "cpu") -> TrainedModel:
-    """The EMA model of a trainer checkpoint (``checkpoints/last.pt``) on ``device``."""
+    """The EMA model of a trainer checkpoint (``checkpoints/last.pt``) on ``device``; a sharded one's (parallel
+    'fsdp') is gathered from its shards, in this one process."""
     device = resolve_device(device)
     state = checkpoint.load(path, map_location=device)
     config = TrainConfig.from_dict(state["config"], where=f"checkpoint {str(path)!r}")
@@ -161,7 +162,12 @@ def load_trained(path: str | os.PathLike, device: torch.device | str = "cpu") ->
         task.spec = DenoiserSpec(in_channels=channels, out_channels=channels, sample_size=size)
     task.vae = vae
     model = task.build_denoiser()
-    model.load_state_dict(state["ema"]["model"])
+    if "sharded" in state:
+        from srdiff.trainer.fsdp import consolidate
+
+        model.load_state_dict(consolidate(state["sharded"], "ema", model.state_dict()))
+    else:
+        model.load_state_dict(state["ema"]["model"])
     return TrainedModel(model.to(device).eval().requires_grad_(False), config, task, vae, str(path))
 
 

@@ -79,6 +79,8 @@ class Backbone:
     conditions: ClassVar[frozenset[str]] = frozenset()
     options: ClassVar[tuple[str, ...]] = ()
     folder: ClassVar[str] = "transformer"
+    #: the model's blocks (attributes: a module or a ModuleList of them) FSDP shards one by one
+    blocks: ClassVar[tuple[str, ...]] = ("transformer_blocks",)
 
     def check_options(self, config) -> None:
         """Raise ``ValueError`` naming an option of ``config`` this backbone cannot build with."""
@@ -113,6 +115,19 @@ class Backbone:
         raise ValueError(f"image_size {config.image_size}{latents} does not fit backbone {self.name!r}: {why}, so "
                          f"the {'latent' if scale > 1 else 'image'} side must be a multiple of {multiple}; "
                          f"image_size {' or '.join(map(str, sizes))} would")
+
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        """The modules of ``model`` that ``parallel = "fsdp"`` shards one by one (:attr:`blocks`, a ModuleList
+        giving each of its entries); ``ValueError`` where it has none."""
+        units = []
+        for name in self.blocks:
+            part = getattr(model, name, None)
+            units += list(part) if isinstance(part, nn.ModuleList) else [part] if isinstance(part, nn.Module) else []
+        if not units:
+            raise ValueError(f"parallel 'fsdp' shards the denoiser block by block, but {type(model).__name__} "
+                             f"(backbone {self.name!r}) has none of the blocks {list(self.blocks)}: use parallel "
+                             "'ddp', or name its blocks in the backbone's `blocks`")
+        return units
 
     def check(self, spec: DenoiserSpec) -> None:
         """Raise if the task asks for a condition this backbone cannot take."""

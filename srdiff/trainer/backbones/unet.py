@@ -31,6 +31,7 @@ class _DiffusersUNet(Backbone):
 
     options = UNET_OPTIONS
     folder = "unet"
+    blocks = ("down_blocks", "mid_block", "up_blocks")
 
     def check_options(self, config) -> None:
         channels, levels = config.block_out_channels, config.attention_levels

@@ -15,6 +15,7 @@ class UViT(TransformerBackbone):
 
     name = "uvit"
     conditions = frozenset({"class"})
+    blocks = ("in_blocks", "mid_block", "out_blocks")
 
     def build(self, config, spec: DenoiserSpec) -> nn.Module:
         from srdiff.models.uvit import UViT as UViTModel

@@ -466,7 +466,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"mfam must be finite"):
         with srdiff.fam_context(torch.tensor([[0.0, float("inf")]])):
             pass
-    with pytest.raises(ValueError, match=r"mfam must have 2 or 3 dims, got shape \(16,\)"):
+    with pytest.raises(ValueError, match=r"mfam must have 2 or 3 or 4 dims, got shape \(16,\)"):
         with srdiff.fam_context(torch.rand(16)):
             pass
     with pytest.raises(ValueError, match=r"grid must be None or two positive ints \(H, W\), got \(0, 4\)"):

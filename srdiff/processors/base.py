@@ -12,21 +12,26 @@ from srdiff._checks import check_choice, check_int, check_lam
 from srdiff.attention import fam_attention, fam_attention_masked
 from srdiff.fam_embedding import MODES, FAMProjection
 from srdiff.processors import context as fam_state
+from srdiff.processors.placement import Placement
 
 
 @dataclass(frozen=True)
 class FAMLayerInfo:
     """One modulated layer as :func:`srdiff.fam_layers` reports it.
 
-    ``grid`` is the token grid the layer modulated in the model's last forward (None: it was not
-    modulated then); ``projection`` is None, ``"per_layer"``, ``"shared"`` or ``"external"``."""
+    ``grid`` is the token grid the layer modulated in the model's last forward ((h, w), or (f, h, w)
+    for the full attention of a video model; None: it was not modulated then); ``projection`` is None,
+    ``"per_layer"``, ``"shared"`` or ``"external"``; ``path`` is how the layer is modulated: ``"fused"``
+    (a FAM processor calling :func:`srdiff.fam_attention`), ``"hook"`` (the family's own processor with
+    K and V scaled by hooks on its projections) or ``"block"`` (srdiff's own attention blocks)."""
 
     name: str
     family: str
     lam: float
     projection: str | None
     leading_tokens: int
-    grid: tuple[int, int] | None
+    grid: tuple[int, ...] | None
+    path: str
 
 
 class FAMLayer:
@@ -43,6 +48,7 @@ class FAMLayer:
     """
 
     family = "FAMAttention"
+    path = "block"
 
     def __init__(self, lam: float = 0.025, *, projection: FAMProjection | None = None, mode: str = "bilinear",
                  backend: str | None = None, leading_tokens: int = 0, name: str = "<unnamed layer>"):
@@ -54,30 +60,50 @@ class FAMLayer:
         self.lam, self.projection, self.mode, self.backend = float(lam), projection, mode, backend
         self.leading_tokens, self.fam_name = leading_tokens, name
         self.projection_kind: str | None = None if projection is None else "external"
-        self.last_grid: tuple[int, int] | None = None
+        self.last_placement: Placement | None = None
 
     def info(self) -> FAMLayerInfo:
-        return FAMLayerInfo(self.fam_name, self.family, self.lam, self.projection_kind, self.leading_tokens,
-                            self.last_grid)
+        grid = None if self.last_placement is None else self.last_placement.describe()
+        return FAMLayerInfo(self.fam_name, self.family, self.lam, self.projection_kind, self.leading_tokens, grid,
+                            self.path)
 
     def active(self) -> "fam_state.FAMContext | None":
         """The context to modulate with, or None (no context, no map, or lam = 0)."""
         context = fam_state.active_context()
         return None if context is None or self.lam == 0.0 else context
 
-    def grid_of(self, context: "fam_state.FAMContext", n_spatial: int) -> tuple[int, int]:
-        """The (h, w) grid of this layer's ``n_spatial`` image tokens (:meth:`FAMContext.layer_grid`)."""
-        return context.layer_grid(self.fam_name, n_spatial, self.leading_tokens)
+    def placement(self, context: "fam_state.FAMContext", n_image: int, batch_size: int,
+                  grid: tuple[int, int] | None = None) -> Placement:
+        """Where this layer's ``n_image`` image tokens lie (:meth:`FAMContext.placement`)."""
+        return context.placement(self.fam_name, n_image, batch_size, grid)
 
-    def token_fam(self, context: "fam_state.FAMContext", grid: tuple[int, int], batch_size: int,
-                  trailing: int = 0, leading: int | None = None) -> torch.Tensor:
-        """This layer's per-key map: ``leading`` zeros (default ``leading_tokens``), the resized M_emb,
-        ``trailing`` zeros (text tokens after the image)."""
+    def token_fam(self, context: "fam_state.FAMContext", placement: Placement, batch_size: int,
+                  n_tokens: int | None = None, leading: int | torch.Tensor | None = None) -> torch.Tensor:
+        """This layer's per-key map over ``n_tokens`` keys (default: the leading tokens and the image):
+        ``leading`` zeros (default ``leading_tokens``; a (B,) tensor: per-sample text lengths), M_emb at
+        the placement's image tokens, zeros after them (text, padding)."""
         leading = self.leading_tokens if leading is None else leading
-        fam = context.layer_tokens(self.fam_name, self.projection, self.lam, grid, self.mode, leading, trailing,
-                                   batch_size)
-        self.last_grid = grid
+        if n_tokens is None:
+            n_tokens = leading + placement.n_tokens
+        fam = context.layer_tokens(self.fam_name, self.projection, self.lam, placement, self.mode, batch_size,
+                                   n_tokens, leading)
+        self.last_placement = placement
         return fam
+
+    def text_and_image_fam(self, context: "fam_state.FAMContext", n_tokens: int, batch_size: int,
+                           text_first: bool = True) -> torch.Tensor:
+        """The per-key map of a layer whose ``n_tokens`` keys are text tokens and the model's image tokens
+        (as many as its declared patch grid or packed positions say), the text first or last."""
+        n_image = context.image_token_count(self.fam_name)
+        if n_tokens < n_image:
+            raise ValueError(f"layer {self.fam_name!r}: its {n_tokens} keys cannot hold the model's {n_image} image "
+                             "tokens")
+        placement = self.placement(context, n_image, batch_size)
+        return self.token_fam(context, placement, batch_size, n_tokens, n_tokens - n_image if text_first else 0)
+
+    def image_fam(self, context: "fam_state.FAMContext", n_image: int, batch_size: int) -> torch.Tensor:
+        """The per-key map of a layer whose keys are ``leading_tokens`` then ``n_image`` image tokens."""
+        return self.token_fam(context, self.placement(context, n_image, batch_size), batch_size)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fam: torch.Tensor,
                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,7 +116,8 @@ class FAMLayer:
 
 
 class FAMProcessor(FAMLayer):
-    """Base of the FAM versions of diffusers attention processors (one subclass per attention family).
+    """Base of the FAM versions of diffusers attention processors (one subclass per attention family):
+    the "fused" path, the family's steps with its attention computed by :func:`srdiff.fam_attention`.
 
     ``original``: the processor it replaces, which runs every call the modulation leaves alone (no
     context, no map, ``lam == 0``, cross-attention), unchanged; default a fresh instance of the first
@@ -100,6 +127,7 @@ class FAMProcessor(FAMLayer):
     #: qualified names of the diffusers processor classes this one replaces (the installer's table,
     #: :data:`srdiff.processors.table.FAM_PROCESSORS`, is built from them; the first is the default)
     replaces: ClassVar[tuple[str, ...]] = ()
+    path = "fused"
 
     def __init__(self, lam: float = 0.025, *, original=None, **kwargs):
         super().__init__(lam, **kwargs)

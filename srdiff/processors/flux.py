@@ -1,8 +1,8 @@
 """FAM processor for Flux's ``FluxAttnProcessor`` (``FluxTransformer2DModel``): packed image tokens,
 text tokens first. Dual-stream blocks get the text as ``encoder_hidden_states``; single-stream
 blocks see ``[text, image]`` already concatenated. Either way the text tokens get 0 and the image
-tokens the map on the packed token grid, which the model hook reads from ``img_ids`` (rows and
-columns in its columns 1 and 2) or ``fam_context(mfam, grid=(h, w))`` gives."""
+tokens the map at their positions, which the model hook takes from ``img_ids`` (rows and columns in its
+columns 1 and 2, on the device) or ``fam_context(mfam, grid=(h, w))`` gives."""
 
 import torch
 
@@ -16,13 +16,6 @@ class FAMFluxAttnProcessor(FAMProcessor):
 
     family = "FluxAttnProcessor"
     replaces = ("diffusers.models.transformers.transformer_flux.FluxAttnProcessor",)
-
-    def _image_grid(self, context) -> tuple[int, int]:
-        grid = context.input_hw()
-        if grid is None:
-            raise ValueError(f"layer {self.fam_name!r}: Flux's packed token grid is unknown: call the model with "
-                             "img_ids (the hook reads it) or pass srdiff.fam_context(mfam, grid=(h, w))")
-        return grid
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None):
@@ -46,12 +39,7 @@ class FAMFluxAttnProcessor(FAMProcessor):
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        grid = self._image_grid(context)
-        n_text = key.shape[1] - grid[0] * grid[1]
-        if n_text < 0:
-            raise ValueError(f"layer {self.fam_name!r}: {key.shape[1]} tokens cannot hold the {grid[0]}x{grid[1]} "
-                             "image grid")
-        fam = self.token_fam(context, grid, query.shape[0], leading=n_text)
+        fam = self.text_and_image_fam(context, key.shape[1], query.shape[0])
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))
         hidden_states = self.attend(q, k, v, fam, attention_mask).transpose(1, 2).flatten(2, 3).to(query.dtype)
 

@@ -56,13 +56,13 @@ class FAMAttnProcessor(FAMProcessor):
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
         input_ndim = hidden_states.ndim
+        grid = None
         if input_ndim == 4:
             batch_size, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
             grid = (height, width)
         batch_size, sequence_length, _ = hidden_states.shape
-        if input_ndim != 4:
-            grid = self.grid_of(context, sequence_length - self.leading_tokens)
+        placement = self.placement(context, sequence_length - self.leading_tokens, batch_size, grid)
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
@@ -75,7 +75,7 @@ class FAMAttnProcessor(FAMProcessor):
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        fam = self.token_fam(context, grid, batch_size)
+        fam = self.token_fam(context, placement, batch_size)
         hidden_states = merge_heads(self.attend(query, key, value, fam, attention_mask)).to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)

@@ -3,6 +3,7 @@ settings, the last grid it modulated, and the step from the active context to it
 what every FAM processor shares: the diffusers processor it replaces."""
 
 import importlib
+import inspect
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -93,26 +94,32 @@ class FAMLayer:
     def text_and_image_fam(self, context: "fam_state.FAMContext", n_tokens: int, batch_size: int,
                            text_first: bool = True) -> torch.Tensor:
         """The per-key map of a layer whose ``n_tokens`` keys are text tokens and the model's image tokens
-        (as many as its declared patch grid or packed positions say), the text first or last."""
+        (as many as its declared patch grid or packed positions say), the text first (after each
+        sample's own text length where the model's input gives per-sample lengths) or last (with any
+        padding)."""
         n_image = context.image_token_count(self.fam_name)
         if n_tokens < n_image:
             raise ValueError(f"layer {self.fam_name!r}: its {n_tokens} keys cannot hold the model's {n_image} image "
                              "tokens")
         placement = self.placement(context, n_image, batch_size)
-        return self.token_fam(context, placement, batch_size, n_tokens, n_tokens - n_image if text_first else 0)
+        leading = 0
+        if text_first and n_tokens > n_image:
+            lengths = context.geometry().text_lengths
+            leading = n_tokens - n_image if lengths is None else lengths
+        return self.token_fam(context, placement, batch_size, n_tokens, leading)
 
     def image_fam(self, context: "fam_state.FAMContext", n_image: int, batch_size: int) -> torch.Tensor:
         """The per-key map of a layer whose keys are ``leading_tokens`` then ``n_image`` image tokens."""
         return self.token_fam(context, self.placement(context, n_image, batch_size), batch_size)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fam: torch.Tensor,
-               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Modulated attention, (B, H, N, D) -> (B, H, N, D). With a mask: K/V prescaling + SDPA (the
-        fused kernels take no mask). The map was checked on entry to the context (or after the
-        projection), so the op does not check it again."""
+               attention_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+        """Modulated attention, (B, H, N, D) -> (B, H, N, D) (softmax scale ``scale``, default 1/sqrt(D)).
+        With a mask: K/V prescaling + SDPA (the fused kernels take no mask). The map was checked on entry
+        to the context (or after the projection), so the op does not check it again."""
         if attention_mask is not None:
-            return fam_attention_masked(q, k, v, fam, self.lam, attention_mask)
-        return fam_attention(q, k, v, fam, self.lam, backend=self.backend, check_fam=False)
+            return fam_attention_masked(q, k, v, fam, self.lam, attention_mask, scale=scale)
+        return fam_attention(q, k, v, fam, self.lam, scale=scale, backend=self.backend, check_fam=False)
 
 
 class FAMProcessor(FAMLayer):
@@ -135,6 +142,17 @@ class FAMProcessor(FAMLayer):
             module, _, name = self.replaces[0].rpartition(".")
             original = getattr(importlib.import_module(module), name)()
         self.original = original
+        self.family = type(original).__name__
+        parameters = inspect.signature(original.__call__).parameters.values()
+        self._original_takes = (None if any(p.kind is p.VAR_KEYWORD for p in parameters)
+                                else {p.name for p in parameters})
+
+    def call_original(self, attn, hidden_states: torch.Tensor, **kwargs):
+        """The replaced processor on this call, given the keyword arguments its signature takes (as
+        diffusers' ``Attention.forward`` filters them)."""
+        if self._original_takes is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k in self._original_takes}
+        return self.original(attn, hidden_states, **kwargs)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(lam={self.lam}, projection={self.projection_kind}, mode={self.mode!r}, "

@@ -84,7 +84,27 @@ HOOK_LAYOUTS: dict[str, TokenLayout] = {
     _AP + "PAGCFGIdentitySelfAttnProcessor2_0": TokenLayout(qkv_sources(norm=None)),
     _AP + "JointAttnProcessor2_0": TokenLayout(qkv_sources(2)),
     _AP + "FusedJointAttnProcessor2_0": TokenLayout(qkv_sources(2, fused=True)),
+    _AP + "HunyuanAttnProcessor2_0": TokenLayout(qkv_sources(2)),
+    _AP + "FusedHunyuanAttnProcessor2_0": TokenLayout(qkv_sources(2, fused=True)),
+    # AuraFlow's single-stream blocks call attention on [text, image] (text first); its joint ones on the image
+    _AP + "AuraFlowAttnProcessor2_0": TokenLayout(qkv_sources(1), text="first"),
+    _AP + "FusedAuraFlowAttnProcessor2_0": TokenLayout(qkv_sources(1, fused=True), text="first"),
+    _AP + "LuminaAttnProcessor2_0": TokenLayout(qkv_sources(1)),
+    # CogVideoX and CogView3-Plus project [text, image] in one go
+    _AP + "CogVideoXAttnProcessor2_0": TokenLayout(qkv_sources(2), text="first"),
+    _AP + "FusedCogVideoXAttnProcessor2_0": TokenLayout(qkv_sources(2, fused=True), text="first"),
+    _TF + "transformer_cogview4.CogView4AttnProcessor": TokenLayout(qkv_sources(2), text="first"),
+    _TF + "transformer_z_image.ZSingleStreamAttnProcessor": TokenLayout(qkv_sources(1), text="last"),
+    _AP + "AllegroAttnProcessor2_0": TokenLayout(qkv_sources(2)),
+    _TF + "transformer_wan.WanAttnProcessor": TokenLayout(qkv_sources(1, fused=_fused_projections)),
     _TF + "transformer_flux.FluxAttnProcessor": TokenLayout(qkv_sources(1, fused=_fused_projections), text="first"),
+    _TF + "transformer_flux2.Flux2AttnProcessor": TokenLayout(qkv_sources(1, fused=_fused_projections), text="first"),
+    _TF + "transformer_flux2.Flux2ParallelSelfAttnProcessor": TokenLayout(
+        lambda attn: (Source("norm_k", 1), Source("to_qkv_mlp_proj", chunk=2)), text="first"),
+    _TF + "transformer_qwenimage.QwenDoubleStreamAttnProcessor2_0": TokenLayout(qkv_sources(1), text="last"),
+    _AP + "SanaLinearAttnProcessor2_0": TokenLayout(qkv_sources(1)),
+    _TF + "transformer_hidream_image.HiDreamAttnProcessor": TokenLayout(qkv_sources(1, norm="k_rms_norm"), text="last"),
+    _TF + "transformer_lumina2.Lumina2AttnProcessor2_0": TokenLayout(qkv_sources(1), text="first"),
 }
 
 # processor (qualified name) -> why srdiff does not modulate it.
@@ -97,6 +117,7 @@ MODEL_INPUTS: dict[str, InputSpec] = {
     "QwenImageTransformer2DModel": InputSpec(read=read_packed_shapes),
     "ZImageTransformer2DModel": InputSpec(read=read_token_list),
     "LTXVideoTransformer3DModel": InputSpec(read=read_ltx),
+    "Lumina2Transformer2DModel": InputSpec(text_lengths=lambda kwargs: _mask_lengths(kwargs, "encoder_attention_mask")),
 }
 
 # Temporal attention: attention layers inside these blocks attend across the frames of each pixel; a
@@ -110,7 +131,15 @@ UNMODULATED_BLOCKS: dict[str, str] = {
 # model class name -> {layer name fragment: reason}: layers of a model that see no image tokens.
 UNMODULATED_LAYERS: dict[str, dict[str, str]] = {
     "LatteTransformer3DModel": {"temporal_transformer_blocks": "temporal attention (across frames)"},
+    "Lumina2Transformer2DModel": {"context_refiner": "text-only attention (the caption refiner)"},
+    "ZImageTransformer2DModel": {"context_refiner": "text-only attention (the caption refiner)"},
 }
+
+
+def _mask_lengths(kwargs: dict, name: str):
+    """Per-sample valid lengths of a (B, L) prefix mask argument, or None without one."""
+    mask = kwargs.get(name)
+    return None if mask is None else mask.sum(dim=1)
 
 
 def unmodulated_reason(model: nn.Module, name: str) -> str | None:

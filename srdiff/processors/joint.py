@@ -18,7 +18,6 @@ class FAMJointAttnProcessor(FAMProcessor):
     :class:`srdiff.FAMAttnProcessor`.
     """
 
-    family = "JointAttnProcessor2_0"
     replaces = ("diffusers.models.attention_processor.JointAttnProcessor2_0",)
 
     @staticmethod

@@ -1,0 +1,326 @@
+"""Tiny randomly initialised diffusers models of every attention family srdiff modulates, with their
+inputs and the test's own statement of where each modulated layer's image keys lie (the
+:class:`fam_reference.Keys` the attention-level reference scales).
+
+One :class:`Family` per model class (and per processor variant a model can be switched to). Sizes are
+latent (H, W) (or (F, H, W) for videos); every family has a square and a non-square size, chosen so the
+patch grids differ in both directions. Models are kept to one or two blocks of width 16-32: the whole
+family suite must stay a small part of ``make test`` on two cores.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from fam_reference import Keys, halving_grid
+
+diffusers = __import__("diffusers")
+
+
+@dataclass(frozen=True)
+class Family:
+    """``build()`` -> model (eval mode); ``inputs(size, batch)`` -> forward kwargs; ``keys(size, batch)``
+    -> Keys for every modulated layer (applied to all, unless ``keys_for`` picks per layer name);
+    ``grad_input``: the kwarg whose gradient the tests compare; ``sizes``: (square, non-square);
+    ``fused``: srdiff has a FAM processor for it (compared with the hook path); ``reference``: how the
+    modulated model is checked ("attention": scaled at the SDPA call; "projections": the test's own
+    projection hooks, for families whose attention is not SDPA; "attention-2_0": at the SDPA call of
+    ``AttnProcessor2_0`` run in place of a processor that computes the same attention without SDPA:
+    ``AttnProcessor``, ``SlicedAttnProcessor``); ``compile``: a reason when
+    ``torch.compile(fullgraph=True)`` is not tested (diffusers' model itself breaks the graph);
+    ``prepare``: run on the built model (switch processors, fuse projections); ``lam``: the modulation
+    strength the tests use (far above the paper's 0.025, so that a misplaced modulation cannot hide in
+    rounding; larger where a model's random adaLN gates shrink its attention output)."""
+
+    name: str
+    build: Callable
+    inputs: Callable
+    keys: Callable
+    sizes: tuple
+    grad_input: str = "hidden_states"
+    fused: bool = False
+    reference: str = "attention"
+    compile: str | None = None
+    prepare: Callable | None = None
+    keys_for: Callable | None = None
+    batch: int = 2
+    lam: float = 0.5
+
+    def model(self):
+        model = self.build().eval()
+        if self.prepare is not None:
+            self.prepare(model)
+        return model
+
+    def layer_keys(self, names, size, batch):
+        spec = self.keys(size, batch)
+        return {n: (self.keys_for(n, spec) if self.keys_for else spec) for n in names}
+
+
+def _image(batch, channels, size):
+    return torch.randn(batch, channels, *size)
+
+
+def _steps(batch):
+    return torch.tensor([10, 500, 900][:batch])
+
+
+def _patch(size, p=2):
+    return (size[0] // p, size[1] // p)
+
+
+# ------------------------------------------------------------------------------------------ U-Nets
+
+def _unet2d_condition():
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8,
+    )
+
+
+def _unet_inputs(size, batch):
+    return {"sample": _image(batch, 4, size), "timestep": _steps(batch), "encoder_hidden_states": torch.randn(batch, 5, 16)}
+
+
+def _unet_keys(size, batch):
+    return Keys(grid=lambda n: halving_grid(n, size))
+
+
+UNET = dict(build=_unet2d_condition, inputs=_unet_inputs, keys=_unet_keys, sizes=((8, 8), (8, 12)), grad_input="sample")
+
+
+def _set_processor(factory):
+    def prepare(model):
+        from diffusers.models.attention_processor import Attention
+
+        for m in model.modules():
+            if isinstance(m, Attention):
+                m.set_processor(factory())
+
+    return prepare
+
+
+def _pag_inputs(parts):
+    def inputs(size, batch):
+        out = _unet_inputs(size, batch * parts)
+        return out
+
+    return inputs
+
+
+# ------------------------------------------------------------------------------------- transformers
+
+def _pixart():
+    return diffusers.PixArtTransformer2DModel(
+        sample_size=8, num_layers=1, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
+        cross_attention_dim=16, out_channels=4, norm_type="ada_norm_single", norm_elementwise_affine=False,
+        norm_eps=1e-6, use_additional_conditions=False, caption_channels=None, num_embeds_ada_norm=8,
+    )
+
+
+def _pixart_inputs(size, batch):
+    return {"hidden_states": _image(batch, 4, size), "timestep": _steps(batch),
+            "encoder_hidden_states": torch.randn(batch, 5, 16), "added_cond_kwargs": {"aspect_ratio": None,
+                                                                                      "resolution": None}}
+
+
+def _patch_keys(p=2, **kw):
+    return lambda size, batch: Keys(grid=_patch(size, p), **kw)
+
+
+def _sana():
+    return diffusers.SanaTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=8,
+        sample_size=8,
+    )
+
+
+def _sana_inputs(size, batch):
+    return {"hidden_states": _image(batch, 4, size), "encoder_hidden_states": torch.randn(batch, 5, 8),
+            "timestep": _steps(batch)}
+
+
+def _hunyuan_dit():
+    return diffusers.HunyuanDiT2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        cross_attention_dim=8, cross_attention_dim_t5=8, pooled_projection_dim=4, hidden_size=16, text_len=4,
+        text_len_t5=4, activation_fn="gelu-approximate",
+    )
+
+
+def _hunyuan_dit_inputs(size, batch):
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+
+    grid = _patch(size)
+    rope = get_2d_rotary_pos_embed(8, ((0, 0), grid), grid, use_real=True)
+    return {"hidden_states": _image(batch, 4, size), "encoder_hidden_states": torch.randn(batch, 4, 8),
+            "text_embedding_mask": torch.ones(batch, 4), "encoder_hidden_states_t5": torch.randn(batch, 4, 8),
+            "text_embedding_mask_t5": torch.ones(batch, 4), "timestep": _steps(batch).float(),
+            "image_meta_size": torch.tensor([[64, 64, 16, 16, 0, 0]] * batch, dtype=torch.float32),
+            "style": torch.zeros(batch, dtype=torch.long), "image_rotary_emb": rope}
+
+
+def _auraflow():
+    return diffusers.AuraFlowTransformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
+        attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=16,
+        out_channels=4, pos_embed_max_size=64,
+    )
+
+
+def _auraflow_inputs(size, batch):
+    return {"hidden_states": _image(batch, 4, size), "encoder_hidden_states": torch.randn(batch, 5, 16),
+            "timestep": _steps(batch)}
+
+
+def _lumina_next():
+    return diffusers.LuminaNextDiT2DModel(
+        sample_size=16, patch_size=2, in_channels=4, hidden_size=24, num_layers=1, num_attention_heads=3,
+        num_kv_heads=1, multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5, learn_sigma=False, qk_norm=True,
+        cross_attention_dim=16, scaling_factor=1.0,
+    )
+
+
+def _lumina_next_inputs(size, batch):
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+
+    rope = get_2d_rotary_pos_embed_lumina(8, 64, 64, linear_factor=1.0, ntk_factor=1.0)
+    return {"hidden_states": _image(batch, 4, size), "encoder_hidden_states": torch.randn(batch, 5, 16),
+            "timestep": torch.rand(batch), "encoder_mask": torch.ones(batch, 5), "image_rotary_emb": rope,
+            "cross_attention_kwargs": {}}
+
+
+def _lumina2():
+    return diffusers.Lumina2Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, hidden_size=24, num_layers=1, num_refiner_layers=1,
+        num_attention_heads=3, num_kv_heads=1, multiple_of=2, ffn_dim_multiplier=None, norm_eps=1e-5,
+        scaling_factor=1.0, axes_dim_rope=(4, 2, 2), axes_lens=(128, 128, 128), cap_feat_dim=16,
+    )
+
+
+LUMINA2_TEXT = (5, 3)  # valid caption tokens per sample (a padded batch: the image follows each sample's own)
+
+
+def _lumina2_inputs(size, batch):
+    mask = torch.zeros(batch, 5, dtype=torch.bool)
+    for i in range(batch):
+        mask[i, :LUMINA2_TEXT[i % 2]] = True
+    return {"hidden_states": _image(batch, 4, size), "encoder_hidden_states": torch.randn(batch, 5, 16),
+            "timestep": torch.rand(batch), "encoder_attention_mask": mask}
+
+
+def _lumina2_keys(size, batch):
+    return Keys(grid=_patch(size), text="first",
+                text_lengths=torch.tensor([LUMINA2_TEXT[i % 2] for i in range(batch)]))
+
+
+def _lumina2_layer_keys(name, keys):
+    """The noise refiner attends over the image alone; the joint layers over caption and image."""
+    return Keys(grid=keys.grid) if name.startswith("noise_refiner") else keys
+
+
+def _cogview3():
+    return diffusers.CogView3PlusTransformer2DModel(
+        patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2, out_channels=4,
+        text_embed_dim=8, time_embed_dim=8, condition_dim=2, pos_embed_max_size=8, sample_size=8,
+    )
+
+
+def _cogview_inputs(size, batch):
+    hw = torch.tensor([size[0] * 8, size[1] * 8])
+    return {"hidden_states": _image(batch, 4, size), "encoder_hidden_states": torch.randn(batch, 5, 8),
+            "original_size": hw.repeat(batch, 1), "target_size": hw.repeat(batch, 1),
+            "crop_coords": torch.zeros(batch, 2), "timestep": _steps(batch)}
+
+
+def _cogview4():
+    return diffusers.CogView4Transformer2DModel(
+        patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2, out_channels=4,
+        text_embed_dim=8, time_embed_dim=8, condition_dim=4,
+    )
+
+
+def _qwenimage():
+    return diffusers.QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+    )
+
+
+def _qwen_inputs(size, batch):
+    h, w = size
+    return {"hidden_states": torch.randn(batch, h * w, 16), "encoder_hidden_states": torch.randn(batch, 5, 16),
+            "encoder_hidden_states_mask": torch.ones(batch, 5, dtype=torch.long), "timestep": torch.rand(batch),
+            "img_shapes": [(1, h, w)] * batch}
+
+
+def _token_keys(**kw):
+    return lambda size, batch: Keys(grid=tuple(size), **kw)
+
+
+def _hidream():
+    return diffusers.HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, caption_channels=[8, 4], text_emb_dim=8, num_routed_experts=2, num_activated_experts=2,
+        axes_dims_rope=(4, 2, 2), max_resolution=(16, 16), llama_layers=(0, 1), force_inference_output=True,
+    )
+
+
+def _hidream_inputs(size, batch):
+    return {"hidden_states": _image(batch, 4, size), "encoder_hidden_states_t5": torch.randn(batch, 5, 8),
+            "encoder_hidden_states_llama3": torch.randn(2, batch, 5, 4), "pooled_embeds": torch.randn(batch, 8),
+            "timesteps": _steps(batch)}
+
+
+def _flux2():
+    return diffusers.Flux2Transformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, timestep_guidance_channels=256, axes_dims_rope=[4, 4, 4, 4],
+    )
+
+
+def _flux2_inputs(size, batch):
+    h, w = size
+    ids = torch.cartesian_prod(torch.arange(1), torch.arange(h), torch.arange(w), torch.arange(1))
+    text_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(5))
+    return {"hidden_states": torch.randn(batch, h * w, 4), "encoder_hidden_states": torch.randn(batch, 5, 16),
+            "img_ids": ids[None].expand(batch, -1, -1), "txt_ids": text_ids[None].expand(batch, -1, -1),
+            "timestep": torch.rand(batch), "guidance": torch.ones(batch)}
+
+
+def _zimage():
+    return diffusers.ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=16, n_layers=1, n_refiner_layers=1,
+        n_heads=1, n_kv_heads=2, qk_norm=True, cap_feat_dim=16, rope_theta=256.0, t_scale=1000.0, axes_dims=[8, 4, 4],
+        axes_lens=[256, 32, 32],
+    )
+
+
+def _zimage_inputs(size, batch):
+    return {"x": [torch.randn(16, 1, *size) for _ in range(batch)],
+            "cap_feats": [torch.randn(5, 16) for _ in range(batch)], "t": torch.rand(batch)}
+
+
+FAMILIES = [
+    Family("UNet2DCondition-AttnProcessor2_0", fused=True, **UNET),
+    Family("UNet2DCondition-AttnProcessor", fused=True, reference="attention-2_0", prepare=_set_processor(
+        lambda: diffusers.models.attention_processor.AttnProcessor()), **UNET),
+    Family("UNet2DCondition-SlicedAttnProcessor", fused=True, reference="attention-2_0",
+           prepare=lambda m: m.set_attention_slice(1), **UNET),
+    Family("PixArt", _pixart, _pixart_inputs, _patch_keys(), ((8, 8), (8, 12)), fused=True),
+    Family("Sana", _sana, _sana_inputs, _patch_keys(1), ((4, 4), (4, 6)), fused=True, reference="projections"),
+    Family("HunyuanDiT", _hunyuan_dit, _hunyuan_dit_inputs, _patch_keys(), ((8, 8), (8, 12))),
+    # 8 register tokens precede the image in both streams: they get 0, as the text does
+    Family("AuraFlow", _auraflow, _auraflow_inputs, _patch_keys(text="first"), ((8, 8), (8, 12)), lam=4.0),
+    Family("LuminaNext", _lumina_next, _lumina_next_inputs, _patch_keys(), ((8, 8), (8, 12))),
+    Family("Lumina2", _lumina2, _lumina2_inputs, _lumina2_keys, ((8, 8), (8, 12)), fused=True,
+           keys_for=_lumina2_layer_keys),
+    Family("CogView3Plus", _cogview3, _cogview_inputs, _patch_keys(text="first"), ((8, 8), (8, 12))),
+    Family("CogView4", _cogview4, _cogview_inputs, _patch_keys(text="first"), ((8, 8), (8, 12))),
+    Family("QwenImage", _qwenimage, _qwen_inputs, _token_keys(text="first"), ((4, 4), (4, 6)), fused=True),
+    Family("HiDream", _hidream, _hidream_inputs, _patch_keys(text="last"), ((8, 8), (8, 12)), fused=True),
+    Family("Flux2", _flux2, _flux2_inputs, _token_keys(text="first"), ((4, 4), (4, 6)), fused=True),
+    Family("ZImage", _zimage, _zimage_inputs, _patch_keys(text="last"), ((8, 8), (8, 12)), grad_input="x"),
+]

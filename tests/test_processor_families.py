@@ -14,7 +14,13 @@ import contextlib
 
 import pytest
 import torch
-from fam_reference import assert_modulated, original_processors, prescaled, scaled_attention
+from fam_reference import (
+    assert_modulated,
+    checkpointing_gradients,
+    original_processors,
+    prescaled,
+    scaled_attention,
+)
 from tiny_models import FAMILIES
 from utils import assert_close
 
@@ -68,8 +74,9 @@ def _reference(model, family, names, mfam, size, batch):
             stack.enter_context(processors_replaced(model, names, AttnProcessor2_0))
         try:
             if family.reference == "projections":
-                stack.enter_context(prescaled(model, names, mfam, family.lam, lambda n: keys[names[0]].grid,
-                                              key_token_dim=1))
+                grid = keys[names[0]].grid
+                stack.enter_context(prescaled(model, names, mfam, family.lam,
+                                              grid if callable(grid) else lambda n: grid, key_token_dim=1))
             else:
                 stack.enter_context(scaled_attention(model, keys, mfam, family.lam))
             yield
@@ -124,7 +131,11 @@ def test_modulated_matches_the_reference(family, size, path):
     another size than the input is resized to every layer's grid."""
     model = family.model()
     inputs = family.inputs(size, family.batch)
-    mfam = torch.rand(family.batch, 12, 12)
+    frames = size[0] if len(size) == 3 else None
+    # video: one map per video on the square size, one per frame on the other
+    per_frame = frames is not None and size != family.sizes[0]
+    maps = (family.batch,) if family.per_image_maps else ()
+    mfam = torch.rand(*maps, frames, 12, 12) if per_frame else torch.rand(*maps, 12, 12)
     names = srdiff.set_fam_attn_processor(model, lam=family.lam, path=path)
     with srdiff.fam_context(mfam):
         got, got_dx = _forward_backward(model, inputs, family)
@@ -136,3 +147,58 @@ def test_modulated_matches_the_reference(family, size, path):
     assert_close(got, want, dtype=torch.float32, reduce_dim=fan_in)
     assert_close(got_dx, want_dx, dtype=torch.float32, pass_="bwd", reduce_dim=fan_in, name="dx")
     assert_modulated(got, plain, fan_in)
+
+
+CHECKPOINTED = [f for f in FAMILIES if getattr(f.build(), "_supports_gradient_checkpointing", False)]
+
+
+@pytest.mark.parametrize("family", CHECKPOINTED, ids=[f.name for f in CHECKPOINTED])
+def test_gradient_checkpointing_replays_the_modulation(family):
+    """With enable_gradient_checkpointing, the backward recomputes each block with the map of its forward:
+    parameter gradients (the shared projection's included) equal each other whether the backward runs
+    inside or after the context, and those without checkpointing within the backward table."""
+    model = family.model().train()
+    inputs = family.inputs(family.sizes[1], family.batch)
+    mfam = torch.rand(family.batch, 12, 12) if family.per_image_maps else torch.rand(12, 12)
+    srdiff.set_fam_attn_processor(model, lam=family.lam, projection="shared")
+    want, inside, outside = checkpointing_gradients(model, mfam, lambda m: SampleOf(m(**inputs)))
+    assert want.keys() == inside.keys() == outside.keys() and "fam_projection.net.4.weight" in want
+    fan_in = _fan_in(model)
+    for n in want:
+        assert torch.equal(inside[n], outside[n]), n
+        assert_close(inside[n], want[n], dtype=torch.float32, pass_="bwd", reduce_dim=fan_in, name=n)
+
+
+class SampleOf:
+    """A model output whose ``.sample`` is the family's output tensor (what checkpointing_gradients reads)."""
+
+    def __init__(self, out):
+        self.sample = _output(out)
+
+
+COMPILED = [pytest.param(f, id=f.name, marks=[pytest.mark.slow] + (
+    [pytest.mark.skip(reason=f.compile)] if f.compile else [])) for f in FAMILIES]
+
+
+@pytest.mark.parametrize("family", COMPILED)
+def test_compile_fullgraph_without_recompiles_per_map(family):
+    """torch.compile(fullgraph=True) traces the model hook, the placement of the image tokens and the
+    family's path (a graph break would raise); a new map in a new context reuses the graph
+    (error_on_recompile); the compiled output equals the eager one."""
+    import torch._dynamo
+
+    model = family.model()
+    size = family.sizes[1]
+    inputs = family.inputs(size, family.batch)
+    srdiff.set_fam_attn_processor(model, lam=family.lam)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    fan_in = _fan_in(model)
+    with torch.no_grad():
+        for i in range(2):
+            mfam = torch.rand(family.batch, 12, 12) if family.per_image_maps else torch.rand(12, 12)
+            with srdiff.fam_context(mfam), torch._dynamo.config.patch(error_on_recompile=i > 0):
+                got = _output(compiled(**inputs))
+                want = _output(model(**inputs))
+            assert_close(got, want, dtype=torch.float32, reduce_dim=fan_in)
+    torch._dynamo.reset()

@@ -27,10 +27,12 @@ class Family:
     projection hooks, for families whose attention is not SDPA; "attention-2_0": at the SDPA call of
     ``AttnProcessor2_0`` run in place of a processor that computes the same attention without SDPA:
     ``AttnProcessor``, ``SlicedAttnProcessor``); ``compile``: a reason when
-    ``torch.compile(fullgraph=True)`` is not tested (diffusers' model itself breaks the graph);
+    ``torch.compile(fullgraph=True)`` is not tested (diffusers' model itself breaks the graph, or the
+    graph would repeat another family's model and FAM code: compiling a U-Net costs 10-25 s of CI);
     ``prepare``: run on the built model (switch processors, fuse projections); ``lam``: the modulation
     strength the tests use (far above the paper's 0.025, so that a misplaced modulation cannot hide in
-    rounding; larger where a model's random adaLN gates shrink its attention output)."""
+    rounding; larger where a model's random adaLN gates shrink its attention output);
+    ``per_image_maps``: the reference test uses one map per image (else one map for the batch)."""
 
     name: str
     build: Callable
@@ -45,6 +47,7 @@ class Family:
     keys_for: Callable | None = None
     batch: int = 2
     lam: float = 0.5
+    per_image_maps: bool = True
 
     def model(self):
         model = self.build().eval()
@@ -62,7 +65,7 @@ def _image(batch, channels, size):
 
 
 def _steps(batch):
-    return torch.tensor([10, 500, 900][:batch])
+    return torch.linspace(10, 900, batch).long()
 
 
 def _patch(size, p=2):
@@ -80,7 +83,8 @@ def _unet2d_condition():
 
 
 def _unet_inputs(size, batch):
-    return {"sample": _image(batch, 4, size), "timestep": _steps(batch), "encoder_hidden_states": torch.randn(batch, 5, 16)}
+    return {"sample": _image(batch, 4, size), "timestep": _steps(batch),
+            "encoder_hidden_states": torch.randn(batch, 5, 16)}
 
 
 def _unet_keys(size, batch):
@@ -303,12 +307,13 @@ def _zimage_inputs(size, batch):
             "cap_feats": [torch.randn(5, 16) for _ in range(batch)], "t": torch.rand(batch)}
 
 
+_SAME_AS_2_0 = "the FAM processor of UNet2DCondition-AttnProcessor2_0 (compiled there) with another scale"
 FAMILIES = [
     Family("UNet2DCondition-AttnProcessor2_0", fused=True, **UNET),
     Family("UNet2DCondition-AttnProcessor", fused=True, reference="attention-2_0", prepare=_set_processor(
-        lambda: diffusers.models.attention_processor.AttnProcessor()), **UNET),
+        lambda: diffusers.models.attention_processor.AttnProcessor()), compile=_SAME_AS_2_0, **UNET),
     Family("UNet2DCondition-SlicedAttnProcessor", fused=True, reference="attention-2_0",
-           prepare=lambda m: m.set_attention_slice(1), **UNET),
+           prepare=lambda m: m.set_attention_slice(1), compile=_SAME_AS_2_0, **UNET),
     Family("PixArt", _pixart, _pixart_inputs, _patch_keys(), ((8, 8), (8, 12)), fused=True),
     Family("Sana", _sana, _sana_inputs, _patch_keys(1), ((4, 4), (4, 6)), fused=True, reference="projections"),
     Family("HunyuanDiT", _hunyuan_dit, _hunyuan_dit_inputs, _patch_keys(), ((8, 8), (8, 12))),
@@ -316,11 +321,255 @@ FAMILIES = [
     Family("AuraFlow", _auraflow, _auraflow_inputs, _patch_keys(text="first"), ((8, 8), (8, 12)), lam=4.0),
     Family("LuminaNext", _lumina_next, _lumina_next_inputs, _patch_keys(), ((8, 8), (8, 12))),
     Family("Lumina2", _lumina2, _lumina2_inputs, _lumina2_keys, ((8, 8), (8, 12)), fused=True,
-           keys_for=_lumina2_layer_keys),
+           keys_for=_lumina2_layer_keys,
+           compile="diffusers' Lumina2 reads the caption lengths on the host (.tolist())"),
     Family("CogView3Plus", _cogview3, _cogview_inputs, _patch_keys(text="first"), ((8, 8), (8, 12))),
     Family("CogView4", _cogview4, _cogview_inputs, _patch_keys(text="first"), ((8, 8), (8, 12))),
     Family("QwenImage", _qwenimage, _qwen_inputs, _token_keys(text="first"), ((4, 4), (4, 6)), fused=True),
-    Family("HiDream", _hidream, _hidream_inputs, _patch_keys(text="last"), ((8, 8), (8, 12)), fused=True),
+    Family("HiDream", _hidream, _hidream_inputs, _patch_keys(text="last"), ((8, 8), (8, 12)), fused=True,
+           compile="diffusers' HiDream routes its MoE experts with data-dependent shapes"),
     Family("Flux2", _flux2, _flux2_inputs, _token_keys(text="first"), ((4, 4), (4, 6)), fused=True),
-    Family("ZImage", _zimage, _zimage_inputs, _patch_keys(text="last"), ((8, 8), (8, 12)), grad_input="x"),
+    Family("ZImage", _zimage, _zimage_inputs, _patch_keys(text="last"), ((8, 8), (8, 12)), grad_input="x",
+           compile="diffusers' Z-Image enters a context manager dynamo does not support"),
 ]
+
+
+# --------------------------------------------------------------------------------------------- video
+# Sizes are (F, H, W) of the latent video. Spatial layers of the video U-Nets and Latte see the frames
+# folded into the batch (B * F); the full-attention transformers see one (f, h, w) grid per video.
+
+def _video(batch, channels, size, frames_first=False):
+    frames, h, w = size
+    return torch.randn(batch, frames, channels, h, w) if frames_first else torch.randn(batch, channels, frames, h, w)
+
+
+def _unet3d():
+    return diffusers.UNet3DConditionModel(
+        block_out_channels=(8, 16), norm_num_groups=4, down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=8, attention_head_dim=4,
+        out_channels=4, in_channels=4, layers_per_block=1, sample_size=8,
+    )
+
+
+def _unet3d_inputs(size, batch):
+    return {"sample": _video(batch, 4, size), "timestep": torch.tensor([10]),
+            "encoder_hidden_states": torch.randn(batch, 4, 8)}
+
+
+def _unet_motion():
+    return diffusers.UNetMotionModel(
+        block_out_channels=(16, 32), norm_num_groups=16,
+        down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+        up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"), cross_attention_dim=16, num_attention_heads=2,
+        out_channels=4, in_channels=4, layers_per_block=1, sample_size=8,
+    )
+
+
+def _unet_motion_inputs(size, batch):  # the text per frame, as AnimateDiff's pipeline passes it
+    return {"sample": _video(batch, 4, size), "timestep": torch.tensor([10]),
+            "encoder_hidden_states": torch.randn(batch * size[0], 4, 16)}
+
+
+def _unet_svd():
+    return diffusers.UNetSpatioTemporalConditionModel(
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"), cross_attention_dim=16,
+        num_attention_heads=2, out_channels=4, in_channels=4, layers_per_block=1, sample_size=8,
+        projection_class_embeddings_input_dim=3 * 8, addition_time_embed_dim=8,
+    )
+
+
+def _unet_svd_inputs(size, batch):
+    return {"sample": _video(batch, 4, size, frames_first=True), "timestep": torch.tensor([10]),
+            "encoder_hidden_states": torch.randn(batch, 1, 16),
+            "added_time_ids": torch.tensor([[6.0, 127.0, 0.02]]).repeat(batch, 1)}
+
+
+def _frame_keys(size, batch):
+    """Spatial layers of a video U-Net: the frame's grid at each level, frames folded into the batch."""
+    frames, h, w = size
+    return Keys(grid=lambda n: halving_grid(n, (h, w)), frames=frames)
+
+
+def _latte():
+    return diffusers.LatteTransformer3DModel(
+        sample_size=8, num_layers=1, patch_size=2, attention_head_dim=8, num_attention_heads=2, caption_channels=8,
+        in_channels=4, cross_attention_dim=16, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+        video_length=2,
+    )
+
+
+def _latte_inputs(size, batch):
+    return {"hidden_states": _video(batch, 4, size), "encoder_hidden_states": torch.randn(batch, 5, 8),
+            "timestep": _steps(batch), "enable_temporal_attentions": True}
+
+
+def _latte_keys(size, batch):
+    frames, h, w = size
+    return Keys(grid=(h // 2, w // 2), frames=frames)
+
+
+def _wan():
+    return diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16,
+        freq_dim=32, ffn_dim=32, num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+
+
+def _wan_inputs(size, batch):
+    return {"hidden_states": _video(batch, 4, size), "encoder_hidden_states": torch.randn(batch, 5, 16),
+            "timestep": _steps(batch)}
+
+
+def _video_keys(pt=1, p=2, **kw):
+    return lambda size, batch: Keys(grid=(size[0] // pt, size[1] // p, size[2] // p), **kw)
+
+
+def _allegro():
+    return diffusers.AllegroTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=1,
+        cross_attention_dim=16, sample_width=8, sample_height=8, sample_frames=8, caption_channels=8,
+    )
+
+
+def _allegro_inputs(size, batch):
+    return {"hidden_states": _video(batch, 4, size), "encoder_hidden_states": torch.randn(batch, 5, 8),
+            "timestep": _steps(batch)}
+
+
+def _cogvideox():
+    return diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2, text_embed_dim=8,
+        num_layers=1, sample_width=8, sample_height=8, sample_frames=8, patch_size=2, patch_size_t=None,
+        temporal_compression_ratio=4, max_text_seq_length=5,
+    )
+
+
+def _cogvideox_inputs(size, batch):
+    return {"hidden_states": _video(batch, 4, size, frames_first=True),
+            "encoder_hidden_states": torch.randn(batch, 5, 8),
+            "timestep": _steps(batch)}
+
+
+VIDEO_SIZES = ((2, 8, 8), (3, 8, 12))
+VIDEO = [
+    Family("UNet3DCondition", _unet3d, _unet3d_inputs, _frame_keys, VIDEO_SIZES, grad_input="sample", fused=True),
+    Family("UNetMotion", _unet_motion, _unet_motion_inputs, _frame_keys, VIDEO_SIZES, grad_input="sample", fused=True,
+           compile="the input layout, spatial placement and FAM processor of UNet3DCondition (compiled there)"),
+    Family("UNetSpatioTemporal", _unet_svd, _unet_svd_inputs, _frame_keys, VIDEO_SIZES, grad_input="sample",
+           fused=True),
+    Family("Latte", _latte, _latte_inputs, _latte_keys, ((2, 8, 8), (2, 8, 12)), fused=True),  # fixed video_length
+    Family("Wan", _wan, _wan_inputs, _video_keys(), VIDEO_SIZES),
+    Family("Allegro", _allegro, _allegro_inputs, _video_keys(), VIDEO_SIZES),
+    Family("CogVideoX", _cogvideox, _cogvideox_inputs, _video_keys(text="first"), VIDEO_SIZES),
+]
+FAMILIES += VIDEO
+
+
+# ------------------------------------------------------------- more image families and variants
+
+def _sd3(dual_attention_layers=(0,)):
+    return diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+        pos_embed_max_size=16, dual_attention_layers=dual_attention_layers,
+    )
+
+
+def _sd3_inputs(size, batch):
+    return {"hidden_states": _image(batch, 4, size), "timestep": _steps(batch),
+            "encoder_hidden_states": torch.randn(batch, 5, 16), "pooled_projections": torch.randn(batch, 8)}
+
+
+def _dit():
+    return diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=1, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=10, norm_num_groups=4,
+    )
+
+
+def _dit_inputs(size, batch):
+    return {"hidden_states": _image(batch, 4, size), "timestep": _steps(batch),
+            "class_labels": torch.arange(batch) % 10}
+
+
+def _flux():
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4),
+    )
+
+
+def _packed_ids(size, columns=3):
+    h, w = size
+    ids = torch.zeros(h, w, columns)
+    ids[..., 1], ids[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None]
+    return ids.reshape(-1, columns)
+
+
+def _flux_inputs(size, batch):
+    h, w = size
+    return {"hidden_states": torch.randn(batch, h * w, 4), "encoder_hidden_states": torch.randn(batch, 5, 16),
+            "pooled_projections": torch.randn(batch, 8), "timestep": torch.rand(batch),
+            "img_ids": _packed_ids(size), "txt_ids": torch.zeros(5, 3)}
+
+
+def _chroma():
+    return diffusers.ChromaTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(2, 2, 4), approximator_num_channels=8, approximator_hidden_dim=16,
+        approximator_layers=1,
+    )
+
+
+def _chroma_inputs(size, batch):
+    inputs = _flux_inputs(size, batch)
+    del inputs["pooled_projections"]
+    return inputs
+
+
+def _pag_processors(factory):
+    """The PAG processor on every self-attention layer (as PAG pipelines set it on the chosen layers)."""
+    def prepare(model):
+        from diffusers.models.attention_processor import Attention
+
+        for m in model.modules():
+            if isinstance(m, Attention) and not m.is_cross_attention:
+                m.set_processor(factory())
+
+    return prepare
+
+
+def _custom_diffusion(model):
+    """CustomDiffusion's processors, with trained K/V on the self-attention layers too."""
+    from diffusers.models.attention_processor import Attention, CustomDiffusionAttnProcessor2_0
+
+    for m in model.modules():
+        if isinstance(m, Attention):
+            dim = m.to_q.out_features
+            m.set_processor(CustomDiffusionAttnProcessor2_0(
+                train_kv=True, train_q_out=False, hidden_size=dim,
+                cross_attention_dim=None if not m.is_cross_attention else m.to_k.in_features))
+
+
+MORE = [
+    Family("DiT", _dit, _dit_inputs, _patch_keys(), ((8, 8), (6, 6)), fused=True),  # diffusers' DiT: square only
+    Family("SD3", _sd3, _sd3_inputs, _patch_keys(text="last"), ((8, 8), (8, 12)), fused=True),
+    # diffusers' FusedJointAttnProcessor2_0 needs text in every call: SD3 without SD3.5's image-only attention
+    Family("SD3-fused-qkv", lambda: _sd3(dual_attention_layers=()), _sd3_inputs, _patch_keys(text="last"),
+           ((8, 8), (8, 12)), prepare=lambda m: m.fuse_qkv_projections()),
+    Family("Flux", _flux, _flux_inputs, _token_keys(text="first"), ((4, 4), (4, 6)), fused=True),
+    Family("Chroma", _chroma, _chroma_inputs, _token_keys(text="first"), ((4, 4), (4, 6)), fused=True),
+    # PAG: one map for the whole batch (the hook path sees the original and perturbed parts apart)
+    Family("UNet2DCondition-PAG", fused=True, reference="projections", batch=4, per_image_maps=False,
+           prepare=_pag_processors(lambda: diffusers.models.attention_processor.PAGIdentitySelfAttnProcessor2_0()),
+           **UNET),
+    Family("UNet2DCondition-PAG-CFG", fused=True, reference="projections", batch=3, per_image_maps=False,
+           prepare=_pag_processors(lambda: diffusers.models.attention_processor.PAGCFGIdentitySelfAttnProcessor2_0()),
+           compile="the FAM processor of UNet2DCondition-PAG (compiled there)", **UNET),
+    Family("UNet2DCondition-CustomDiffusion", prepare=_custom_diffusion,
+           compile="the hook path (compiled on every transformer family with a hook layout)", **UNET),
+]
+FAMILIES += MORE

@@ -298,10 +298,11 @@ class ReplayingCheckpoint:
 
 
 def warn_on_aspect_mismatch(mfam: torch.Tensor, input_hw: tuple[int, int]) -> None:
-    """Warn once per (map size, input size) whose aspect ratios differ (the map is resized anyway)."""
+    """Warn once per (map size, input size) whose aspect ratios differ (the map is resized anyway); not
+    while torch.compile traces (a warning would break the graph: the eager run before it warns)."""
     H, W = mfam.shape[-2:]
     h, w = input_hw
-    if H * w == W * h:
+    if H * w == W * h or torch.compiler.is_compiling():
         return
     key = (H, W, h, w)
     if key not in _ASPECT_WARNED:

@@ -26,9 +26,10 @@ from srdiff.processors.inputs import InputSpec, read_ltx, read_packed_shapes, re
 class Source:
     """A module of the attention layer whose output is (part of) the keys or values that enter attention.
 
-    ``module``: its attribute name. ``token_dim``: the token axis of its output ((B, N, C) and
-    (B, N, H, D): 1; (B, H, N, D): 2). ``chunk``: the output is [q | k | v | ...] in blocks of
-    ``attn.inner_dim`` channels (a fused projection) and block ``chunk`` is the one to scale."""
+    ``module``: its name under the layer (dotted for a processor's own layers). ``token_dim``: the token
+    axis of its output ((B, N, C) and (B, N, H, D): 1; (B, H, N, D): 2). ``chunk``: the output is
+    [q | k | v | ...] in blocks of ``attn.inner_dim`` channels (a fused projection) and block ``chunk``
+    is the one to scale."""
 
     module: str
     token_dim: int = 1
@@ -50,6 +51,13 @@ def qkv_sources(norm_dim: int = 2, norm: str | None = "norm_k", fused: bool | Ca
         return (Source("to_qkv", chunk=1) if is_fused else Source("to_k")), value
 
     return sources
+
+
+def _custom_diffusion_sources(attn: nn.Module) -> tuple[Source, Source]:
+    """CustomDiffusion's processors project K and V with their own trained layers when ``train_kv``."""
+    if attn.processor.train_kv:
+        return Source("processor.to_k_custom_diffusion"), Source("processor.to_v_custom_diffusion")
+    return Source("to_k"), Source("to_v")
 
 
 def _fused_projections(attn: nn.Module) -> bool:
@@ -82,6 +90,8 @@ HOOK_LAYOUTS: dict[str, TokenLayout] = {
     _AP + "SlicedAttnProcessor": TokenLayout(qkv_sources(norm=None)),
     _AP + "PAGIdentitySelfAttnProcessor2_0": TokenLayout(qkv_sources(norm=None)),
     _AP + "PAGCFGIdentitySelfAttnProcessor2_0": TokenLayout(qkv_sources(norm=None)),
+    _AP + "CustomDiffusionAttnProcessor": TokenLayout(_custom_diffusion_sources),
+    _AP + "CustomDiffusionAttnProcessor2_0": TokenLayout(_custom_diffusion_sources),
     _AP + "JointAttnProcessor2_0": TokenLayout(qkv_sources(2)),
     _AP + "FusedJointAttnProcessor2_0": TokenLayout(qkv_sources(2, fused=True)),
     _AP + "HunyuanAttnProcessor2_0": TokenLayout(qkv_sources(2)),

@@ -74,7 +74,7 @@ class FAMHookLayer(FAMLayer):
         """Hook the modules the layout names for ``attn`` (again, if they changed since: projections
         fused or wrapped by peft after the install)."""
         sources = self.layout.sources(attn)
-        modules = [getattr(attn, src.module) for src in sources]
+        modules = [attn.get_submodule(src.module) for src in sources]
         if len(modules) == len(self.hooked) and all(a is b for a, b in zip(modules, self.hooked)):
             return
         self.detach()

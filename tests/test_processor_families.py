@@ -1,7 +1,8 @@
 """Every attention family srdiff modulates, on tiny random models (tests/tiny_models.py): installed on
 the layers it should be, exact when unmodulated, equal to an independent reference when modulated
 (forward and input gradient, square and non-square grids, the FAM processor and the hook path alike),
-under gradient checkpointing, and under ``torch.compile(fullgraph=True)`` (``aot_eager`` on CPU).
+under gradient checkpointing, and under ``torch.compile(fullgraph=True)`` (``aot_eager`` on CPU);
+video models modulate their spatial self-attention and never their temporal attention.
 
 The reference (tests/fam_reference.py) scales K and V where the family's attention consumes them (each
 SDPA call of a modulated layer), with the image keys as the test states them (``Family.keys``), or for
@@ -202,3 +203,22 @@ def test_compile_fullgraph_without_recompiles_per_map(family):
                 want = _output(model(**inputs))
             assert_close(got, want, dtype=torch.float32, reduce_dim=fan_in)
     torch._dynamo.reset()
+
+
+# Where diffusers' video models keep their temporal attention (across the frames of one pixel or patch)
+TEMPORAL = {"UNet3DCondition": ("transformer_in", "temp_attentions"), "UNetMotion": ("motion_modules",),
+            "UNetSpatioTemporal": ("temporal_transformer_blocks",), "Latte": ("temporal_transformer_blocks",)}
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f.name in TEMPORAL], ids=list(TEMPORAL))
+def test_only_spatial_self_attention_is_modulated(family):
+    """Video models alternating spatial and temporal attention: the modulated layers are exactly the
+    spatial self-attention layers; no temporal layer (a spatial map has no value for a frame token)."""
+    model = family.model()
+    spatial = [n for n, m in model.named_modules() if hasattr(m, "processor") and not m.is_cross_attention
+               and not set(TEMPORAL[family.name]) & set(n.split("."))]
+    temporal = [n for n, m in model.named_modules() if hasattr(m, "processor")
+                and set(TEMPORAL[family.name]) & set(n.split("."))]
+    assert spatial and temporal
+    assert srdiff.set_fam_attn_processor(model, lam=family.lam) == spatial
+    assert [layer.name for layer in srdiff.fam_layers(model)] == spatial

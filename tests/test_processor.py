@@ -298,15 +298,19 @@ def test_save_pretrained_round_trip(tmp_path):
         assert torch.equal(_run(loaded, x, t), _run(model, x, t))
 
 
+class UserProcessor(AttnProcessor2_0):
+    """A processor of the user's own: srdiff knows neither a FAM version nor its token layout."""
+
+
 def test_unknown_processor_is_refused_or_skipped_and_reported():
     model = _unet2d()
-    model.mid_block.attentions[0].set_processor(SlicedAttnProcessor(2))
-    with pytest.raises(ValueError, match=r"layer 'mid_block.attentions.0' runs .*SlicedAttnProcessor, which "
-                                         r"srdiff has no FAM processor for"):
+    model.mid_block.attentions[0].set_processor(UserProcessor())
+    with pytest.raises(ValueError, match=r"layer 'mid_block.attentions.0' runs .*UserProcessor, which "
+                                         r"srdiff does not modulate: no layout is declared for it"):
         srdiff.set_fam_attn_processor(model)
     assert not any(isinstance(m.processor, srdiff.FAMAttnProcessor) for m in model.modules()
                    if isinstance(m, Attention))
-    with pytest.warns(UserWarning, match=r"skipped 1 layer.*'mid_block.attentions.0': 'SlicedAttnProcessor'"):
+    with pytest.warns(UserWarning, match=r"skipped 1 layer.*'mid_block.attentions.0': 'UserProcessor'"):
         names = srdiff.set_fam_attn_processor(model, strict=False)
     assert len(names) == 3 and "mid_block.attentions.0" not in names
 

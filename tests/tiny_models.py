@@ -8,8 +8,8 @@ patch grids differ in both directions. Models are kept to one or two blocks of w
 family suite must stay a small part of ``make test`` on two cores.
 """
 
+import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from fam_reference import Keys, halving_grid
@@ -17,7 +17,7 @@ from fam_reference import Keys, halving_grid
 diffusers = __import__("diffusers")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Family:
     """``build()`` -> model (eval mode); ``inputs(size, batch)`` -> forward kwargs; ``keys(size, batch)``
     -> Keys for every modulated layer (applied to all, unless ``keys_for`` picks per layer name);
@@ -573,3 +573,19 @@ MORE = [
            compile="the hook path (compiled on every transformer family with a hook layout)", **UNET),
 ]
 FAMILIES += MORE
+
+
+# ------------------------------------------------- fused projections (fuse_qkv_projections())
+
+def _fused(family: Family) -> Family:
+    """``family`` after ``fuse_qkv_projections()``: one to_qkv (or a fused processor) in place of to_q/k/v."""
+    def prepare(model):
+        if family.prepare is not None:
+            family.prepare(model)
+        model.fuse_qkv_projections()
+
+    return dataclasses.replace(family, name=f"{family.name}-fused-qkv", prepare=prepare,
+                               compile=f"the graph of {family.name} with one projection in place of three (CI time)")
+
+
+FAMILIES += [_fused(f) for f in FAMILIES if f.name in ("PixArt", "HunyuanDiT", "AuraFlow", "CogVideoX", "Flux", "Wan")]

@@ -24,6 +24,7 @@ from diffusers.models.attention_processor import (
     AttnProcessor2_0,
     FusedAttnProcessor2_0,
     SlicedAttnProcessor,
+    XFormersAttnProcessor,
 )
 
 LAM = 0.5  # larger than the paper's 0.025 so that a wrong modulation cannot hide in rounding
@@ -313,6 +314,14 @@ def test_unknown_processor_is_refused_or_skipped_and_reported():
     with pytest.warns(UserWarning, match=r"skipped 1 layer.*'mid_block.attentions.0': 'UserProcessor'"):
         names = srdiff.set_fam_attn_processor(model, strict=False)
     assert len(names) == 3 and "mid_block.attentions.0" not in names
+
+
+def test_another_attention_backend_is_refused_with_the_way_back():
+    model = _unet2d()
+    model.mid_block.attentions[0].set_processor(XFormersAttnProcessor())
+    with pytest.raises(ValueError, match=r"runs .*XFormersAttnProcessor, which srdiff does not modulate: it calls "
+                                         r"xformers' attention; model.set_default_attn_processor\(\)"):
+        srdiff.set_fam_attn_processor(model)
 
 
 def test_replaced_processors_warn_at_the_next_modulated_forward():

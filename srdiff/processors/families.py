@@ -117,8 +117,19 @@ HOOK_LAYOUTS: dict[str, TokenLayout] = {
     _TF + "transformer_lumina2.Lumina2AttnProcessor2_0": TokenLayout(qkv_sources(1), text="first"),
 }
 
-# processor (qualified name) -> why srdiff does not modulate it.
-REFUSED: dict[str, str] = {}
+# processor (qualified name) -> why srdiff does not modulate it. Processors of another attention backend
+# compute the same attention as a processor srdiff modulates; the user chose the backend, so srdiff says
+# how to switch rather than switching silently.
+_BACKEND = ("it calls {} attention; model.set_default_attn_processor() (or set_attn_processor with the "
+            "model's SDPA processor) before installing gives srdiff's kernels instead")
+REFUSED: dict[str, str] = {
+    **{_AP + name: _BACKEND.format("xformers'") for name in (
+        "XFormersAttnProcessor", "XFormersJointAttnProcessor", "XFormersAttnAddedKVProcessor",
+        "CustomDiffusionXFormersAttnProcessor", "IPAdapterXFormersAttnProcessor")},
+    _AP + "AttnProcessorNPU": _BACKEND.format("torch_npu's"),
+    _AP + "XLAFlashAttnProcessor2_0": _BACKEND.format("XLA's flash"),
+    _AP + "XLAFluxFlashAttnProcessor2_0": _BACKEND.format("XLA's flash"),
+}
 
 # model class name -> how its input shows the image tokens (models not here: InputSpec()).
 MODEL_INPUTS: dict[str, InputSpec] = {

@@ -198,7 +198,7 @@ def scaled_attention(model, keys: dict, mfam: torch.Tensor, lam: float):
 def assert_modulated(got: torch.Tensor, plain: torch.Tensor, reduce_dim: int) -> None:
     """The modulation moved the output by at least ten times the forward tolerance the reference
     comparison allows, so that comparison tells a modulated model from an unmodulated one."""
-    from utils import tolerance
+    from srdiff_testing import tolerance
 
     atol, rtol = tolerance(torch.float32, reduce_dim=reduce_dim)
     moved = ((got - plain).abs() / (atol + rtol * plain.abs())).max().item()

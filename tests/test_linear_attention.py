@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import srdiff
 from srdiff.reference import fam_linear_attention_ref
-from utils import DTYPES, assert_close, assert_no_worse_than_reference, strided
+from srdiff_testing import DTYPES, assert_close, assert_no_worse_than_reference, strided
 
 B, H = 2, 3
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

@@ -23,7 +23,7 @@ from fam_reference import (
     scaled_attention,
 )
 from tiny_models import FAMILIES
-from utils import assert_close
+from srdiff_testing import assert_close
 
 import srdiff
 

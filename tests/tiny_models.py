@@ -94,23 +94,17 @@ def _unet_keys(size, batch):
 UNET = dict(build=_unet2d_condition, inputs=_unet_inputs, keys=_unet_keys, sizes=((8, 8), (8, 12)), grad_input="sample")
 
 
-def _set_processor(factory):
+def _set_processor(factory, self_attention_only=False):
+    """prepare(model): ``factory()`` on every attention layer (or every self-attention layer: PAG
+    pipelines set their processor on the self-attention layers they perturb)."""
     def prepare(model):
         from diffusers.models.attention_processor import Attention
 
         for m in model.modules():
-            if isinstance(m, Attention):
+            if isinstance(m, Attention) and not (self_attention_only and m.is_cross_attention):
                 m.set_processor(factory())
 
     return prepare
-
-
-def _pag_inputs(parts):
-    def inputs(size, batch):
-        out = _unet_inputs(size, batch * parts)
-        return out
-
-    return inputs
 
 
 # ------------------------------------------------------------------------------------- transformers
@@ -141,9 +135,14 @@ def _sana():
     )
 
 
-def _sana_inputs(size, batch):
-    return {"hidden_states": _image(batch, 4, size), "encoder_hidden_states": torch.randn(batch, 5, 8),
-            "timestep": _steps(batch)}
+def _text_inputs(text_dim, latent=None):
+    """inputs(size, batch) of a model called with (hidden_states, 5 caption tokens, timestep);
+    ``latent(batch, channels, size)`` makes the hidden states (default: an image)."""
+    def inputs(size, batch):
+        return {"hidden_states": (latent or _image)(batch, 4, size),
+                "encoder_hidden_states": torch.randn(batch, 5, text_dim), "timestep": _steps(batch)}
+
+    return inputs
 
 
 def _hunyuan_dit():
@@ -172,11 +171,6 @@ def _auraflow():
         attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=16,
         out_channels=4, pos_embed_max_size=64,
     )
-
-
-def _auraflow_inputs(size, batch):
-    return {"hidden_states": _image(batch, 4, size), "encoder_hidden_states": torch.randn(batch, 5, 16),
-            "timestep": _steps(batch)}
 
 
 def _lumina_next():
@@ -315,10 +309,10 @@ FAMILIES = [
     Family("UNet2DCondition-SlicedAttnProcessor", fused=True, reference="attention-2_0",
            prepare=lambda m: m.set_attention_slice(1), compile=_SAME_AS_2_0, **UNET),
     Family("PixArt", _pixart, _pixart_inputs, _patch_keys(), ((8, 8), (8, 12)), fused=True),
-    Family("Sana", _sana, _sana_inputs, _patch_keys(1), ((4, 4), (4, 6)), fused=True, reference="projections"),
+    Family("Sana", _sana, _text_inputs(8), _patch_keys(1), ((4, 4), (4, 6)), fused=True, reference="projections"),
     Family("HunyuanDiT", _hunyuan_dit, _hunyuan_dit_inputs, _patch_keys(), ((8, 8), (8, 12))),
     # 8 register tokens precede the image in both streams: they get 0, as the text does
-    Family("AuraFlow", _auraflow, _auraflow_inputs, _patch_keys(text="first"), ((8, 8), (8, 12)), lam=4.0),
+    Family("AuraFlow", _auraflow, _text_inputs(16), _patch_keys(text="first"), ((8, 8), (8, 12)), lam=4.0),
     Family("LuminaNext", _lumina_next, _lumina_next_inputs, _patch_keys(), ((8, 8), (8, 12))),
     Family("Lumina2", _lumina2, _lumina2_inputs, _lumina2_keys, ((8, 8), (8, 12)), fused=True,
            keys_for=_lumina2_layer_keys,
@@ -341,6 +335,10 @@ FAMILIES = [
 def _video(batch, channels, size, frames_first=False):
     frames, h, w = size
     return torch.randn(batch, frames, channels, h, w) if frames_first else torch.randn(batch, channels, frames, h, w)
+
+
+def _frames_first_video(batch, channels, size):
+    return _video(batch, channels, size, frames_first=True)
 
 
 def _unet3d():
@@ -418,11 +416,6 @@ def _wan():
     )
 
 
-def _wan_inputs(size, batch):
-    return {"hidden_states": _video(batch, 4, size), "encoder_hidden_states": torch.randn(batch, 5, 16),
-            "timestep": _steps(batch)}
-
-
 def _video_keys(pt=1, p=2, **kw):
     return lambda size, batch: Keys(grid=(size[0] // pt, size[1] // p, size[2] // p), **kw)
 
@@ -434,23 +427,12 @@ def _allegro():
     )
 
 
-def _allegro_inputs(size, batch):
-    return {"hidden_states": _video(batch, 4, size), "encoder_hidden_states": torch.randn(batch, 5, 8),
-            "timestep": _steps(batch)}
-
-
 def _cogvideox():
     return diffusers.CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2, text_embed_dim=8,
         num_layers=1, sample_width=8, sample_height=8, sample_frames=8, patch_size=2, patch_size_t=None,
         temporal_compression_ratio=4, max_text_seq_length=5,
     )
-
-
-def _cogvideox_inputs(size, batch):
-    return {"hidden_states": _video(batch, 4, size, frames_first=True),
-            "encoder_hidden_states": torch.randn(batch, 5, 8),
-            "timestep": _steps(batch)}
 
 
 VIDEO_SIZES = ((2, 8, 8), (3, 8, 12))
@@ -461,9 +443,9 @@ VIDEO = [
     Family("UNetSpatioTemporal", _unet_svd, _unet_svd_inputs, _frame_keys, VIDEO_SIZES, grad_input="sample",
            fused=True),
     Family("Latte", _latte, _latte_inputs, _latte_keys, ((2, 8, 8), (2, 8, 12)), fused=True),  # fixed video_length
-    Family("Wan", _wan, _wan_inputs, _video_keys(), VIDEO_SIZES),
-    Family("Allegro", _allegro, _allegro_inputs, _video_keys(), VIDEO_SIZES),
-    Family("CogVideoX", _cogvideox, _cogvideox_inputs, _video_keys(text="first"), VIDEO_SIZES),
+    Family("Wan", _wan, _text_inputs(16, _video), _video_keys(), VIDEO_SIZES),
+    Family("Allegro", _allegro, _text_inputs(8, _video), _video_keys(), VIDEO_SIZES),
+    Family("CogVideoX", _cogvideox, _text_inputs(8, _frames_first_video), _video_keys(text="first"), VIDEO_SIZES),
 ]
 FAMILIES += VIDEO
 
@@ -530,18 +512,6 @@ def _chroma_inputs(size, batch):
     return inputs
 
 
-def _pag_processors(factory):
-    """The PAG processor on every self-attention layer (as PAG pipelines set it on the chosen layers)."""
-    def prepare(model):
-        from diffusers.models.attention_processor import Attention
-
-        for m in model.modules():
-            if isinstance(m, Attention) and not m.is_cross_attention:
-                m.set_processor(factory())
-
-    return prepare
-
-
 def _custom_diffusion(model):
     """CustomDiffusion's processors, with trained K/V on the self-attention layers too."""
     from diffusers.models.attention_processor import Attention, CustomDiffusionAttnProcessor2_0
@@ -564,10 +534,10 @@ MORE = [
     Family("Chroma", _chroma, _chroma_inputs, _token_keys(text="first"), ((4, 4), (4, 6)), fused=True),
     # PAG: one map for the whole batch (the hook path sees the original and perturbed parts apart)
     Family("UNet2DCondition-PAG", fused=True, reference="projections", batch=4, per_image_maps=False,
-           prepare=_pag_processors(lambda: diffusers.models.attention_processor.PAGIdentitySelfAttnProcessor2_0()),
+           prepare=_set_processor(diffusers.models.attention_processor.PAGIdentitySelfAttnProcessor2_0, True),
            **UNET),
     Family("UNet2DCondition-PAG-CFG", fused=True, reference="projections", batch=3, per_image_maps=False,
-           prepare=_pag_processors(lambda: diffusers.models.attention_processor.PAGCFGIdentitySelfAttnProcessor2_0()),
+           prepare=_set_processor(diffusers.models.attention_processor.PAGCFGIdentitySelfAttnProcessor2_0, True),
            compile="the FAM processor of UNet2DCondition-PAG (compiled there)", **UNET),
     Family("UNet2DCondition-CustomDiffusion", prepare=_custom_diffusion,
            compile="the hook path (compiled on every transformer family with a hook layout)", **UNET),

@@ -169,3 +169,24 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """(B, H, N, D) -> (B, N, H*D)."""
     B, H, N, D = x.shape
     return x.transpose(1, 2).reshape(B, N, H * D)
+
+
+def to_tokens(attn, hidden_states: torch.Tensor, temb: torch.Tensor | None):
+    """``AttnProcessor2_0``'s entry: ``attn.spatial_norm``, then a (B, C, H, W) input as (B, H*W, C)
+    tokens. Returns (tokens, grid): grid is (H, W) for a 4-d input, else None."""
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    if hidden_states.ndim != 4:
+        return hidden_states, None
+    batch, channel, height, width = hidden_states.shape
+    return hidden_states.view(batch, channel, height * width).transpose(1, 2), (height, width)
+
+
+def from_tokens(attn, out: torch.Tensor, residual: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
+    """``AttnProcessor2_0``'s exit: (B, H*W, C) back to (B, C, H, W) where the input was 4-d, then the
+    residual connection and ``rescale_output_factor``."""
+    if grid is not None:
+        out = out.transpose(-1, -2).reshape(out.shape[0], out.shape[-1], *grid)
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor

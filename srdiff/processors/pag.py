@@ -11,7 +11,7 @@ with the model's batch: its first rows go to the original part, its last ones to
 
 import torch
 
-from srdiff.processors.base import FAMProcessor, merge_heads, split_heads
+from srdiff.processors.base import FAMProcessor, from_tokens, merge_heads, split_heads, to_tokens
 
 
 class FAMPAGAttnProcessor(FAMProcessor):
@@ -28,14 +28,7 @@ class FAMPAGAttnProcessor(FAMProcessor):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
         residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        grid = None
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-            grid = (height, width)
+        hidden_states, grid = to_tokens(attn, hidden_states, temb)
         batch, n_tokens, _ = hidden_states.shape
         parts = 3 if self.family == "PAGCFGIdentitySelfAttnProcessor2_0" else 2
         n_org = batch // parts * (parts - 1)
@@ -56,8 +49,4 @@ class FAMPAGAttnProcessor(FAMProcessor):
         ptb = torch.mul(attn.to_v(ptb), s[..., None]).to(query.dtype)
 
         out = torch.cat([attn.to_out[1](attn.to_out[0](x)) for x in (org, ptb)])
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return from_tokens(attn, out, residual, grid)

@@ -5,7 +5,7 @@ PixArt, Latte."""
 
 import torch
 
-from srdiff.processors.base import FAMProcessor, merge_heads, split_heads
+from srdiff.processors.base import FAMProcessor, from_tokens, merge_heads, split_heads, to_tokens
 
 
 class FAMAttnProcessor(FAMProcessor):
@@ -56,14 +56,7 @@ class FAMAttnProcessor(FAMProcessor):
 
         # AttnProcessor2_0's steps, with the modulated attention in place of SDPA.
         residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        grid = None
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-            grid = (height, width)
+        hidden_states, grid = to_tokens(attn, hidden_states, temb)
         batch_size, sequence_length, _ = hidden_states.shape
         placement = self.placement(context, sequence_length - self.leading_tokens, batch_size, grid)
         if attention_mask is not None:
@@ -83,8 +76,4 @@ class FAMAttnProcessor(FAMProcessor):
         hidden_states = merge_heads(self.attend(query, key, value, fam, attention_mask, scale)).to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return from_tokens(attn, hidden_states, residual, grid)

@@ -94,15 +94,15 @@ def _unet_keys(size, batch):
 UNET = dict(build=_unet2d_condition, inputs=_unet_inputs, keys=_unet_keys, sizes=((8, 8), (8, 12)), grad_input="sample")
 
 
-def _set_processor(factory, self_attention_only=False):
-    """prepare(model): ``factory()`` on every attention layer (or every self-attention layer: PAG
-    pipelines set their processor on the self-attention layers they perturb)."""
+def _set_processor(name, self_attention_only=False):
+    """prepare(model): diffusers' processor ``name`` on every attention layer (or every self-attention
+    layer: PAG pipelines set their processor on the self-attention layers they perturb)."""
     def prepare(model):
-        from diffusers.models.attention_processor import Attention
+        from diffusers.models import attention_processor
 
         for m in model.modules():
-            if isinstance(m, Attention) and not (self_attention_only and m.is_cross_attention):
-                m.set_processor(factory())
+            if isinstance(m, attention_processor.Attention) and not (self_attention_only and m.is_cross_attention):
+                m.set_processor(getattr(attention_processor, name)())
 
     return prepare
 
@@ -304,8 +304,8 @@ def _zimage_inputs(size, batch):
 _SAME_AS_2_0 = "the FAM processor of UNet2DCondition-AttnProcessor2_0 (compiled there) with another scale"
 FAMILIES = [
     Family("UNet2DCondition-AttnProcessor2_0", fused=True, **UNET),
-    Family("UNet2DCondition-AttnProcessor", fused=True, reference="attention-2_0", prepare=_set_processor(
-        lambda: diffusers.models.attention_processor.AttnProcessor()), compile=_SAME_AS_2_0, **UNET),
+    Family("UNet2DCondition-AttnProcessor", fused=True, reference="attention-2_0", prepare=_set_processor("AttnProcessor"),
+           compile=_SAME_AS_2_0, **UNET),
     Family("UNet2DCondition-SlicedAttnProcessor", fused=True, reference="attention-2_0",
            prepare=lambda m: m.set_attention_slice(1), compile=_SAME_AS_2_0, **UNET),
     Family("PixArt", _pixart, _pixart_inputs, _patch_keys(), ((8, 8), (8, 12)), fused=True),
@@ -534,10 +534,10 @@ MORE = [
     Family("Chroma", _chroma, _chroma_inputs, _token_keys(text="first"), ((4, 4), (4, 6)), fused=True),
     # PAG: one map for the whole batch (the hook path sees the original and perturbed parts apart)
     Family("UNet2DCondition-PAG", fused=True, reference="projections", batch=4, per_image_maps=False,
-           prepare=_set_processor(diffusers.models.attention_processor.PAGIdentitySelfAttnProcessor2_0, True),
+           prepare=_set_processor("PAGIdentitySelfAttnProcessor2_0", True),
            **UNET),
     Family("UNet2DCondition-PAG-CFG", fused=True, reference="projections", batch=3, per_image_maps=False,
-           prepare=_set_processor(diffusers.models.attention_processor.PAGCFGIdentitySelfAttnProcessor2_0, True),
+           prepare=_set_processor("PAGCFGIdentitySelfAttnProcessor2_0", True),
            compile="the FAM processor of UNet2DCondition-PAG (compiled there)", **UNET),
     Family("UNet2DCondition-CustomDiffusion", prepare=_custom_diffusion,
            compile="the hook path (compiled on every transformer family with a hook layout)", **UNET),

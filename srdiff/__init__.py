@@ -18,6 +18,7 @@ _PUBLIC = {
     "gradcam_reduce": "srdiff.gradcam",
     "fam_attention": "srdiff.attention",
     "FAMAttention": "srdiff.attention",
+    "fam_linear_attention": "srdiff.linear_attention",
     "fam_to_tokens": "srdiff.fam_embedding",
     "FAMProjection": "srdiff.fam_embedding",
     "FAMAttnProcessor": "srdiff.processors",

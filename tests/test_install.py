@@ -55,7 +55,7 @@ def test_third_party_imports_from_the_repo_root_get_their_own_packages():
 # way before it is added. pytest's own test_*.py / conftest.py conventions are not listed.
 IMPORT_NAMES = {
     ".": {"srdiff", "setup"},
-    "tests": {"srdiff_testing", "fam_reference"},
+    "tests": {"srdiff_testing", "fam_reference", "tiny_models"},
     "benchmarks": {"srdiff_bench"},
     "examples": {"train_unconditional", "train_text_to_image_lora"},
 }

@@ -24,6 +24,7 @@ from diffusers.models.attention_processor import (
     AttnProcessor2_0,
     FusedAttnProcessor2_0,
     SlicedAttnProcessor,
+    XFormersAttnProcessor,
 )
 
 LAM = 0.5  # larger than the paper's 0.025 so that a wrong modulation cannot hide in rounding
@@ -298,17 +299,29 @@ def test_save_pretrained_round_trip(tmp_path):
         assert torch.equal(_run(loaded, x, t), _run(model, x, t))
 
 
+class UserProcessor(AttnProcessor2_0):
+    """A processor of the user's own: srdiff knows neither a FAM version nor its token layout."""
+
+
 def test_unknown_processor_is_refused_or_skipped_and_reported():
     model = _unet2d()
-    model.mid_block.attentions[0].set_processor(SlicedAttnProcessor(2))
-    with pytest.raises(ValueError, match=r"layer 'mid_block.attentions.0' runs .*SlicedAttnProcessor, which "
-                                         r"srdiff has no FAM processor for"):
+    model.mid_block.attentions[0].set_processor(UserProcessor())
+    with pytest.raises(ValueError, match=r"layer 'mid_block.attentions.0' runs .*UserProcessor, which "
+                                         r"srdiff does not modulate: no layout is declared for it"):
         srdiff.set_fam_attn_processor(model)
     assert not any(isinstance(m.processor, srdiff.FAMAttnProcessor) for m in model.modules()
                    if isinstance(m, Attention))
-    with pytest.warns(UserWarning, match=r"skipped 1 layer.*'mid_block.attentions.0': 'SlicedAttnProcessor'"):
+    with pytest.warns(UserWarning, match=r"skipped 1 layer.*'mid_block.attentions.0': 'UserProcessor'"):
         names = srdiff.set_fam_attn_processor(model, strict=False)
     assert len(names) == 3 and "mid_block.attentions.0" not in names
+
+
+def test_another_attention_backend_is_refused_with_the_way_back():
+    model = _unet2d()
+    model.mid_block.attentions[0].set_processor(XFormersAttnProcessor())
+    with pytest.raises(ValueError, match=r"runs .*XFormersAttnProcessor, which srdiff does not modulate: it calls "
+                                         r"xformers' attention; model.set_default_attn_processor\(\)"):
+        srdiff.set_fam_attn_processor(model)
 
 
 def test_replaced_processors_warn_at_the_next_modulated_forward():
@@ -466,7 +479,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"mfam must be finite"):
         with srdiff.fam_context(torch.tensor([[0.0, float("inf")]])):
             pass
-    with pytest.raises(ValueError, match=r"mfam must have 2 or 3 dims, got shape \(16,\)"):
+    with pytest.raises(ValueError, match=r"mfam must have 2 or 3 or 4 dims, got shape \(16,\)"):
         with srdiff.fam_context(torch.rand(16)):
             pass
     with pytest.raises(ValueError, match=r"grid must be None or two positive ints \(H, W\), got \(0, 4\)"):

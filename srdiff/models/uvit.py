@@ -34,6 +34,8 @@ from srdiff.attention import FAMAttention
 from srdiff.fam_embedding import FAMProjection
 from srdiff.processors import context as fam_state
 from srdiff.processors.base import FAMLayer, merge_heads, split_heads
+from srdiff.processors.inputs import InputGeometry
+from srdiff.processors.placement import Placement
 
 PROJECTIONS = (None, "per_layer", "shared")
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
@@ -245,9 +247,9 @@ class UViT(nn.Module):
         context = None if layer is None else layer.active()
         fam = None
         if context is not None:
-            fam = layer.token_fam(context, self.grid, x.shape[0])
+            fam = layer.token_fam(context, Placement(grid=self.grid), x.shape[0])
         elif layer is not None:
-            layer.last_grid = None
+            layer.last_placement = None
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(block, x, fam, skip, layer, use_reentrant=False)
         return block(x, fam, skip, layer)
@@ -271,7 +273,7 @@ class UViT(nn.Module):
             raise ValueError("class_labels given but the model is unconditional (num_classes=0)")
         x = torch.cat(tokens, dim=1) + self.pos_embed
 
-        record = fam_state.push_forward((H, W))
+        record = fam_state.push_forward(InputGeometry(batch=B, hw=(H, W), patch_grid=self.grid))
         try:
             skips = []
             for block in self.in_blocks:

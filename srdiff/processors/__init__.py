@@ -26,10 +26,18 @@ from srdiff.processors.install import (
     remove_fam_attn_processor,
     set_fam_attn_processor,
 )
+from srdiff.processors.flux2 import FAMFlux2AttnProcessor, FAMFlux2ParallelSelfAttnProcessor
+from srdiff.processors.hidream import FAMHiDreamAttnProcessor
 from srdiff.processors.joint import FAMJointAttnProcessor
+from srdiff.processors.lumina2 import FAMLumina2AttnProcessor
+from srdiff.processors.pag import FAMPAGAttnProcessor
+from srdiff.processors.qwenimage import FAMQwenDoubleStreamAttnProcessor
+from srdiff.processors.sana import FAMSanaLinearAttnProcessor
 from srdiff.processors.self_attention import FAMAttnProcessor
 from srdiff.processors.table import FAM_PROCESSORS
 
-__all__ = ["FAM_PROCESSORS", "FAMAttnProcessor", "FAMFluxAttnProcessor", "FAMJointAttnProcessor", "FAMLayer", "FAMLayerInfo",
-           "active_mfam", "fam_context", "fam_layers", "fam_parameters", "remove_fam_attn_processor",
-           "set_fam_attn_processor"]
+__all__ = ["FAM_PROCESSORS", "FAMAttnProcessor", "FAMFlux2AttnProcessor", "FAMFlux2ParallelSelfAttnProcessor",
+           "FAMFluxAttnProcessor", "FAMHiDreamAttnProcessor", "FAMJointAttnProcessor", "FAMLayer", "FAMLayerInfo",
+           "FAMLumina2AttnProcessor", "FAMPAGAttnProcessor", "FAMQwenDoubleStreamAttnProcessor",
+           "FAMSanaLinearAttnProcessor", "active_mfam", "fam_context", "fam_layers", "fam_parameters",
+           "remove_fam_attn_processor", "set_fam_attn_processor"]

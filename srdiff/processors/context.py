@@ -4,14 +4,16 @@ Two slots, both per process:
 
 * the context (:func:`fam_context`): the map, an optional explicit input grid, the ``strict`` flag;
 * the forward record (pushed by the pre-forward hook that :func:`srdiff.set_fam_attn_processor`
-  puts on the model, popped when the forward ends): the input's (H, W), from which every layer's
-  token grid follows, and the projected maps that forward computed (a shared
+  puts on the model, popped when the forward ends): the input's geometry
+  (:class:`srdiff.processors.inputs.InputGeometry`: (H, W), frames, the patch grid, packed token
+  positions), from which every layer's token placement follows, and the projected maps that forward computed (a shared
   :class:`srdiff.FAMProjection` runs once per forward, never once per context, so a second step
   inside one context sees the updated projection and builds a fresh graph).
 
-A layer asks its context for everything the map needs (:meth:`FAMContext.layer_grid`,
-:meth:`FAMContext.layer_tokens`): the grid its tokens form, M_emb resized to it, the count of what was
-modulated. Gradient checkpointing re-runs blocks during backward, possibly after the context has
+A layer asks its context for everything the map needs (:meth:`FAMContext.placement`,
+:meth:`FAMContext.layer_tokens`): where its image tokens lie (:mod:`srdiff.processors.placement`), M_emb
+at those tokens, the count of what was modulated. Nothing here reads a tensor's values on the host
+during a forward (no device sync), so compiled models trace it whole. Gradient checkpointing re-runs blocks during backward, possibly after the context has
 exited: the installer wraps the model's checkpoint function in a :class:`ReplayingCheckpoint`, so
 that the re-run sees the context and forward record of the original run, and the recomputation is
 identical.
@@ -25,7 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from srdiff._checks import check_finite, check_tensor
-from srdiff.fam_embedding import FAMProjection, fam_to_tokens
+from srdiff.fam_embedding import FAMProjection
+from srdiff.processors.inputs import InputGeometry
+from srdiff.processors.placement import Placement, image_tokens, token_grid
 
 
 class FAMContext:
@@ -36,37 +40,75 @@ class FAMContext:
         self.mfam, self.grid, self.strict = mfam, grid, strict
         self.modulated = 0
 
+    def geometry(self) -> InputGeometry | None:
+        """The current forward's input geometry (:class:`srdiff.processors.inputs.InputGeometry`), with the
+        explicit grid when one was given; None when neither is known."""
+        recorded = None if _FORWARD is None else _FORWARD.geometry
+        if self.grid is None:
+            return recorded
+        return (recorded or InputGeometry()).with_grid(self.grid)
+
     def input_hw(self) -> tuple[int, int] | None:
         """The model input's (H, W): the explicit grid, else what the current forward recorded, else None."""
-        return self.grid or (None if _FORWARD is None else _FORWARD.input_hw)
+        geometry = self.geometry()
+        return None if geometry is None else geometry.hw
 
-    def layer_grid(self, layer: str, n_spatial: int, leading_tokens: int = 0) -> tuple[int, int]:
-        """The (h, w) grid of layer ``layer``'s ``n_spatial`` image tokens, from the model input's (H, W)."""
-        input_hw = self.input_hw()
-        if input_hw is None:
+    def image_token_count(self, layer: str) -> int:
+        """How many of a layer's tokens are image tokens, for layers whose sequence also holds text:
+        the model's declared patch grid, or its packed positions. Raises when the model shows neither."""
+        geometry = self.geometry()
+        n = None if geometry is None else geometry.image_token_count()
+        if n is None:
             raise ValueError(
-                f"layer {layer!r}: cannot place its {n_spatial} tokens on the image: the model's input "
+                f"layer {layer!r}: its keys hold text and image tokens, but the model's image token count is "
+                "unknown (no declared patch size, no img_ids); pass srdiff.fam_context(mfam, grid=(h, w)) with the "
+                "token grid"
+            )
+        return n
+
+    def placement(self, layer: str, n_image: int, batch_size: int,
+                  grid: tuple[int, int] | None = None) -> Placement:
+        """Where layer ``layer``'s ``n_image`` image tokens lie, for a call on ``batch_size`` samples: the
+        model's declared patch grid when it has n_image cells, else the packed positions, else the grid
+        among the input's downsamplings (:func:`srdiff.processors.placement.token_grid`); frames folded
+        into the batch when the layer sees B * F samples of a video. Never guessed: raises when none fits.
+        ``grid``: the layer's own (h, w), where its input shows it (a 4-d feature map)."""
+        geometry = self.geometry()
+        if geometry is None and grid is not None:
+            return Placement(grid=grid)
+        if geometry is None:
+            raise ValueError(
+                f"layer {layer!r}: cannot place its {n_image} tokens on the image: the model's input "
                 "grid is unknown. Install with srdiff.set_fam_attn_processor(model, ...) (a hook records the "
                 "input's (H, W)) or pass srdiff.fam_context(mfam, grid=(H, W))"
             )
-        grid = token_grid(n_spatial, input_hw)
+        frames = geometry.frames or 1
+        folded = frames if frames > 1 and geometry.batch is not None and batch_size == geometry.batch * frames else 1
+        if grid is not None:
+            return Placement(grid=grid, frames=folded)
+        if geometry.patch_grid is not None and geometry.image_token_count() == n_image:
+            return Placement(grid=geometry.patch_grid, frames=folded if len(geometry.patch_grid) == 2 else 1)
+        if geometry.positions is not None and geometry.positions.shape[-2] == n_image:
+            return Placement(positions=geometry.positions)
+        grid = None if geometry.hw is None else token_grid(n_image, geometry.hw)
         if grid is None:
+            where = "the input" if geometry.hw is None else f"the {geometry.hw[0]}x{geometry.hw[1]} input"
             raise ValueError(
-                f"layer {layer!r}: its {n_spatial} image tokens form no grid of the {input_hw[0]}x"
-                f"{input_hw[1]} input (ceil(H/f) x ceil(W/f) or H//f x W//f for an integer f); "
-                f"leading_tokens={leading_tokens}"
+                f"layer {layer!r}: its {n_image} image tokens form no grid of {where} (ceil(H/f) x ceil(W/f) "
+                f"or H//f x W//f for an integer f; declared patch grid {geometry.patch_grid})"
             )
-        return grid
+        return Placement(grid=grid, frames=folded)
 
     def m_emb(self, projection: FAMProjection | None, lam: float) -> torch.Tensor:
         """M_emb in image space: the mFAM, or ``projection(mFAM)`` computed once per forward (checked
-        once: finite and 1 + lam * M_emb > 0)."""
+        once: finite and 1 + lam * M_emb > 0; a per-frame map is projected frame by frame)."""
         if projection is None:
             return self.mfam
         record = _FORWARD
         if record is not None and id(projection) in record.projected:
             return record.projected[id(projection)]
-        m_emb = projection(self.mfam)
+        maps = self.mfam
+        m_emb = projection(maps.flatten(0, 1)).view_as(maps) if maps.dim() == 4 else projection(maps)
         # Resizing keeps values within [min, max] of the map, so checking the image-space map once
         # covers every layer's tokens.
         check_finite("M_emb (FAMProjection output)", m_emb)
@@ -77,35 +119,49 @@ class FAMContext:
             record.projected[id(projection)] = m_emb
         return m_emb
 
-    def layer_tokens(self, layer: str, projection: FAMProjection | None, lam: float, grid: tuple[int, int],
-                     mode: str, leading: int = 0, trailing: int = 0, batch_size: int | None = None) -> torch.Tensor:
-        """The per-token map of layer ``layer``: M_emb resized to ``grid``, ``leading`` zeros before the
-        grid tokens and ``trailing`` zeros after them (text tokens of joint attention), (N,) or (B, N);
-        the layer counts as modulated (for ``strict`` and :func:`srdiff.fam_layers`)."""
-        tokens = fam_to_tokens(self.m_emb(projection, lam), grid, mode=mode, extra_tokens=leading)
-        if trailing:
-            tokens = F.pad(tokens, (0, trailing))
-        if batch_size is not None and tokens.dim() == 2 and tokens.shape[0] not in (1, batch_size):
+    def layer_tokens(self, layer: str, projection: FAMProjection | None, lam: float, placement: Placement,
+                     mode: str, batch_size: int, n_tokens: int, leading: int | torch.Tensor = 0) -> torch.Tensor:
+        """The per-key map of layer ``layer`` over its ``n_tokens`` keys: ``leading`` zeros (time, class or
+        text tokens in front: an int, or a (B,) tensor of per-sample text lengths), M_emb at the placement's
+        image tokens, zeros for the rest (text after the image, padding); (N,) or (B, N). The layer
+        counts as modulated (for ``strict`` and :func:`srdiff.fam_layers`)."""
+        tokens = image_tokens(self.m_emb(projection, lam), placement, mode)
+        if tokens.dim() == 2 and tokens.shape[0] not in (1, batch_size):
             raise ValueError(f"mfam holds {tokens.shape[0]} maps but the layer sees a batch of {batch_size}: "
-                             "pass one (H, W) map or one per image")
+                             "pass one (H, W) map or one per image (in a video model one per video, or one per "
+                             "frame as (B, F, H, W))")
+        if isinstance(leading, torch.Tensor):
+            tokens = place_after(tokens, leading, n_tokens, batch_size)
+        elif n_tokens != tokens.shape[-1]:
+            tokens = F.pad(tokens, (leading, n_tokens - leading - tokens.shape[-1]))
         self.modulated += 1
         if _FORWARD is not None:
             _FORWARD.modulated.append(layer)
         return tokens
 
 
+def place_after(tokens: torch.Tensor, leading: torch.Tensor, n_tokens: int, batch_size: int) -> torch.Tensor:
+    """(B, n_tokens): sample b's image tokens (``tokens`` (n,) or (B|1, n)) right after its own
+    ``leading[b]`` tokens, zeros elsewhere (a gather on the device: no host sync)."""
+    n = tokens.shape[-1]
+    index = torch.arange(n_tokens, device=tokens.device)[None] - leading.to(tokens.device)[:, None].long()
+    inside = (index >= 0) & (index < n)
+    rows = (tokens if tokens.dim() == 2 else tokens[None]).expand(batch_size, n)
+    return torch.gather(rows, 1, index.clamp(0, n - 1)) * inside
+
+
 class ForwardRecord:
-    """One model forward: the input's (H, W) (None when unknown), the maps computed so far, the
+    """One model forward: its input's geometry (None when unknown), the maps computed so far, the
     layers it modulated."""
 
-    def __init__(self, input_hw: tuple[int, int] | None, previous: "ForwardRecord | None"):
-        self.input_hw, self.previous = input_hw, previous
+    def __init__(self, geometry: InputGeometry | None, previous: "ForwardRecord | None"):
+        self.geometry, self.previous = geometry, previous
         self.projected: dict[int, torch.Tensor] = {}
         self.modulated: list[str] = []
 
     def snapshot(self) -> "ForwardRecord":
         """A copy with the maps computed so far, for a checkpointed block's recomputation."""
-        copy = ForwardRecord(self.input_hw, None)
+        copy = ForwardRecord(self.geometry, None)
         copy.projected = dict(self.projected)
         return copy
 
@@ -131,8 +187,10 @@ def fam_context(mfam: torch.Tensor | None, *, grid: tuple[int, int] | None = Non
 
     Args:
         mfam: (H, W) (one map for the batch, as the authors use it) or (B, H, W) (one per image; B
-            must equal the batch the model sees), values in [0, 1], image space, on the model's
-            device. None switches the modulation off inside the block.
+            must equal the batch the model sees); for video models also (B, F, H, W), one per frame
+            (a 2-d or 3-d map is then the same for every frame). Values in [0, 1], image space, on the
+            model's device. None switches the modulation off inside the block. Temporal attention
+            layers of video models are never modulated (a spatial map says nothing about frames).
         grid: the (height, width) of the model's input (pixels or latent), for models whose input
             does not show it (token inputs) or processors set by hand; overrides what the model's
             pre-forward hook records. Each layer's token grid is this grid downsampled.
@@ -153,7 +211,7 @@ def fam_context(mfam: torch.Tensor | None, *, grid: tuple[int, int] | None = Non
     if not isinstance(strict, bool):
         raise TypeError(f"strict must be a bool, got {type(strict).__name__}")
     if mfam is not None:
-        check_tensor("mfam", mfam, ndim=(2, 3), floating=True)
+        check_tensor("mfam", mfam, ndim=(2, 3, 4), floating=True)
         check_finite("mfam", mfam)
         if not torch.compiler.is_compiling():
             lo, hi = mfam.min().item(), mfam.max().item()
@@ -186,9 +244,9 @@ def current_forward() -> ForwardRecord | None:
     return _FORWARD
 
 
-def push_forward(input_hw: tuple[int, int] | None) -> ForwardRecord:
+def push_forward(geometry: InputGeometry | None) -> ForwardRecord:
     global _FORWARD
-    _FORWARD = ForwardRecord(input_hw, _FORWARD)
+    _FORWARD = ForwardRecord(geometry, _FORWARD)
     return _FORWARD
 
 
@@ -240,25 +298,14 @@ class ReplayingCheckpoint:
 
 
 def warn_on_aspect_mismatch(mfam: torch.Tensor, input_hw: tuple[int, int]) -> None:
-    """Warn once per (map size, input size) whose aspect ratios differ (the map is resized anyway)."""
+    """Warn once per (map size, input size) whose aspect ratios differ (the map is resized anyway); not
+    while torch.compile traces (a warning would break the graph: the eager run before it warns)."""
     H, W = mfam.shape[-2:]
     h, w = input_hw
-    if H * w == W * h:
+    if H * w == W * h or torch.compiler.is_compiling():
         return
     key = (H, W, h, w)
     if key not in _ASPECT_WARNED:
         _ASPECT_WARNED.add(key)
         warnings.warn(f"mfam is {H}x{W} but the model's input is {h}x{w}: the map's aspect ratio differs "
                       f"from the input's; it is resized (stretched) to each layer's grid", stacklevel=3)
-
-
-def token_grid(n_tokens: int, input_hw: tuple[int, int]) -> tuple[int, int] | None:
-    """The grid of a layer with ``n_tokens`` spatial tokens in a model whose input is ``input_hw``:
-    (ceil(H/f), ceil(W/f)) (strided convolutions) or (H//f, W//f) (patch embeddings) for the
-    smallest integer factor f that gives n_tokens cells; None if no factor does."""
-    H, W = input_hw
-    for f in range(1, max(H, W) + 1):
-        for grid in ((-(-H // f), -(-W // f)), (H // f, W // f)):
-            if grid[0] * grid[1] == n_tokens:
-                return grid
-    return None

@@ -1,12 +1,15 @@
-"""Installing FAM processors on a diffusers model, taking them off again, and looking at them.
+"""Installing FAM modulation on a diffusers model, taking it off again, and looking at it.
 
-:func:`set_fam_attn_processor` replaces each self-attention layer's processor by the FAM version
-the table (:mod:`srdiff.processors.table`) names for it, registers the learned projections in the
-model, and puts two hooks on the model: before a forward they record the input's (H, W), wrap the
-model's gradient-checkpointing function (so recomputations replay the original forward's map) and
-warn when a FAM processor has been replaced since (``set_attention_slice``,
-``fuse_qkv_projections``, ``set_attn_processor``); after it they close the forward record and
-enforce ``fam_context(strict=True)``.
+:func:`set_fam_attn_processor` gives each self-attention layer one of two paths: the FAM version of
+its processor where srdiff has one (:mod:`srdiff.processors.table`, the "fused" path), else forward
+hooks on its key and value projections (:mod:`srdiff.processors.hooks`, the "hook" path, laid out by
+:mod:`srdiff.processors.families`); a layer whose processor is in neither table is refused (or skipped
+and reported). It registers the learned projections in the model and puts two hooks on the model:
+before a forward they record the input's geometry (:mod:`srdiff.processors.inputs`), wrap the model's
+gradient-checkpointing function (so recomputations replay the original forward's map), re-attach
+hook-path layers whose projections changed (fused, peft-wrapped) and warn when a FAM processor has
+been replaced since (``set_attention_slice``, ``fuse_qkv_projections``, ``set_attn_processor``);
+after it they close the forward record and enforce ``fam_context(strict=True)``.
 """
 
 import sys
@@ -18,37 +21,49 @@ from torch import nn
 
 from srdiff.fam_embedding import FAMProjection
 from srdiff.processors import context as fam_state
-from srdiff.processors.context import ReplayingCheckpoint
 from srdiff.processors.base import FAMLayer, FAMLayerInfo
-from srdiff.processors.table import FAM_PROCESSORS, fam_processor_for, qualified_name
+from srdiff.processors.context import ReplayingCheckpoint
+from srdiff.processors.families import HOOK_LAYOUTS, REFUSED, input_spec, unmodulated_reason
+from srdiff.processors.hooks import FAMHookLayer
+from srdiff.processors.inputs import InputGeometry, read_input
+from srdiff.processors.table import FAM_PROCESSORS, qualified_name
 
 PROJECTIONS = ("per_layer", "shared")
+PATHS = ("auto", "hook")
 PROJECTION_ATTR = "fam_projection"
+HOOK_ATTR = "_srdiff_fam_hook"
 _INSTALLATION_ATTR = "_srdiff_fam"
-_INPUT_NAMES = ("sample", "hidden_states", "x")
 
 
 class _Installation:
     """What one :func:`set_fam_attn_processor` call put on a model (kept on the model, so that
-    ``copy.deepcopy`` (an EMA copy) carries a consistent one)."""
+    ``copy.deepcopy`` (an EMA copy) carries a consistent one). ``layers``: name -> (attention module,
+    how it is modulated: ``"processor"``, ``"hook"`` or ``"fam_layer"``, the FAM layer)."""
 
     def __init__(self, layers: dict[str, tuple[nn.Module, str, FAMLayer]], projection: str | None,
                  checkpointing: list[nn.Module]):
         self.layers, self.projection, self.checkpointing = layers, projection, checkpointing
         self.warned: set = set()
 
-    def before_forward(self, input_hw: tuple[int, int] | None) -> None:
+    def before_forward(self, geometry: InputGeometry) -> None:
         for module in self.checkpointing:
             func = getattr(module, "_gradient_checkpointing_func", None)
             if func is not None and not isinstance(func, ReplayingCheckpoint):
                 module._gradient_checkpointing_func = ReplayingCheckpoint(func)
-        for _, _, layer in self.layers.values():
-            layer.last_grid = None
+        replaced = {}
+        for name, (module, attr, layer) in self.layers.items():
+            layer.last_placement = None
+            if attr == "hook":
+                cls = qualified_name(type(module.processor))
+                if cls == layer.processor_class:
+                    layer.attach(module)
+                else:
+                    replaced[name] = type(module.processor).__name__
+            elif getattr(module, attr) is not layer and not isinstance(getattr(module, attr), FAMLayer):
+                replaced[name] = type(getattr(module, attr)).__name__
         context = fam_state.active_context()
         if context is None:
             return
-        replaced = {name: type(getattr(module, attr)).__name__ for name, (module, attr, layer) in self.layers.items()
-                    if getattr(module, attr) is not layer and not isinstance(getattr(module, attr), FAMLayer)}
         key = tuple(sorted(replaced.items()))
         if replaced and key not in self.warned:
             self.warned.add(key)
@@ -57,7 +72,19 @@ class _Installation:
                           f"set_fam_attn_processor, e.g. by set_attention_slice, fuse_qkv_projections or "
                           f"set_attn_processor) and are NOT modulated: {sorted(replaced)[:4]}...; call "
                           "srdiff.set_fam_attn_processor(model, ...) again", stacklevel=4)
-        hw = context.grid or input_hw
+        self.check_aspect(context, geometry)
+
+    def check_aspect(self, context: "fam_state.FAMContext", geometry: InputGeometry) -> None:
+        """Warn once per (map size, input size) whose aspect ratios differ. For packed tokens the grid's
+        extent is on the device: read once per (map size, token count), never while compiling."""
+        hw = context.grid or geometry.hw
+        if hw is None and geometry.positions is not None and not torch.compiler.is_compiling():
+            key = ("positions", tuple(context.mfam.shape[-2:]), tuple(geometry.positions.shape))
+            if key not in self.warned:
+                self.warned.add(key)
+                from srdiff.processors.placement import Placement
+
+                hw = Placement(positions=geometry.positions).describe()
         if hw is not None:
             fam_state.warn_on_aspect_mismatch(context.mfam, hw)
 
@@ -74,23 +101,10 @@ class _Installation:
                           "(see srdiff.fam_layers(model))", stacklevel=3)
 
 
-def _input_hw(args: tuple, kwargs: dict) -> tuple[int, int] | None:
-    """The input's (H, W): a 4-d sample's, or for packed tokens (Flux) the grid that ``img_ids``
-    (N, 3) spans (rows and columns in columns 1 and 2: one device sync)."""
-    sample = args[0] if args else next((kwargs[n] for n in _INPUT_NAMES if n in kwargs), None)
-    if isinstance(sample, torch.Tensor) and sample.dim() == 4:
-        return tuple(sample.shape[-2:])
-    img_ids = kwargs.get("img_ids")
-    if isinstance(img_ids, torch.Tensor) and img_ids.shape[-1] == 3:
-        ids = img_ids.reshape(-1, 3)[:, 1:].amax(dim=0)
-        return int(ids[0]) + 1, int(ids[1]) + 1
-    return None
-
-
 def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
-    input_hw = _input_hw(args, kwargs)
-    getattr(model, _INSTALLATION_ATTR).before_forward(input_hw)
-    fam_state.push_forward(input_hw)
+    geometry = read_input(model, input_spec(model), args, kwargs)
+    getattr(model, _INSTALLATION_ATTR).before_forward(geometry)
+    fam_state.push_forward(geometry)
 
 
 def _after_forward(model: nn.Module, args: tuple, output):
@@ -123,6 +137,19 @@ def _projection_for(owner: nn.Module, where: str) -> FAMProjection:
     return getattr(owner, PROJECTION_ATTR)
 
 
+def _attention_layers(model: nn.Module):
+    """(name, module) of every diffusers attention layer: the classic ``Attention``, the per-model
+    classes of the newer API (``AttentionModuleMixin``: FluxAttention, WanAttention, ...), and others
+    that carry a processor (MochiAttention)."""
+    from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.attention_processor import Attention
+
+    for name, module in model.named_modules():
+        if isinstance(module, (Attention, AttentionModuleMixin)) or (
+                hasattr(module, "processor") and hasattr(module, "to_k") and isinstance(module, nn.Module)):
+            yield name, module
+
+
 def set_fam_attn_processor(
     model: nn.Module,
     lam: float = 0.025,
@@ -133,22 +160,33 @@ def set_fam_attn_processor(
     backend: str | None = None,
     leading_tokens: int = 0,
     strict: bool = True,
+    path: str = "auto",
 ) -> list[str]:
-    """Install FAM processors on the self-attention layers of a diffusers model.
+    """Modulate the self-attention layers of a diffusers model with the active mFAM.
 
     Walks ``model.named_modules()`` for diffusers attention modules (so it works on models without
-    ``set_attn_processor``, e.g. ``UNet2DModel``), leaves cross-attention layers and those
-    ``layer_filter(name, module)`` rejects as they are, and gives every other one the FAM processor
-    that :data:`srdiff.processors.table.FAM_PROCESSORS` names for its current processor
-    (``AttnProcessor2_0``, ``FusedAttnProcessor2_0``: :class:`srdiff.FAMAttnProcessor`;
-    ``JointAttnProcessor2_0``: :class:`srdiff.FAMJointAttnProcessor`). On srdiff's own models
-    (:class:`srdiff.UViT`) it re-sets the modulated blocks' lam, projection, mode and backend (their
-    leading tokens are the model's). Calling it again replaces the earlier installation (same
-    originals, same registered projections).
+    ``set_attn_processor``, e.g. ``UNet2DModel``), leaves cross-attention layers, temporal and
+    text-only attention (:data:`srdiff.processors.families.UNMODULATED_BLOCKS`, ``UNMODULATED_LAYERS``)
+    and those ``layer_filter(name, module)`` rejects as they are, and gives every other one
+
+    * the FAM version of its processor where srdiff has one (:data:`srdiff.processors.table.FAM_PROCESSORS`:
+      ``AttnProcessor2_0`` and its fused, sliced, non-2_0 and PAG variants, SD3's joint attention,
+      Flux, Flux.2, QwenImage, Sana's linear attention, HiDream, Lumina 2): the family's steps with the
+      attention computed by :func:`srdiff.fam_attention` ("fused");
+    * else, for every family :data:`srdiff.processors.families.HOOK_LAYOUTS` lays out, its own processor
+      with forward hooks that scale its keys and values per image token ("hook": exact by construction);
+    * else a ValueError naming the layer, its processor and, for families srdiff knows, the reason it is
+      not modulated (``strict=False``: the layer is skipped and listed in a warning).
+
+    On srdiff's own models (:class:`srdiff.UViT`) it re-sets the modulated blocks' lam, projection, mode
+    and backend (their leading tokens are the model's). Calling it again replaces the earlier
+    installation (same originals, same registered projections). :func:`srdiff.fam_layers` says which
+    path each layer takes.
 
     Args:
         model: a diffusers model (``UNet2DModel``, ``UNet2DConditionModel``, ``DiTTransformer2DModel``,
-            ``PixArtTransformer2DModel``, ``SD3Transformer2DModel``, ...).
+            ``SD3Transformer2DModel``, ``FluxTransformer2DModel``, ``WanTransformer3DModel``, ... see
+            docs/processors.md).
         lam: modulation strength (the paper: 0.025).
         layer_filter: ``(name, module) -> bool``; default: every self-attention layer (the authors
             modulate every U-Net attention block).
@@ -159,14 +197,17 @@ def set_fam_attn_processor(
             save it yourself). Registered ones are in ``model.parameters()`` and ``state_dict()``;
             :func:`srdiff.fam_parameters` lists them.
         mode: ``"bilinear"`` or ``"area"`` (how the map is resized to each layer's grid).
-        backend: passed to :func:`srdiff.fam_attention`.
+        backend: passed to :func:`srdiff.fam_attention` by the FAM processors.
         leading_tokens: tokens before the image grid in every installed layer (time, class tokens),
             which get 0.
-        strict: raise ValueError at a self-attention layer whose processor has no FAM version;
-            False skips such layers with a warning that lists them.
+        strict: raise ValueError at a self-attention layer srdiff cannot modulate; False skips such
+            layers with a warning that lists them.
+        path: ``"auto"`` (the FAM processor where there is one, else the hook path) or ``"hook"`` (the
+            hook path for every family it lays out: the reference the FAM processors are measured
+            against).
 
     Returns:
-        The names (as in ``named_modules``) of the layers that got a FAM processor, in model order.
+        The names (as in ``named_modules``) of the layers it modulates, in model order.
 
     Example::
 
@@ -174,9 +215,6 @@ def set_fam_attn_processor(
         >>> srdiff.set_fam_attn_processor(unet, lam=0.025, projection="per_layer")
         ['down_blocks.1.attentions.0', 'mid_block.attentions.0', ...]
     """
-    from diffusers.models.attention import AttentionModuleMixin
-    from diffusers.models.attention_processor import Attention
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if layer_filter is not None and not callable(layer_filter):
@@ -185,6 +223,8 @@ def set_fam_attn_processor(
         raise ValueError(f"projection must be None, 'per_layer', 'shared' or a FAMProjection, got {projection!r}")
     if not isinstance(strict, bool):
         raise TypeError(f"strict must be a bool, got {type(strict).__name__}")
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     mode_name = projection if isinstance(projection, str) else None
     registered = _registered_projections(model)
     previous = getattr(model, _INSTALLATION_ATTR, None)
@@ -200,43 +240,47 @@ def set_fam_attn_processor(
         _uninstall(model, keep_projections=True)
 
     chosen, skipped = [], {}
+    attention = dict(_attention_layers(model))
     for name, module in model.named_modules():
         if isinstance(getattr(module, "fam_layer", None), FAMLayer):  # srdiff's own FAM blocks (UViT)
             if layer_filter is None or layer_filter(name, module):
                 chosen.append((module.fam_layer.fam_name, module, "fam_layer", None))
             continue
-        # Attention: the classic layers; AttentionModuleMixin: the newer per-model ones (FluxAttention, ...)
-        if not isinstance(module, (Attention, AttentionModuleMixin)) or getattr(module, "is_cross_attention", False):
+        if name not in attention or getattr(module, "is_cross_attention", False):
             continue
-        if layer_filter is not None and not layer_filter(name, module):
+        if unmodulated_reason(model, name) is not None or (layer_filter is not None and not layer_filter(name, module)):
             continue
-        fam_class = fam_processor_for(module.processor)
-        if fam_class is None:
-            cls = qualified_name(type(module.processor))
-            if strict:
-                raise ValueError(
-                    f"layer {name!r} runs {cls}, which srdiff has no FAM processor for (known: "
-                    f"{sorted(k.rsplit('.', 1)[-1] for k in FAM_PROCESSORS)}); pass strict=False to skip it "
-                    "(it then stays unmodulated), or layer_filter to leave it out"
-                )
+        cls = qualified_name(type(module.processor))
+        fam_class = FAM_PROCESSORS.get(cls) if path == "auto" else None
+        if fam_class is not None:
+            chosen.append((name, module, "processor", fam_class))
+        elif cls in HOOK_LAYOUTS:
+            chosen.append((name, module, "hook", cls))
+        elif strict:
+            why = REFUSED.get(cls, "no layout is declared for it (srdiff.processors.families)")
+            raise ValueError(f"layer {name!r} runs {cls}, which srdiff does not modulate: {why}; pass strict=False "
+                             "to skip it (it then stays unmodulated), or layer_filter to leave it out")
+        else:
             skipped[name] = cls.rsplit(".", 1)[-1]
-            continue
-        chosen.append((name, module, "processor", fam_class))
 
     shared = _projection_for(model, "model") if projection == "shared" and chosen else None
     layers = {}
-    for name, module, attr, fam_class in chosen:
+    for name, module, attr, family in chosen:
         if projection == "per_layer":
             layer_projection = _projection_for(module, f"layer {name!r}")
         else:
             layer_projection = shared if projection == "shared" else projection
-        options = {"projection": layer_projection, "mode": mode, "backend": backend, "name": name}
+        options = {"projection": layer_projection, "mode": mode, "name": name}
         if attr == "processor":
-            layer = fam_class(lam, original=module.processor, leading_tokens=leading_tokens, **options)
+            layer = family(lam, original=module.processor, leading_tokens=leading_tokens, backend=backend, **options)
             module.set_processor(layer)
+        elif attr == "hook":
+            layer = FAMHookLayer(lam, processor_class=family, leading_tokens=leading_tokens, **options)
+            layer.attach(module)
+            setattr(module, HOOK_ATTR, layer)
         else:
             original = module.fam_layer
-            layer = FAMLayer(lam, leading_tokens=original.leading_tokens, **options)
+            layer = FAMLayer(lam, leading_tokens=original.leading_tokens, backend=backend, **options)
             layer.family, layer.original = original.family, original
             module.fam_layer = layer
         layer.projection_kind = mode_name or (None if projection is None else "external")
@@ -247,8 +291,8 @@ def set_fam_attn_processor(
     model.register_forward_pre_hook(_before_forward, with_kwargs=True)
     model.register_forward_hook(_after_forward, always_call=True)
     if skipped:
-        warnings.warn(f"set_fam_attn_processor(strict=False) skipped {len(skipped)} layer(s) it has no FAM "
-                      f"processor for; they stay unmodulated: {skipped}", stacklevel=2)
+        warnings.warn(f"set_fam_attn_processor(strict=False) skipped {len(skipped)} layer(s) it does not modulate; "
+                      f"they stay unmodulated: {skipped}", stacklevel=2)
     if not layers:
         warnings.warn(f"set_fam_attn_processor: {type(model).__name__} has no self-attention layer it could "
                       "modulate; the model is unchanged", stacklevel=2)
@@ -259,7 +303,11 @@ def _uninstall(model: nn.Module, *, keep_projections: bool) -> list[str]:
     installation = getattr(model, _INSTALLATION_ATTR)
     restored = []
     for name, (module, attr, layer) in installation.layers.items():
-        if getattr(module, attr) is layer:
+        if attr == "hook":
+            layer.detach()
+            delattr(module, HOOK_ATTR)
+            restored.append(name)
+        elif getattr(module, attr) is layer:
             if attr == "processor":
                 module.set_processor(layer.original)
             else:
@@ -284,8 +332,9 @@ def _uninstall(model: nn.Module, *, keep_projections: bool) -> list[str]:
 
 def remove_fam_attn_processor(model: nn.Module) -> list[str]:
     """Undo :func:`set_fam_attn_processor`: every layer still running its FAM processor gets back the
-    processor it had, the hooks and the checkpointing wrapper go, and the projections it
-    registered (``fam_projection``) are deleted (save :func:`fam_parameters` first to keep them).
+    processor it had, hook-path layers lose their hooks, the model hooks and the checkpointing wrapper
+    go, and the projections it registered (``fam_projection``) are deleted (save :func:`fam_parameters`
+    first to keep them).
 
     Returns the names of the layers restored. Raises ValueError on a model without FAM processors.
     """
@@ -297,18 +346,19 @@ def remove_fam_attn_processor(model: nn.Module) -> list[str]:
 
 
 def _layer_objects(model: nn.Module):
-    """FAM layers: diffusers layers' processors and srdiff blocks' ``fam_layer`` (srdiff.UViT)."""
+    """FAM layers: diffusers layers' processors and hook layers, srdiff blocks' ``fam_layer`` (srdiff.UViT)."""
     for module in model.modules():
-        for attr in ("processor", "fam_layer"):
+        for attr in ("processor", HOOK_ATTR, "fam_layer"):
             layer = getattr(module, attr, None)
             if isinstance(layer, FAMLayer):
                 yield layer
 
 
 def fam_layers(model: nn.Module) -> list[FAMLayerInfo]:
-    """The model's FAM layers (processors and srdiff's own FAM attention blocks), in model order: name,
-    family, lam, projection kind, leading tokens, and the token grid each modulated in the last
-    forward (None where it was not modulated)."""
+    """The model's FAM layers (processors, hook-path layers and srdiff's own FAM attention blocks), in
+    model order: name, family, lam, projection kind, leading tokens, the token grid each modulated in
+    the last forward (None where it was not modulated) and the path (``"fused"``, ``"hook"``,
+    ``"block"``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     return [layer.info() for layer in _layer_objects(model)]

@@ -18,7 +18,6 @@ class FAMJointAttnProcessor(FAMProcessor):
     :class:`srdiff.FAMAttnProcessor`.
     """
 
-    family = "JointAttnProcessor2_0"
     replaces = ("diffusers.models.attention_processor.JointAttnProcessor2_0",)
 
     @staticmethod
@@ -33,7 +32,7 @@ class FAMJointAttnProcessor(FAMProcessor):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
 
         batch_size, n_image, _ = hidden_states.shape
-        grid = self.grid_of(context, n_image - self.leading_tokens)
+        placement = self.placement(context, n_image - self.leading_tokens, batch_size)
         query, key, value = self._heads(attn, hidden_states, attn.to_q, attn.to_k, attn.to_v,
                                         attn.norm_q, attn.norm_k)
         n_text = 0
@@ -43,7 +42,7 @@ class FAMJointAttnProcessor(FAMProcessor):
                                attn.norm_added_q, attn.norm_added_k)
             query, key, value = (torch.cat([a, b], dim=2) for a, b in zip((query, key, value), text))
 
-        fam = self.token_fam(context, grid, batch_size, trailing=n_text)
+        fam = self.token_fam(context, placement, batch_size, n_tokens=n_image + n_text)
         hidden_states = merge_heads(self.attend(query, key, value, fam)).to(query.dtype)
         if encoder_hidden_states is not None:
             hidden_states, encoder_hidden_states = hidden_states[:, :n_image], hidden_states[:, n_image:]

@@ -1,9 +1,11 @@
-"""FAM processor for diffusers' ``AttnProcessor2_0`` (and ``FusedAttnProcessor2_0``) layers: the
-self-attention of UNet2DModel, UNet2DConditionModel (``attn1``), DiT and PixArt."""
+"""FAM processor for diffusers' ``AttnProcessor2_0`` layers (and the ``FusedAttnProcessor2_0``,
+``AttnProcessor`` and ``SlicedAttnProcessor`` variants that compute the same attention): the
+self-attention of UNet2DModel, UNet2DConditionModel (``attn1``), the video U-Nets' spatial layers, DiT,
+PixArt, Latte."""
 
 import torch
 
-from srdiff.processors.base import FAMProcessor, merge_heads, split_heads
+from srdiff.processors.base import FAMProcessor, from_tokens, merge_heads, split_heads, to_tokens
 
 
 class FAMAttnProcessor(FAMProcessor):
@@ -19,24 +21,26 @@ class FAMAttnProcessor(FAMProcessor):
     Args:
         lam, projection, mode, backend, leading_tokens, name: see :class:`srdiff.processors.base.FAMLayer`.
         original: the processor it replaces (default ``AttnProcessor2_0()``); a
-            ``FusedAttnProcessor2_0`` makes it project with the layer's fused ``to_qkv``
-            (:class:`srdiff.processors.base.FAMProcessor`).
+            ``FusedAttnProcessor2_0`` makes it project with the layer's fused ``to_qkv``; the non-2_0
+            ``AttnProcessor`` and ``SlicedAttnProcessor`` (which ``set_default_attn_processor`` and
+            ``set_attention_slice`` install) apply no ``norm_q``/``norm_k`` and scale the logits by
+            ``attn.scale``, and so does their FAM version (the fused kernels need no slicing: their
+            memory is O(N) anyway) (:class:`srdiff.processors.base.FAMProcessor`).
 
     With an ``attention_mask`` the modulated layer runs K/V prescaling + SDPA. Under
     ``torch.autocast`` the kernels run in the autocast dtype.
     """
 
-    family = "AttnProcessor2_0"
     replaces = ("diffusers.models.attention_processor.AttnProcessor2_0",
-                "diffusers.models.attention_processor.FusedAttnProcessor2_0")
+                "diffusers.models.attention_processor.FusedAttnProcessor2_0",
+                "diffusers.models.attention_processor.AttnProcessor",
+                "diffusers.models.attention_processor.SlicedAttnProcessor")
 
     def __init__(self, lam: float = 0.025, *, original=None, **kwargs):
         super().__init__(lam, original=original, **kwargs)
-        from diffusers.models.attention_processor import FusedAttnProcessor2_0
-
-        self.fused = isinstance(self.original, FusedAttnProcessor2_0)
-        if self.fused:
-            self.family = "FusedAttnProcessor2_0"
+        self.fused = self.family == "FusedAttnProcessor2_0"
+        # the 2_0 processors normalise q and k and let SDPA scale by 1/sqrt(D); the others use attn.scale
+        self.sdpa_like = self.family in ("AttnProcessor2_0", "FusedAttnProcessor2_0")
 
     def _project(self, attn, hidden_states: torch.Tensor):
         if self.fused:
@@ -44,25 +48,17 @@ class FAMAttnProcessor(FAMProcessor):
         return attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 *args, **kwargs):
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, **kwargs):
         context = self.active()
         if context is None or encoder_hidden_states is not None:
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
-                                 *args, **kwargs)
+            return self.call_original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                      attention_mask=attention_mask, temb=temb, **kwargs)
 
         # AttnProcessor2_0's steps, with the modulated attention in place of SDPA.
         residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-            grid = (height, width)
+        hidden_states, grid = to_tokens(attn, hidden_states, temb)
         batch_size, sequence_length, _ = hidden_states.shape
-        if input_ndim != 4:
-            grid = self.grid_of(context, sequence_length - self.leading_tokens)
+        placement = self.placement(context, sequence_length - self.leading_tokens, batch_size, grid)
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
@@ -70,17 +66,14 @@ class FAMAttnProcessor(FAMProcessor):
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         query, key, value = (split_heads(x, attn.heads) for x in self._project(attn, hidden_states))
-        if attn.norm_q is not None:
+        if self.sdpa_like and attn.norm_q is not None:
             query = attn.norm_q(query)
-        if attn.norm_k is not None:
+        if self.sdpa_like and attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        fam = self.token_fam(context, grid, batch_size)
-        hidden_states = merge_heads(self.attend(query, key, value, fam, attention_mask)).to(query.dtype)
+        fam = self.token_fam(context, placement, batch_size)
+        scale = None if self.sdpa_like else attn.scale
+        hidden_states = merge_heads(self.attend(query, key, value, fam, attention_mask, scale)).to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return from_tokens(attn, hidden_states, residual, grid)

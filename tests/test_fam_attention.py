@@ -598,9 +598,11 @@ def test_kernels_compile_for_sm90():
     memory must be within the prune's estimate and Hopper's 227 KiB, and equal to the estimate (to
     within Triton's 1 KiB of barriers) for the largest kept tiles, where the budget binds; bf16
     tiles, D = 40 included, must load with 16-byte pipelined copies."""
+    root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root / "benchmarks"), env.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=Path(__file__).resolve().parents[1])
+                          timeout=600, cwd=root)
     assert done.returncode == 0, done.stderr[-3000:]
 
 

@@ -218,12 +218,18 @@ def run_on_ranks(source: str, config, folder, *, ranks: int = 2, timeout: float 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def saved_highlighter(path, *, channels: int = 1, size: int = 8) -> str:
-    """An untrained "small" FlawHighlighter saved at ``path``: its maps are not blank, so a refresh gives a
-    real mFAM (a trained one at chance may give an empty one)."""
+def saved_highlighter(path, *, channels: int = 1, size: int = 8, seed: int = 0) -> str:
+    """An untrained "small" FlawHighlighter saved at ``path``, initialised from ``seed`` (not from the
+    session's global RNG, whose state depends on the tests run before): its maps are not blank, so a
+    refresh gives a real mFAM (a trained one at chance may give an empty one, and so may some random
+    initialisations: a full run once drew one whose every map was 0)."""
+    import torch
+
     from srdiff.highlighter import FlawHighlighter
 
-    FlawHighlighter(backbone="small", in_channels=channels, image_size=size).save(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        FlawHighlighter(backbone="small", in_channels=channels, image_size=size).save(path)
     return str(path)
 
 

@@ -185,10 +185,12 @@ def test_detectable_effect_and_verdicts():
     assert detectable_effect(1.0, 5) == pytest.approx(1.6625, abs=1e-3)
     assert detectable_effect(2.0, 5) == pytest.approx(2 * detectable_effect(1.0, 5))
     assert detectable_effect(1.0, 1) != detectable_effect(1.0, 1)  # nan
-    assert verdict({"delta_ci": (-2.0, -0.5), "detectable": 1.0}).startswith("helps")
-    assert verdict({"delta_ci": (0.1, 0.5), "detectable": 1.0}).startswith("hurts")
-    assert verdict({"delta_ci": (-0.1, 0.5), "detectable": 1.25}) == (
+    assert verdict({"delta_ci": (-2.0, -0.5), "detectable": 1.0, "paired": 5}).startswith("helps")
+    assert verdict({"delta_ci": (0.1, 0.5), "detectable": 1.0, "paired": 5}).startswith("hurts")
+    assert verdict({"delta_ci": (-0.1, 0.5), "detectable": 1.25, "paired": 5}) == (
         "no effect distinguishable at this scale (the design detects a mean |ΔFID| of 1.25 or more with 80 % power)")
+    # one seed: its bootstrap "interval" is the value itself, below 0 or not; no verdict either way
+    assert verdict({"delta_ci": (-0.07, -0.07), "detectable": float("nan"), "paired": 1}).startswith("no verdict")
 
 
 def test_paired_summary_leaves_failed_maps_out():

@@ -309,7 +309,11 @@ def detectable_effect(sd: float, n: int, *, alpha: float = 0.05, power: float = 
 
 
 def verdict(summary: dict) -> str:
-    """One plain sentence on a paired FID difference: its 95 % interval below 0 helps, above 0 hurts."""
+    """One plain sentence on a paired FID difference: its 95 % interval below 0 helps, above 0 hurts. Fewer
+    than two paired seeds have no interval (one value's bootstrap is that value), so no verdict."""
+    if summary["paired"] < 2:
+        return (f"no verdict from {summary['paired']} paired seed (an interval needs at least two; "
+                "the difference of one seed is not evidence)")
     lo, hi = summary["delta_ci"]
     if hi < 0:
         return "helps (lower FID on the paired seeds, interval below 0)"
@@ -412,7 +416,8 @@ def _delta_cells(s: dict, name: str) -> str:
     if "delta_mean" not in s or name == "baseline":
         return "– | – | –"
     lo, hi = s["delta_ci"]
-    return f"{s['delta_mean']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {s['improved']}/{s['paired']}"
+    interval = f"[{lo:+.3f}, {hi:+.3f}]" if s["paired"] > 1 else "– (one seed)"
+    return f"{s['delta_mean']:+.3f} | {interval} | {s['improved']}/{s['paired']}"
 
 
 def _row(name: str, s: dict) -> str:
@@ -475,6 +480,8 @@ def _verdict_line(name: str, s: dict) -> str:
                                                         if s["failed"] else "") + "."
     lo, hi = s["delta_ci"]
     failed = f"; failed (empty or constant map), left out: seed {', '.join(map(str, s['failed']))}" if s["failed"] else ""
+    if s["paired"] < 2:
+        return f"- **{name}**: ΔFID {s['delta_mean']:+.3f} on the one paired seed{failed}: {s['verdict']}."
     return (f"- **{name}**: ΔFID {s['delta_mean']:+.3f} [{lo:+.3f}, {hi:+.3f}], {s['improved']}/{s['paired']} seeds "
             f"improved, paired sd {s['delta_sd']:.3f}{failed}: {s['verdict']}.")
 
